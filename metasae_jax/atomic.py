@@ -1,0 +1,60 @@
+"""Atomic file writes: temp file in the same directory, fsync, rename.
+
+A reader (or a process killed half-way) sees either the old file or the new one,
+never a partial one.
+"""
+
+import json
+import os
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+
+
+def _fsync_dir(path: str) -> None:
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def write_with(path: str, writer: Callable[[Any], None], mode: str = "wb") -> None:
+  """Calls `writer(fileobj)` on a temp file, then renames it over `path`."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                             dir=directory)
+  try:
+    with os.fdopen(fd, mode) as f:
+      writer(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  _fsync_dir(directory)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  write_with(path, lambda f: f.write(data))
+
+
+def write_text(path: str, text: str) -> None:
+  write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str, obj: Any) -> None:
+  write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+  write_with(path, lambda f: np.save(f, array, allow_pickle=False))
