@@ -1,0 +1,7 @@
+"""metasae-jax: joint training of a primary BatchTopK SAE with a meta SAE (MetaSAEs) in JAX."""
+
+from metasae_jax.config import TrainConfig
+from metasae_jax.errors import UserError
+from metasae_jax.train_step import SAEState, TrainState, init_train_state, train_step
+
+__all__ = ["TrainConfig", "TrainState", "SAEState", "UserError", "init_train_state", "train_step"]
