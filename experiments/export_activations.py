@@ -1,0 +1,68 @@
+"""Exports residual-stream activations of a causal LM into a `metasae-activations/1` store.
+
+  python -m experiments.export_activations --layer 15 --num_tokens 8192 --out_dir /tmp/acts
+
+Rerunning the same command resumes an interrupted export; a finished store is left as is.
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+
+from metasae_jax import export
+from metasae_jax import models
+from metasae_jax.errors import UserError
+
+_DEFAULTS = export.ExportConfig(out_dir="-")
+
+_MODEL = flags.DEFINE_string("model", models.DEFAULT_MODEL,
+                             "Built-in default (SmolLM2-135M-Instruct GGUF), a local model "
+                             "directory, or an HF model id (needs internet).")
+_LAYER = flags.DEFINE_integer("layer", _DEFAULTS.layer, "Transformer block index, 0-based.")
+_SITE = flags.DEFINE_enum("site", _DEFAULTS.site, list(models.SITES),
+                          "resid_pre: input of the block; resid_post: its output.")
+_CORPUS = flags.DEFINE_string("corpus", _DEFAULTS.corpus,
+                              "'builtin' (CPython docs, offline), a .txt/.jsonl/.parquet file or "
+                              "directory, or an HF dataset id (needs `datasets` and internet).")
+_TEXT_FIELD = flags.DEFINE_string("text_field", _DEFAULTS.text_field,
+                                  "Field holding the text in .jsonl/.parquet/dataset rows.")
+_CONTEXT_LEN = flags.DEFINE_integer("context_len", _DEFAULTS.context_len, "Tokens per context.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size,
+                                   "Contexts per forward pass.")
+_DTYPE = flags.DEFINE_enum("dtype", _DEFAULTS.dtype, ["float16", "float32"],
+                           "Stored activation dtype.")
+_SHARD_TOKENS = flags.DEFINE_integer("shard_tokens", _DEFAULTS.shard_tokens,
+                                     "Tokens per shard file (rounded down to whole contexts).")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", _DEFAULTS.num_tokens,
+                                   "Tokens to export (rounded down to whole contexts; fewer if "
+                                   "the corpus runs out).")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Store directory (created, or resumed).")
+_BENCHMARK = flags.DEFINE_integer("benchmark_batches", 0,
+                                  "If > 0: write nothing, print exporter vs raw forward tokens/s "
+                                  "measured on this many batches.")
+
+
+def main(argv):
+  del argv
+  try:
+    config = export.ExportConfig(
+        out_dir=_OUT_DIR.value or ("-" if _BENCHMARK.value else ""), model=_MODEL.value,
+        layer=_LAYER.value, site=_SITE.value, corpus=_CORPUS.value,
+        text_field=_TEXT_FIELD.value, context_len=_CONTEXT_LEN.value,
+        batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, shard_tokens=_SHARD_TOKENS.value,
+        num_tokens=_NUM_TOKENS.value)
+    if _BENCHMARK.value:
+      print(json.dumps(export.benchmark_export(config, num_batches=_BENCHMARK.value)))
+      return
+    store = export.export_activations(config)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"{store.path}: {store.num_tokens} tokens x d_model {store.d_model} ({store.dtype}) "
+        f"in {len(store.shards)} shards")
+
+
+if __name__ == "__main__":
+  app.run(main)
