@@ -124,8 +124,8 @@ def _shard_contexts(ctx_iter: Iterator[np.ndarray], n: int) -> Optional[np.ndarr
   return np.stack(got) if got else None
 
 
-def _forward_shard(loaded: models.LoadedModel, config: ExportConfig,
-                   tokens_SxC: np.ndarray) -> np.ndarray:
+def _forward_shard(loaded: models.LoadedModel, config: ExportConfig, tokens_SxC: np.ndarray,
+                   bar: tqdm.tqdm) -> np.ndarray:
   """Activations [S*C, D] of one shard, written straight into a buffer of the stored dtype."""
   s, c = tokens_SxC.shape
   acts_TxD = np.empty((s * c, loaded.d_model), dtype=config.dtype)
@@ -137,6 +137,7 @@ def _forward_shard(loaded: models.LoadedModel, config: ExportConfig,
                                         config.layer, config.site)
       # One copy per batch: model dtype -> stored dtype, directly into the shard buffer.
       acts_SxCxD[b:b + config.batch_size].copy_(h_BxCxD)
+      bar.update(h_BxCxD.shape[0] * c)
   return acts_TxD
 
 
@@ -169,8 +170,9 @@ def export_activations(config: ExportConfig,
 
   bar = tqdm.tqdm(total=target, initial=done, unit="tok", unit_scale=True, desc="export",
                   disable=not config.progress, smoothing=0.1)
-  # One writer thread: shard i is fsynced while shard i+1 is computed; at most two shards in memory.
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
+  # One writer thread: shard i is fsynced while shard i+1 is computed; at most two shards in
+  # memory. Leaving the `with` (also on Ctrl-C) waits for the pending shard, which then counts.
+  with bar, concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
     pending = None
     while done < target:
       tokens_SxC = _shard_contexts(ctx_iter, min(config.contexts_per_shard,
@@ -179,16 +181,14 @@ def export_activations(config: ExportConfig,
         logging.warning("corpus %s ran out after %d tokens (asked %d).", config.corpus, done,
                         target)
         break
-      acts_TxD = _forward_shard(loaded, config, tokens_SxC)
+      acts_TxD = _forward_shard(loaded, config, tokens_SxC, bar)
       if pending is not None:
         manifest = pending.result()
       pending = writer.submit(store_lib.append_shard, config.out_dir, manifest, acts_TxD,
                               tokens_SxC.reshape(-1))
       done += acts_TxD.shape[0]
-      bar.update(acts_TxD.shape[0])
     if pending is not None:
       pending.result()
-  bar.close()
   store = store_lib.open_store(config.out_dir)
   if store.num_tokens == 0:
     raise UserError(f"--corpus {config.corpus} has fewer than --context_len {config.context_len} "

@@ -8,6 +8,8 @@ its activations cross over to JAX (through the activation store).
 import dataclasses
 import importlib.util
 import os
+import socket
+import urllib.parse
 from typing import Any
 
 import torch
@@ -77,9 +79,14 @@ def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
                       "saved with save_pretrained, an HF model id, or the default "
                       f"{DEFAULT_MODEL!r}.")
     path, kwargs, ident = name, {}, os.path.abspath(name)
+  elif name.startswith(("/", ".", "~")) or os.sep + os.sep in name:
+    raise UserError(f"--model {name}: no such model directory. Pass an existing directory saved "
+                    f"with save_pretrained, an HF model id, or the default {DEFAULT_MODEL!r}.")
   else:
     path, kwargs, ident = name, {}, name
   try:
+    if ident == name and not os.path.isdir(name):
+      kwargs = _hub_kwargs(name, AutoTokenizer)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
   except (OSError, ValueError, KeyError) as e:
@@ -94,6 +101,24 @@ def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
   d_model = int(model.config.get_text_config().hidden_size)
   return LoadedModel(model=model, tokenizer=tokenizer, name=ident, d_model=d_model,
                      num_layers=len(layers))
+
+
+def _hub_kwargs(name: str, auto_cls: Any) -> dict:
+  """Loads from the local HF cache if there; else checks the hub resolves before trying it.
+
+  Offline, huggingface_hub retries for ~50 s before failing; a failed DNS lookup is instant.
+  """
+  try:
+    auto_cls.from_pretrained(name, local_files_only=True)
+    return {"local_files_only": True}
+  except (OSError, ValueError):
+    pass
+  host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+  try:
+    socket.getaddrinfo(host, 443)
+  except OSError as e:
+    raise OSError(f"{name} is not in the local HF cache and {host} is unreachable ({e})") from e
+  return {}
 
 
 def decoder_layers(model: torch.nn.Module) -> list:

@@ -1,0 +1,66 @@
+"""Trains a MetaSAE (joint primary + meta SAE) and the solo baseline in lockstep.
+
+  python -m experiments.train --activations STORE --out_dir runs/x --width 4096 --k 64
+
+Rerunning the same command resumes from the latest checkpoint.
+"""
+
+from absl import flags
+
+from experiments import cli
+from metasae_jax import sharding
+from metasae_jax.config import TrainConfig
+from metasae_jax.store import read_manifest
+from metasae_jax.trainer import RunConfig, train_and_save
+
+F = flags.FLAGS
+flags.DEFINE_string("activations", None, "Activation store directory (metasae-activations/1).")
+flags.DEFINE_string("out_dir", None, "Run directory to create or resume.")
+flags.DEFINE_integer("width", 4096, "Primary SAE latents.")
+flags.DEFINE_integer("k", 64, "Active latents per token (BatchTopK keeps k * batch_size). Paper: 64.")
+flags.DEFINE_integer("meta_width", 0, "Meta SAE latents; 0 = round(0.09 * width), the paper's ratio.")
+flags.DEFINE_integer("meta_k", 8, "Active meta latents per decoder row. Paper: 8.")
+flags.DEFINE_float("lambda2", 0.3, "Decomposability penalty weight; 0 = no penalty (control). Paper: 0.3.")
+flags.DEFINE_float("sigma_sq", 1.0, "Penalty bandwidth sigma^2. Paper: 1.0.")
+flags.DEFINE_enum("penalty_grad", "stop", ["stop", "through"],
+                  "stop: meta reconstruction is a constant (paper); through: gradient flows through the frozen meta SAE.")
+flags.DEFINE_integer("n_primary_steps", 10, "Primary steps between meta phases. Paper: 10.")
+flags.DEFINE_integer("n_meta_steps", 5, "Meta steps per meta phase. Paper: 5.")
+flags.DEFINE_integer("batch_size", 4096, "Tokens per global batch. Paper: 4096.")
+flags.DEFINE_integer("num_tokens", 0, "Training tokens after skipping; 0 = one pass over the store.")
+flags.DEFINE_float("lr", 3e-4, "Adam learning rate. Paper: 3e-4.")
+flags.DEFINE_integer("seed", 0, "Seed for init and data order (joint and solo share the init).")
+flags.DEFINE_bool("baseline", True, "Train the solo SAE in lockstep on identical batches.")
+flags.DEFINE_enum("activation", "batchtopk", ["batchtopk", "topk"], "Primary SAE activation.")
+flags.DEFINE_integer("skip_first_positions", 1,
+                     "Skip this many positions at the start of every context (attention sinks); 0 keeps all.")
+flags.DEFINE_integer("checkpoint_every_steps", 1000, "Orbax checkpoint interval (steps).")
+flags.DEFINE_integer("log_every_steps", 50, "metrics.jsonl interval (steps).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.mark_flags_as_required(["activations", "out_dir"])
+
+
+def main(argv):
+  del argv
+  sharding.initialize_distributed(F.coordinator_address, F.num_processes, F.process_id)
+  d_model = read_manifest(F.activations)["d_model"]
+  config = TrainConfig(
+      d_model=d_model, width=F.width, k=F.k, meta_width=F.meta_width, meta_k=F.meta_k, lambda2=F.lambda2,
+      sigma_sq=F.sigma_sq, penalty_grad=F.penalty_grad, n_primary_steps=F.n_primary_steps,
+      n_meta_steps=F.n_meta_steps, batch_size=F.batch_size, lr=F.lr, seed=F.seed, baseline=F.baseline,
+      activation=F.activation)
+  run = RunConfig(activations=F.activations, out_dir=F.out_dir, num_tokens=F.num_tokens,
+                  skip_first_positions=F.skip_first_positions,
+                  checkpoint_every_steps=F.checkpoint_every_steps, log_every_steps=F.log_every_steps)
+  metrics = train_and_save(config, run)
+  if metrics:
+    print(f"done: {F.out_dir}  joint fvu {metrics['joint/fvu']:.4f}  l0 {metrics['joint/l0']:.1f}"
+          + (f"  solo fvu {metrics['solo/fvu']:.4f}" if "solo/fvu" in metrics else ""))
+  else:
+    print(f"done: {F.out_dir} (already finished; artifacts rewritten)")
+
+
+if __name__ == "__main__":
+  cli.run(main)

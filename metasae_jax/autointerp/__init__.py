@@ -1,0 +1,1 @@
+"""Automated interpretability of matched joint/solo latents: examples, LLM explainer, two fuzzing scorers."""
