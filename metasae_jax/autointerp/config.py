@@ -21,6 +21,8 @@ class AutointerpConfig:
   """Matched joint/solo pairs to explain and score (paper-style paired comparison)."""
   llm: str = DEFAULT_LLM
   """`local:<hf id | dir | smollm2-135m-gguf>` or `openai:<base_url>#<model>`."""
+  tokenizer: str = ""
+  """Tokenizer decoding the store's tokens; "" = the store manifest's source model."""
   seed: int = 0
   """Seed for the pair choice, example sampling and random highlights."""
   skip_first_positions: int = 1
