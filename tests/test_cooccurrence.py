@@ -75,7 +75,7 @@ def test_cross_phi_matches_brute_force():
     want = np.sort(finite)[::-1][:3]
     np.testing.assert_allclose(np.where(np.isfinite(want), want, np.nan), got.top_phi_SxK[s], rtol=1e-10, atol=1e-12)
     assert got.num_above_S[s] == (finite >= 0.3).sum()
-  np.testing.assert_allclose(got.pair_phi, [ref_SxN[0, 1], ref_SxN[3, 2]], rtol=1e-10)
+  np.testing.assert_allclose(got.pair_phi, [ref_SxN[0, 1], ref_SxN[3, 2]], rtol=1e-10, atol=1e-12)
 
 
 def test_synthetic_firings_shape():
