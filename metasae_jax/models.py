@@ -83,9 +83,9 @@ def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     raise UserError(f"--model {name}: no such model directory. Pass an existing directory saved "
                     f"with save_pretrained, an HF model id, or the default {DEFAULT_MODEL!r}.")
   else:
-    path, kwargs, ident = name, {}, name
+    path, kwargs, ident = name, None, name  # an HF id: kwargs decided below
   try:
-    if ident == name and not os.path.isdir(name):
+    if kwargs is None:
       kwargs = _hub_kwargs(name, AutoTokenizer)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
