@@ -1,0 +1,128 @@
+"""Tiny synthetic fixtures for the autointerp tests: an offline tokenizer+Llama, a token store, joint/solo SAEs, an HTTP LLM."""
+
+import http.server
+import json
+import os
+import threading
+import time
+
+import numpy as np
+
+from metasae_jax import artifact, store as store_lib
+
+WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "red", "blue", "big", "small", "ran", "and",
+         "yes", "no"] + [str(i) for i in range(11)]
+D, N, K, CTX = 16, 24, 3, 16
+
+
+def make_model_dir(path: str) -> str:
+  """A word-level tokenizer (with a chat template) and a random 2-layer Llama, saved offline."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+  from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+  vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "<<", ">>", ":", "?"] + WORDS)}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>",
+                                 pad_token="<eos>")
+  fast.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+                        "{% if add_generation_prompt %}assistant : {% endif %}")
+  fast.save_pretrained(path)
+  import torch
+  torch.manual_seed(0)
+  cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=D, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                    eos_token_id=1, pad_token_id=1, bos_token_id=1)
+  LlamaForCausalLM(cfg).save_pretrained(path)
+  return path
+
+
+def make_store(path: str, model_name: str, num_contexts: int = 32, seed: int = 0):
+  """Random activations with a huge position-0 row (an attention sink) and token ids of WORDS."""
+  rng = np.random.default_rng(seed)
+  t = num_contexts * CTX
+  acts = rng.normal(size=(t, D)).astype(np.float32)
+  acts[::CTX] *= 100.0
+  tokens = rng.integers(6, 6 + len(WORDS), size=t).astype(np.int32)
+  return store_lib.write_store(path, acts, tokens, context_len=CTX,
+                               source={"model": model_name, "layer": 1, "site": "resid_pre"},
+                               shard_tokens=CTX * 10)
+
+
+def make_run(run_dir: str, threshold_solo: bool = False, seed: int = 0) -> None:
+  """joint/ and solo/ artifacts; solo is a small perturbation of joint so matching is near identity."""
+  rng = np.random.default_rng(seed)
+  w_enc = rng.normal(size=(D, N)).astype(np.float32)
+  w_dec = (w_enc.T / np.linalg.norm(w_enc.T, axis=1, keepdims=True)).astype(np.float32)
+  cfg = {"k": K, "activation": "batchtopk", "input_norm": "standardize_per_token",
+         "source": {"model": "x", "layer": 1, "site": "resid_pre"}}
+  zeros_n, zeros_d = np.zeros(N, np.float32), np.zeros(D, np.float32)
+  artifact.save_sae(os.path.join(run_dir, "joint"),
+                    {"W_enc": w_enc, "b_enc": zeros_n, "W_dec": w_dec, "b_dec": zeros_d}, cfg)
+  perm = rng.permutation(N)
+  w_enc2 = (w_enc + 0.05 * rng.normal(size=w_enc.shape)).astype(np.float32)[:, perm]
+  w_dec2 = (w_enc2.T / np.linalg.norm(w_enc2.T, axis=1, keepdims=True)).astype(np.float32)
+  thr = np.full(N, 1.0, np.float32) if threshold_solo else None
+  artifact.save_sae(os.path.join(run_dir, "solo"),
+                    {"W_enc": w_enc2, "b_enc": zeros_n, "W_dec": w_dec2, "b_dec": zeros_d}, cfg,
+                    threshold_N=thr)
+  return perm
+
+
+class FakeLLM:
+  """A deterministic OpenAI-compatible chat server on 127.0.0.1 (real HTTP, in a thread)."""
+
+  def __init__(self):
+    self.mode = "ok"  # "ok", "slow", "malformed", "text_only", "echo"
+    self.requests = []
+    outer = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+
+      def log_message(self, *args):
+        pass
+
+      def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        outer.requests.append({"path": self.path, "body": body,
+                               "auth": self.headers.get("Authorization")})
+        if outer.mode == "slow":
+          time.sleep(1.0)
+        if outer.mode == "malformed":
+          data = b"{not json"
+        else:
+          data = json.dumps(outer.reply(body)).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+          self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+          pass
+
+    self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    self.thread.start()
+    self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+  def reply(self, body: dict) -> dict:
+    user = body["messages"][-1]["content"]
+    if "How strongly" in user:
+      text, alts = "7", [("7", -0.5), ("3", -1.0), ("x", -3.0)]
+    elif "yes or no" in user:
+      text, alts = "Yes", [("Yes", -0.2), (" no", -1.8)]
+    else:
+      text, alts = "Explanation: animal words\nmore", [("Explanation", -0.1)]
+    if self.mode == "echo":
+      text = "Text: the cat sat"
+    logprobs = {"content": [{"token": alts[0][0], "logprob": alts[0][1],
+                             "top_logprobs": [{"token": t, "logprob": lp} for t, lp in alts]}]}
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+    if self.mode != "text_only":
+      choice["logprobs"] = logprobs
+    return {"id": "x", "object": "chat.completion", "choices": [choice]}
+
+  def close(self):
+    self.server.shutdown()
+    self.server.server_close()
