@@ -1,0 +1,79 @@
+"""Tests for metasae_jax.reconstruction and the held-out skip rule against brute-force numpy.
+
+Legend: T = tokens, D = d_model, N = latents.
+"""
+
+import numpy as np
+import pytest
+
+from metasae_jax import artifact, heldout, loaded_sae, reconstruction, store
+from metasae_jax.errors import UserError
+
+
+def _sae(tmp_path, d=5, n=12, k=2, seed=0):
+  rng = np.random.default_rng(seed)
+  params = {"W_enc": rng.normal(size=(d, n)).astype(np.float32), "b_enc": np.zeros(n, np.float32),
+            "W_dec": rng.normal(size=(n, d)).astype(np.float32) * 0.3, "b_dec": np.zeros(d, np.float32)}
+  params["W_enc"][:, 0] = -100.0  # latent 0 never fires
+  artifact.save_sae(str(tmp_path / "sae"), params, {"k": k, "activation": "batchtopk",
+                                                   "input_norm": "standardize_per_token", "source": {}})
+  return loaded_sae.load(str(tmp_path / "sae")), params
+
+
+def _brute(x, params, k, batch):
+  sq, sq_std, active, fired = 0.0, 0.0, 0, np.zeros(params["W_enc"].shape[1], bool)
+  for s in range(0, len(x), batch):
+    xb = x[s:s + batch].astype(np.float64)
+    mean, std = xb.mean(1, keepdims=True), xb.std(1, ddof=1, keepdims=True)
+    xs = (xb - mean) / (std + 1e-5)
+    pre = np.maximum((xs - params["b_dec"]) @ params["W_enc"], 0)
+    kth = np.sort(pre.ravel())[::-1][k * len(pre) - 1]
+    acts = np.where((pre >= kth) & (pre > 0), pre, 0)
+    rs = acts @ params["W_dec"] + params["b_dec"]
+    sq += np.square(xb - (rs * (std + 1e-5) + mean)).sum()
+    sq_std += np.square(xs - rs).sum()
+    active += (acts > 0).sum()
+    fired |= (acts > 0).any(0)
+  return {"fvu": sq / np.square(x - x.mean(0)).sum(), "mse": sq_std / x.size, "l0": active / len(x),
+          "dead_fraction": 1 - fired.mean()}
+
+
+@pytest.mark.parametrize("skip", [0, 1, 2])
+def test_metrics_match_brute_force(tmp_path, skip):
+  sae, params = _sae(tmp_path)
+  rng = np.random.default_rng(1)
+  x = (rng.normal(size=(40, 5)) * [1, 2, 3, 4, 5] + 3).astype(np.float32)
+  st = store.write_store(str(tmp_path / "store"), x, context_len=8, shard_tokens=16)
+  got = reconstruction.evaluate(sae, st, 0, batch_size=6, skip_first_positions=skip, firing="batchtopk",
+                                progress=False)
+  kept = x[np.arange(40) % 8 >= skip]
+  want = _brute(kept, params, 2, 6)
+  assert got["num_tokens"] == len(kept)
+  for key, val in want.items():
+    np.testing.assert_allclose(got[key], val, rtol=2e-4, err_msg=key)
+  assert got["dead_fraction"] >= 1 / 12
+
+
+def test_skip_ignored_for_context_len_one(tmp_path):
+  st = store.write_store(str(tmp_path / "s"), np.ones((10, 3), np.float32), context_len=1)
+  assert heldout.resolve_num_tokens(st, 0, 1) == 10
+  batches = list(heldout.iter_batches(st, 4, 10, 1))
+  assert [len(b.index_B) for b in batches] == [4, 4, 2]
+  with pytest.raises(UserError, match="exceeds"):
+    heldout.resolve_num_tokens(st, 11, 1)
+
+
+def test_batches_span_shards_and_keep_global_index(tmp_path):
+  x = np.arange(24, dtype=np.float32)[:, None].repeat(2, 1)
+  st = store.write_store(str(tmp_path / "s"), x, context_len=4, shard_tokens=8)
+  idx = np.concatenate([b.index_B for b in heldout.iter_batches(st, 5, 12, 2)])
+  want = [i for i in range(24) if i % 4 >= 2][:12]
+  np.testing.assert_array_equal(idx, want)
+  acts = np.concatenate([b.acts_BxD[:, 0] for b in heldout.iter_batches(st, 5, 12, 2)])
+  np.testing.assert_array_equal(acts, want)
+
+
+def test_d_model_mismatch_is_user_error(tmp_path):
+  _sae(tmp_path, d=5)
+  with pytest.raises(UserError, match="d_model 5 .* d_model 7"):
+    loaded_sae.load(str(tmp_path / "sae"), d_model=7)
