@@ -1,0 +1,99 @@
+"""The OpenAI-compatible backend against a real HTTP server on 127.0.0.1, and the on-disk answer cache."""
+
+import math
+
+import pytest
+
+from metasae_jax.autointerp import scorers
+from metasae_jax.autointerp.backends import BackendError, OpenAIBackend, make_backend
+from metasae_jax.autointerp.cache import CachedBackend
+from metasae_jax.errors import UserError
+from tests import autointerp_util as util
+
+MSG = [{"role": "user", "content": "How strongly? Answer with one number"}]
+
+
+@pytest.fixture
+def server():
+  s = util.FakeLLM()
+  yield s
+  s.close()
+
+
+def _backend(server, **kw):
+  kw = {"timeout_s": 5.0, "retries": 1, "backoff_s": 0.01, "api_key": "sk-test", **kw}
+  return OpenAIBackend(server.base_url, "tiny", **kw)
+
+
+def test_request_and_logprob_reading(server):
+  out = _backend(server).complete(MSG, 3, ("0", "7"))
+  req = server.requests[0]
+  assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
+  body = req["body"]
+  assert body["temperature"] == 0 and body["logprobs"] is True and body["top_logprobs"] == 20
+  assert body["model"] == "tiny" and body["messages"] == MSG and body["max_tokens"] == 3
+  assert out.text == "7" and set(out.top_logprobs) == {"7", "3", "x"}
+  # EV over the digit tokens: (7 e^-0.5 + 3 e^-1) / (e^-0.5 + e^-1).
+  want = (7 * math.exp(-0.5) + 3 * math.exp(-1)) / (math.exp(-0.5) + math.exp(-1))
+  assert scorers.read_strength(out) == pytest.approx(want)
+
+
+def test_yes_no_and_text_fallback(server):
+  b = _backend(server)
+  yes = b.complete([{"role": "user", "content": "Answer yes or no."}], 3)
+  assert scorers.read_yes(yes) == pytest.approx(1 / (1 + math.exp(-1.6)))
+  server.mode = "text_only"
+  assert b.complete(MSG, 3).top_logprobs == {}
+  assert scorers.read_strength(b.complete(MSG, 3)) == 7.0
+  server.mode = "echo"  # the small-model failure: the example echoed back instead of a number
+  assert scorers.read_strength(b.complete(MSG, 3)) > 5  # logprobs still answer
+
+
+def test_timeout_retries_then_fails(server):
+  server.mode = "slow"
+  with pytest.raises(BackendError, match="timeout"):
+    _backend(server, timeout_s=0.2, retries=1).complete(MSG, 3)
+  assert len(server.requests) == 2  # one try plus one retry
+
+
+def test_malformed_reply_is_a_backend_error(server):
+  server.mode = "malformed"
+  with pytest.raises(BackendError, match="malformed"):
+    _backend(server, retries=0).complete(MSG, 3)
+
+
+def test_unreachable_server_is_user_error():
+  b = OpenAIBackend("http://127.0.0.1:9/v1", "m", timeout_s=1.0, retries=0)
+  with pytest.raises(UserError, match="unreachable"):
+    b.complete(MSG, 3)
+
+
+def test_make_backend_parsing(server):
+  b = make_backend(f"openai:{server.base_url}#tiny")
+  assert isinstance(b, OpenAIBackend) and b.url == server.base_url + "/chat/completions"
+  assert make_backend("openai:http://h:1#m").url == "http://h:1/v1/chat/completions"
+  for bad in ("openai:http://h:1", "local:", "foo:bar", "openai:ftp://h#m"):
+    with pytest.raises(UserError):
+      make_backend(bad)
+
+
+def test_cache_makes_rerun_free(server, tmp_path):
+  first = CachedBackend(_backend(server), str(tmp_path))
+  a = first.complete(MSG, 3, ("7",))
+  b = first.complete([{"role": "user", "content": "Answer yes or no."}], 3)
+  assert len(server.requests) == 2 and first.requests == 2
+  again = CachedBackend(_backend(server), str(tmp_path))
+  assert again.complete(MSG, 3, ("7",)) == a
+  assert again.complete([{"role": "user", "content": "Answer yes or no."}], 3) == b
+  assert len(server.requests) == 2 and again.requests == 0 and again.hits == 2
+  again.complete(MSG, 4, ("7",))  # a different request is not a hit
+  assert len(server.requests) == 3
+
+
+def test_failures_are_not_cached(server, tmp_path):
+  server.mode = "malformed"
+  cached = CachedBackend(_backend(server, retries=0), str(tmp_path))
+  with pytest.raises(BackendError):
+    cached.complete(MSG, 3)
+  server.mode = "ok"
+  assert cached.complete(MSG, 3).text == "7"
