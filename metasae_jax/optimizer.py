@@ -30,7 +30,9 @@ def apply(tx: optax.GradientTransformation, params: dict, grads: dict, opt_state
   """
   grads = dict(grads, W_dec=remove_radial(grads["W_dec"], params["W_dec"]),
                b_enc=jnp.zeros_like(grads["b_enc"]))
-  updates, opt_state = tx.update(grads, opt_state, params)
+  # optax mixes Python floats with its int32 step count; our own code stays strict.
+  with jax.numpy_dtype_promotion("standard"):
+    updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   params = dict(params, W_dec=sae.normalize_rows(params["W_dec"]))
   return params, opt_state

@@ -7,6 +7,8 @@ import dataclasses
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -261,3 +263,28 @@ def test_corpus_errors(tmp_path, loaded):
 def test_builtin_corpus_is_deterministic(loaded):
   first = [next(iter(corpus.pieces(corpus.BUILTIN)))[0] for _ in range(2)]
   assert first[0] == first[1] and len(first[0]) > 100
+
+
+def test_benchmark_reports_both_rates(loaded, text_file):
+  r = export.benchmark_export(_config("unused", text_file), loaded, num_batches=2, rounds=1)
+  assert r["num_tokens"] == 2 * 3 * C
+  assert r["forward_tokens_per_s"] > 0 and r["export_tokens_per_s"] > 0 and r["ratio"] > 0
+
+
+def _run_binary(*flags):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, "-m", "experiments.export_activations", *flags],
+                        cwd=root, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_binary_exports_and_reports_user_errors(tmp_path, model_dir, text_file):
+  out = str(tmp_path / "s")
+  ok = _run_binary(f"--model={model_dir}", "--layer=1", f"--corpus={text_file}",
+                   f"--context_len={C}", f"--num_tokens={6 * C}", f"--shard_tokens={4 * C}",
+                   f"--out_dir={out}")
+  assert ok.returncode == 0, ok.stderr
+  assert store.open_store(out, require_tokens=True).num_tokens == 6 * C
+  bad = _run_binary(f"--model={model_dir}", "--layer=2", f"--corpus={text_file}",
+                    f"--context_len={C}", f"--out_dir={out}")
+  assert bad.returncode == 1
+  assert bad.stderr.startswith("error: activation store") and "Traceback" not in bad.stderr

@@ -137,10 +137,12 @@ def _collect(store, layout, cfg, enc, pools, chosen, i, neg_ends, rng, name) -> 
   out = []
   for j, (latent, fired, max_act) in enumerate(info):
     explain, held, negs = windows[3 * j:3 * j + 3]
-    silent = [e for e in negs if max(e.acts) <= 0]
-    if len(silent) < cfg.num_negative:
-      log.warning("%s latent %d: only %d of %d random contexts are non-activating", name, latent,
-                  len(silent), len(negs))
+    # Prefer windows where the latent is silent throughout; for frequent latents fall back to
+    # windows silent at their last token, fewest firing tokens first.
+    silent = sorted((e for e in negs if e.acts[-1] <= 0), key=lambda e: sum(a > 0 for a in e.acts))
+    if sum(max(e.acts) <= 0 for e in silent[:cfg.num_negative]) < cfg.num_negative:
+      log.warning("%s latent %d: fewer than %d of %d random contexts are fully non-activating", name,
+                  latent, cfg.num_negative, len(negs))
     out.append(LatentExamples(name, latent, fired, max_act, explain, held, silent[:cfg.num_negative]))
   return out
 
@@ -186,8 +188,9 @@ def _explain_and_score(llm, cfg, lat: LatentExamples, detok, rng, bar) -> dict:
     if is_active:
       marked = [a > 0 for a in e.acts]
     else:
-      n = min(len(e.acts), int(rng.choice(mark_counts)))
-      where = set(rng.choice(len(e.acts), size=n, replace=False).tolist())
+      free = [t for t, a in enumerate(e.acts) if a <= 0]  # marks that are surely wrong
+      n = min(len(free), int(rng.choice(mark_counts)))
+      where = set(rng.choice(free, size=n, replace=False).tolist())
       marked = [t in where for t in range(len(e.acts))]
     r = _ask(llm, prompts.detection_messages(explanation, detok.pieces(e.token_ids), marked),
              cfg.score_max_tokens, prompts.YES_NO, what)

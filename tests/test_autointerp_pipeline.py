@@ -1,0 +1,121 @@
+"""End to end on a tiny synthetic run dir: a random offline Llama as explainer/scorer, and the HTTP server as LLM."""
+
+import json
+import os
+
+import pytest
+
+from metasae_jax.autointerp.backends import LocalBackend
+from metasae_jax.autointerp.config import AutointerpConfig
+from metasae_jax.autointerp.pipeline import run_autointerp
+from metasae_jax.errors import UserError
+from tests import autointerp_util as util
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = tmp_path_factory.mktemp("e2e")
+  model_dir = util.make_model_dir(str(root / "model"))
+  util.make_store(str(root / "store"), model_dir, num_contexts=32)
+  return root, model_dir
+
+
+def _cfg(run_dir, store, **kw):
+  base = dict(run_dir=run_dir, activations=store, num_tokens=0, num_latents=2, batch_size=64,
+              window=8, max_examples=3, num_score=2, num_negative=2, pool_top=8, pool_random=8,
+              explain_max_tokens=4, progress=False)
+  return AutointerpConfig(**{**base, **kw})
+
+
+def test_local_model_end_to_end_and_cached_rerun(world, tmp_path):
+  root, model_dir = world
+  run = str(tmp_path / "run")
+  util.make_run(run, threshold_solo=True)
+  cfg = _cfg(run, str(root / "store"), llm=f"local:{model_dir}")
+  scores = run_autointerp(cfg)
+  for name in ("joint", "solo"):
+    s = scores[name]
+    assert s["num_latents"] == 2 and len(s["latents"]) == 2
+    assert -1 <= s["fuzz_spearman"] <= 1 and 0 <= s["fuzz_balanced_accuracy"] <= 1
+    for lat in s["latents"]:
+      assert set(lat) >= {"id", "explanation", "fuzz_spearman", "fuzz_balanced_accuracy"}
+      assert lat["failed_answers"] == 0 or lat["explanation"] == "(no explanation)"
+  assert scores["paired"]["num_pairs"] == 2 and "fuzz_spearman" in scores["paired"]
+  lats = scores["joint"]["latents"] + scores["solo"]["latents"]
+  assert all(lat["num_held_out"] == 2 and lat["num_negative"] == 2 for lat in lats)
+  assert scores["llm_requests"] == 4 * (1 + 2 * (2 + 2)) and scores["llm_cache_hits"] == 0
+  out = os.path.join(run, "autointerp")
+  with open(os.path.join(out, "scores.json")) as f:
+    assert json.load(f)["joint"] == scores["joint"]
+  assert "## Pair 1" in open(os.path.join(out, "explanations.md")).read()
+
+  backend = LocalBackend(model_dir)
+  again = run_autointerp(cfg, backend=backend)
+  assert again["llm_requests"] == 0 and again["llm_cache_hits"] == scores["llm_requests"]
+  assert backend._lm is None  # the model never loaded: every answer came from the cache
+  assert again["joint"] == scores["joint"] and again["paired"] == scores["paired"]
+
+
+def test_http_llm_with_malformed_answers_does_not_crash(world, tmp_path):
+  root, _ = world
+  run = str(tmp_path / "run")
+  util.make_run(run)
+  server = util.FakeLLM()
+  try:
+    server.mode = "ok"
+    cfg = _cfg(run, str(root / "store"), llm=f"openai:{server.base_url}#tiny", num_latents=1)
+    good = run_autointerp(cfg)
+    lat = good["joint"]["latents"][0]
+    assert lat["explanation"] == "animal words" and lat["failed_answers"] == 0
+    # The server always predicts 7 with "yes": every activating example is "correct", every negative wrong.
+    assert lat["fuzz_balanced_accuracy"] == pytest.approx(0.5)
+    assert lat["fuzz_spearman"] == 0.0 and not lat["fuzz_spearman_defined"]
+
+    server.mode = "echo"
+    server_text_only = util.FakeLLM()
+    server_text_only.mode = "echo"
+    server.close()
+    server = server_text_only
+    server.reply_mode = None
+    cfg = _cfg(str(tmp_path / "run"), str(root / "store"), llm=f"openai:{server.base_url}#tiny",
+               num_latents=1, seed=1)
+    bad = run_autointerp(cfg)
+    assert bad["joint"]["num_latents"] == 1  # logprobs still give answers even when the text echoes
+  finally:
+    server.close()
+
+
+def test_text_only_malformed_answers_are_failures(world, tmp_path):
+  root, _ = world
+  run = str(tmp_path / "run")
+  util.make_run(run)
+  server = util.FakeLLM()
+  server.mode = "text_only"
+  original = server.reply
+
+  def echo_reply(body):
+    out = original(body)
+    out["choices"][0]["message"]["content"] = "Text: the cat sat"
+    return out
+
+  server.reply = echo_reply
+  try:
+    cfg = _cfg(run, str(root / "store"), llm=f"openai:{server.base_url}#tiny", num_latents=1)
+    lat = run_autointerp(cfg)["joint"]["latents"][0]
+    # Explanation parsed from the echo; every score answer malformed: 2 * (2 + 2) failures.
+    assert lat["failed_answers"] == 8
+    assert lat["fuzz_balanced_accuracy"] == 0.0
+  finally:
+    server.close()
+
+
+def test_user_errors(world, tmp_path):
+  root, _ = world
+  with pytest.raises(UserError, match="missing cfg.json"):
+    run_autointerp(_cfg(str(tmp_path / "nope"), str(root / "store")))
+  run = str(tmp_path / "run")
+  util.make_run(run)
+  with pytest.raises(UserError, match="firing at least"):
+    run_autointerp(_cfg(run, str(root / "store"), num_tokens=20, llm="openai:http://127.0.0.1:9#m"))
+  with pytest.raises(UserError, match="num_score"):
+    _cfg(run, str(root / "store"), num_score=1)
