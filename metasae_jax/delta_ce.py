@@ -92,7 +92,7 @@ def cross_entropies(model: torch.nn.Module, block: torch.nn.Module, site: str, s
           return out
         b, length, d = resid.shape
         x_MxD = resid[:, skip:].detach().float().cpu().numpy().reshape(-1, d)
-        recon = np.asarray(replacements[name](x_MxD), np.float32).reshape(b, length - skip, d)
+        recon = np.array(replacements[name](x_MxD), np.float32).reshape(b, length - skip, d)
         out[:, skip:] = torch.from_numpy(recon).to(resid.dtype)
         return out
 
