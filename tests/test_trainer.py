@@ -1,0 +1,85 @@
+"""The training loop: files written, resume equals an uninterrupted run, refusals, NaN guard."""
+
+import dataclasses
+import filecmp
+import json
+import os
+
+import numpy as np
+import pytest
+
+from metasae_jax import artifact, data, synthetic
+from metasae_jax.config import TrainConfig
+from metasae_jax.errors import UserError
+from metasae_jax.trainer import RunConfig, train_and_save
+
+CFG = TrainConfig(d_model=16, width=64, k=4, meta_width=6, meta_k=2, batch_size=128, seed=0,
+                  n_primary_steps=2, n_meta_steps=2, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("store") / "s")
+  synthetic.write_sparse_store(path, 1536, 16, context_len=8, shard_tokens=512, num_features=48)
+  return path
+
+
+def _run(store_path, out_dir, **kw):
+  return RunConfig(activations=store_path, out_dir=str(out_dir), num_tokens=6 * 128,
+                   checkpoint_every_steps=2, log_every_steps=1, progress=False, **kw)
+
+
+def test_writes_artifacts_metrics_and_checkpoints(store_path, tmp_path):
+  metrics = train_and_save(CFG, _run(store_path, tmp_path / "r"))
+  for sub in ("joint", "solo", "joint/meta"):
+    tensors, cfg = artifact.load_sae_files(str(tmp_path / "r" / sub))
+    np.testing.assert_allclose(np.linalg.norm(tensors["W_dec"], axis=1), 1.0, atol=1e-6)
+    assert cfg["input_norm"] == "standardize_per_token"
+  _, cfg = artifact.load_sae_files(str(tmp_path / "r" / "joint"))
+  assert cfg["source"]["model"] == "synthetic" and cfg["k"] == 4 and cfg["skip_first_positions"] == 1
+  lines = [json.loads(l) for l in open(tmp_path / "r" / "metrics.jsonl")]
+  assert [l["step"] for l in lines] == [1, 2, 3, 4, 5, 6]
+  assert lines[-1]["tokens"] == 6 * 128 and metrics["joint/l0"] == pytest.approx(4.0)
+  assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == ["4", "6"]
+
+
+def test_resume_after_interruption_is_bit_identical(store_path, tmp_path, monkeypatch):
+  train_and_save(CFG, _run(store_path, tmp_path / "whole"))
+  real = data.BatchSource.batch
+
+  def dies_at_5(self, position):
+    if position == 5:
+      raise KeyboardInterrupt("simulated kill")
+    return real(self, position)
+
+  monkeypatch.setattr(data.BatchSource, "batch", dies_at_5)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_save(CFG, _run(store_path, tmp_path / "cut"))
+  assert not os.path.exists(tmp_path / "cut" / "joint")
+  monkeypatch.setattr(data.BatchSource, "batch", real)
+  train_and_save(CFG, _run(store_path, tmp_path / "cut"))
+  for sub in ("joint", "solo", "joint/meta"):
+    for f in ("sae.safetensors", "cfg.json"):
+      assert filecmp.cmp(tmp_path / "whole" / sub / f, tmp_path / "cut" / sub / f, shallow=False), (sub, f)
+  assert filecmp.cmp(tmp_path / "whole" / "metrics.jsonl", tmp_path / "cut" / "metrics.jsonl", shallow=False)
+
+
+def test_different_config_in_existing_run_dir_is_refused_untouched(store_path, tmp_path):
+  out = tmp_path / "r"
+  train_and_save(CFG, _run(store_path, out))
+  before = {p: open(os.path.join(d, p), "rb").read() for d, _, fs in os.walk(out) for p in fs}
+  with pytest.raises(UserError, match="different config.*lambda2"):
+    train_and_save(dataclasses.replace(CFG, lambda2=1.0), _run(store_path, out))
+  after = {p: open(os.path.join(d, p), "rb").read() for d, _, fs in os.walk(out) for p in fs}
+  assert before == after
+
+
+def test_d_model_mismatch_is_refused(store_path, tmp_path):
+  with pytest.raises(UserError, match="d_model 16"):
+    train_and_save(dataclasses.replace(CFG, d_model=32), _run(store_path, tmp_path / "r"))
+
+
+def test_divergence_stops_with_step_and_keeps_checkpoint(store_path, tmp_path):
+  cfg = dataclasses.replace(CFG, lr=1e30)
+  with pytest.raises(UserError, match=r"non-finite .* at step \d"):
+    train_and_save(cfg, _run(store_path, tmp_path / "r"))
