@@ -177,3 +177,19 @@ def write_store(path: str, acts_TxD: np.ndarray, tokens_T: Optional[np.ndarray] 
     sl = slice(start, start + shard_tokens)
     m = append_shard(path, m, acts_TxD[sl], None if tokens_T is None else tokens_T[sl])
   return open_store(path)
+
+
+def write_view(path: str, base: Store, shard_indices) -> Store:
+  """A store listing some of `base`'s shards by relative path (no copy): train / held-out splits."""
+  os.makedirs(path, exist_ok=True)
+  entries = []
+  for i in shard_indices:
+    entry = dict(base.manifest["shards"][i])
+    for key in ("activations", "tokens"):
+      if entry.get(key):
+        entry[key] = os.path.relpath(os.path.join(base.path, entry[key]), path)
+    entries.append(entry)
+  m = dict(base.manifest, shards=entries, num_tokens=sum(e["num_tokens"] for e in entries),
+           view_of={"path": os.path.relpath(base.path, path), "shards": [int(i) for i in shard_indices]})
+  write_manifest(path, m)
+  return open_store(path)

@@ -126,3 +126,14 @@ def test_too_small_store_and_bad_skip(tmp_path):
     data.BatchSource(s, 4096, 0)
   with pytest.raises(UserError, match="skip_first_positions"):
     data.BatchSource(s, 8, 0, skip_first_positions=16)
+
+
+def test_view_splits_shards_without_copying(tmp_path):
+  path, acts = _good(tmp_path)
+  base = store.open_store(path)
+  train = store.write_view(str(tmp_path / "train"), base, [0, 1])
+  held = store.write_view(str(tmp_path / "held"), base, [2])
+  assert (train.num_tokens, held.num_tokens) == (192, 64)
+  np.testing.assert_array_equal(held.shards[0].acts_TxD, acts[192:])
+  np.testing.assert_array_equal(held.shards[0].tokens_T, np.arange(192, 256))
+  assert not any(f.endswith(".npy") for f in os.listdir(tmp_path / "held"))
