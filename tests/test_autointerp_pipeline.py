@@ -43,7 +43,9 @@ def test_local_model_end_to_end_and_cached_rerun(world, tmp_path):
   assert scores["paired"]["num_pairs"] == 2 and "fuzz_spearman" in scores["paired"]
   lats = scores["joint"]["latents"] + scores["solo"]["latents"]
   assert all(lat["num_held_out"] == 2 and lat["num_negative"] == 2 for lat in lats)
-  assert scores["llm_requests"] == 4 * (1 + 2 * (2 + 2)) and scores["llm_cache_hits"] == 0
+  # Identical prompts (same explanation, shared negative window) are asked once even within a run.
+  asked = scores["llm_requests"] + scores["llm_cache_hits"]
+  assert asked == 4 * (1 + 2 * (2 + 2)) and scores["llm_requests"] > asked // 2
   out = os.path.join(run, "autointerp")
   with open(os.path.join(out, "scores.json")) as f:
     assert json.load(f)["joint"] == scores["joint"]
@@ -51,12 +53,12 @@ def test_local_model_end_to_end_and_cached_rerun(world, tmp_path):
 
   backend = LocalBackend(model_dir)
   again = run_autointerp(cfg, backend=backend)
-  assert again["llm_requests"] == 0 and again["llm_cache_hits"] == scores["llm_requests"]
+  assert again["llm_requests"] == 0 and again["llm_cache_hits"] == asked
   assert backend._lm is None  # the model never loaded: every answer came from the cache
   assert again["joint"] == scores["joint"] and again["paired"] == scores["paired"]
 
 
-def test_http_llm_with_malformed_answers_does_not_crash(world, tmp_path):
+def test_http_llm_end_to_end(world, tmp_path):
   root, _ = world
   run = str(tmp_path / "run")
   util.make_run(run)
@@ -71,16 +73,11 @@ def test_http_llm_with_malformed_answers_does_not_crash(world, tmp_path):
     assert lat["fuzz_balanced_accuracy"] == pytest.approx(0.5)
     assert lat["fuzz_spearman"] == 0.0 and not lat["fuzz_spearman_defined"]
 
-    server.mode = "echo"
-    server_text_only = util.FakeLLM()
-    server_text_only.mode = "echo"
-    server.close()
-    server = server_text_only
-    server.reply_mode = None
+    server.mode = "echo"  # text echoes the example, as SmolLM2-135M does; logprobs still answer
     cfg = _cfg(str(tmp_path / "run"), str(root / "store"), llm=f"openai:{server.base_url}#tiny",
                num_latents=1, seed=1)
-    bad = run_autointerp(cfg)
-    assert bad["joint"]["num_latents"] == 1  # logprobs still give answers even when the text echoes
+    lat = run_autointerp(cfg)["joint"]["latents"][0]
+    assert lat["failed_answers"] == 0 and lat["fuzz_balanced_accuracy"] == pytest.approx(0.5)
   finally:
     server.close()
 
@@ -116,6 +113,6 @@ def test_user_errors(world, tmp_path):
   run = str(tmp_path / "run")
   util.make_run(run)
   with pytest.raises(UserError, match="firing at least"):
-    run_autointerp(_cfg(run, str(root / "store"), num_tokens=20, llm="openai:http://127.0.0.1:9#m"))
+    run_autointerp(_cfg(run, str(root / "store"), num_tokens=3, llm="openai:http://127.0.0.1:9#m"))
   with pytest.raises(UserError, match="num_score"):
     _cfg(run, str(root / "store"), num_score=1)
