@@ -68,34 +68,53 @@ def _default_dir() -> str:
                   "a local model directory.")
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-  """Loads `name`: the built-in default, a local model directory, or an HF model id."""
-  from transformers import AutoModelForCausalLM, AutoTokenizer  # pylint: disable=g-import-not-at-top
+def _resolve(name: str) -> tuple:
+  """(path, from_pretrained kwargs, id for manifests) of the default, a local directory or an HF id."""
   if name == DEFAULT_MODEL:
-    path, kwargs, ident = _default_dir(), {"gguf_file": DEFAULT_GGUF}, DEFAULT_MODEL
-  elif os.path.exists(name):
+    return _default_dir(), {"gguf_file": DEFAULT_GGUF}, DEFAULT_MODEL
+  if os.path.exists(name):
     if not os.path.isdir(name) or not os.path.isfile(os.path.join(name, "config.json")):
       raise UserError(f"--model {name}: not a model directory (no config.json). Pass a directory "
                       "saved with save_pretrained, an HF model id, or the default "
                       f"{DEFAULT_MODEL!r}.")
-    path, kwargs, ident = name, {}, os.path.abspath(name)
-  elif name.startswith(("/", ".", "~")) or os.sep + os.sep in name:
+    return name, {}, os.path.abspath(name)
+  if name.startswith(("/", ".", "~")):
     raise UserError(f"--model {name}: no such model directory. Pass an existing directory saved "
                     f"with save_pretrained, an HF model id, or the default {DEFAULT_MODEL!r}.")
-  else:
-    path, kwargs, ident = name, None, name  # an HF id: kwargs decided below
   try:
-    if kwargs is None:
-      kwargs = _hub_kwargs(name, AutoTokenizer)
+    return name, _hub_kwargs(name), name
+  except (OSError, ValueError) as e:
+    raise _unknown(name, e) from e
+
+
+def _unknown(name: str, e: Exception) -> UserError:
+  where = "local directory" if os.path.isdir(name) else "model"
+  first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return UserError(f"unknown --model {name!r}: could not load it as a {where} ({first}). Pass the "
+                   f"built-in default {DEFAULT_MODEL!r}, a local directory holding config.json, "
+                   "weights and a tokenizer, or an HF model id with internet access "
+                   "(models cannot be downloaded offline).")
+
+
+def load_tokenizer(name: str) -> Any:
+  """Only the tokenizer of `name` (seconds; the default's weights take longer to dequantise)."""
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  path, kwargs, _ = _resolve(name)
+  try:
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+  except (OSError, ValueError, KeyError) as e:
+    raise _unknown(name, e) from e
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+  """Loads `name`: the built-in default, a local model directory, or an HF model id."""
+  from transformers import AutoModelForCausalLM, AutoTokenizer  # pylint: disable=g-import-not-at-top
+  path, kwargs, ident = _resolve(name)
+  try:
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
   except (OSError, ValueError, KeyError) as e:
-    where = "local directory" if os.path.isdir(name) else "model"
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f"unknown --model {name!r}: could not load it as a {where} ({first}). Pass the "
-                    f"built-in default {DEFAULT_MODEL!r}, a local directory holding config.json, "
-                    "weights and a tokenizer, or an HF model id with internet access "
-                    "(models cannot be downloaded offline).") from e
+    raise _unknown(name, e) from e
   model.eval()
   layers = decoder_layers(model)
   d_model = int(model.config.get_text_config().hidden_size)
@@ -103,16 +122,14 @@ def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
                      num_layers=len(layers))
 
 
-def _hub_kwargs(name: str, auto_cls: Any) -> dict:
-  """Loads from the local HF cache if there; else checks the hub resolves before trying it.
+def _hub_kwargs(name: str) -> dict:
+  """Uses the local HF cache if it holds `name`; else checks the hub resolves before trying it.
 
   Offline, huggingface_hub retries for ~50 s before failing; a failed DNS lookup is instant.
   """
-  try:
-    auto_cls.from_pretrained(name, local_files_only=True)
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
     return {"local_files_only": True}
-  except (OSError, ValueError):
-    pass
   host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
   try:
     socket.getaddrinfo(host, 443)

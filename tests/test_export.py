@@ -190,11 +190,20 @@ def test_bad_configs_are_user_errors(tmp_path, loaded, text_file):
     export.export_activations(_config(tmp_path / "s", text_file, layer=3), loaded)
 
 
+def test_load_tokenizer_matches_load_model(loaded, model_dir):
+  tok = models.load_tokenizer(model_dir)
+  assert tok("the cat sat")["input_ids"] == loaded.tokenizer("the cat sat")["input_ids"]
+  assert loaded.name == os.path.abspath(model_dir)
+  assert (loaded.d_model, loaded.num_layers) == (32, NUM_LAYERS)
+
+
 def test_unknown_model_is_user_error():
   with pytest.raises(UserError, match="unknown --model"):
     models.load_model("no-such-org/no-such-model-for-metasae")
   with pytest.raises(UserError, match="no such model directory"):
     models.load_model("./no/such/dir")
+  with pytest.raises(UserError, match="unknown --model"):
+    models.load_tokenizer("no-such-org/no-such-model-for-metasae")
 
 
 def test_gpt2_blocks_and_resid_post():
