@@ -1,0 +1,48 @@
+"""Evaluates a training run's joint and solo SAEs on held-out activations: report.json, report.md, plots.
+
+python -m experiments.evaluate --run_dir RUN --activations HELDOUT_STORE [--model none]
+"""
+
+from absl import flags
+
+from experiments import cli
+from metasae_jax import evaluation
+
+_D = evaluation.EvalConfig(run_dir="", activations="")
+
+_RUN_DIR = flags.DEFINE_string("run_dir", None, "Run directory with joint/ and solo/ SAE artifacts; "
+                               "report.json, report.md, split_candidates.json and PNGs are written here.")
+_ACTIVATIONS = flags.DEFINE_string("activations", None, "Held-out activation store directory.")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", _D.num_tokens,
+                                   "Evaluation tokens, counted after skipping (0 = the whole store).")
+_MODEL = flags.DEFINE_string("model", _D.model, "Model for ΔCE (default: the store's source.model; "
+                             "'none' skips ΔCE).")
+_FIRING = flags.DEFINE_enum("firing", _D.firing, ["threshold", "batchtopk"],
+                            "threshold: calibrated per-latent θ (calibrated and saved if missing); "
+                            "batchtopk: BatchTopK over each batch.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", _D.batch_size, "Tokens per batch.")
+_SKIP = flags.DEFINE_integer("skip_first_positions", _D.skip_first_positions,
+                             "Skip positions t % context_len < this (attention sinks); 0 keeps all.")
+_CE_CONTEXTS = flags.DEFINE_integer("ce_contexts", _D.ce_contexts, "Whole contexts used for ΔCE.")
+_META_STEPS = flags.DEFINE_integer("meta_fve_steps", _D.meta_fve_steps,
+                                   "Training steps of the fresh meta SAE for meta FVE (0 skips).")
+_SPLIT_PHI = flags.DEFINE_float("split_phi_threshold", _D.split_phi_threshold,
+                                "Cross-φ for a joint latent to share a solo latent's firing.")
+_SEED = flags.DEFINE_integer("seed", _D.seed, "Seed (meta SAE init, |φ| sample).")
+
+flags.mark_flags_as_required(["run_dir", "activations"])
+
+
+def main(argv):
+  del argv
+  config = evaluation.EvalConfig(
+      run_dir=_RUN_DIR.value, activations=_ACTIVATIONS.value, num_tokens=_NUM_TOKENS.value,
+      model=_MODEL.value, firing=_FIRING.value, batch_size=_BATCH_SIZE.value,
+      skip_first_positions=_SKIP.value, ce_contexts=_CE_CONTEXTS.value, meta_fve_steps=_META_STEPS.value,
+      split_phi_threshold=_SPLIT_PHI.value, seed=_SEED.value)
+  report = evaluation.evaluate_run(config)
+  print(evaluation.markdown(report))
+
+
+if __name__ == "__main__":
+  cli.run(main)
