@@ -3,6 +3,7 @@
 Legend: T = tokens, D = d_model, N = latents.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -54,7 +55,7 @@ def test_evaluate_run_end_to_end(tmp_path):
     assert os.path.isfile(os.path.join(run, f)), f
   assert json.load(open(os.path.join(run, "report.json")))["num_tokens"] == 200
   # Second run uses the thresholds now stored in the artifacts.
-  again = evaluation.evaluate_run(cfg)
+  again = evaluation.evaluate_run(dataclasses.replace(cfg, meta_fve_steps=0))
   assert again["joint"]["fvu"] == pytest.approx(report["joint"]["fvu"])
 
 
@@ -73,3 +74,36 @@ def test_binary_prints_one_line_error(tmp_path):
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 1
   assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_delta_ce_wired_through_evaluation(tmp_path, monkeypatch):
+  import torch
+  import transformers
+  from metasae_jax import models
+  run, _ = _run_dir(tmp_path)
+  torch.manual_seed(0)
+  lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=30, hidden_size=D, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+      num_key_value_heads=2, max_position_embeddings=32)).eval()
+  ids = np.random.default_rng(2).integers(0, 30, (12, L))
+  acts = models.capture_residual(lm, torch.from_numpy(ids), 0, "resid_pre").numpy().reshape(-1, D)
+  st = store.write_store(str(tmp_path / "lmstore"), acts, ids.reshape(-1).astype(np.int32), context_len=L,
+                         source={"model": "tiny", "layer": 0, "site": "resid_pre"})
+
+  class Tok:
+    def decode(self, ids):
+      return "".join(chr(97 + i % 26) for i in ids)
+  loaded = models.LoadedModel(lm, Tok(), "tiny", D, 1)
+  monkeypatch.setattr(evaluation, "_load_model", lambda cfg, store, notes: (loaded, "tiny"))
+  report = evaluation.evaluate_run(evaluation.EvalConfig(
+      run_dir=run, activations=st.path, firing="batchtopk", batch_size=16, ce_contexts=4, ce_batch_contexts=3,
+      meta_fve_steps=0, progress=False))
+  for name in ("joint", "solo"):
+    r = report[name]
+    assert r["ce_clean"] > 0 and r["ce_spliced"] is not None and r["ce_zero_ablation"] is not None
+    np.testing.assert_allclose(r["delta_ce_pct"], (r["ce_spliced"] - r["ce_clean"]) / r["ce_clean"] * 100)
+  assert report["delta_ce"]["num_predictions"] == 4 * (L - 2)
+  assert report["delta_ce"]["resid_check_rel_err"] < 1e-5
+  assert report["comparison"]["delta_ce_pp"] is not None
+  cands = json.load(open(os.path.join(run, "split_candidates.json")))
+  assert all("«" in c["text"] for cand in cands for c in cand["solo_top_contexts"])
