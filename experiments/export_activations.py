@@ -54,7 +54,7 @@ def main(argv):
         batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, shard_tokens=_SHARD_TOKENS.value,
         num_tokens=_NUM_TOKENS.value)
     if _BENCHMARK.value:
-      print(json.dumps(export.benchmark_export(config, num_batches=_BENCHMARK.value)))
+      print(json.dumps(export.benchmark_export(config, num_batches=_BENCHMARK.value, rounds=3)))
       return
     store = export.export_activations(config)
   except UserError as e:

@@ -23,8 +23,10 @@ from metasae_jax.errors import UserError
 
 BUILTIN = "builtin"
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
-# Tokenise this many documents per tokenizer call (fast tokenizers batch in Rust).
+# Tokenise up to this many documents / characters per tokenizer call (fast tokenizers batch in
+# Rust); the character cap keeps the first contexts quick to get when documents are long.
 _DOCS_PER_CALL = 64
+_CHARS_PER_CALL = 1 << 16
 # Big .txt files are read and tokenised in pieces of about this many characters, cut at line ends.
 _TXT_PIECE_CHARS = 1 << 20
 
@@ -206,11 +208,13 @@ def _token_runs(texts: Iterator[Piece], tokenizer: Any) -> Iterator[list[int]]:
     for (_, ends), run in zip(batch, ids):
       yield list(run) + ([sep] if ends and sep is not None else [])
 
+  chars = 0
   for piece in texts:
     batch.append(piece)
-    if len(batch) == _DOCS_PER_CALL:
+    chars += len(piece[0])
+    if len(batch) == _DOCS_PER_CALL or chars >= _CHARS_PER_CALL:
       yield from flush()
-      batch = []
+      batch, chars = [], 0
   if batch:
     yield from flush()
 
