@@ -84,10 +84,10 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
   per_sae = [_collect(store, layout, cfg, enc, pool, chosen, i, neg_ends, rng, name)
              for i, (name, enc, pool) in enumerate(zip(SAES, encoders, pools))]
 
-  detok = Detokenizer.for_source(cfg.tokenizer or store.source.get("model"), backend, cfg.llm)
+  detok = Detokenizer.for_source(cfg.tokenizer or store.source.get("model"), backend)
   llm = CachedBackend(backend or make_backend(cfg.llm, cfg.timeout_s, cfg.retries),
                       os.path.join(out_dir, "cache"))
-  calls = len(chosen) * len(SAES) * (1 + 2 * (cfg.num_score + cfg.num_negative))
+  calls = sum(1 + 2 * (len(lat.held_out) + len(lat.negatives)) for lats in per_sae for lat in lats)
   results = {name: [] for name in SAES}
   cos = _pair_cosines(encoders, cands_Cx2[chosen])
   with tqdm(total=calls, desc="autointerp: llm", unit="prompt", disable=not cfg.progress) as bar:

@@ -23,7 +23,7 @@ class Detokenizer:
     return [self.piece(t) for t in token_ids]
 
   @classmethod
-  def for_source(cls, name: Optional[str], backend=None, llm: str = "") -> "Detokenizer":
+  def for_source(cls, name: Optional[str], backend=None) -> "Detokenizer":
     """The tokenizer of `name` (the store's source model by default); reuses a loaded local LLM's if it is the same model."""
     if not name:
       raise UserError("the activation store's manifest names no source model, so its tokens cannot be "
