@@ -6,8 +6,7 @@ Legend: T = tokens, D = d_model, N = latents.
 import numpy as np
 import pytest
 
-from metasae_jax import artifact, heldout, loaded_sae, reconstruction, store
-from metasae_jax.errors import UserError
+from metasae_jax import artifact, loaded_sae, reconstruction, store
 
 
 def _sae(tmp_path, d=5, n=12, k=2, seed=0):
@@ -52,28 +51,3 @@ def test_metrics_match_brute_force(tmp_path, skip):
   for key, val in want.items():
     np.testing.assert_allclose(got[key], val, rtol=2e-4, err_msg=key)
   assert got["dead_fraction"] >= 1 / 12
-
-
-def test_skip_ignored_for_context_len_one(tmp_path):
-  st = store.write_store(str(tmp_path / "s"), np.ones((10, 3), np.float32), context_len=1)
-  assert heldout.resolve_num_tokens(st, 0, 1) == 10
-  batches = list(heldout.iter_batches(st, 4, 10, 1))
-  assert [len(b.index_B) for b in batches] == [4, 4, 2]
-  with pytest.raises(UserError, match="exceeds"):
-    heldout.resolve_num_tokens(st, 11, 1)
-
-
-def test_batches_span_shards_and_keep_global_index(tmp_path):
-  x = np.arange(24, dtype=np.float32)[:, None].repeat(2, 1)
-  st = store.write_store(str(tmp_path / "s"), x, context_len=4, shard_tokens=8)
-  idx = np.concatenate([b.index_B for b in heldout.iter_batches(st, 5, 12, 2)])
-  want = [i for i in range(24) if i % 4 >= 2][:12]
-  np.testing.assert_array_equal(idx, want)
-  acts = np.concatenate([b.acts_BxD[:, 0] for b in heldout.iter_batches(st, 5, 12, 2)])
-  np.testing.assert_array_equal(acts, want)
-
-
-def test_d_model_mismatch_is_user_error(tmp_path):
-  _sae(tmp_path, d=5)
-  with pytest.raises(UserError, match="d_model 5 .* d_model 7"):
-    loaded_sae.load(str(tmp_path / "sae"), d_model=7)

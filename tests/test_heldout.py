@@ -1,0 +1,36 @@
+"""Tests for metasae_jax.heldout: the skip rule, batching across shards, token counts.
+
+Legend: T = tokens, L = context_len.
+"""
+
+import numpy as np
+import pytest
+
+from metasae_jax import heldout, store
+from metasae_jax.errors import UserError
+
+
+def test_skip_ignored_for_context_len_one(tmp_path):
+  st = store.write_store(str(tmp_path / "s"), np.ones((10, 3), np.float32), context_len=1)
+  assert heldout.resolve_num_tokens(st, 0, 1) == 10
+  batches = list(heldout.iter_batches(st, 4, 10, 1))
+  assert [len(b.index_B) for b in batches] == [4, 4, 2]
+  with pytest.raises(UserError, match="exceeds"):
+    heldout.resolve_num_tokens(st, 11, 1)
+
+
+def test_batches_span_shards_and_keep_global_index(tmp_path):
+  x = np.arange(24, dtype=np.float32)[:, None].repeat(2, 1)
+  st = store.write_store(str(tmp_path / "s"), x, context_len=4, shard_tokens=8)
+  idx = np.concatenate([b.index_B for b in heldout.iter_batches(st, 5, 12, 2)])
+  want = [i for i in range(24) if i % 4 >= 2][:12]
+  np.testing.assert_array_equal(idx, want)
+  acts = np.concatenate([b.acts_BxD[:, 0] for b in heldout.iter_batches(st, 5, 12, 2)])
+  np.testing.assert_array_equal(acts, want)
+
+
+def test_context_of(tmp_path):
+  st = store.write_store(str(tmp_path / "s"), np.zeros((16, 2), np.float32), np.arange(16, dtype=np.int32),
+                         context_len=4, shard_tokens=8)
+  ids, pos = heldout.context_of(st, 10)
+  assert ids.tolist() == [8, 9, 10, 11] and pos == 2

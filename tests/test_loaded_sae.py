@@ -1,0 +1,32 @@
+"""Tests for metasae_jax.loaded_sae: d_model mismatch and missing thresholds are user errors.
+
+Legend: D = d_model, N = latents.
+"""
+
+import numpy as np
+import pytest
+
+from metasae_jax import artifact, loaded_sae
+from metasae_jax.errors import UserError
+
+
+def _sae(tmp_path, d=5, n=12, k=2):
+  params = {"W_enc": np.ones((d, n), np.float32), "b_enc": np.zeros(n, np.float32),
+            "W_dec": np.ones((n, d), np.float32), "b_dec": np.zeros(d, np.float32)}
+  artifact.save_sae(str(tmp_path / "sae"), params, {"k": k, "activation": "batchtopk",
+                                                   "input_norm": "standardize_per_token", "source": {}})
+
+
+def test_d_model_mismatch_is_user_error(tmp_path):
+  _sae(tmp_path, d=5)
+  with pytest.raises(UserError, match="d_model 5 .* d_model 7"):
+    loaded_sae.load(str(tmp_path / "sae"), d_model=7)
+
+
+def test_threshold_firing_needs_thresholds(tmp_path):
+  _sae(tmp_path)
+  sae = loaded_sae.load(str(tmp_path / "sae"), d_model=5)
+  with pytest.raises(UserError, match="no calibrated thresholds"):
+    loaded_sae.forward(sae, np.zeros((2, 5), np.float32), "threshold")
+  with pytest.raises(UserError, match="--firing"):
+    loaded_sae.forward(sae, np.zeros((2, 5), np.float32), "jumprelu")
