@@ -103,3 +103,17 @@ def test_sample_top_heavy():
   rest = ex.sample_top_heavy(40, 50, 4, rng, exclude=got)
   assert len(rest) == 30 and not set(rest) & set(got)
   assert ex.sample_top_heavy(3, 5, 4, rng) == [0, 1, 2]
+
+
+def test_pairs_follow_hungarian_matching(tmp_path):
+  from metasae_jax.autointerp import selection
+  perm = util.make_run(str(tmp_path / "run"))
+  joint, solo = (SaeEncoder(str(tmp_path / "run" / n)) for n in ("joint", "solo"))
+  pairs = selection.match_pairs(joint.w_dec_NxD, solo.w_dec_NxD)
+  assert sorted(map(tuple, pairs.tolist())) == sorted((int(perm[j]), j) for j in range(util.N))
+  cands = selection.candidate_pairs(pairs, 3, 2, seed=0)
+  assert len(cands) == 6 and len({tuple(c) for c in cands.tolist()}) == 6
+  counts = np.zeros(util.N, np.int64)
+  counts[cands[1:, 0]] = 10
+  counts_solo = np.full(util.N, 10)
+  assert selection.choose(cands, counts, counts_solo, 5, 3).tolist() == [1, 2, 3]

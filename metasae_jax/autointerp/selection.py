@@ -4,30 +4,15 @@ Legend: N = latents of each SAE, D = d_model, P = matched pairs.
 """
 
 import numpy as np
-import scipy.optimize
 
+from metasae_jax import matching
 from metasae_jax.errors import UserError
 
 
 def match_pairs(w_dec_joint_NxD: np.ndarray, w_dec_solo_NxD: np.ndarray) -> np.ndarray:
-  """Pairs [P, 2] of (joint latent, solo latent) maximising total decoder cosine similarity."""
-  try:
-    from metasae_jax import matching  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    matching = None
-  if matching is not None and hasattr(matching, "match_latents"):
-    result = matching.match_latents(w_dec_joint_NxD, w_dec_solo_NxD)
-    return np.stack([np.asarray(result.joint_idx), np.asarray(result.solo_idx)], axis=1).astype(np.int64)
-  return _hungarian_fallback(w_dec_joint_NxD, w_dec_solo_NxD)
-
-
-def _hungarian_fallback(w_a_NxD: np.ndarray, w_b_MxD: np.ndarray) -> np.ndarray:
-  """FALLBACK until metasae_jax/matching.py exists: scipy's linear_sum_assignment on the dense cosine matrix."""
-  a = w_a_NxD / np.maximum(np.linalg.norm(w_a_NxD, axis=1, keepdims=True), 1e-12)
-  b = w_b_MxD / np.maximum(np.linalg.norm(w_b_MxD, axis=1, keepdims=True), 1e-12)
-  cos_NxM = a.astype(np.float64) @ b.astype(np.float64).T
-  rows, cols = scipy.optimize.linear_sum_assignment(cos_NxM, maximize=True)
-  return np.stack([rows, cols], axis=1).astype(np.int64)
+  """Pairs [P, 2] of (joint latent, solo latent): Hungarian matching on decoder cosine (matching.py)."""
+  m = matching.match_decoders(w_dec_joint_NxD, w_dec_solo_NxD)
+  return np.stack([m.joint_idx, m.solo_idx], axis=1).astype(np.int64)
 
 
 def candidate_pairs(pairs_Px2: np.ndarray, num_latents: int, factor: int, seed: int) -> np.ndarray:
