@@ -20,12 +20,14 @@ import numpy as np
 import torch
 import tqdm
 
+from metasae_jax import atomic
 from metasae_jax import corpus as corpus_lib
 from metasae_jax import models
 from metasae_jax import store as store_lib
 from metasae_jax.errors import UserError
 
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# Extra manifest key set once the corpus had no more whole contexts: reruns are then no-ops.
+EXHAUSTED = "corpus_exhausted"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,7 @@ class ExportConfig:
   site: str = "resid_pre"
   """`resid_pre` (input of block `layer`, the paper's site) or `resid_post` (its output)."""
   corpus: str = corpus_lib.BUILTIN
-  """`builtin` (CPython docs, ~149k SmolLM2 tokens), a .txt/.jsonl/.parquet file or directory, or an HF dataset id."""
+  """`builtin` (CPython docs, ~149k SmolLM2 tokens), .txt/.jsonl/.parquet file(s), or an HF dataset id."""
   text_field: str = "text"
   """Field holding the text in .jsonl/.parquet/HF-dataset rows."""
   context_len: int = 128
@@ -98,7 +100,7 @@ def _check_existing(config: ExportConfig) -> Optional[dict]:
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f"--out_dir {path} is a file. Pass a new or empty directory.")
   if not os.path.isfile(os.path.join(path, store_lib.MANIFEST)):
-    if os.path.isdir(path) and os.listdir(path):
+    if os.path.isdir(path) and [n for n in os.listdir(path) if not atomic.is_temp(n)]:
       raise UserError(f"--out_dir {path} is not empty and holds no activation store. Pass a new "
                       "or empty directory (nothing was written).")
     return None
@@ -145,10 +147,12 @@ def export_activations(config: ExportConfig,
                        loaded: Optional[models.LoadedModel] = None) -> store_lib.Store:
   """Writes (or resumes, or leaves as is) the activation store at `config.out_dir`."""
   manifest = _check_existing(config)
+  atomic.remove_stale_temps(config.out_dir)  # shards or manifests cut short by a kill
   target = config.target_tokens
-  if manifest is not None and manifest["num_tokens"] >= target:
-    logging.info("%s already holds %d >= %d tokens; nothing to do.", config.out_dir,
-                 manifest["num_tokens"], target)
+  if manifest is not None and (manifest["num_tokens"] >= target or manifest.get(EXHAUSTED)):
+    logging.info("%s already holds %d tokens (asked %d%s); nothing to do.", config.out_dir,
+                 manifest["num_tokens"], target,
+                 ", the whole corpus" if manifest.get(EXHAUSTED) else "")
     return store_lib.open_store(config.out_dir)
   ctx_source = corpus_lib.pieces(config.corpus, config.text_field)  # fails early on a bad corpus
   if loaded is None:
@@ -173,13 +177,12 @@ def export_activations(config: ExportConfig,
   # One writer thread: shard i is fsynced while shard i+1 is computed; at most two shards in
   # memory. Leaving the `with` (also on Ctrl-C) waits for the pending shard, which then counts.
   with bar, concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
-    pending = None
+    pending, exhausted = None, False
     while done < target:
       tokens_SxC = _shard_contexts(ctx_iter, min(config.contexts_per_shard,
                                                  (target - done) // config.context_len))
       if tokens_SxC is None:
-        logging.warning("corpus %s ran out after %d tokens (asked %d).", config.corpus, done,
-                        target)
+        exhausted = True
         break
       acts_TxD = _forward_shard(loaded, config, tokens_SxC, bar)
       if pending is not None:
@@ -188,7 +191,10 @@ def export_activations(config: ExportConfig,
                               tokens_SxC.reshape(-1))
       done += acts_TxD.shape[0]
     if pending is not None:
-      pending.result()
+      manifest = pending.result()
+  if exhausted:
+    logging.warning("corpus %s ran out after %d tokens (asked %d).", config.corpus, done, target)
+    store_lib.write_manifest(config.out_dir, dict(manifest, **{EXHAUSTED: True}))
   store = store_lib.open_store(config.out_dir)
   if store.num_tokens == 0:
     raise UserError(f"--corpus {config.corpus} has fewer than --context_len {config.context_len} "

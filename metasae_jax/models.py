@@ -45,7 +45,7 @@ class LoadedModel:
   tokenizer: Any
   """Its tokenizer (a `PreTrainedTokenizerBase`)."""
   name: str
-  """What identifies the model in store manifests and SAE cfg.json: the default's name, an absolute local path or an HF id."""
+  """Id for manifests and cfg.json: the default's name, an absolute local path, or an HF id."""
   d_model: int
   """Width of the residual stream."""
   num_layers: int

@@ -139,6 +139,16 @@ def test_rerun_is_noop(tmp_path, loaded, text_file):
   assert _snapshot(cfg.out_dir) == before
 
 
+def test_corpus_exhaustion_exports_everything_then_reruns_are_noops(tmp_path, loaded, text_file):
+  cfg = _config(tmp_path / "s", text_file, num_tokens=10_000 * C)
+  s = export.export_activations(cfg, loaded)
+  n_ctx = len(list(corpus.contexts(text_file, loaded.tokenizer, C)))
+  assert s.num_tokens == n_ctx * C and s.manifest[export.EXHAUSTED]
+  before = _snapshot(cfg.out_dir)
+  export.export_activations(dataclasses.replace(cfg, num_tokens=20_000 * C), loaded=None)
+  assert _snapshot(cfg.out_dir) == before
+
+
 def test_resume_equals_uninterrupted(tmp_path, loaded, text_file):
   full = _config(tmp_path / "full", text_file)
   export.export_activations(full, loaded)
