@@ -2,6 +2,7 @@
 
 from metasae_jax.config import TrainConfig
 from metasae_jax.errors import UserError
+from metasae_jax.inference import SAE, load_sae
 from metasae_jax.train_step import SAEState, TrainState, init_train_state, train_step
 
-__all__ = ["TrainConfig", "TrainState", "SAEState", "UserError", "init_train_state", "train_step"]
+__all__ = ["SAE", "load_sae", "TrainConfig", "TrainState", "SAEState", "UserError", "init_train_state", "train_step"]

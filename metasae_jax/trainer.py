@@ -20,6 +20,8 @@ from metasae_jax.train_step import TrainState, init_train_state, train_step
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
+# What a run directory holds; any of them without RUN_CONFIG means someone else's files.
+RUN_FILES = ("joint", "solo", "checkpoints", METRICS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,8 +68,10 @@ def _claim_out_dir(out_dir: str, identity: dict, writer: bool) -> None:
       raise UserError(f"--out_dir {out_dir} holds a run with a different config ({'; '.join(diffs)}). "
                       "Rerun with the original flags to resume, or pick a new --out_dir.")
     return
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
-    raise UserError(f"--out_dir {out_dir} is not empty and holds no {RUN_CONFIG}. Pick a new --out_dir.")
+  found = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+  if found:
+    raise UserError(f"--out_dir {out_dir} holds {', '.join(found)} but no {RUN_CONFIG}, so it is not a run "
+                    "this command can resume. Pick a new --out_dir (nothing was changed).")
   if writer:
     atomic.write_json(path, identity)
 
@@ -76,8 +80,14 @@ def _trim_metrics(path: str, last_step: int) -> None:
   """Drops log lines past the checkpoint we resume from, so a resumed log equals an uninterrupted one."""
   if not os.path.exists(path):
     return
+  lines = []
   with open(path) as f:
-    lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= last_step:
+          lines.append(line)
+      except (json.JSONDecodeError, KeyError, TypeError):
+        break  # a line torn by a kill mid-append: it and anything after it are past the checkpoint
   atomic.write_text(path, "".join(lines))
 
 
@@ -144,6 +154,9 @@ def train_and_save(config: TrainConfig, run: RunConfig) -> dict:
     raise UserError(f"--num_tokens {run.num_tokens} is less than one batch of {config.batch_size}.")
   _claim_out_dir(run.out_dir, _identity(config, run, store), writer)
 
+  if writer:  # temp files of atomic writes cut short by a kill (Orbax cleans its own)
+    for sub in ("", "joint", "solo", os.path.join("joint", "meta")):
+      atomic.remove_stale_temps(os.path.join(run.out_dir, sub))
   ckpt = Checkpointer(os.path.join(run.out_dir, "checkpoints"), run.max_checkpoints)
   state = init_train_state(config)
   last_good = ckpt.latest_step()
