@@ -1,0 +1,62 @@
+"""Which latents fire on a prompt: per token, the top latents of a trained SAE and their activations.
+
+  python -m experiments.inspect --run_dir runs/demo --sae joint --prompt "def main():"
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+from absl import flags
+
+from experiments import cli
+from metasae_jax import load_sae, models
+from metasae_jax.errors import UserError
+
+F = flags.FLAGS
+flags.DEFINE_string("run_dir", None, "Run directory holding joint/ and solo/ SAE artifacts.")
+flags.DEFINE_enum("sae", "joint", ["joint", "solo"], "Which SAE of the run.")
+flags.DEFINE_string("prompt", None, "Text to run through the model.")
+flags.DEFINE_string("model", "", "Model (default: the SAE's cfg.json source.model).")
+flags.DEFINE_integer("top", 5, "Latents shown per token.")
+flags.DEFINE_integer("skip_first_positions", 1, "Positions marked as skipped (attention sinks the SAE never saw).")
+flags.mark_flags_as_required(["run_dir", "prompt"])
+
+
+def explanations(run_dir: str, which: str) -> dict:
+  """Latent id → explanation from autointerp, when it has run."""
+  path = os.path.join(run_dir, "autointerp", "scores.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    scores = json.load(f)
+  return {int(l["id"]): l.get("explanation", "") for l in scores.get(which, {}).get("latents", [])}
+
+
+def main(argv):
+  del argv
+  sae = load_sae(os.path.join(F.run_dir, F.sae))
+  source = sae.cfg.get("source", {})
+  if "layer" not in source or "site" not in source:
+    raise UserError(f"{F.run_dir}/{F.sae}/cfg.json has no source.layer/site; it was not trained on a model's "
+                    "activations, so there is no layer to hook.")
+  loaded = models.load_model(F.model or source.get("model", models.DEFAULT_MODEL))
+  ids = loaded.tokenizer(F.prompt, return_tensors="pt").input_ids
+  resid = models.capture_residual(loaded.model, ids, int(source["layer"]), source["site"])[0]
+  acts = np.asarray(sae.encode(resid.float().numpy()))
+  notes = explanations(F.run_dir, F.sae)
+  for pos, tok in enumerate(ids[0].tolist()):
+    text = loaded.tokenizer.decode([tok])
+    if pos < F.skip_first_positions:
+      print(f"{pos:4d} {text!r:>16}  (skipped: attention sink)")
+      continue
+    top = np.argsort(-acts[pos])[:F.top]
+    cells = [f"{i}:{acts[pos, i]:.2f}" + (f" [{notes[i]}]" if i in notes else "")
+             for i in top if acts[pos, i] > 0]
+    print(f"{pos:4d} {text!r:>16}  " + ("  ".join(cells) or "(nothing fires)"))
+
+
+if __name__ == "__main__":
+  with torch.inference_mode():
+    cli.run(main)

@@ -1,0 +1,45 @@
+"""Steer the model with one SAE latent and print clean vs steered greedy continuations.
+
+  python -m experiments.steer --run_dir runs/demo --sae joint --latent 12 --alpha 8 --prompt "The"
+"""
+
+import os
+
+from absl import flags
+
+from experiments import cli
+from metasae_jax import load_sae, models, steering
+from metasae_jax.errors import UserError
+
+F = flags.FLAGS
+flags.DEFINE_string("run_dir", None, "Run directory holding joint/ and solo/ SAE artifacts.")
+flags.DEFINE_enum("sae", "joint", ["joint", "solo"], "Which SAE of the run.")
+flags.DEFINE_integer("latent", None, "Latent index to steer with.")
+flags.DEFINE_enum("mode", "add", list(steering.MODES),
+                  "add: residual += alpha * w_i; clamp: set the latent to --alpha; ablate: set it to 0.")
+flags.DEFINE_float("alpha", 8.0, "Strength (add) or clamped activation (clamp).")
+flags.DEFINE_string("prompt", None, "Prompt to continue.")
+flags.DEFINE_integer("max_new_tokens", 30, "Tokens to generate (greedy).")
+flags.DEFINE_string("model", "", "Model (default: the SAE's cfg.json source.model).")
+flags.mark_flags_as_required(["run_dir", "latent", "prompt"])
+
+
+def main(argv):
+  del argv
+  sae = load_sae(os.path.join(F.run_dir, F.sae))
+  source = sae.cfg.get("source", {})
+  if "layer" not in source or "site" not in source:
+    raise UserError(f"{F.run_dir}/{F.sae}/cfg.json has no source.layer/site to hook.")
+  loaded = models.load_model(F.model or source.get("model", models.DEFAULT_MODEL))
+  edit = steering.Edit(F.latent, F.mode, F.alpha)
+  common = dict(max_new_tokens=F.max_new_tokens)
+  clean = steering.generate(loaded.model, loaded.tokenizer, F.prompt, **common)
+  steered = steering.generate(loaded.model, loaded.tokenizer, F.prompt, sae=sae, layer=int(source["layer"]),
+                              site=source["site"], edits=[edit], **common)
+  print(f"prompt:  {F.prompt!r}\n")
+  print(f"clean:   {clean!r}\n")
+  print(f"steered ({F.mode} latent {F.latent}, {F.alpha}): {steered!r}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
