@@ -171,7 +171,7 @@ def _first_tensor(value: Any) -> torch.Tensor:
   return value if isinstance(value, torch.Tensor) else value[0]
 
 
-def residual_hook(block: torch.nn.Module, site: str, sink: list):
+def _capture_and_stop_hook(block: torch.nn.Module, site: str, sink: list):
   """Registers a hook on `block` that appends its input/output residual to `sink` and stops the forward."""
   if site == "resid_pre":
     def pre_hook(_, args, kwargs):
@@ -191,7 +191,7 @@ def capture_residual(model: torch.nn.Module, input_ids_BxC: torch.Tensor, layer:
   layers = decoder_layers(model)
   check_site(layer, site, len(layers))
   sink: list = []
-  handle = residual_hook(layers[layer], site, sink)
+  handle = _capture_and_stop_hook(layers[layer], site, sink)
   try:
     with torch.inference_mode():
       model(input_ids=input_ids_BxC, use_cache=False)
