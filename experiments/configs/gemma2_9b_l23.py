@@ -18,6 +18,8 @@ PRESET = Preset(
     grid={"lambda2": (0.1, 0.3, 1.0), "sigma_sq": (1.0, 3.0)},
     eval=dict(batch_size=4096, num_tokens=1_000_000, ce_contexts=256, meta_fve_steps=2000),
     autointerp=dict(num_latents=100),
-    paper={"grid": "λ₂ ∈ {0.1, 0.3, 1.0} x σ² ∈ {1.0, 3.0}"},
+    # The paper sweeps a 3 x 2 grid here; our notes do not record its values, so these are an assumption.
+    paper={"grid": "3 x 2 (values not in our notes; this preset assumes λ₂ ∈ {0.1, 0.3, 1.0} x σ² ∈ {1.0, 3.0})",
+           "L0": "100"},
     hardware_note="activations: 77M tokens x 3584 x 2 bytes ≈ 552 GB float16",
 )
