@@ -154,6 +154,9 @@ def evaluate_run(cfg: EvalConfig) -> dict:
             cfg.progress)
         saes[name] = thresholds.write_into_artifact(sae, theta, record)
         notes.append(f"{name}: thresholds calibrated on these held-out tokens and written into {sae.path}")
+        if not record["grid_covers_batch_thresholds"]:
+          notes.append(f"{name}: batch thresholds {record['batch_threshold_range']} leave the calibration "
+                       f"grid {record['bin_range']}; θ of some latents sits on the grid's edge")
   timings["thresholds_s"] = time.perf_counter() - t0
 
   # One pass over the tokens for every SAE.

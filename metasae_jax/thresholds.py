@@ -36,7 +36,10 @@ class CalibrationConfig:
   """Positions t % context_len < this are skipped (attention sinks; DESIGN §3)."""
   bins: int = 256
   """Log-spaced histogram bins between `span`-fold below and above the first batch's threshold."""
-  span: float = 16.0
+  span: float = 2.0
+  """The EER θ lies between the smallest and largest batch threshold (below, misses are 0 and false
+  alarms only grow; above, false alarms are 0), which stay within a few % of each other for
+  batches of thousands of tokens; the record reports their range so a too narrow grid shows."""
   min_selections: int = 100
   """Latents selected fewer times fall back to their smallest selected value (DESIGN §2)."""
 
@@ -53,6 +56,7 @@ class Histograms(NamedTuple):
   num_sel_N: np.ndarray
   num_rej_N: np.ndarray
   min_sel_N: np.ndarray     # smallest selected pre-activation (+inf if none)
+  batch_threshold_range: tuple = (float("nan"), float("nan"))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "input_norm"))
@@ -88,7 +92,10 @@ def accumulate(pre_batches, k: int, cfg: CalibrationConfig, progress: bool = Fal
       edges = grid(first, cfg)
       h2 = cfg.bins + 2
       hist = dict(sel=np.zeros(n * h2, np.int64), rej=np.zeros(n * h2, np.int64),
-                  nsel=np.zeros(n, np.int64), nrej=np.zeros(n, np.int64), mins=np.full(n, np.inf, np.float32))
+                  nsel=np.zeros(n, np.int64), nrej=np.zeros(n, np.int64), mins=np.full(n, np.inf, np.float32),
+                  batch_thresholds=[])
+    if sel_BxN.any():
+      hist["batch_thresholds"].append(float(np.min(np.asarray(min_sel_N))))
     # Rejected values below edges[0] only matter through their total, so skip them here.
     rows, cols = np.nonzero(pre_BxN >= edges[0])
     vals = pre_BxN[rows, cols]
@@ -107,7 +114,8 @@ def accumulate(pre_batches, k: int, cfg: CalibrationConfig, progress: bool = Fal
   # from the totals, and the rejected ones skipped above likewise.
   sel[:, 0] += hist["nsel"] - sel.sum(1)
   rej[:, 0] += hist["nrej"] - rej.sum(1)
-  return Histograms(edges, sel, rej, hist["nsel"], hist["nrej"], hist["mins"])
+  bt = hist["batch_thresholds"] or [float("nan")]
+  return Histograms(edges, sel, rej, hist["nsel"], hist["nrej"], hist["mins"], (min(bt), max(bt)))
 
 
 def eer_thresholds(h: Histograms, min_selections: int) -> tuple[np.ndarray, dict]:
@@ -140,6 +148,9 @@ def calibrate(sae: LoadedSAE, store: Store, cfg: CalibrationConfig, progress: bo
   record = {"method": "equal_error_rate_histogram", "store": store.path, "num_tokens": num,
             "batch_size": cfg.batch_size, "k": sae.k, "bins": cfg.bins,
             "bin_range": [float(hist.edges_H1[0]), float(hist.edges_H1[-1])],
+            "batch_threshold_range": list(hist.batch_threshold_range),
+            "grid_covers_batch_thresholds": bool(hist.edges_H1[0] <= hist.batch_threshold_range[0]
+                                                 and hist.batch_threshold_range[1] <= hist.edges_H1[-1]),
             "min_selections": cfg.min_selections, "fallback": "just below the smallest selected value",
             "dead": "+inf", "firing_rule": "pre > threshold",
             **heldout.skip_rule(store.context_len, cfg.skip_first_positions), **counts}
