@@ -25,12 +25,29 @@ def _fsync_dir(path: str) -> None:
     os.close(fd)
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def is_temp(name: str) -> bool:
+  """True for the name of a temp file `write_with` leaves behind when killed before its rename."""
+  return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+def remove_stale_temps(directory: str) -> list:
+  """Deletes temp files a killed writer left in `directory` (one writer per directory). Returns their names."""
+  if not os.path.isdir(directory):
+    return []
+  stale = sorted(n for n in os.listdir(directory) if is_temp(n) and os.path.isfile(os.path.join(directory, n)))
+  for name in stale:
+    os.remove(os.path.join(directory, name))
+  return stale
+
+
 def write_with(path: str, writer: Callable[[Any], None], mode: str = "wb") -> None:
   """Calls `writer(fileobj)` on a temp file, then renames it over `path`."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                             dir=directory)
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TEMP_SUFFIX, dir=directory)
   try:
     with os.fdopen(fd, mode) as f:
       writer(f)

@@ -86,8 +86,9 @@ class BatchSource:
     finite = np.isfinite(acts).all(axis=1)
     if not finite.all():
       shard = self.store.shards[int(shard_of[np.argmin(finite)])].activations_path
-      raise UserError(f"non-finite activations (NaN/Inf) in batch {position} from shard {shard}. "
-                      "Re-export that shard or remove it from the store.")
+      raise UserError(f"non-finite activations (NaN/Inf) in the batch of step {position + 1} (batch "
+                      f"{position}, 0-based) from shard {shard}. Re-export that shard or remove it from "
+                      "the store.")
     return acts
 
 
