@@ -73,8 +73,12 @@ class Forward(NamedTuple):
 
 
 def pre_activations(params: dict, xs_BxD: jax.Array) -> jax.Array:
-  """ReLU((x' - b_dec) W_enc + b_enc); b_enc is zero and frozen in our training (BatchTopK has none)."""
-  return jax.nn.relu((xs_BxD - params["b_dec"]) @ params["W_enc"] + params["b_enc"])
+  """ReLU((x' - b_dec) W_enc + b_enc); b_enc is zero and frozen in our training (BatchTopK has none).
+
+  Written as x' W_enc - b_dec W_enc so that b_dec's gradient through the encoder
+  is a [D, N] x [N] product of the summed gradient, not a sixth B x N x D matmul.
+  """
+  return jax.nn.relu(xs_BxD @ params["W_enc"] - params["b_dec"] @ params["W_enc"] + params["b_enc"])
 
 
 def decode_std(params: dict, acts_BxN: jax.Array) -> jax.Array:
