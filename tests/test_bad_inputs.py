@@ -1,0 +1,155 @@
+"""Bad inputs to the real binaries: exit non-zero, one `error:` line, no traceback, no file changed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from metasae_jax import store, synthetic
+from metasae_jax.config import TrainConfig
+from metasae_jax.trainer import RunConfig, train_and_save
+from tests.conftest import REPO
+
+D = 16
+SAE_FLAGS = ("--width=64", "--k=4", "--meta_width=6", "--meta_k=2", "--batch_size=32", "--num_tokens=64",
+             "--checkpoint_every_steps=1")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """A good store and a finished run on it, shared by the rows (each row snapshots what it touches)."""
+  root = tmp_path_factory.mktemp("world")
+  good = str(root / "store")
+  synthetic.write_sparse_store(good, 512, D, context_len=8, shard_tokens=256, num_features=32)
+  run = str(root / "run")
+  config = TrainConfig(d_model=D, width=64, k=4, meta_width=6, meta_k=2, batch_size=32)
+  train_and_save(config, RunConfig(activations=good, out_dir=run, num_tokens=64, progress=False))
+  return {"root": str(root), "store": good, "run": run}
+
+
+def _store(case, **kw) -> str:
+  path = str(case / "store")
+  acts = synthetic.sparse_activations(512, kw.pop("d", D), num_features=32)
+  store.write_store(path, acts, context_len=8, shard_tokens=256, source={"model": "synthetic"})
+  return path
+
+
+def _edit_manifest(path, **fields):
+  mpath = os.path.join(path, store.MANIFEST)
+  with open(mpath) as f:
+    m = json.load(f)
+  m.update(fields)
+  with open(mpath, "w") as f:
+    json.dump(m, f)
+
+
+def _truncate(path):
+  with open(path, "rb") as f:
+    raw = f.read()
+  with open(path, "wb") as f:
+    f.write(raw[:len(raw) // 2])
+
+
+def _nan_store(case):
+  path = _store(case)
+  acts = np.load(os.path.join(path, "acts-00001.npy"))
+  acts[:, 0] = np.nan  # every batch reads shard 1
+  np.save(os.path.join(path, "acts-00001.npy"), acts)
+  return path
+
+
+def _train(path, *extra, out="out"):
+  return lambda case, world: ("experiments.train", [f"--activations={path(case, world)}",
+                                                    f"--out_dir={out if out.startswith('/') else case / out}",
+                                                    *SAE_FLAGS, *extra])
+
+
+def _broken(fn):
+  """A store in the row's directory, damaged by fn(store_path)."""
+  def make(case, world):
+    path = _store(case)
+    fn(path)
+    return path
+  return make
+
+
+def _good(case, world):
+  return world["store"]
+
+
+# id: (build(case_dir, world) -> (module, argv), keyword in the error line, extra env, new files allowed under)
+ROWS = {
+    "missing activations directory": (_train(lambda c, w: str(c / "nope")), "does not exist", {}, None),
+    "missing manifest": (_train(_broken(lambda p: os.remove(os.path.join(p, store.MANIFEST)))),
+                         "no manifest.json", {}, None),
+    "malformed manifest": (_train(_broken(lambda p: open(os.path.join(p, store.MANIFEST), "w").write("{oops"))),
+                           "not valid JSON", {}, None),
+    "truncated shard": (_train(_broken(lambda p: _truncate(os.path.join(p, "acts-00001.npy")))),
+                        "truncated", {}, None),
+    "wrong-shape shard": (_train(_broken(lambda p: np.save(os.path.join(p, "acts-00001.npy"),
+                                                           np.zeros((256, D + 1), np.float32)))),
+                          "has shape (256, 17)", {}, None),
+    "missing shard": (_train(_broken(lambda p: os.remove(os.path.join(p, "acts-00000.npy")))),
+                      "acts-00000.npy is missing", {}, None),
+    "manifest dtype not supported": (_train(_broken(lambda p: _edit_manifest(p, dtype="int8"))),
+                                     "dtype 'int8' is not one of", {}, None),
+    "shard dtype differs from manifest": (_train(_broken(lambda p: _edit_manifest(p, dtype="float16"))),
+                                          "manifest says float16", {}, None),
+    "NaN in activations": (_train(lambda c, w: _nan_store(c)), "acts-00001.npy", {}, "out"),
+    "k >= width": (_train(_good, "--k=64"), "k must be in [1, width)", {}, None),
+    "k <= 0": (_train(_good, "--k=0"), "k must be in [1, width)", {}, None),
+    "meta_width >= width": (_train(_good, "--meta_width=64"), "meta_width must be in", {}, None),
+    "meta_k >= meta_width": (_train(_good, "--meta_k=6"), "meta_k must be in", {}, None),
+    "negative lambda2": (_train(_good, "--lambda2=-0.1"), "lambda2 must be >= 0", {}, None),
+    "sigma_sq <= 0": (_train(_good, "--sigma_sq=0"), "sigma_sq must be > 0", {}, None),
+    "out_dir holds a run with another config": (
+        lambda case, world: _train(_good, "--lambda2=1.0", out=world["run"])(case, world),
+        "different config", {}, None),
+    "batch_size not divisible by device count": (
+        _train(_good, "--batch_size=33"), "not divisible by the device count 2",
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, None),
+    "unknown --model (exporter)": (
+        lambda case, world: ("experiments.export_activations", [
+            "--model=no-such-org/no-such-model-for-metasae", f"--out_dir={case / 'acts'}", "--num_tokens=256"]),
+        "unknown --model", {}, None),
+    "SAE d_model differs from the store (evaluate)": (
+        lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}", "--model=none",
+                                                       f"--activations={_store(case, d=D // 2)}"]),
+        "d_model", {}, None),
+}
+
+
+def _snapshot(*roots) -> dict:
+  out = {}
+  for root in roots:
+    for d, dirs, files in os.walk(root):
+      for name in dirs:
+        out[os.path.join(d, name)] = None
+      for name in files:
+        with open(os.path.join(d, name), "rb") as f:
+          out[os.path.join(d, name)] = f.read()
+  return out
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_bad_input_is_one_readable_line_and_changes_nothing(row, world, tmp_path):
+  build, keyword, env, may_create = ROWS[row]
+  module, argv = build(tmp_path, world)
+  if module == "experiments.evaluate" and not os.path.exists(os.path.join(REPO, "experiments", "evaluate.py")):
+    pytest.skip("experiments/evaluate.py not present yet")
+  before = _snapshot(world["root"], tmp_path)
+  proc = subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, check=False)
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode != 0, proc.stdout + proc.stderr
+  assert "Traceback" not in proc.stderr, proc.stderr
+  assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
+  assert keyword in lines[-1], lines[-1]
+  after = _snapshot(world["root"], tmp_path)
+  if may_create:  # a fresh --out_dir may have been claimed (run_config.json) before the bad batch
+    fresh = str(tmp_path / may_create)
+    after = {p: b for p, b in after.items() if p != fresh and not p.startswith(fresh + os.sep)}
+  assert after == before
