@@ -73,3 +73,30 @@ def test_no_aux_loss_without_dead_latents():
   loss, stats = losses.sae_loss(params, x, jnp.zeros((32,), bool), 2, "batchtopk", 512, 1 / 32)
   assert float(stats.aux) == 0.0
   np.testing.assert_allclose(loss, stats.mse)
+
+
+@pytest.mark.parametrize("n_dead", [5, 300, 1500])
+def test_auxk_gathered_path_equals_full_width(n_dead):
+  n = 2048  # dead_cap(2048) = 1024: 5 and 300 dead take the gathered path, 1500 the full one
+  assert losses.dead_cap(n) == 1024
+  rng = jax.random.split(jax.random.PRNGKey(n_dead), 4)
+  pre = jax.nn.relu(jax.random.normal(rng[0], (16, n)))
+  w = jax.random.normal(rng[1], (n, 8))
+  res = jax.random.normal(rng[2], (16, 8))
+  dead = jnp.zeros((n,), bool).at[jax.random.permutation(rng[3], n)[:n_dead]].set(True)
+
+  def reference(pre, w):
+    masked = np.where(np.asarray(dead), pre, 0.0)
+    top = np.argsort(-masked, axis=1)[:, :512]
+    a = np.zeros_like(masked)
+    np.put_along_axis(a, top, np.take_along_axis(masked, top, 1), 1)
+    return np.mean((a @ w - np.asarray(res)) ** 2)
+
+  f = lambda pre, w: losses.auxk_loss(pre, dead, w, res, 512)
+  np.testing.assert_allclose(f(pre, w), reference(np.asarray(pre), np.asarray(w)), rtol=1e-5)
+  # Gradients agree with the plain full-width formula.
+  def plain(pre, w):
+    masked = jnp.where(dead, pre, 0.0)
+    return jnp.mean((topk.topk_per_token(masked, 512) @ w - res) ** 2)
+  for a, b in zip(jax.grad(f, argnums=(0, 1))(pre, w), jax.grad(plain, argnums=(0, 1))(pre, w)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
