@@ -39,12 +39,15 @@ flags.DEFINE_integer("log_every_steps", 50, "metrics.jsonl interval (steps).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_bool("distributed", False,
+                  "Multi-host run with auto-detected peers (TPU pod slices, SLURM): run the same command on "
+                  "every host. Alternative to --coordinator_address.")
 flags.mark_flags_as_required(["activations", "out_dir"])
 
 
 def main(argv):
   del argv
-  sharding.initialize_distributed(F.coordinator_address, F.num_processes, F.process_id)
+  sharding.initialize_distributed(F.coordinator_address, F.num_processes, F.process_id, F.distributed)
   d_model = read_manifest(F.activations)["d_model"]
   config = TrainConfig(
       d_model=d_model, width=F.width, k=F.k, meta_width=F.meta_width, meta_k=F.meta_k, lambda2=F.lambda2,

@@ -14,15 +14,35 @@ from metasae_jax.errors import UserError
 DATA_AXIS = "data"
 
 
-def initialize_distributed(coordinator_address: Optional[str], num_processes: Optional[int],
-                           process_id: Optional[int]) -> None:
-  """Joins a multi-process run; CPU processes talk over gloo (must precede initialize)."""
-  if not coordinator_address:
+def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, auto: bool = False) -> None:
+  """Joins a multi-process run: explicit coordinator flags, or `auto` detection (TPU pods, SLURM, ...).
+
+  Must run before anything touches a JAX backend. CPU processes exchange
+  collectives over gloo; the setting only affects the CPU client, so it is
+  set unconditionally (asking for the backend first would initialise it too early).
+  """
+  if not coordinator_address and not auto:
+    if num_processes is not None or process_id is not None:
+      raise UserError("--num_processes/--process_id need --coordinator_address (host:port of process 0), "
+                      "or use --distributed to auto-detect the cluster.")
     return
-  if jax.default_backend() == "cpu" or jax.config.jax_platforms in ("cpu",):
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+  if coordinator_address and auto:
+    raise UserError("pass either --distributed (auto-detect) or --coordinator_address, not both.")
+  if coordinator_address and (num_processes is None or process_id is None):
+    raise UserError("--coordinator_address needs --num_processes and --process_id too.")
+  if coordinator_address and not 0 <= process_id < num_processes:
+    raise UserError(f"--process_id {process_id} must be in [0, --num_processes={num_processes}).")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    if auto:
+      jax.distributed.initialize()
+    else:
+      jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                 process_id=process_id)
+  except (RuntimeError, ValueError) as e:
+    how = "--distributed (auto-detection)" if auto else f"--coordinator_address {coordinator_address}"
+    raise UserError(f"could not join the multi-process run with {how}: {e}") from e
 
 
 class DataParallel:
@@ -40,7 +60,9 @@ class DataParallel:
     self.batch_size = batch_size
 
   def put_state(self, state):
-    return jax.device_put(state, self.replicated)
+    # Via host memory: a restored checkpoint is committed to one local device, and
+    # device_put from it to a mesh spanning processes would be a cross-host transfer.
+    return jax.device_put(jax.device_get(state), self.replicated)
 
   def put_batch(self, local_bxD: np.ndarray) -> jax.Array:
     """This process's rows → one global [B, D] array sharded over `data`."""

@@ -62,6 +62,20 @@ def _pmean(tree, axis_name):
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
+def _vary(tree, axis_name):
+  """Marks replicated params as per-device before differentiating a per-device loss.
+
+  Under `shard_map` (which tracks which values vary over the axis) the gradient
+  of a per-device loss w.r.t. a replicated param is already summed over devices;
+  made per-device first, it is the local gradient, which `_pmean` then averages
+  exactly as under `pmap`.
+  """
+  if axis_name is None:
+    return tree
+  return jax.tree.map(lambda a: a if axis_name in getattr(jax.typeof(a), "vma", ())
+                      else jax.lax.pcast(a, axis_name, to="varying"), tree)
+
+
 def _sae_metrics(prefix: str, loss, stats: losses.SAELoss, since_fired, config) -> dict:
   return {f"{prefix}/loss": loss, f"{prefix}/mse": stats.mse, f"{prefix}/aux": stats.aux,
           f"{prefix}/fvu": stats.fvu, f"{prefix}/l0": stats.l0,
@@ -80,11 +94,12 @@ def _primary_update(s: SAEState, x_BxD, config, meta_params, lambda2, axis_name)
                             config.penalty_grad)
     return loss + lambda2 * pen, (loss, stats, pen, rec.mse)
 
-  grads, (sae_part, stats, pen, meta_mse) = jax.grad(loss_fn, has_aux=True)(s.params)
+  grads, (sae_part, stats, pen, meta_mse) = jax.grad(loss_fn, has_aux=True)(_vary(s.params, axis_name))
   grads = _pmean(grads, axis_name)
   params, opt_state = optimizer.apply(_tx(config), s.params, grads, s.opt_state)
   since = losses.update_since_fired(s.since_fired, stats.fired_N)
-  sae_part, stats = _pmean((sae_part, stats._replace(fired_N=jnp.zeros(()))), axis_name)
+  sae_part, stats, pen, meta_mse = _pmean((sae_part, stats._replace(fired_N=jnp.zeros(())), pen, meta_mse),
+                                          axis_name)
   return SAEState(params, opt_state, since), sae_part, stats, pen, meta_mse
 
 
