@@ -1,0 +1,79 @@
+"""λ₂ × σ² sweep: one `experiments.train` run per grid point, resumable, evaluated and summarised.
+
+  python -m experiments.sweep --activations STORE --out_dir runs/sweep \\
+      --lambda2 0,0.1,0.3,1.0 --sigma_sq 0.3,1.0,3.0 --width 4096 --k 64 \\
+      --eval_activations HELDOUT_STORE --parallel 2
+
+Takes every `experiments.train` flag (shared by all points); --lambda2 and
+--sigma_sq become comma-separated lists. Rerunning the same command skips
+finished points and resumes interrupted ones.
+"""
+
+import sys
+
+from absl import flags
+
+from experiments import cli
+from experiments import train  # noqa: F401  (defines every training flag, which the sweep passes on)
+from metasae_jax import sweep
+
+F = flags.FLAGS
+# The sweep varies these two over a grid; every other training flag is shared by all points.
+delattr(F, "lambda2")
+delattr(F, "sigma_sq")
+flags.DEFINE_string("lambda2", "0.1,0.3,1.0", "Comma-separated penalty weights; 0 adds the no-penalty control. "
+                    "Paper grid: 0.1,0.3,1.0.")
+flags.DEFINE_string("sigma_sq", "0.3,1.0,3.0", "Comma-separated penalty bandwidths. Paper grid: 0.3,1.0,3.0.")
+flags.DEFINE_integer("parallel", 1, "Grid points trained at once, each as its own process.")
+flags.DEFINE_string("eval_activations", None,
+                    "Held-out activation store: evaluate every point and write summary.json + pareto.png.")
+flags.DEFINE_integer("eval_num_tokens", 0, "Evaluation tokens per point after skipping; 0 = the whole store.")
+flags.DEFINE_string("eval_model", "none", "Model for ΔCE in each point's evaluation; 'none' skips ΔCE, "
+                    "'' uses the store's source model.")
+flags.DEFINE_integer("eval_meta_fve_steps", 500, "Fresh meta SAE steps for meta FVE per SAE; 0 skips it.")
+
+# Passed through per point unchanged; the multi-process flags are not (points run on this host).
+_NOT_PASSED = {"lambda2", "sigma_sq", "out_dir", "coordinator_address", "num_processes", "process_id",
+               "distributed"}
+
+
+def _train_args() -> tuple:
+  args = []
+  for flag in F.flags_by_module_dict()[train.__name__]:
+    if flag.name in _NOT_PASSED or flag.value is None:
+      continue
+    args.append(flag.serialize())
+  return tuple(args)
+
+
+def main(argv):
+  del argv
+  if F.coordinator_address or F.distributed or F.num_processes or F.process_id is not None:
+    raise sweep.UserError("the sweep runs its points as processes on this host; multi-process flags "
+                          "(--coordinator_address, --distributed, ...) are not supported. Launch "
+                          "experiments.train per point on a pod instead.")
+  evaluation = None
+  if F.eval_activations:
+    evaluation = sweep.EvalSpec(activations=F.eval_activations, num_tokens=F.eval_num_tokens,
+                                model=F.eval_model, batch_size=F.batch_size,
+                                meta_fve_steps=F.eval_meta_fve_steps,
+                                skip_first_positions=F.skip_first_positions)
+  config = sweep.SweepConfig(out_dir=F.out_dir, lambda2s=sweep.parse_floats(F.lambda2, "lambda2"),
+                             sigma_sqs=sweep.parse_floats(F.sigma_sq, "sigma_sq"), train_args=_train_args(),
+                             parallel=F.parallel, evaluation=evaluation, python=sys.executable)
+  summary = sweep.run_sweep(config)
+  print(sweep.table(summary))
+  if summary["pareto"]:
+    print(f"wrote {summary['pareto']}")
+  elif evaluation is None:
+    print("no --eval_activations: points not evaluated, no pareto.png")
+  failed = [r for r in summary["points"] if "error" in r]
+  for r in failed:
+    print(f"\n{r['name']} failed: {r['error']}\n{r.get('stderr_tail', '')}", file=sys.stderr)
+  if failed:
+    raise sweep.UserError(f"{len(failed)} of {len(summary['points'])} points failed: "
+                          f"{', '.join(r['name'] for r in failed)} (rerun to retry them; finished points are kept).")
+
+
+if __name__ == "__main__":
+  cli.run(main)
