@@ -85,18 +85,28 @@ class LocalBackend:
     enc = self._prompt_ids(messages)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with torch.inference_mode():
-      out = lm.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                              max_new_tokens=max_tokens, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, pad_token_id=pad,
-                              temperature=None, top_p=None, top_k=None)
-    new_ids = out.sequences[0, enc["input_ids"].shape[1]:]
-    text = tok.decode(new_ids, skip_special_tokens=True)
-    logp_V = torch.log_softmax(out.logits[0][0].float(), dim=-1)
+      first_V = lm.model(**enc, use_cache=False).logits[0, -1].float()
+    logp_V = torch.log_softmax(first_V, dim=-1)
+    choice_lp = self._choice_logprobs(logp_V, choices)
+    if choices and choice_lp:
+      # The answer is read from the choice logprobs; the greedy first token is text enough.
+      text = tok.decode([int(torch.argmax(first_V))], skip_special_tokens=True)
+    else:
+      with torch.inference_mode():
+        out = lm.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad,
+                                temperature=None, top_p=None, top_k=None)
+      text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     values, ids = torch.topk(logp_V, min(TOP_LOGPROBS, logp_V.shape[0]))
     top: dict = {}
     for v, i in zip(values.tolist(), ids.tolist()):
       key = tok.decode([i])
       top[key] = _logaddexp(top.get(key), v)
+    return Completion(text, top, choice_lp)
+
+  def _choice_logprobs(self, logp_V, choices: Sequence[str]) -> dict:
+    """logprob of each choice that is a single token (with or without a leading space / capital)."""
+    tok = self._lm.tokenizer
     choice_lp = {}
     for c in choices:
       lp = None
@@ -109,7 +119,7 @@ class LocalBackend:
         lp = _logaddexp(lp, float(logp_V[i]))
       if lp is not None:
         choice_lp[c] = lp
-    return Completion(text, top, choice_lp)
+    return choice_lp
 
 
 class OpenAIBackend:
