@@ -93,8 +93,9 @@ def test_pmap_and_shard_map_steps_equal_global_jit():
     from metasae_jax.train_step import init_train_state, train_step
 
     n = jax.device_count()
+    # dead_after_batches=1 makes latents dead from step 2 on, so AuxK runs under the axis too.
     cfg = TrainConfig(d_model=16, width=64, k=4, meta_width=6, meta_k=2, batch_size=64,
-                      n_primary_steps=2, n_meta_steps=2, lr=1e-3)
+                      n_primary_steps=2, n_meta_steps=2, lr=1e-3, dead_after_batches=1)
     x_TxBxD = synthetic.sparse_activations(5 * 64, 16, num_features=48).reshape(5, 64, 16)
     init = init_train_state(cfg)
 
@@ -134,14 +135,14 @@ def test_pmap_and_shard_map_steps_equal_global_jit():
                                              mesh=mesh, in_specs=P("data"), out_specs=P("data")))(
         jax.device_put(pre_BxN, rows)))
     print(json.dumps({"devices": n, "pmap": diff(ref, pmapped), "shard_map": diff(ref, sharded),
-                      "replicas": pmap_replicas, "metrics": metric_diff, "meta_step": int(ref.meta.opt_state[0].count),
+                      "replicas": pmap_replicas, "metrics": metric_diff, "aux": float(ref_metrics["joint/aux"]), "meta_step": int(ref.meta.opt_state[0].count),
                       "overflow_rows": int(np.sum(want[3] > 0)),
                       "topk_pmap": float(np.max(np.abs(got_p - want))),
                       "topk_shard_map": float(np.max(np.abs(got_s - want)))}))
   """, devices=8)
   assert out["devices"] == 8 and out["meta_step"] == 4  # two meta phases of 2 steps ran
   assert out["pmap"] < 1e-5 and out["shard_map"] < 1e-5, out
-  assert out["replicas"] == 0.0 and out["metrics"] < 1e-5, out
+  assert out["replicas"] == 0.0 and out["metrics"] < 1e-5 and out["aux"] > 0, out
   assert out["overflow_rows"] > 8 and out["topk_pmap"] == 0.0 and out["topk_shard_map"] == 0.0, out
 
 
