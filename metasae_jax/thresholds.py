@@ -36,7 +36,7 @@ class CalibrationConfig:
   """Positions t % context_len < this are skipped (attention sinks; DESIGN §3)."""
   bins: int = 256
   """Log-spaced histogram bins between `span`-fold below and above the first batch's threshold."""
-  span: float = 2.0
+  span: float = 1.5
   """The EER θ lies between the smallest and largest batch threshold (below, misses are 0 and false
   alarms only grow; above, false alarms are 0), which stay within a few % of each other for
   batches of thousands of tokens; the record reports their range so a too narrow grid shows."""
@@ -97,10 +97,10 @@ def accumulate(pre_batches, k: int, cfg: CalibrationConfig, progress: bool = Fal
     if sel_BxN.any():
       hist["batch_thresholds"].append(float(np.min(np.asarray(min_sel_N))))
     # Rejected values below edges[0] only matter through their total, so skip them here.
-    rows, cols = np.nonzero(pre_BxN >= edges[0])
-    vals = pre_BxN[rows, cols]
-    flat = cols * h2 + bin_index(vals, edges)
-    is_sel = sel_BxN[rows, cols]
+    where = np.flatnonzero(pre_BxN >= edges[0])
+    vals = pre_BxN.reshape(-1)[where]
+    flat = (where % n) * h2 + bin_index(vals, edges)
+    is_sel = sel_BxN.reshape(-1)[where]
     hist["sel"] += np.bincount(flat[is_sel], minlength=n * h2)
     hist["rej"] += np.bincount(flat[~is_sel], minlength=n * h2)
     hist["nsel"] += np.asarray(nsel_N)
