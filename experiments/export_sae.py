@@ -1,0 +1,32 @@
+"""Exports a run's joint and solo SAEs for SAELens or EleutherAI's sparsify (see docs/interop.md).
+
+  python -m experiments.export_sae --run_dir runs/x --format saelens --out exported/x
+
+Writes OUT/joint and OUT/solo, each loadable with `sae_lens.SAE.load_from_disk` or
+`sparsify.SparseCoder.load_from_disk`.
+"""
+
+from absl import flags
+
+from experiments import cli
+from metasae_jax import interop
+
+_RUN_DIR = flags.DEFINE_string("run_dir", None, "Run directory written by experiments.train (joint/, solo/).")
+_FORMAT = flags.DEFINE_enum("format", "saelens", list(interop.FORMATS), "Target library's on-disk layout.")
+_OUT = flags.DEFINE_string("out", None, "Output directory; gets joint/ and solo/.")
+_APPROX = flags.DEFINE_bool("allow_approximate", False,
+                            "Export even where the target cannot express the SAE exactly (BatchTopK without "
+                            "thresholds as TopK; sparsify without input standardisation); caveats go into cfg.json.")
+flags.mark_flags_as_required(["run_dir", "out"])
+
+
+def main(argv):
+  del argv
+  written = interop.export_run(_RUN_DIR.value, _OUT.value, _FORMAT.value, _APPROX.value)
+  for name, caveats in written.items():
+    print(f"{_OUT.value}/{name}: {_FORMAT.value}" + ("" if not caveats else "  (approximate: "
+                                                      + " ".join(caveats) + ")"))
+
+
+if __name__ == "__main__":
+  cli.run(main)
