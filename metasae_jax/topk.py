@@ -14,9 +14,31 @@ import jax.numpy as jnp
 CANDIDATE_FACTOR = 2
 
 
-def _kth_largest(values: jax.Array, kth: int) -> jax.Array:
-  """The kth largest entry of a 1-D array (kth >= 1)."""
-  return jax.lax.top_k(values, kth)[0][kth - 1]
+def _count_at_least(bits, t, axis_name):
+  count = jnp.sum(bits >= t, dtype=jnp.int32)
+  return count if axis_name is None else jax.lax.psum(count, axis_name)
+
+
+def kth_largest(values: jax.Array, kth: int, axis_name: Optional[str] = None) -> jax.Array:
+  """The kth largest of non-negative values (over all devices of `axis_name`), exactly.
+
+  Bisection on the float bit pattern, which orders non-negative floats like
+  integers: 31 counting passes, no sort. XLA:CPU's sort and large-k top_k are
+  far slower than counting here, and under an axis each pass needs only one
+  scalar psum instead of gathering the values.
+  """
+  bits = jax.lax.bitcast_convert_type(jnp.maximum(values, 0.0).astype(jnp.float32), jnp.int32)
+
+  def body(_, lo_hi):
+    lo, hi = lo_hi  # invariant: count(bits >= lo) >= kth > count(bits >= hi)
+    mid = lo + (hi - lo) // 2
+    ok = _count_at_least(bits, mid, axis_name) >= kth
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  # The bounds derive from `bits` so that under shard_map they vary over devices exactly as it does.
+  lo0 = bits.reshape(-1)[0] * 0
+  lo, _ = jax.lax.fori_loop(0, 31, body, (lo0, lo0 + 0x7F800001))  # hi: just above +inf
+  return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
 def batchtopk_threshold(pre_BxN: jax.Array, k: int, axis_name: Optional[str] = None) -> jax.Array:
@@ -24,28 +46,22 @@ def batchtopk_threshold(pre_BxN: jax.Array, k: int, axis_name: Optional[str] = N
 
   Avoids sorting B*N values: each row contributes its top C candidates, the
   threshold is taken over the B*C candidates, and if any row had all C of its
-  candidates selected (so it might have had more) the exact full selection runs.
-  Under `axis_name` the candidates of all devices are gathered first, so every
-  device gets the threshold of the global batch.
+  candidates selected (so it might have had more) the exact full-matrix count
+  runs instead. Under `axis_name` every device gets the global batch's threshold.
   """
   pre_BxN = jax.lax.stop_gradient(pre_BxN)
   b, n = pre_BxN.shape
   b_global = b if axis_name is None else b * jax.lax.psum(1, axis_name)
   keep = k * b_global
   c = min(n, CANDIDATE_FACTOR * k)
+  if c == n:  # candidates would be the whole matrix
+    return kth_largest(pre_BxN, keep, axis_name)
   cand_BxC = jax.lax.top_k(pre_BxN, c)[0]
-  if axis_name is not None:
-    cand_BxC = jax.lax.all_gather(cand_BxC, axis_name, tiled=True)
-  if c == n:  # candidates are the whole matrix: already exact
-    return _kth_largest(cand_BxC.reshape(-1), keep)
-  thresh = _kth_largest(cand_BxC.reshape(-1), keep)
+  thresh = kth_largest(cand_BxC, keep, axis_name)
   overflow = jnp.any(cand_BxC[:, c - 1] >= thresh)
-
-  def exact(_):
-    full = pre_BxN if axis_name is None else jax.lax.all_gather(pre_BxN, axis_name, tiled=True)
-    return _kth_largest(full.reshape(-1), keep)
-
-  return jax.lax.cond(overflow, exact, lambda _: thresh, None)
+  if axis_name is not None:
+    overflow = jax.lax.psum(overflow.astype(jnp.int32), axis_name) > 0
+  return jax.lax.cond(overflow, lambda: kth_largest(pre_BxN, keep, axis_name), lambda: thresh)
 
 
 def batchtopk(pre_BxN: jax.Array, k: int, axis_name: Optional[str] = None) -> jax.Array:
