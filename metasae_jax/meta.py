@@ -3,12 +3,12 @@
 Legend: N = primary latents (the meta SAE's batch), D = d_model, M = meta latents.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from metasae_jax import losses, optimizer, sae
 
@@ -55,26 +55,30 @@ def meta_loss(meta_params: dict, w_NxD: jax.Array, dead_M: jax.Array, meta_k: in
   return losses.sae_loss(meta_params, w_NxD, dead_M, meta_k, "batchtopk", aux_k, aux_coeff)
 
 
+@functools.partial(jax.jit, static_argnames=("k", "steps", "lr", "aux_k", "aux_coeff", "dead_after_batches"))
+def _fit(params, w_NxD, k, steps, lr, aux_k, aux_coeff, dead_after_batches):
+  """`steps` full-batch updates of a meta SAE on fixed rows (compiled once per shape and settings)."""
+  tx = optimizer.adam(lr)
+
+  def step(carry, _):
+    params, opt_state, since_M = carry
+    grads, stats = jax.grad(meta_loss, has_aux=True)(
+        params, w_NxD, since_M >= dead_after_batches, k, aux_k, aux_coeff)
+    params, opt_state = optimizer.apply(tx, params, grads, opt_state)
+    return (params, opt_state, losses.update_since_fired(since_M, stats.fired_N)), None
+
+  since_M = jnp.zeros((params["W_enc"].shape[1],), jnp.int32)
+  (params, _, _), _ = jax.lax.scan(step, (params, tx.init(params), since_M), None, length=steps)
+  return params
+
+
 def train_meta_sae(w_NxD: np.ndarray, width: int, k: int, steps: int, lr: float = 3e-4,
                    seed: int = 0, aux_k: int = 512, aux_coeff: float = 1 / 32,
                    dead_after_batches: int = 5) -> dict:
   """Trains a fresh meta SAE on fixed rows (whole matrix as one batch); for evaluation."""
   w = meta_inputs(jnp.asarray(w_NxD, jnp.float32))
   params = sae.init_params(jax.random.PRNGKey(seed), w.shape[1], width)
-  tx = optimizer.adam(lr)
-  opt_state = tx.init(params)
-  since_M = jnp.zeros((width,), jnp.int32)
-
-  def step(carry, _):
-    params, opt_state, since_M = carry
-    grads, stats = jax.grad(meta_loss, has_aux=True)(
-        params, w, since_M >= dead_after_batches, k, aux_k, aux_coeff)
-    params, opt_state = optimizer.apply(tx, params, grads, opt_state)
-    return (params, opt_state, losses.update_since_fired(since_M, stats.fired_N)), None
-
-  (params, _, _), _ = jax.jit(lambda c: jax.lax.scan(step, c, None, length=steps))(
-      (params, opt_state, since_M))
-  return jax.device_get(params)
+  return jax.device_get(_fit(params, w, k, steps, lr, aux_k, aux_coeff, dead_after_batches))
 
 
 def meta_fve(w_NxD: np.ndarray, params: dict, k: int) -> float:
