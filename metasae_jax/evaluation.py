@@ -22,7 +22,7 @@ from metasae_jax.errors import UserError
 from metasae_jax.store import open_store
 
 SAE_NAMES = ("joint", "solo")
-PER_SAE_KEYS = ("fvu", "mse", "l0", "dead_fraction", "mean_abs_phi", "delta_ce_pct", "ce_clean",
+PER_SAE_KEYS = ("fvu", "fvu_typical", "outlier_tokens", "mse", "l0", "dead_fraction", "mean_abs_phi", "delta_ce_pct", "ce_clean",
                 "ce_spliced", "ce_zero_ablation", "ce_recovered", "meta_fve")
 
 
@@ -170,6 +170,11 @@ def evaluate_run(cfg: EvalConfig) -> dict:
       accs[name].add(batch.acts_BxD, out.recon_BxD, out.xs_BxD, out.recon_std_BxD, out.acts_BxN)
       recs[name].add(out.acts_BxN, batch.index_B)
   per_sae = {n: accs[n].result() for n in saes}
+  outliers = max(r["outlier_tokens"] for r in per_sae.values())
+  if outliers:
+    notes.append(f"{outliers} held-out tokens have > {reconstruction.OUTLIER_FACTOR:g}x the median norm "
+                 "(attention-sink-like tokens past position 0); fvu is dominated by them, fvu_typical "
+                 "leaves them out")
   fired = {n: recs[n].result() for n in saes}
   timings["reconstruction_s"] = time.perf_counter() - t1
 
@@ -241,7 +246,7 @@ def evaluate_run(cfg: EvalConfig) -> dict:
     welch_t, welch_p = cooccurrence.welch(phi["joint"], phi["solo"])
     report["comparison"] = {
         "mean_abs_phi_pct": _pct(j["mean_abs_phi"], s["mean_abs_phi"]), "fvu_pct": _pct(j["fvu"], s["fvu"]),
-        "mse_pct": _pct(j["mse"], s["mse"]),
+        "fvu_typical_pct": _pct(j["fvu_typical"], s["fvu_typical"]), "mse_pct": _pct(j["mse"], s["mse"]),
         "delta_ce_pp": (j["delta_ce_pct"] - s["delta_ce_pct"]) if j["delta_ce_pct"] is not None else None,
         "meta_fve_diff": (j["meta_fve"] - s["meta_fve"]) if j["meta_fve"] is not None else None,
         "welch_t": welch_t, "welch_p": welch_p}

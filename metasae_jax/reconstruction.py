@@ -3,6 +3,11 @@
 Legend: B = tokens in a batch, D = d_model, N = latents.
 FVU = Σ ||x − x̂||² / Σ ||x − mean(x)||², the mean taken over the whole evaluation set per feature
 (DESIGN §2); sums in float64 so a million tokens do not lose precision.
+Besides position 0, LMs park a few other tokens (first newline, first period) as
+attention sinks with ~150x the usual norm; a handful of them can carry most of
+the variance and make FVU measure only them. `fvu_typical` is the same ratio over
+tokens with norm <= OUTLIER_FACTOR x the median norm (of the first batch), and
+`outlier_tokens` counts the rest.
 """
 
 import numpy as np
@@ -10,6 +15,8 @@ from tqdm import tqdm
 
 from metasae_jax import heldout, loaded_sae
 from metasae_jax.store import Store
+
+OUTLIER_FACTOR = 10.0
 
 
 class Accumulator:
@@ -23,6 +30,9 @@ class Accumulator:
     self.sq_err_std = 0.0
     self.num_active = 0
     self.fired_N = np.zeros(width, bool)
+    self.ref_norm = None
+    self.typical = {"n": 0, "sq_err": 0.0, "sum_D": np.zeros(d_model, np.float64),
+                    "sum_sq_D": np.zeros(d_model, np.float64)}
 
   def add(self, x_BxD, recon_BxD, xs_BxD, recon_std_BxD, acts_BxN) -> None:
     x = np.asarray(x_BxD, np.float64)
@@ -34,11 +44,25 @@ class Accumulator:
     active = np.asarray(acts_BxN) != 0
     self.num_active += int(active.sum())
     self.fired_N |= active.any(0)
+    norm_B = np.linalg.norm(x, axis=1)
+    if self.ref_norm is None:
+      self.ref_norm = float(np.median(norm_B))
+    keep = norm_B <= OUTLIER_FACTOR * self.ref_norm
+    xt = x[keep]
+    typ = self.typical
+    typ["n"] += int(keep.sum())
+    typ["sq_err"] += float(np.square(xt - np.asarray(recon_BxD, np.float64)[keep]).sum())
+    typ["sum_D"] += xt.sum(0)
+    typ["sum_sq_D"] += np.square(xt).sum(0)
 
   def result(self) -> dict:
     t = max(self.num_tokens, 1)
     total_var = float((self.sum_sq_D - np.square(self.sum_D) / t).sum())
+    typ = self.typical
+    typ_var = float((typ["sum_sq_D"] - np.square(typ["sum_D"]) / max(typ["n"], 1)).sum())
     return {"fvu": self.sq_err / total_var if total_var > 0 else float("nan"),
+            "fvu_typical": typ["sq_err"] / typ_var if typ_var > 0 else float("nan"),
+            "outlier_tokens": self.num_tokens - typ["n"],
             "mse": self.sq_err_std / (t * len(self.sum_D)),
             "l0": self.num_active / t,
             "dead_fraction": float(1.0 - self.fired_N.mean()),

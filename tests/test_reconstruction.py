@@ -19,7 +19,7 @@ def _sae(tmp_path, d=5, n=12, k=2, seed=0):
   return loaded_sae.load(str(tmp_path / "sae")), params
 
 
-def _brute(x, params, k, batch):
+def _brute(x, params, k, batch, typical=None):
   sq, sq_std, active, fired = 0.0, 0.0, 0, np.zeros(params["W_enc"].shape[1], bool)
   for s in range(0, len(x), batch):
     xb = x[s:s + batch].astype(np.float64)
@@ -29,7 +29,10 @@ def _brute(x, params, k, batch):
     kth = np.sort(pre.ravel())[::-1][k * len(pre) - 1]
     acts = np.where((pre >= kth) & (pre > 0), pre, 0)
     rs = acts @ params["W_dec"] + params["b_dec"]
-    sq += np.square(xb - (rs * (std + 1e-5) + mean)).sum()
+    err_B = np.square(xb - (rs * std + mean)).sum(1)
+    sq += err_B.sum()
+    if typical is not None:
+      typical["err"] += err_B[typical["keep"][s:s + batch]].sum()
     sq_std += np.square(xs - rs).sum()
     active += (acts > 0).sum()
     fired |= (acts > 0).any(0)
@@ -51,3 +54,21 @@ def test_metrics_match_brute_force(tmp_path, skip):
   for key, val in want.items():
     np.testing.assert_allclose(got[key], val, rtol=2e-4, err_msg=key)
   assert got["dead_fraction"] >= 1 / 12
+
+
+def test_fvu_typical_leaves_out_sink_like_outliers(tmp_path):
+  sae, params = _sae(tmp_path)
+  rng = np.random.default_rng(2)
+  x = (rng.normal(size=(48, 5)) * [1, 2, 3, 4, 5] + 3).astype(np.float32)
+  x[[9, 30]] *= 500.0  # two attention-sink-like tokens away from position 0
+  st = store.write_store(str(tmp_path / "store"), x, context_len=1, shard_tokens=16)
+  got = reconstruction.evaluate(sae, st, 0, batch_size=12, skip_first_positions=0, firing="batchtopk",
+                                progress=False)
+  norms = np.linalg.norm(x.astype(np.float64), axis=1)
+  keep = norms <= reconstruction.OUTLIER_FACTOR * np.median(norms[:12])
+  assert got["outlier_tokens"] == 2 == int((~keep).sum())
+  typical = {"keep": keep, "err": 0.0}
+  want = _brute(x, params, 2, 12, typical)
+  np.testing.assert_allclose(got["fvu"], want["fvu"], rtol=2e-4)
+  xt = x[keep].astype(np.float64)
+  np.testing.assert_allclose(got["fvu_typical"], typical["err"] / np.square(xt - xt.mean(0)).sum(), rtol=2e-4)
