@@ -188,7 +188,7 @@ def train_and_save(config: TrainConfig, run: RunConfig) -> dict:
       pending = (step + 1, metrics)
       bar.update(config.batch_size)
       if sink.last:
-        bar.set_postfix_str(f"loss {sink.last['loss']:.4f} fvu {sink.last['joint/fvu']:.3f}", refresh=False)
+        bar.set_postfix_str(f"loss {sink.last['loss']:.4f} mse {sink.last['joint/mse']:.3f}", refresh=False)
       if (step + 1) % run.checkpoint_every_steps == 0 or step + 1 == total:
         sink.consume(*pending, last_good)  # never checkpoint a state we have not checked
         pending = None
