@@ -7,21 +7,30 @@ export → train (the preset's sweep grid when it has one) → evaluate → auto
 in the paper's Table 1 layout next to the paper's own numbers.
 """
 
+import json
+
 from absl import flags
 
 from experiments import cli, configs
-from metasae_jax.pipeline import run_pipeline
+from metasae_jax.errors import UserError
+from metasae_jax.pipeline import estimate_cost, run_pipeline
 
 F = flags.FLAGS
 flags.DEFINE_string("preset", None, f"One of: {', '.join(configs.names())}.")
 flags.DEFINE_string("workdir", None, "Where stores, runs, reports and table.md go.")
 flags.DEFINE_string("llm", "", "LLM for autointerp (local:<id|dir|smollm2-135m-gguf> or openai:<url>#<model>); "
                     "empty skips autointerp.")
-flags.mark_flags_as_required(["preset", "workdir"])
+flags.DEFINE_bool("estimate", False, "Only print the preset's disk and compute estimate (JSON) and exit.")
+flags.mark_flags_as_required(["preset"])
 
 
 def main(argv):
   del argv
+  if F.estimate:
+    print(json.dumps(estimate_cost(configs.get(F.preset)), indent=2))
+    return
+  if not F.workdir:
+    raise UserError("--workdir is required: where stores, runs and reports go.")
   out = run_pipeline(configs.get(F.preset), F.workdir, llm=F.llm)
   print(f"\nresult: {out}")
 

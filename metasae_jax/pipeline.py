@@ -38,8 +38,34 @@ class Preset:
   """AutointerpConfig fields used when an --llm is given."""
   paper: dict = dataclasses.field(default_factory=dict)
   """The paper's own numbers for this setting, for table.md ({} when the paper has none)."""
-  hardware_note: str = ""
-  """Disk / time estimate for BUILD.md."""
+  d_model: int = 0
+  """The model's residual width, for cost estimates before anything is exported (0 = unknown)."""
+  model_params: float = 0.0
+  """Model parameters, for the export cost estimate (0 = unknown)."""
+
+
+def estimate_cost(preset: Preset, train_tflops: float = 15.0, export_tflops: float = 30.0) -> dict:
+  """Disk and compute of a preset from its settings (an estimate; FLOP rates are assumptions).
+
+  Export: 2 FLOPs per parameter per token, scaled by the fraction of blocks run.
+  Training: per step 5 matmuls of 2·B·d·n FLOPs for each of joint and solo, plus
+  the meta SAE (penalty every step, n_meta/n_primary meta steps).
+  """
+  e, t = preset.export, preset.train
+  d, n, b = preset.d_model, t["width"], t["batch_size"]
+  m = t.get("meta_width") or round(0.09 * n)
+  tokens = e["num_tokens"]
+  disk_gb = tokens * d * (2 if e.get("dtype", "float16") == "float16" else 4) / 1e9
+  points = len(preset.grid["lambda2"]) * len(preset.grid["sigma_sq"]) if preset.grid else 1
+  steps = (preset.num_tokens or tokens) // b
+  meta_fwd = 4 * n * d * m
+  step_flops = 2 * 5 * 2 * b * d * n + meta_fwd * (1 + 3 * t.get("n_meta_steps", 5) / t.get("n_primary_steps", 10))
+  export_flops = 2 * preset.model_params * tokens * 0.6  # blocks up to the hooked layer, roughly
+  return {"disk_gb": disk_gb, "points": points, "steps_per_point": steps,
+          "train_hours_per_point": steps * step_flops / (train_tflops * 1e12) / 3600,
+          "train_hours_total": points * steps * step_flops / (train_tflops * 1e12) / 3600,
+          "export_hours": export_flops / (export_tflops * 1e12) / 3600,
+          "assumed_tflops": {"train": train_tflops, "export": export_tflops}}
 
 
 def _log(msg: str) -> None:

@@ -21,5 +21,6 @@ PRESET = Preset(
     # The paper sweeps a 3 x 2 grid here; our notes do not record its values, so these are an assumption.
     paper={"grid": "3 x 2 (values not in our notes; this preset assumes λ₂ ∈ {0.1, 0.3, 1.0} x σ² ∈ {1.0, 3.0})",
            "L0": "100"},
-    hardware_note="activations: 77M tokens x 3584 x 2 bytes ≈ 552 GB float16",
+    d_model=3584,
+    model_params=9.24e9,
 )

@@ -21,6 +21,6 @@ PRESET = Preset(
     paper={"selected configuration": "λ₂ = 0.3, σ² = 1.0",
            "mean |φ| joint vs solo": "−7.5 % (solo 2.27e-3), Welch t-test over pairs",
            "fuzzing score (Spearman), matched latents": "joint 0.248 vs solo 0.230 (+7.6 %)"},
-    hardware_note=("activations: 102M tokens x 1280 x 2 bytes ≈ 262 GB float16; 9 grid points x "
-                   "24.4k steps; see BUILD.md for the time estimate"),
+    d_model=1280,
+    model_params=7.74e+08,
 )

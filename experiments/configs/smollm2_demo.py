@@ -16,4 +16,6 @@ PRESET = Preset(
     log_every_steps=10,
     eval=dict(batch_size=1024, ce_contexts=32, meta_fve_steps=300),
     autointerp=dict(num_latents=4),
+    d_model=576,
+    model_params=1.35e+08,
 )
