@@ -25,7 +25,7 @@ _SITE = flags.DEFINE_enum("site", _DEFAULTS.site, list(models.SITES),
                           "resid_pre: input of the block; resid_post: its output.")
 _CORPUS = flags.DEFINE_string("corpus", _DEFAULTS.corpus,
                               "'builtin' (CPython docs, offline), a .txt/.jsonl/.parquet file or "
-                              "directory, or an HF dataset id (needs `datasets` and internet).")
+                              "directory, or an HF dataset id[:config] (needs `datasets` and internet).")
 _TEXT_FIELD = flags.DEFINE_string("text_field", _DEFAULTS.text_field,
                                   "Field holding the text in .jsonl/.parquet/dataset rows.")
 _CONTEXT_LEN = flags.DEFINE_integer("context_len", _DEFAULTS.context_len, "Tokens per context.")

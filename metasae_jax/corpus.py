@@ -162,7 +162,9 @@ def _dataset_pieces(name: str, text_field: str) -> Iterator[Piece]:
 def _dataset_rows(name: str, text_field: str) -> Iterator[Piece]:
   import datasets  # pylint: disable=g-import-not-at-top
   try:
-    rows = datasets.load_dataset(name, split="train", streaming=True)
+    # "org/dataset:config" selects a named configuration, e.g. HuggingFaceFW/fineweb:sample-10BT.
+    path, _, config = name.partition(":")
+    rows = datasets.load_dataset(path, config or None, split="train", streaming=True)
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f"--corpus {name!r}: cannot load it as an HF dataset ({e}). Check the id and "
                     f"internet access, or pass --corpus {BUILTIN} or a local file.") from e
