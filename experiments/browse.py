@@ -1,0 +1,56 @@
+"""Writes RUN/browser/index.html: an offline page to browse the run's joint and solo latents.
+
+  python -m experiments.browse --run_dir RUN --activations STORE [--num_latents 200] [--num_tokens 262144]
+
+The page opens from disk (file://) with no server and no network: data, style and
+script are inlined. It shows the run's summary (report.json), a searchable latent
+list per SAE, each latent's top and quantile-sampled contexts, an activation
+histogram, its autointerp explanation and scores when present, its decoder-matched
+partner, and the evaluation's split candidates side by side.
+"""
+
+import os
+
+from absl import flags
+
+from experiments import cli
+from metasae_jax.browser import data as data_lib
+from metasae_jax.browser import page
+
+_D = data_lib.BrowserConfig(run_dir="", activations="")
+
+_RUN_DIR = flags.DEFINE_string("run_dir", None, "Training run directory with joint/ and solo/ SAEs.")
+_ACTIVATIONS = flags.DEFINE_string("activations", None,
+                                   "Activation store with token shards (held-out text).")
+_NUM_LATENTS = flags.DEFINE_integer("num_latents", _D.num_latents, "Latents per SAE on the page.")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", _D.num_tokens,
+                                   "Tokens streamed through the SAEs, after skipping; 0 = all.")
+_NUM_TOP = flags.DEFINE_integer("num_top", _D.num_top, "Top-activating contexts per latent.")
+_BEFORE = flags.DEFINE_integer("before", _D.before, "Context tokens shown before the example token.")
+_AFTER = flags.DEFINE_integer("after", _D.after, "Context tokens shown after the example token.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", _D.batch_size, "Tokens per encoding batch.")
+_SKIP = flags.DEFINE_integer("skip_first_positions", _D.skip_first_positions,
+                             "Leading positions of each context never encoded (attention sink).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", _D.tokenizer,
+                                 "Tokenizer for the store's tokens; default: the store's source model.")
+_SEED = flags.DEFINE_integer("seed", _D.seed, "Seed for the quantile samples.")
+_OUT_DIR = flags.DEFINE_string("out_dir", "", "Where index.html goes; default RUN/browser.")
+flags.mark_flags_as_required(["run_dir", "activations"])
+
+
+def main(argv):
+  del argv
+  config = data_lib.BrowserConfig(
+      run_dir=_RUN_DIR.value, activations=_ACTIVATIONS.value, num_latents=_NUM_LATENTS.value,
+      num_tokens=_NUM_TOKENS.value, num_top=_NUM_TOP.value, before=_BEFORE.value, after=_AFTER.value,
+      batch_size=_BATCH_SIZE.value, skip_first_positions=_SKIP.value, tokenizer=_TOKENIZER.value,
+      seed=_SEED.value)
+  data = data_lib.build(config)
+  path = page.write(data, _OUT_DIR.value or os.path.join(config.run_dir, "browser"))
+  print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB): "
+        f"{len(data['saes']['joint']['latents'])} joint and {len(data['saes']['solo']['latents'])} solo "
+        f"latents, {len(data['splits'])} split candidates. Open it in a browser: file://{os.path.abspath(path)}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
