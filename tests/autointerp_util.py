@@ -15,11 +15,14 @@ WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "red", "blue", "big", "sm
 D, N, K, CTX = 16, 24, 3, 16
 
 
-def make_model_dir(path: str) -> str:
-  """A word-level tokenizer (with a chat template) and a random 2-layer Llama, saved offline."""
+def make_model_dir(path: str, extra_words: tuple = ()) -> str:
+  """A word-level tokenizer (with a chat template) and a random 2-layer Llama, saved offline.
+
+  `extra_words` get the ids after WORDS (e.g. markup-like tokens for escaping tests).
+  """
   from tokenizers import Tokenizer, models, pre_tokenizers, decoders
   from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-  vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "<<", ">>", ":", "?"] + WORDS)}
+  vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "<<", ">>", ":", "?"] + WORDS + list(extra_words))}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
@@ -37,13 +40,13 @@ def make_model_dir(path: str) -> str:
   return path
 
 
-def make_store(path: str, model_name: str, num_contexts: int = 32, seed: int = 0):
-  """Random activations with a huge position-0 row (an attention sink) and token ids of WORDS."""
+def make_store(path: str, model_name: str, num_contexts: int = 32, seed: int = 0, extra_words: int = 0):
+  """Random activations with a huge position-0 row (an attention sink) and token ids of WORDS (+ extra words)."""
   rng = np.random.default_rng(seed)
   t = num_contexts * CTX
   acts = rng.normal(size=(t, D)).astype(np.float32)
   acts[::CTX] *= 100.0
-  tokens = rng.integers(6, 6 + len(WORDS), size=t).astype(np.int32)
+  tokens = rng.integers(6, 6 + len(WORDS) + extra_words, size=t).astype(np.int32)
   return store_lib.write_store(path, acts, tokens, context_len=CTX,
                                source={"model": model_name, "layer": 1, "site": "resid_pre"},
                                shard_tokens=CTX * 10)
