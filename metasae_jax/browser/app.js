@@ -129,9 +129,9 @@ function contextRow(ctx, maxAct) {
   return el("div", {class: "ctx"}, el("span", {class: "val", text: fmt(ctx.acts[ctx.focus])}), toks);
 }
 
-function contextList(contexts, maxAct, limit) {
+function contextList(contexts, maxAct, limit, emptyText) {
   const shown = limit ? contexts.slice(0, limit) : contexts;
-  if (!shown.length) return el("p", {class: "empty", text: "no firing tokens in the streamed text"});
+  if (!shown.length) return el("p", {class: "empty", text: emptyText || "no firing tokens in the streamed text"});
   return el("div", {class: "contexts"}, shown.map((c) => contextRow(c, maxAct)));
 }
 
@@ -180,7 +180,8 @@ function renderLatent(sae, id) {
   parts.push(histogram(l.histogram), el("h3", {text: "Top activations"}), contextList(l.top, l.max_act));
   parts.push(el("h3", {text: "Samples across the firing distribution"}));
   for (const q of l.quantiles) {
-    parts.push(el("h4", {text: `${q.label} (activation ${fmt(q.lo)} – ${fmt(q.hi)})`}), contextList(q.contexts, l.max_act));
+    parts.push(el("h4", {text: `${q.label} (activation ${fmt(q.lo)} – ${fmt(q.hi)})`}), contextList(q.contexts, l.max_act, 0,
+      q.lo === null ? "no firings sampled" : "all sampled firings of this range are among the top activations above"));
   }
   view.replaceChildren(...parts);
   view.dataset.sae = sae; view.dataset.id = id;
