@@ -235,7 +235,7 @@ def _histogram(vals_R: np.ndarray, max_act: float, bins: int) -> dict:
 
 def _quantile_label(q: int, n: int) -> str:
   hi, lo = 100 - round(100 * q / n), 100 - round(100 * (q + 1) / n)
-  return f"firings ranked {lo}–{hi} %"
+  return f"Firings between the {lo}th and {hi}th percentile"
 
 
 def _r(x) -> Optional[float]:
