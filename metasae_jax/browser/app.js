@@ -123,7 +123,7 @@ function contextRow(ctx, maxAct) {
     const a = ctx.acts[i] || 0;
     const span = el("span", {class: "tok" + (i === ctx.focus ? " focus" : ""), title: `${JSON.stringify(DATA.vocab[t] ?? "")} · ${fmt(a)}`});
     span.textContent = shownText(DATA.vocab[t] ?? "?");
-    if (a > 0) span.style.background = `rgba(var(--hot), ${Math.min(1, 0.12 + 0.88 * a / (maxAct || 1)).toFixed(3)})`;
+    if (a > 0) span.style.background = `rgba(var(--hot), ${Math.min(1, 0.06 + 0.94 * a / (maxAct || 1)).toFixed(3)})`;
     toks.append(span);
   });
   return el("div", {class: "ctx"}, el("span", {class: "val", text: fmt(ctx.acts[ctx.focus])}), toks);
