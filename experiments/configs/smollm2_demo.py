@@ -1,4 +1,4 @@
-"""What `make demo` runs: SmolLM2-135M (offline GGUF), layer 15, the builtin corpus, ~10 minutes on 2 cores."""
+"""What `make demo` runs: SmolLM2-135M (offline GGUF), layer 15, the builtin corpus, about 12 minutes on 2 cores."""
 
 from metasae_jax.pipeline import Preset
 
@@ -11,7 +11,7 @@ PRESET = Preset(
     heldout_shards=1,
     train=dict(width=2304, k=32, meta_width=0, meta_k=8, lambda2=0.3, sigma_sq=1.0, batch_size=1024,
                n_primary_steps=10, n_meta_steps=5, seed=0),
-    num_tokens=380 * 1024,
+    num_tokens=300 * 1024,
     checkpoint_every_steps=100,
     log_every_steps=10,
     eval=dict(batch_size=1024, ce_contexts=32, meta_fve_steps=300),
