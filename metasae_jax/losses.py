@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from metasae_jax import sae, topk
+from metasae_jax import sae, sparse, topk
 
 
 class SAELoss(NamedTuple):
@@ -30,26 +30,31 @@ def _psum(x, axis_name):
 
 def auxk_loss(pre_BxN: jax.Array, dead_N: jax.Array, w_dec_NxD: jax.Array, residual_BxD: jax.Array,
               aux_k: int) -> jax.Array:
-  """MSE of reconstructing the detached residual from each token's top aux_k dead latents.
+  """MSE of reconstructing the detached residual from each token's top aux_k dead latents."""
+  return _auxk(lambda: pre_BxN, lambda idx_M: pre_BxN[:, idx_M], dead_N, w_dec_NxD, residual_BxD, aux_k)
+
+
+def _auxk(pre_all, pre_columns, dead_N, w_dec_NxD, residual_BxD, aux_k):
+  """AuxK given functions for the pre-activations of all latents or of chosen columns.
 
   Usually few latents are dead, so when at most `dead_cap(N)` are, only their
-  columns are gathered (M = cap): the aux decode is B x M x D instead of
-  B x N x D. With more dead latents the full-width path runs. Both are exact.
+  M = cap columns are computed and decoded (B x M x D instead of B x N x D);
+  with more dead latents the full-width path runs. Both are exact.
   """
-  n = pre_BxN.shape[-1]
+  n = dead_N.shape[0]
   target_BxD = jax.lax.stop_gradient(residual_BxD)
   cap = dead_cap(n)
 
   def full():
     # Live latents are zeroed, so when fewer than aux_k latents are dead the extra
     # picks are zeros and contribute nothing: the reference's min(aux_k, #dead).
-    masked_BxN = jnp.where(dead_N, pre_BxN, 0.0)
+    masked_BxN = jnp.where(dead_N, pre_all(), 0.0)
     aux_BxN = topk.topk_per_token(masked_BxN, min(aux_k, n))
     return jnp.mean((aux_BxN @ w_dec_NxD - target_BxD) ** 2)
 
   def capped():
     _, idx_M = jax.lax.top_k(dead_N.astype(jnp.float32), cap)  # every dead latent, padded with live ones
-    masked_BxM = jnp.where(dead_N[idx_M], pre_BxN[:, idx_M], 0.0)
+    masked_BxM = jnp.where(dead_N[idx_M], pre_columns(idx_M), 0.0)
     aux_BxM = topk.topk_per_token(masked_BxM, min(aux_k, cap))
     return jnp.mean((aux_BxM @ w_dec_NxD[idx_M] - target_BxD) ** 2)
 
@@ -63,24 +68,65 @@ def dead_cap(n: int) -> int:
   return min(n, max(1024, n // 8))
 
 
+class _Recon(NamedTuple):
+  recon_std_BxD: jax.Array
+  active_N: jax.Array  # int32: tokens in this (local) batch on which each latent fired
+  l0_sum: jax.Array  # active entries in this (local) batch
+
+
+def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_name: Optional[str]):
+  """The SAE's reconstruction with gradient; sparse over C slots per token, dense if a row overflows."""
+  pre_BxN = jax.lax.stop_gradient(sae.pre_activations(params, xs_BxD))
+  n = pre_BxN.shape[1]
+  cand_BxC, idx_BxC = topk.candidates(pre_BxN, k)
+  if activation == "batchtopk":
+    thresh, overflow = topk.threshold_from_candidates(cand_BxC, pre_BxN, k, axis_name)
+  else:  # per-token top-k: the row's k-th value, never more than C slots
+    thresh, overflow = cand_BxC[:, k - 1:k], jnp.zeros((), bool)
+
+  def sparse_path():
+    pre_slots = sparse.slot_pre(cand_BxC, idx_BxC, xs_BxD, params["W_enc"], params["b_dec"])
+    vals_BxC = jnp.where((cand_BxC >= thresh) & (cand_BxC > 0), pre_slots, 0.0)
+    recon = sparse.decode(vals_BxC, idx_BxC, params["W_dec"]) + params["b_dec"]
+    on_BxC = (vals_BxC > 0).astype(jnp.int32)
+    active_N = jnp.zeros((n,), jnp.int32).at[idx_BxC.reshape(-1)].add(on_BxC.reshape(-1))
+    return _Recon(recon, active_N, jnp.sum(on_BxC))
+
+  def dense_path():
+    pre = sae.pre_activations(params, xs_BxD)
+    acts_BxN = jnp.where((pre >= thresh) & (pre > 0), pre, 0.0)
+    on_BxN = (acts_BxN > 0).astype(jnp.int32)
+    return _Recon(sae.decode_std(params, acts_BxN), jnp.sum(on_BxN, axis=0), jnp.sum(on_BxN))
+
+  return jax.lax.cond(overflow, dense_path, sparse_path), pre_BxN
+
+
 def sae_loss(params: dict, x_BxD: jax.Array, dead_N: jax.Array, k: int, activation: str, aux_k: int,
              aux_coeff: float, axis_name: Optional[str] = None) -> tuple[jax.Array, SAELoss]:
   """MSE on standardised inputs + aux_coeff * AuxK (only when some latent is dead)."""
-  out = sae.forward(params, x_BxD, k, activation, axis_name=axis_name)
-  mse = jnp.mean((out.recon_std_BxD - out.xs_BxD) ** 2)
-  residual = out.xs_BxD - out.recon_std_BxD
+  xs, mean, std = sae.standardize(x_BxD)
+  rec, pre_BxN = _reconstruct(params, xs, k, activation, axis_name)
+  mse = jnp.mean((rec.recon_std_BxD - xs) ** 2)
+  residual = xs - rec.recon_std_BxD
+
+  def pre_columns(idx_M):  # with gradient, and sparse in W_enc
+    w = params["W_enc"][:, idx_M]
+    return jax.nn.relu(xs @ w - params["b_dec"] @ w + params["b_enc"][idx_M])
+
   aux = jax.lax.cond(jnp.any(dead_N),
-                     lambda: auxk_loss(out.pre_BxN, dead_N, params["W_dec"], residual, aux_k),
+                     lambda: _auxk(lambda: sae.pre_activations(params, xs), pre_columns, dead_N,
+                                   params["W_dec"], residual, aux_k),
                      # zeros_like, not zeros: under shard_map both branches must vary over the axis alike.
                      lambda: jnp.zeros_like(mse))
-  fired_N = _psum(jnp.sum(out.acts_BxN > 0, axis=0), axis_name) > 0
+  fired_N = _psum(rec.active_N, axis_name) > 0
   x = jax.lax.stop_gradient(x_BxD)
+  recon = sae.unstandardize(jax.lax.stop_gradient(rec.recon_std_BxD), mean, std)
   # FVU over the (global) batch, in the input's own space.
   count = _psum(x.shape[0], axis_name)
   mean_D = _psum(jnp.sum(x, axis=0), axis_name) / count
-  err = _psum(jnp.sum((x - jax.lax.stop_gradient(out.recon_BxD)) ** 2), axis_name)
+  err = _psum(jnp.sum((x - recon) ** 2), axis_name)
   var = _psum(jnp.sum((x - mean_D) ** 2), axis_name)
-  l0 = _pmean(jnp.mean(jnp.sum(out.acts_BxN > 0, axis=-1).astype(jnp.float32)), axis_name)
+  l0 = _pmean(rec.l0_sum.astype(jnp.float32) / x.shape[0], axis_name)
   stats = SAELoss(mse=mse, aux=aux, fvu=err / var, l0=l0, fired_N=fired_N)
   return mse + aux_coeff * aux, stats
 

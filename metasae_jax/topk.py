@@ -41,27 +41,40 @@ def kth_largest(values: jax.Array, kth: int, axis_name: Optional[str] = None) ->
   return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
-def batchtopk_threshold(pre_BxN: jax.Array, k: int, axis_name: Optional[str] = None) -> jax.Array:
-  """Value of the (k*B_global)-th largest pre-activation over the whole (global) batch.
+def candidates(pre_BxN: jax.Array, k: int):
+  """Each row's top C = min(N, CANDIDATE_FACTOR * k) pre-activations and their latent ids (no gradient)."""
+  c = min(pre_BxN.shape[-1], CANDIDATE_FACTOR * k)
+  return jax.lax.top_k(jax.lax.stop_gradient(pre_BxN), c)
 
-  Avoids sorting B*N values: each row contributes its top C candidates, the
-  threshold is taken over the B*C candidates, and if any row had all C of its
-  candidates selected (so it might have had more) the exact full-matrix count
-  runs instead. Under `axis_name` every device gets the global batch's threshold.
+
+def threshold_from_candidates(cand_BxC: jax.Array, pre_BxN: jax.Array, k: int,
+                              axis_name: Optional[str] = None):
+  """BatchTopK's global threshold from the rows' candidates, and whether some row overflowed.
+
+  The (k*B_global)-th largest over the B*C candidates equals the one over the
+  whole batch unless some row had all C of its candidates selected (it might
+  have had more): then the exact count over the full matrix runs instead, and
+  `overflow` tells callers that C slots per row do not hold every selected entry.
+  Under `axis_name` every device gets the global batch's threshold.
   """
   pre_BxN = jax.lax.stop_gradient(pre_BxN)
   b, n = pre_BxN.shape
-  b_global = b if axis_name is None else b * jax.lax.psum(1, axis_name)
-  keep = k * b_global
-  c = min(n, CANDIDATE_FACTOR * k)
-  if c == n:  # candidates would be the whole matrix
-    return kth_largest(pre_BxN, keep, axis_name)
-  cand_BxC = jax.lax.top_k(pre_BxN, c)[0]
+  keep = k * (b if axis_name is None else b * jax.lax.psum(1, axis_name))
+  c = cand_BxC.shape[1]
   thresh = kth_largest(cand_BxC, keep, axis_name)
+  if c == n:  # candidates are the whole matrix: exact, and no row can hold more
+    return thresh, jnp.zeros((), bool)
   overflow = jnp.any(cand_BxC[:, c - 1] >= thresh)
   if axis_name is not None:
     overflow = jax.lax.psum(overflow.astype(jnp.int32), axis_name) > 0
-  return jax.lax.cond(overflow, lambda: kth_largest(pre_BxN, keep, axis_name), lambda: thresh)
+  thresh = jax.lax.cond(overflow, lambda: kth_largest(pre_BxN, keep, axis_name), lambda: thresh)
+  return thresh, overflow
+
+
+def batchtopk_threshold(pre_BxN: jax.Array, k: int, axis_name: Optional[str] = None) -> jax.Array:
+  """Value of the (k*B_global)-th largest pre-activation over the whole (global) batch, without a sort."""
+  cand_BxC, _ = candidates(pre_BxN, k)
+  return threshold_from_candidates(cand_BxC, pre_BxN, k, axis_name)[0]
 
 
 def batchtopk(pre_BxN: jax.Array, k: int, axis_name: Optional[str] = None) -> jax.Array:
