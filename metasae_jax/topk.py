@@ -23,11 +23,13 @@ def kth_largest(values: jax.Array, kth: int, axis_name: Optional[str] = None) ->
   """The kth largest of non-negative values (over all devices of `axis_name`), exactly.
 
   Bisection on the float bit pattern, which orders non-negative floats like
-  integers: 31 counting passes, no sort. XLA:CPU's sort and large-k top_k are
+  integers: 31 counting passes (63 for float64), no sort. XLA:CPU's sort and large-k top_k are
   far slower than counting here, and under an axis each pass needs only one
   scalar psum instead of gathering the values.
   """
-  bits = jax.lax.bitcast_convert_type(jnp.maximum(values, 0.0).astype(jnp.float32), jnp.int32)
+  wide = values.dtype == jnp.float64  # float64 only under jax_enable_x64 (tests)
+  float_t, int_t = (jnp.float64, jnp.int64) if wide else (jnp.float32, jnp.int32)
+  bits = jax.lax.bitcast_convert_type(jnp.maximum(values, 0.0).astype(float_t), int_t)
 
   def body(_, lo_hi):
     lo, hi = lo_hi  # invariant: count(bits >= lo) >= kth > count(bits >= hi)
@@ -37,8 +39,9 @@ def kth_largest(values: jax.Array, kth: int, axis_name: Optional[str] = None) ->
 
   # The bounds derive from `bits` so that under shard_map they vary over devices exactly as it does.
   lo0 = bits.reshape(-1)[0] * 0
-  lo, _ = jax.lax.fori_loop(0, 31, body, (lo0, lo0 + 0x7F800001))  # hi: just above +inf
-  return jax.lax.bitcast_convert_type(lo, jnp.float32)
+  above_inf = 0x7FF0000000000001 if wide else 0x7F800001
+  lo, _ = jax.lax.fori_loop(0, 63 if wide else 31, body, (lo0, lo0 + above_inf))
+  return jax.lax.bitcast_convert_type(lo, float_t)
 
 
 def candidates(pre_BxN: jax.Array, k: int):
