@@ -78,11 +78,12 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
   """The SAE's reconstruction with gradient; sparse over C slots per token, dense if a row overflows."""
   pre_BxN = jax.lax.stop_gradient(sae.pre_activations(params, xs_BxD))
   n = pre_BxN.shape[1]
-  cand_BxC, idx_BxC = topk.candidates(pre_BxN, k)
   if activation == "batchtopk":
+    cand_BxC, idx_BxC = topk.candidates(pre_BxN, k)
     thresh, overflow = topk.threshold_from_candidates(cand_BxC, pre_BxN, k, axis_name)
-  else:  # per-token top-k: the row's k-th value, never more than C slots
-    thresh, overflow = cand_BxC[:, k - 1:k], jnp.zeros((), bool)
+  else:  # per-token top-k: k slots, the row's k-th value as its threshold
+    cand_BxC, idx_BxC = jax.lax.top_k(pre_BxN, k)
+    thresh, overflow = jnp.min(cand_BxC, axis=1, keepdims=True), jnp.zeros((), bool)
 
   def sparse_path():
     pre_slots = sparse.slot_pre(cand_BxC, idx_BxC, xs_BxD, params["W_enc"], params["b_dec"])

@@ -38,7 +38,7 @@ def kth_largest(values: jax.Array, kth: int, axis_name: Optional[str] = None) ->
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
   # The bounds derive from `bits` so that under shard_map they vary over devices exactly as it does.
-  lo0 = bits.reshape(-1)[0] * 0
+  lo0 = jnp.min(bits) * 0
   above_inf = 0x7FF0000000000001 if wide else 0x7F800001
   lo, _ = jax.lax.fori_loop(0, 63 if wide else 31, body, (lo0, lo0 + above_inf))
   return jax.lax.bitcast_convert_type(lo, float_t)
@@ -67,7 +67,9 @@ def threshold_from_candidates(cand_BxC: jax.Array, pre_BxN: jax.Array, k: int,
   thresh = kth_largest(cand_BxC, keep, axis_name)
   if c == n:  # candidates are the whole matrix: exact, and no row can hold more
     return thresh, jnp.zeros((), bool)
-  overflow = jnp.any(cand_BxC[:, c - 1] >= thresh)
+  # The row's C-th candidate is its minimum; a reduction, because slicing a top_k
+  # result ([:, -1]) makes XLA:CPU lower the top_k as a full sort (~8x slower).
+  overflow = jnp.any(jnp.min(cand_BxC, axis=1) >= thresh)
   if axis_name is not None:
     overflow = jax.lax.psum(overflow.astype(jnp.int32), axis_name) > 0
   thresh = jax.lax.cond(overflow, lambda: kth_largest(pre_BxN, keep, axis_name), lambda: thresh)
@@ -96,7 +98,8 @@ def batchtopk_reference(pre_BxN: jax.Array, k: int) -> jax.Array:
 
 def topk_per_token(pre_BxN: jax.Array, k: int) -> jax.Array:
   """Keeps each row's k largest entries."""
-  thresh_B = jax.lax.top_k(jax.lax.stop_gradient(pre_BxN), k)[0][:, -1:]
+  # min over the k values, not [:, -1]: slicing a top_k result makes XLA:CPU lower it as a full sort (~8x slower).
+  thresh_B = jnp.min(jax.lax.top_k(jax.lax.stop_gradient(pre_BxN), k)[0], axis=1, keepdims=True)
   return jnp.where((pre_BxN >= thresh_B) & (pre_BxN > 0), pre_BxN, 0.0)
 
 
