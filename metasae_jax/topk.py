@@ -45,9 +45,13 @@ def kth_largest(values: jax.Array, kth: int, axis_name: Optional[str] = None) ->
 
 
 def candidates(pre_BxN: jax.Array, k: int):
-  """Each row's top C = min(N, CANDIDATE_FACTOR * k) pre-activations and their latent ids (no gradient)."""
-  c = min(pre_BxN.shape[-1], CANDIDATE_FACTOR * k)
-  return jax.lax.top_k(jax.lax.stop_gradient(pre_BxN), c)
+  """Each row's top C = num_candidates(N, k) pre-activations and their latent ids (no gradient)."""
+  return jax.lax.top_k(jax.lax.stop_gradient(pre_BxN), num_candidates(pre_BxN.shape[-1], k))
+
+
+def num_candidates(n: int, k: int) -> int:
+  """Slots per row: 2k, and at least k + 32 so small k (the meta SAE's 8) rarely overflows."""
+  return min(n, max(CANDIDATE_FACTOR * k, k + 32))
 
 
 def threshold_from_candidates(cand_BxC: jax.Array, pre_BxN: jax.Array, k: int,

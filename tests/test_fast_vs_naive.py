@@ -9,7 +9,8 @@ import numpy as np
 import metasae_jax
 from metasae_jax import naive, synthetic
 
-CFG = metasae_jax.TrainConfig(d_model=16, width=96, k=4, meta_width=8, meta_k=2, batch_size=128, seed=0,
+# width 1280: wide enough for the sparse slot path (num_candidates * SPARSE_MIN_RATIO <= width).
+CFG = metasae_jax.TrainConfig(d_model=16, width=1280, k=4, meta_width=8, meta_k=2, batch_size=128, seed=0,
                               n_primary_steps=3, n_meta_steps=2, lr=1e-3, dead_after_batches=2)
 
 

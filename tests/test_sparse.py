@@ -54,23 +54,29 @@ def _loss_grads(params, x, k):
 
 
 def test_sae_loss_gradient_equals_dense_formula_with_and_without_overflow():
-  params = sae.init_params(jax.random.PRNGKey(0), 16, 128)
+  n = 2048  # wide enough that the slot path is used (slots * SPARSE_MIN_RATIO <= n)
+  params = sae.init_params(jax.random.PRNGKey(0), 16, n)
   batch = jax.random.normal(jax.random.PRNGKey(0), (64, 16))
+  # Variant 2: 100 encoder columns point along token 0, so its row holds more
+  # selected entries than it has candidate slots (overflow -> dense fallback).
+  u = sae.standardize(batch[:1])[0][0]
+  crowded = dict(params, W_enc=params["W_enc"].at[:, :100].set(
+      u[:, None] * jnp.linspace(1.0, 1.5, 100)[None, :]))
   flags = set()
-  for k in (4, 8):  # at this random init k=4 overflows the 2k candidate slots of some row, k=8 does not
+  for p in (params, crowded):
     xs, _, _ = sae.standardize(batch)
-    pre = sae.pre_activations(params, xs)
-    cand, _ = topk.candidates(pre, k)
-    overflow = bool(topk.threshold_from_candidates(cand, pre, k)[1])
+    pre = sae.pre_activations(p, xs)
+    cand, _ = topk.candidates(pre, 4)
+    overflow = bool(topk.threshold_from_candidates(cand, pre, 4)[1])
     flags.add(overflow)
 
-    def dense_loss(p):
+    def dense_loss(q):
       xs_, _, _ = sae.standardize(batch)
-      acts = topk.batchtopk_reference(sae.pre_activations(p, xs_), k)
-      return jnp.mean((acts @ p["W_dec"] + p["b_dec"] - xs_) ** 2)
+      acts = topk.batchtopk_reference(sae.pre_activations(q, xs_), 4)
+      return jnp.mean((acts @ q["W_dec"] + q["b_dec"] - xs_) ** 2)
 
-    want = jax.grad(dense_loss)(params)
-    got = _loss_grads(params, batch, k)
+    want = jax.grad(dense_loss)(p)
+    got = _loss_grads(p, batch, 4)
     for name in ("W_enc", "W_dec", "b_dec"):
       np.testing.assert_allclose(got[name], want[name], atol=2e-6, err_msg=f"{name} overflow={overflow}")
-  assert flags == {True, False}  # both the sparse path and the dense fallback were checked
+  assert flags == {True, False}  # both the slot path and the dense fallback were checked
