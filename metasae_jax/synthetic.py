@@ -21,9 +21,11 @@ def sparse_activations(num_tokens: int, d_model: int, num_features: int = 512, a
   idx_TxA = np.stack([rng.choice(num_features, size=active, replace=False, p=freq_F)
                       for _ in range(num_tokens)])
   mags_TxA = rng.exponential(1.0, size=(num_tokens, active)) + 0.5
-  x_TxD = np.einsum("ta,tad->td", mags_TxA, feats_FxD[idx_TxA])
-  x_TxD += noise * rng.normal(size=x_TxD.shape)
-  return x_TxD.astype(np.float32)
+  x_TxD = np.empty((num_tokens, d_model), np.float32)
+  for s in range(0, num_tokens, 4096):  # chunks keep the gathered [chunk, A, D] block small
+    x_TxD[s:s + 4096] = np.einsum("ta,tad->td", mags_TxA[s:s + 4096], feats_FxD[idx_TxA[s:s + 4096]])
+  x_TxD += (noise * rng.normal(size=x_TxD.shape)).astype(np.float32)
+  return x_TxD
 
 
 def write_sparse_store(path: str, num_tokens: int, d_model: int, seed: int = 0, context_len: int = 1,
