@@ -81,23 +81,36 @@ class _Recon(NamedTuple):
 
 
 def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_name: Optional[str]):
-  """The SAE's reconstruction with gradient; sparse over C slots per token, dense if a row overflows."""
+  """The SAE's reconstruction with gradient: over C slots per token (spilling rows exactly on the side),
+  dense when many rows spill or the slots are not a small fraction of the width."""
   pre_BxN = jax.lax.stop_gradient(sae.pre_activations(params, xs_BxD))
-  n = pre_BxN.shape[1]
+  b, n = pre_BxN.shape
   if activation == "batchtopk":
     cand_BxC, idx_BxC = topk.candidates(pre_BxN, k)
-    thresh, overflow = topk.threshold_from_candidates(cand_BxC, pre_BxN, k, axis_name)
-  else:  # per-token top-k: k slots, the row's k-th value as its threshold
+    sel = topk.threshold_from_candidates(cand_BxC, pre_BxN, k, axis_name)
+  else:  # per-token top-k: k slots, the row's k-th value as its threshold; nothing spills
     cand_BxC, idx_BxC = jax.lax.top_k(pre_BxN, k)
-    thresh, overflow = jnp.min(cand_BxC, axis=1, keepdims=True), jnp.zeros((), bool)
+    r = min(b, topk.SPILL_ROWS)
+    sel = topk.Selection(jnp.min(cand_BxC, axis=1, keepdims=True), jnp.zeros((b,), bool),
+                         jnp.arange(r, dtype=jnp.int32), jnp.zeros((r,), bool), jnp.zeros((), bool))
+  thresh = sel.thresh
 
   def sparse_path():
     pre_slots = sparse.slot_pre(cand_BxC, idx_BxC, xs_BxD, params["W_enc"], params["b_dec"])
-    vals_BxC = jnp.where((cand_BxC >= thresh) & (cand_BxC > 0), pre_slots, 0.0)
-    recon = sparse.decode(vals_BxC, idx_BxC, params["W_dec"]) + params["b_dec"]
+    on_slot = (cand_BxC >= thresh) & (cand_BxC > 0) & ~sel.spill_B[:, None]
+    vals_BxC = jnp.where(on_slot, pre_slots, 0.0)
+    recon = sparse.decode(vals_BxC, idx_BxC, params["W_dec"])
     on_BxC = (vals_BxC > 0).astype(jnp.int32)
     active_N = jnp.zeros((n,), jnp.int32).at[idx_BxC.reshape(-1)].add(on_BxC.reshape(-1))
-    return _Recon(recon, active_N, jnp.sum(on_BxC))
+    # Spilling rows (more selected entries than slots) are decoded densely, exactly.
+    pre_RxN = sae.pre_activations(params, xs_BxD[sel.spill_idx_R])
+    keep_R = sel.spill_mask_R[:, None]
+    pre_thresh = thresh if jnp.ndim(thresh) == 0 else thresh[sel.spill_idx_R]
+    acts_RxN = jnp.where((pre_RxN >= pre_thresh) & (pre_RxN > 0) & keep_R, pre_RxN, 0.0)
+    recon = recon.at[sel.spill_idx_R].add(acts_RxN @ params["W_dec"])
+    on_RxN = (acts_RxN > 0).astype(jnp.int32)
+    return _Recon(recon + params["b_dec"], active_N + jnp.sum(on_RxN, axis=0),
+                  jnp.sum(on_BxC) + jnp.sum(on_RxN))
 
   def dense_path():
     pre = sae.pre_activations(params, xs_BxD)
@@ -107,7 +120,7 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
 
   if cand_BxC.shape[1] * SPARSE_MIN_RATIO > n:  # scatters cost ~this much more per element than a matmul
     return dense_path(), pre_BxN
-  return jax.lax.cond(overflow, dense_path, sparse_path), pre_BxN
+  return jax.lax.cond(sel.dense, dense_path, sparse_path), pre_BxN
 
 
 def sae_loss(params: dict, x_BxD: jax.Array, dead_N: jax.Array, k: int, activation: str, aux_k: int,

@@ -3,7 +3,7 @@
 Legend: B = tokens in the (local) batch, N = latents, C = candidates kept per row.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -54,36 +54,66 @@ def num_candidates(n: int, k: int) -> int:
   return min(n, max(CANDIDATE_FACTOR * k, k + 32))
 
 
-def threshold_from_candidates(cand_BxC: jax.Array, pre_BxN: jax.Array, k: int,
-                              axis_name: Optional[str] = None):
-  """BatchTopK's global threshold from the rows' candidates, and whether some row overflowed.
+# Rows per device whose selected entries may exceed their C slots ("spill rows")
+# that are handled exactly on the side; with more, callers fall back to dense.
+SPILL_ROWS = 16
 
-  The (k*B_global)-th largest over the B*C candidates equals the one over the
-  whole batch unless some row had all C of its candidates selected (it might
-  have had more): then the exact count over the full matrix runs instead, and
-  `overflow` tells callers that C slots per row do not hold every selected entry.
-  Under `axis_name` every device gets the global batch's threshold.
+
+class Selection(NamedTuple):
+  """BatchTopK's global threshold and which rows spill past their C candidate slots."""
+  thresh: jax.Array  # scalar
+  spill_B: jax.Array  # bool: all C candidates of this row are selected, it may have more
+  spill_idx_R: jax.Array  # int32: up to SPILL_ROWS spilling rows (padded with other rows)
+  spill_mask_R: jax.Array  # bool: which of spill_idx_R really spill
+  dense: jax.Array  # bool scalar: more spilling rows than SPILL_ROWS (on some device)
+
+
+def threshold_from_candidates(cand_BxC: jax.Array, pre_BxN: jax.Array, k: int,
+                              axis_name: Optional[str] = None) -> Selection:
+  """BatchTopK's exact global threshold from the rows' candidates.
+
+  The (k*B_global)-th largest over the B*C candidates is the batch's unless
+  some row had all C of its candidates selected (it might have had more). Those
+  few rows enter whole: the threshold is then taken over the other rows'
+  candidates plus every entry of the spilling rows, which holds every entry that
+  can reach it. Only with more than SPILL_ROWS spilling rows does the count run
+  over the full matrix. Under `axis_name` every device gets the global threshold.
   """
   pre_BxN = jax.lax.stop_gradient(pre_BxN)
   b, n = pre_BxN.shape
   keep = k * (b if axis_name is None else b * jax.lax.psum(1, axis_name))
-  c = cand_BxC.shape[1]
+  c, r = cand_BxC.shape[1], min(b, SPILL_ROWS)
   thresh = kth_largest(cand_BxC, keep, axis_name)
   if c == n:  # candidates are the whole matrix: exact, and no row can hold more
-    return thresh, jnp.zeros((), bool)
+    none_B = jnp.zeros((b,), bool)
+    return Selection(thresh, none_B, jnp.arange(r, dtype=jnp.int32), none_B[:r], jnp.zeros((), bool))
   # The row's C-th candidate is its minimum; a reduction, because slicing a top_k
   # result ([:, -1]) makes XLA:CPU lower the top_k as a full sort (~8x slower).
-  overflow = jnp.any(jnp.min(cand_BxC, axis=1) >= thresh)
+  spill_B = jnp.min(cand_BxC, axis=1) >= thresh
+  num_spill = jnp.sum(spill_B, dtype=jnp.int32)
+  many = num_spill > r
+  anyspill = num_spill > 0
   if axis_name is not None:
-    overflow = jax.lax.psum(overflow.astype(jnp.int32), axis_name) > 0
-  thresh = jax.lax.cond(overflow, lambda: kth_largest(pre_BxN, keep, axis_name), lambda: thresh)
-  return thresh, overflow
+    many = jax.lax.psum(many.astype(jnp.int32), axis_name) > 0
+    anyspill = jax.lax.psum(anyspill.astype(jnp.int32), axis_name) > 0
+  _, spill_idx_R = jax.lax.top_k(spill_B.astype(jnp.float32), r)
+  spill_mask_R = spill_B[spill_idx_R]
+
+  def with_spill_rows():
+    rows_RxN = jnp.where(spill_mask_R[:, None], pre_BxN[spill_idx_R], 0.0)
+    others = jnp.where(spill_B[:, None], 0.0, cand_BxC)
+    return kth_largest(jnp.concatenate([others.reshape(-1), rows_RxN.reshape(-1)]), keep, axis_name)
+
+  branch = jnp.where(many, 2, jnp.where(anyspill, 1, 0))
+  thresh = jax.lax.switch(branch, [lambda: thresh, with_spill_rows,
+                                   lambda: kth_largest(pre_BxN, keep, axis_name)])
+  return Selection(thresh, spill_B, spill_idx_R.astype(jnp.int32), spill_mask_R, many)
 
 
 def batchtopk_threshold(pre_BxN: jax.Array, k: int, axis_name: Optional[str] = None) -> jax.Array:
   """Value of the (k*B_global)-th largest pre-activation over the whole (global) batch, without a sort."""
   cand_BxC, _ = candidates(pre_BxN, k)
-  return threshold_from_candidates(cand_BxC, pre_BxN, k, axis_name)[0]
+  return threshold_from_candidates(cand_BxC, pre_BxN, k, axis_name).thresh
 
 
 def batchtopk(pre_BxN: jax.Array, k: int, axis_name: Optional[str] = None) -> jax.Array:

@@ -53,22 +53,24 @@ def _loss_grads(params, x, k):
                                             "batchtopk", 512, 1 / 32)[0])(params)
 
 
-def test_sae_loss_gradient_equals_dense_formula_with_and_without_overflow():
+def test_sae_loss_gradient_equals_dense_formula_for_slots_spills_and_fallback(monkeypatch):
   n = 2048  # wide enough that the slot path is used (slots * SPARSE_MIN_RATIO <= n)
   params = sae.init_params(jax.random.PRNGKey(0), 16, n)
   batch = jax.random.normal(jax.random.PRNGKey(0), (64, 16))
-  # Variant 2: 100 encoder columns point along token 0, so its row holds more
-  # selected entries than it has candidate slots (overflow -> dense fallback).
+  # 100 encoder columns point along token 0, so its row holds more selected
+  # entries than it has candidate slots: it spills.
   u = sae.standardize(batch[:1])[0][0]
   crowded = dict(params, W_enc=params["W_enc"].at[:, :100].set(
       u[:, None] * jnp.linspace(1.0, 1.5, 100)[None, :]))
-  flags = set()
-  for p in (params, crowded):
+  seen = []
+  for p, spill_rows in ((params, 16), (crowded, 16), (crowded, 0)):
+    monkeypatch.setattr(topk, "SPILL_ROWS", spill_rows)  # 0: any spill takes the dense fallback
     xs, _, _ = sae.standardize(batch)
     pre = sae.pre_activations(p, xs)
     cand, _ = topk.candidates(pre, 4)
-    overflow = bool(topk.threshold_from_candidates(cand, pre, 4)[1])
-    flags.add(overflow)
+    sel = topk.threshold_from_candidates(cand, pre, 4)
+    seen.append((int(jnp.sum(sel.spill_B)), bool(sel.dense)))
+    np.testing.assert_allclose(sel.thresh, np.sort(np.asarray(pre).ravel())[-4 * 64], rtol=1e-6)
 
     def dense_loss(q):
       xs_, _, _ = sae.standardize(batch)
@@ -78,5 +80,6 @@ def test_sae_loss_gradient_equals_dense_formula_with_and_without_overflow():
     want = jax.grad(dense_loss)(p)
     got = _loss_grads(p, batch, 4)
     for name in ("W_enc", "W_dec", "b_dec"):
-      np.testing.assert_allclose(got[name], want[name], atol=2e-6, err_msg=f"{name} overflow={overflow}")
-  assert flags == {True, False}  # both the slot path and the dense fallback were checked
+      np.testing.assert_allclose(got[name], want[name], atol=2e-6, err_msg=f"{name} {seen[-1]}")
+  # Slots only; slots plus an exactly handled spilling row; the dense fallback.
+  assert seen[0] == (0, False) and seen[1][0] >= 1 and not seen[1][1] and seen[2][1]
