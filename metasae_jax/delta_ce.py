@@ -41,7 +41,7 @@ def iter_contexts(store: Store, num_contexts: int, batch_contexts: int) -> Itera
       yield ids, acts
 
 
-def _register(block: torch.nn.Module, site: str, edit: Callable[[torch.Tensor], torch.Tensor]):
+def register_residual_edit(block: torch.nn.Module, site: str, edit: Callable[[torch.Tensor], torch.Tensor]):
   """Hooks `block` so the residual at `site` goes through `edit`."""
   if site == "resid_pre":
     def pre_hook(_, args, kwargs):
@@ -96,7 +96,7 @@ def cross_entropies(model: torch.nn.Module, block: torch.nn.Module, site: str, s
         out[:, skip:] = torch.from_numpy(recon).to(resid.dtype)
         return out
 
-      handle = _register(block, site, edit)
+      handle = register_residual_edit(block, site, edit)
       try:
         with torch.inference_mode():
           nll, n = _nll(model, ids_t, skip)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from metasae_jax import models
-from metasae_jax.delta_ce import _register as register_residual_edit
+from metasae_jax.delta_ce import register_residual_edit
 from metasae_jax.errors import UserError
 from metasae_jax.inference import SAE
 
