@@ -33,7 +33,7 @@ flags.DEFINE_string("_out", "", "Internal: output directory for --_naive_train."
 
 
 def _config(**overrides):
-  from metasae_jax.config import TrainConfig
+  from metasae_jax.core.config import TrainConfig
   return TrainConfig(d_model=F.d_model, width=F.width, k=F.k, meta_width=F.meta_width, meta_k=F.meta_k,
                      batch_size=F.batch_size, **overrides)
 
@@ -45,8 +45,10 @@ def _emit(line: dict) -> None:
 def naive_train(store_path: str, out_dir: str, steps: int) -> None:
   """The straightforward trainer, end to end: store → naive steps (joint, solo, meta) → artifacts."""
   import jax
-  from metasae_jax import data, naive, store, trainer
-  from metasae_jax.train_step import init_train_state
+  from metasae_jax.training import data, trainer
+  from metasae_jax.core import naive
+  from metasae_jax.storage import store
+  from metasae_jax.core.train_step import init_train_state
   st = store.open_store(store_path)
   config = _config()
   source = data.BatchSource(st, config.batch_size, config.seed, 1)
@@ -58,7 +60,7 @@ def naive_train(store_path: str, out_dir: str, steps: int) -> None:
 
 
 def end_to_end(steps: int) -> dict:
-  from metasae_jax import synthetic
+  from metasae_jax.storage import synthetic
   work = F.workdir or tempfile.mkdtemp(prefix="metasae-bench-")
   store_path = os.path.join(work, "store")
   if not os.path.exists(os.path.join(store_path, "manifest.json")):
@@ -94,16 +96,16 @@ def main(argv):
     naive_train(F._naive_train, F._out, F.e2e_steps)
     return
   if "steps" in F.what:
-    from metasae_jax import benchmarking
+    from metasae_jax.workflows import benchmarking
     for impl in F.impl:
       _emit(dict(what="steps", **benchmarking.measure(_config(), impl, F.steps)))
   if "end_to_end" in F.what:
     _emit(end_to_end(F.e2e_steps))
   if "phi" in F.what:
-    from metasae_jax import cooccurrence
+    from metasae_jax.evaluation import cooccurrence
     _emit(dict(what="phi", **cooccurrence.benchmark_phi()))
   if "export" in F.what:
-    from metasae_jax import export
+    from metasae_jax.lm import export
     _emit(dict(what="export", **export.benchmark_export(export.ExportConfig(out_dir="unused"))))
 
 

@@ -4,7 +4,7 @@ import sys
 
 from absl import app, logging
 
-from metasae_jax.errors import UserError
+from metasae_jax.core.errors import UserError
 
 
 def run(main) -> None:

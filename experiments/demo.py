@@ -8,7 +8,7 @@ Rerunning reuses every finished stage.
 from absl import flags
 
 from experiments import cli, configs
-from metasae_jax.pipeline import run_pipeline
+from metasae_jax.workflows.pipeline import run_pipeline
 
 F = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Where the store, the run and the report go.")

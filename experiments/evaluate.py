@@ -6,7 +6,7 @@ python -m experiments.evaluate --run_dir RUN --activations HELDOUT_STORE [--mode
 from absl import flags
 
 from experiments import cli
-from metasae_jax import evaluation
+from metasae_jax.evaluation import evaluate as evaluation
 
 _D = evaluation.EvalConfig(run_dir="", activations="")
 

@@ -11,9 +11,9 @@ import sys
 from absl import app
 from absl import flags
 
-from metasae_jax import export
-from metasae_jax import models
-from metasae_jax.errors import UserError
+from metasae_jax.lm import export
+from metasae_jax.lm import models
+from metasae_jax.core.errors import UserError
 
 _DEFAULTS = export.ExportConfig(out_dir="-")
 

@@ -9,7 +9,7 @@ Writes OUT/joint and OUT/solo, each loadable with `sae_lens.SAE.load_from_disk` 
 from absl import flags
 
 from experiments import cli
-from metasae_jax import interop
+from metasae_jax.storage import interop
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Run directory written by experiments.train (joint/, solo/).")
 _FORMAT = flags.DEFINE_enum("format", "saelens", list(interop.FORMATS), "Target library's on-disk layout.")

@@ -11,8 +11,9 @@ import torch
 from absl import flags
 
 from experiments import cli
-from metasae_jax import load_sae, models
-from metasae_jax.errors import UserError
+from metasae_jax import load_sae
+from metasae_jax.lm import models
+from metasae_jax.core.errors import UserError
 
 F = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "Run directory holding joint/ and solo/ SAE artifacts.")

@@ -12,8 +12,8 @@ import json
 from absl import flags
 
 from experiments import cli, configs
-from metasae_jax.errors import UserError
-from metasae_jax.pipeline import estimate_cost, run_pipeline
+from metasae_jax.core.errors import UserError
+from metasae_jax.workflows.pipeline import estimate_cost, run_pipeline
 
 F = flags.FLAGS
 flags.DEFINE_string("preset", None, f"One of: {', '.join(configs.names())}.")

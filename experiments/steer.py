@@ -8,8 +8,9 @@ import os
 from absl import flags
 
 from experiments import cli
-from metasae_jax import load_sae, models, steering
-from metasae_jax.errors import UserError
+from metasae_jax import load_sae
+from metasae_jax.lm import models, steering
+from metasae_jax.core.errors import UserError
 
 F = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "Run directory holding joint/ and solo/ SAE artifacts.")

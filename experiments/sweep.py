@@ -15,7 +15,7 @@ from absl import flags
 
 from experiments import cli
 from experiments import train  # noqa: F401  (defines every training flag, which the sweep passes on)
-from metasae_jax import sweep
+from metasae_jax.workflows import sweep
 
 F = flags.FLAGS
 # The sweep varies these two over a grid; every other training flag is shared by all points.

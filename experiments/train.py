@@ -8,10 +8,10 @@ Rerunning the same command resumes from the latest checkpoint.
 from absl import flags
 
 from experiments import cli
-from metasae_jax import sharding
-from metasae_jax.config import TrainConfig
-from metasae_jax.store import read_manifest
-from metasae_jax.trainer import RunConfig, train_and_save
+from metasae_jax.training import sharding
+from metasae_jax.core.config import TrainConfig
+from metasae_jax.storage.store import read_manifest
+from metasae_jax.training.trainer import RunConfig, train_and_save
 
 F = flags.FLAGS
 flags.DEFINE_string("activations", None, "Activation store directory (metasae-activations/1).")

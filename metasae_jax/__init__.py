@@ -1,8 +1,8 @@
 """metasae-jax: joint training of a primary BatchTopK SAE with a meta SAE (MetaSAEs) in JAX."""
 
-from metasae_jax.config import TrainConfig
-from metasae_jax.errors import UserError
-from metasae_jax.inference import SAE, load_sae
-from metasae_jax.train_step import SAEState, TrainState, init_train_state, train_step
+from metasae_jax.core.config import TrainConfig
+from metasae_jax.core.errors import UserError
+from metasae_jax.storage.inference import SAE, load_sae
+from metasae_jax.core.train_step import SAEState, TrainState, init_train_state, train_step
 
 __all__ = ["SAE", "load_sae", "TrainConfig", "TrainState", "SAEState", "UserError", "init_train_state", "train_step"]

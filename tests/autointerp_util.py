@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from metasae_jax import artifact, store as store_lib
+from metasae_jax.storage import artifact, store as store_lib
 
 WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "red", "blue", "big", "small", "ran", "and",
          "yes", "no"] + [str(i) for i in range(11)]

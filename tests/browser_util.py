@@ -71,7 +71,7 @@ def shown_text(ctx: dict, vocab: dict) -> str:
 
 def dense_acts(run_dir: str, store_dir: str, batch_size: int) -> dict:
   """{sae: acts [T, N] over all store tokens}, encoded in the streamer's batches (0 at skipped positions)."""
-  from metasae_jax import loaded_sae, store as store_lib
+  from metasae_jax.storage import loaded_sae, store as store_lib
   store = store_lib.open_store(store_dir)
   acts = np.concatenate([s.acts_TxD for s in store.shards]).astype(np.float32)
   kept = np.flatnonzero(np.arange(len(acts)) % store.context_len >= 1)

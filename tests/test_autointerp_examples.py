@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metasae_jax import sae, store as store_lib
-from metasae_jax.autointerp import examples as ex
-from metasae_jax.autointerp.encoder import SaeEncoder
-from metasae_jax.autointerp.layout import TokenLayout, gather_rows
+from metasae_jax.core import sae
+from metasae_jax.storage import store as store_lib
+from metasae_jax.evaluation import examples as ex
+from metasae_jax.evaluation.encoder import SaeEncoder
+from metasae_jax.storage.layout import TokenLayout, gather_rows
 from tests import autointerp_util as util
 
 BATCH = 100  # does not divide the 15 kept tokens per context: batches straddle contexts and shards

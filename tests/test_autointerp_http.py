@@ -7,7 +7,7 @@ import pytest
 from metasae_jax.autointerp import scorers
 from metasae_jax.autointerp.backends import BackendError, OpenAIBackend, make_backend
 from metasae_jax.autointerp.cache import CachedBackend
-from metasae_jax.errors import UserError
+from metasae_jax.core.errors import UserError
 from tests import autointerp_util as util
 
 MSG = [{"role": "user", "content": "How strongly? Answer with one number"}]

@@ -8,7 +8,7 @@ import pytest
 from metasae_jax.autointerp.backends import LocalBackend
 from metasae_jax.autointerp.config import AutointerpConfig
 from metasae_jax.autointerp.pipeline import run_autointerp
-from metasae_jax.errors import UserError
+from metasae_jax.core.errors import UserError
 from tests import autointerp_util as util
 
 

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from metasae_jax import store, synthetic
-from metasae_jax.config import TrainConfig
-from metasae_jax.trainer import RunConfig, train_and_save
+from metasae_jax.storage import store, synthetic
+from metasae_jax.core.config import TrainConfig
+from metasae_jax.training.trainer import RunConfig, train_and_save
 from tests.conftest import REPO
 
 D = 16

@@ -11,7 +11,7 @@ import pytest
 
 from metasae_jax.browser import data as data_lib
 from metasae_jax.browser import page, select
-from metasae_jax.errors import UserError
+from metasae_jax.core.errors import UserError
 from tests import autointerp_util as au
 from tests import browser_util as bu
 
@@ -41,7 +41,7 @@ def dense(run):
 
 
 def test_counts_and_contexts_match_dense_recomputation(run, built, dense):
-  from metasae_jax.store import open_store
+  from metasae_jax.storage.store import open_store
   store = open_store(run[1])
   tokens = np.concatenate([s.tokens_T for s in store.shards])
   assert built["meta"]["num_tokens"] == 480

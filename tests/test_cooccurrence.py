@@ -1,4 +1,4 @@
-"""Tests for metasae_jax.cooccurrence against brute-force numpy φ (Pearson r of binary firings).
+"""Tests for metasae_jax.evaluation.cooccurrence against brute-force numpy φ (Pearson r of binary firings).
 
 Legend: T = tokens, N = latents.
 """
@@ -8,8 +8,8 @@ import itertools
 import numpy as np
 import pytest
 
-from metasae_jax import cooccurrence
-from metasae_jax.firings import from_index_lists
+from metasae_jax.evaluation import cooccurrence
+from metasae_jax.evaluation.firings import from_index_lists
 
 
 def _random_firings(t, n, k, seed):

@@ -11,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metasae_jax import atomic, checkpoint, data, export, store, synthetic, trainer
-from metasae_jax.config import TrainConfig
-from metasae_jax.errors import UserError
-from metasae_jax.trainer import RunConfig, train_and_save
+from metasae_jax.storage import atomic, store, synthetic
+from metasae_jax.training import checkpoint, data, trainer
+from metasae_jax.lm import export
+from metasae_jax.core.config import TrainConfig
+from metasae_jax.core.errors import UserError
+from metasae_jax.training.trainer import RunConfig, train_and_save
 from tests.conftest import REPO
 from tests.test_export import C, _sentences, model_dir  # noqa: F401  (model_dir is a fixture)
 

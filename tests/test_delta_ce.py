@@ -1,4 +1,4 @@
-"""Tests for metasae_jax.delta_ce on a tiny random Llama (no downloads) with hand-built SAEs.
+"""Tests for metasae_jax.lm.delta_ce on a tiny random Llama (no downloads) with hand-built SAEs.
 
 Legend: C = contexts, L = context_len, D = d_model, N = latents.
 """
@@ -8,7 +8,8 @@ import pytest
 import torch
 import transformers
 
-from metasae_jax import artifact, delta_ce, loaded_sae, models, store
+from metasae_jax.storage import artifact, loaded_sae, store
+from metasae_jax.lm import delta_ce, models
 
 L, D, V = 8, 16, 24
 
@@ -90,7 +91,7 @@ def test_zero_ablation_matches_manual_hook(tmp_path, model):
 
 
 def test_store_without_tokens_is_user_error(tmp_path, model):
-  from metasae_jax.errors import UserError
+  from metasae_jax.core.errors import UserError
   st = store.write_store(str(tmp_path / "notok"), np.zeros((16, D), np.float32), context_len=L)
   with pytest.raises(UserError, match="no tokens"):
     delta_ce.cross_entropies(model, models.decoder_layers(model)[0], "resid_pre", st, {}, 1,

@@ -1,4 +1,4 @@
-"""End-to-end test of metasae_jax.evaluation / experiments.evaluate on a tiny synthetic run directory.
+"""End-to-end test of metasae_jax.evaluation.evaluate / experiments.evaluate on a tiny synthetic run directory.
 
 Legend: T = tokens, D = d_model, N = latents.
 """
@@ -12,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from metasae_jax import artifact, evaluation, store
-from metasae_jax.errors import UserError
+from metasae_jax.storage import artifact, store
+from metasae_jax.evaluation import evaluate as evaluation
+from metasae_jax.core.errors import UserError
 
 D, N, K, L = 8, 16, 3, 8
 
@@ -79,7 +80,7 @@ def test_binary_prints_one_line_error(tmp_path):
 def test_delta_ce_wired_through_evaluation(tmp_path, monkeypatch):
   import torch
   import transformers
-  from metasae_jax import models
+  from metasae_jax.lm import models
   run, _ = _run_dir(tmp_path)
   torch.manual_seed(0)
   lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(

@@ -23,11 +23,11 @@ from transformers import LlamaConfig
 from transformers import LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 
-from metasae_jax import corpus
-from metasae_jax import export
-from metasae_jax import models
-from metasae_jax import store
-from metasae_jax.errors import UserError
+from metasae_jax.lm import corpus
+from metasae_jax.lm import export
+from metasae_jax.lm import models
+from metasae_jax.storage import store
+from metasae_jax.core.errors import UserError
 
 WORDS = ("the cat sat on a mat while one dog ran far away and two birds sang "
          "over green hills near old towns . !").split()

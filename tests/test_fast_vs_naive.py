@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import metasae_jax
-from metasae_jax import naive, synthetic
+from metasae_jax.core import naive
+from metasae_jax.storage import synthetic
 
 # width 1280: wide enough for the sparse slot path (num_candidates * SPARSE_MIN_RATIO <= width).
 CFG = metasae_jax.TrainConfig(d_model=16, width=1280, k=4, meta_width=8, meta_k=2, batch_size=128, seed=0,

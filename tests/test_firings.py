@@ -1,11 +1,11 @@
-"""Tests for metasae_jax.firings: the sparse record equals the dense activations it was built from.
+"""Tests for metasae_jax.evaluation.firings: the sparse record equals the dense activations it was built from.
 
 Legend: B = tokens in a batch, N = latents.
 """
 
 import numpy as np
 
-from metasae_jax import firings
+from metasae_jax.evaluation import firings
 
 
 def test_recorder_roundtrip():

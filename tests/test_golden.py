@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metasae_jax import losses, meta, optimizer, sae
+from metasae_jax.core import losses, meta, optimizer, sae
 
 
 def _params(ref, prefix):

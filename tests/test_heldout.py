@@ -1,4 +1,4 @@
-"""Tests for metasae_jax.heldout: the skip rule, batching across shards, token counts.
+"""Tests for metasae_jax.storage.heldout: the skip rule, batching across shards, token counts.
 
 Legend: T = tokens, L = context_len.
 """
@@ -6,8 +6,8 @@ Legend: T = tokens, L = context_len.
 import numpy as np
 import pytest
 
-from metasae_jax import heldout, store
-from metasae_jax.errors import UserError
+from metasae_jax.storage import heldout, store
+from metasae_jax.core.errors import UserError
 
 
 def test_skip_ignored_for_context_len_one(tmp_path):

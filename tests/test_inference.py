@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import metasae_jax
-from metasae_jax import artifact, sae
+from metasae_jax.storage import artifact
+from metasae_jax.core import sae
 
 
 @pytest.fixture

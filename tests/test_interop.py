@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from metasae_jax import artifact, interop, sae
-from metasae_jax.errors import UserError
+from metasae_jax.storage import artifact, interop
+from metasae_jax.core import sae
+from metasae_jax.core.errors import UserError
 from tests.conftest import REPO
 
 D, N, K = 16, 64, 4

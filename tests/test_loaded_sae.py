@@ -1,4 +1,4 @@
-"""Tests for metasae_jax.loaded_sae: d_model mismatch and missing thresholds are user errors.
+"""Tests for metasae_jax.storage.loaded_sae: d_model mismatch and missing thresholds are user errors.
 
 Legend: D = d_model, N = latents.
 """
@@ -6,8 +6,8 @@ Legend: D = d_model, N = latents.
 import numpy as np
 import pytest
 
-from metasae_jax import artifact, loaded_sae
-from metasae_jax.errors import UserError
+from metasae_jax.storage import artifact, loaded_sae
+from metasae_jax.core.errors import UserError
 
 
 def _sae(tmp_path, d=5, n=12, k=2):

@@ -1,4 +1,4 @@
-"""Tests for metasae_jax.matching: Hungarian vs brute-force permutations, split candidates on planted data.
+"""Tests for metasae_jax.evaluation.matching: Hungarian vs brute-force permutations, split candidates on planted data.
 
 Legend: T = tokens, N = joint latents, M = solo latents, D = d_model.
 """
@@ -7,8 +7,9 @@ import itertools
 
 import numpy as np
 
-from metasae_jax import cooccurrence, matching, store
-from metasae_jax.firings import Firings, from_index_lists
+from metasae_jax.evaluation import cooccurrence, matching
+from metasae_jax.storage import store
+from metasae_jax.evaluation.firings import Firings, from_index_lists
 
 
 def test_hungarian_matches_brute_force():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metasae_jax import meta, sae
+from metasae_jax.core import meta, sae
 
 
 def _setup(seed=0, n=24, d=8, m=6, meta_k=2):

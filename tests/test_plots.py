@@ -1,4 +1,4 @@
-"""Tests for metasae_jax.plots: every plot is written as a PNG, also with missing metrics.
+"""Tests for metasae_jax.evaluation.plots: every plot is written as a PNG, also with missing metrics.
 
 Legend: N = latents.
 """
@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 
-from metasae_jax import cooccurrence, plots
-from metasae_jax.firings import from_index_lists
+from metasae_jax.evaluation import cooccurrence, plots
+from metasae_jax.evaluation.firings import from_index_lists
 
 
 def test_write_all(tmp_path):

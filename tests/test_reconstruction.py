@@ -1,4 +1,4 @@
-"""Tests for metasae_jax.reconstruction and the held-out skip rule against brute-force numpy.
+"""Tests for metasae_jax.evaluation.reconstruction and the held-out skip rule against brute-force numpy.
 
 Legend: T = tokens, D = d_model, N = latents.
 """
@@ -6,7 +6,8 @@ Legend: T = tokens, D = d_model, N = latents.
 import numpy as np
 import pytest
 
-from metasae_jax import artifact, loaded_sae, reconstruction, store
+from metasae_jax.storage import artifact, loaded_sae, store
+from metasae_jax.evaluation import reconstruction
 
 
 def _sae(tmp_path, d=5, n=12, k=2, seed=0):

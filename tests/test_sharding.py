@@ -14,9 +14,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from metasae_jax import artifact, synthetic
-from metasae_jax.config import TrainConfig
-from metasae_jax.trainer import RunConfig, train_and_save
+from metasae_jax.storage import artifact, synthetic
+from metasae_jax.core.config import TrainConfig
+from metasae_jax.training.trainer import RunConfig, train_and_save
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = TrainConfig(d_model=16, width=64, k=4, meta_width=6, meta_k=2, batch_size=128, seed=0,
@@ -88,9 +88,10 @@ def test_pmap_and_shard_map_steps_equal_global_jit():
     import numpy as np
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from metasae_jax import synthetic, topk
-    from metasae_jax.config import TrainConfig
-    from metasae_jax.train_step import init_train_state, train_step
+    from metasae_jax.storage import synthetic
+    from metasae_jax.core import topk
+    from metasae_jax.core.config import TrainConfig
+    from metasae_jax.core.train_step import init_train_state, train_step
 
     n = jax.device_count()
     # dead_after_batches=1 makes latents dead from step 2 on, so AuxK runs under the axis too.
@@ -150,9 +151,9 @@ def test_pmap_and_shard_map_steps_equal_global_jit():
 @pytest.mark.parametrize("devices", [8, 4])
 def test_trainer_on_n_devices_equals_one_device(store_path, one_device_run, tmp_path, devices):
   out = _python(f"""
-    from metasae_jax.config import TrainConfig
-    from metasae_jax.errors import UserError
-    from metasae_jax.trainer import RunConfig, train_and_save
+    from metasae_jax.core.config import TrainConfig
+    from metasae_jax.core.errors import UserError
+    from metasae_jax.training.trainer import RunConfig, train_and_save
     cfg = TrainConfig(**{CFG.to_dict()!r})
     run = RunConfig(activations={store_path!r}, out_dir={str(tmp_path / "r")!r}, num_tokens={STEPS * 128},
                     checkpoint_every_steps=2, log_every_steps=1, progress=False)
@@ -184,7 +185,8 @@ def _free_port() -> int:
 # tripwire, so the run fails if anything but process 0 writes those files.
 _TRIPWIRED_TRAIN = """
 import sys
-from metasae_jax import artifact, atomic, trainer
+from metasae_jax.storage import artifact, atomic
+from metasae_jax.training import trainer
 
 def tripwire(*args, **kwargs):
   raise RuntimeError(f"process 1 wrote {args[:1]}")

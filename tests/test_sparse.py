@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metasae_jax import losses, sae, sparse, topk
+from metasae_jax.core import losses, sae, sparse, topk
 
 
 def _setup(b=64, d=12, n=80, c=8, seed=0):

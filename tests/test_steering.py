@@ -7,7 +7,9 @@ import torch
 import transformers
 
 import metasae_jax
-from metasae_jax import artifact, models, sae, steering
+from metasae_jax.storage import artifact
+from metasae_jax.lm import models, steering
+from metasae_jax.core import sae
 
 LAYER = 1
 

@@ -6,8 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from metasae_jax import data, store
-from metasae_jax.errors import UserError
+from metasae_jax.training import data
+from metasae_jax.storage import store
+from metasae_jax.core.errors import UserError
 
 
 def _good(tmp_path, n=256, d=8, context_len=16, dtype=np.float32, tokens=True):

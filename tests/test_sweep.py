@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from metasae_jax import synthetic, sweep
+from metasae_jax.storage import synthetic
+from metasae_jax.workflows import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_FLAGS = ["--width=64", "--k=4", "--meta_width=6", "--meta_k=2", "--batch_size=128",

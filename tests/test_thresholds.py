@@ -1,4 +1,4 @@
-"""Tests for metasae_jax.thresholds against a brute-force numpy equal-error-rate search.
+"""Tests for metasae_jax.evaluation.thresholds against a brute-force numpy equal-error-rate search.
 
 Legend: T = tokens, B = batch, D = d_model, N = latents.
 """
@@ -6,7 +6,8 @@ Legend: T = tokens, B = batch, D = d_model, N = latents.
 import numpy as np
 import pytest
 
-from metasae_jax import artifact, loaded_sae, store, thresholds
+from metasae_jax.storage import artifact, loaded_sae, store
+from metasae_jax.evaluation import thresholds
 
 
 def _make(tmp_path, t=96, d=6, n=10, k=3, seed=0, context_len=4):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metasae_jax import losses, sae, topk
+from metasae_jax.core import losses, sae, topk
 
 
 def _pre(seed, b, n):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import metasae_jax
-from metasae_jax import optimizer
+from metasae_jax.core import optimizer
 
 CFG = metasae_jax.TrainConfig(d_model=32, width=128, k=4, meta_width=12, meta_k=2, lambda2=0.3,
                               sigma_sq=1.0, batch_size=256, seed=0, n_primary_steps=3, n_meta_steps=2)
@@ -103,7 +103,7 @@ def test_meta_sae_trains_only_on_schedule():
 
 
 def test_five_line_api_lowers_the_loss():
-  from metasae_jax import synthetic
+  from metasae_jax.storage import synthetic
   x = jnp.asarray(synthetic.sparse_activations(2048, 32, num_features=64, seed=0))
   config = metasae_jax.TrainConfig(d_model=32, width=128, k=4, meta_width=12, meta_k=2, lambda2=0.3,
                                    sigma_sq=1.0, batch_size=256, seed=0, lr=3e-3)

@@ -8,10 +8,11 @@ import os
 import numpy as np
 import pytest
 
-from metasae_jax import artifact, data, synthetic
-from metasae_jax.config import TrainConfig
-from metasae_jax.errors import UserError
-from metasae_jax.trainer import RunConfig, train_and_save
+from metasae_jax.storage import artifact, synthetic
+from metasae_jax.training import data
+from metasae_jax.core.config import TrainConfig
+from metasae_jax.core.errors import UserError
+from metasae_jax.training.trainer import RunConfig, train_and_save
 
 CFG = TrainConfig(d_model=16, width=64, k=4, meta_width=6, meta_k=2, batch_size=128, seed=0,
                   n_primary_steps=2, n_meta_steps=2, lr=1e-3)

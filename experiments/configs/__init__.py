@@ -1,9 +1,9 @@
-"""Experiment presets: `get(name)` returns a `metasae_jax.pipeline.Preset`."""
+"""Experiment presets: `get(name)` returns a `metasae_jax.workflows.pipeline.Preset`."""
 
 import importlib
 import pkgutil
 
-from metasae_jax.errors import UserError
+from metasae_jax.core.errors import UserError
 
 
 def names() -> list[str]:

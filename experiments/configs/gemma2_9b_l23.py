@@ -1,6 +1,6 @@
 """The paper's second setting: Gemma 2 9B, layer 23, width 65536, L0 100, 75M tokens, 3 x 2 grid."""
 
-from metasae_jax.pipeline import Preset
+from metasae_jax.workflows.pipeline import Preset
 
 PRESET = Preset(
     name="gemma2_9b_l23",

@@ -1,6 +1,6 @@
 """The paper's main setting: GPT-2 large, resid_pre of layer 20, FineWeb sample-10BT, 100M tokens, 3 x 3 grid."""
 
-from metasae_jax.pipeline import Preset
+from metasae_jax.workflows.pipeline import Preset
 
 PRESET = Preset(
     name="gpt2_large_l20",

@@ -1,6 +1,6 @@
 """What `make demo` runs: SmolLM2-135M (offline GGUF), layer 15, the builtin corpus, about 12 minutes on 2 cores."""
 
-from metasae_jax.pipeline import Preset
+from metasae_jax.workflows.pipeline import Preset
 
 PRESET = Preset(
     name="smollm2_demo",

@@ -1,6 +1,6 @@
 """A CPU test preset: the built-in model at an early layer, a few thousand tokens, a 2-point grid. Minutes."""
 
-from metasae_jax.pipeline import Preset
+from metasae_jax.workflows.pipeline import Preset
 
 PRESET = Preset(
     name="tiny",

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from typing import Optional, Protocol, Sequence
 
-from metasae_jax.errors import UserError
+from metasae_jax.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class LocalBackend:
 
   def _load(self):
     if self._lm is None:
-      from metasae_jax import models  # pylint: disable=g-import-not-at-top
+      from metasae_jax.lm import models  # pylint: disable=g-import-not-at-top
       log.info("loading explainer/scorer model %s", self.model_name)
       self._lm = models.load_model(self.model_name)
     return self._lm

@@ -5,7 +5,7 @@ import json
 import os
 from typing import Sequence
 
-from metasae_jax import atomic
+from metasae_jax.storage import atomic
 from metasae_jax.autointerp.backends import Backend, Completion
 
 

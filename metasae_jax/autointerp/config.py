@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from metasae_jax.errors import UserError
+from metasae_jax.core.errors import UserError
 
 DEFAULT_LLM = "local:smollm2-135m-gguf"
 

@@ -12,17 +12,17 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from metasae_jax import atomic
-from metasae_jax.autointerp import examples as ex
+from metasae_jax.storage import atomic
+from metasae_jax.evaluation import examples as ex
 from metasae_jax.autointerp import prompts, report, scorers, selection
 from metasae_jax.autointerp.backends import Backend, BackendError, LocalBackend, make_backend
 from metasae_jax.autointerp.cache import CachedBackend
 from metasae_jax.autointerp.config import AutointerpConfig
-from metasae_jax.autointerp.encoder import SaeEncoder
-from metasae_jax.autointerp.layout import TokenLayout
-from metasae_jax.autointerp.tokens import Detokenizer
-from metasae_jax.errors import UserError
-from metasae_jax.store import open_store
+from metasae_jax.evaluation.encoder import SaeEncoder
+from metasae_jax.storage.layout import TokenLayout
+from metasae_jax.lm.tokens import Detokenizer
+from metasae_jax.core.errors import UserError
+from metasae_jax.storage.store import open_store
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ Legend: N = latents of each SAE, D = d_model, P = matched pairs.
 
 import numpy as np
 
-from metasae_jax import matching
-from metasae_jax.errors import UserError
+from metasae_jax.evaluation import matching
+from metasae_jax.core.errors import UserError
 
 
 def match_pairs(w_dec_joint_NxD: np.ndarray, w_dec_solo_NxD: np.ndarray) -> np.ndarray:

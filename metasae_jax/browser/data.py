@@ -17,14 +17,14 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from metasae_jax import matching
-from metasae_jax.autointerp import examples as ex
-from metasae_jax.autointerp.encoder import SaeEncoder
-from metasae_jax.autointerp.layout import TokenLayout
-from metasae_jax.autointerp.tokens import Detokenizer
+from metasae_jax.evaluation import matching
+from metasae_jax.evaluation import examples as ex
+from metasae_jax.evaluation.encoder import SaeEncoder
+from metasae_jax.storage.layout import TokenLayout
+from metasae_jax.lm.tokens import Detokenizer
 from metasae_jax.browser import select
-from metasae_jax.errors import UserError
-from metasae_jax.store import open_store
+from metasae_jax.core.errors import UserError
+from metasae_jax.storage.store import open_store
 
 log = logging.getLogger(__name__)
 

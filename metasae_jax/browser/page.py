@@ -3,7 +3,7 @@
 import json
 import os
 
-from metasae_jax import atomic
+from metasae_jax.storage import atomic
 
 ASSETS = os.path.dirname(os.path.abspath(__file__))
 PAGE = "index.html"

@@ -1,0 +1,84 @@
+"""Training configuration: one frozen dataclass, validated on construction."""
+
+import dataclasses
+
+from metasae_jax.core.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """Joint MetaSAE + solo baseline training. Defaults are the paper's unless noted."""
+
+  d_model: int
+  """Input width D (576 for SmolLM2-135M, 1280 for GPT-2 large)."""
+  width: int
+  """Primary SAE latents N (paper: 20480 on GPT-2 large)."""
+  k: int = 64
+  """Mean active latents per token; BatchTopK keeps k*B per batch (paper: 64)."""
+  meta_width: int = 0
+  """Meta SAE latents M; 0 means round(0.09 * width), the paper's ratio 1800/20480."""
+  meta_k: int = 8
+  """Active meta latents per decoder row (paper: 8)."""
+  lambda2: float = 0.3
+  """Decomposability penalty weight λ₂ (paper's selected configuration: 0.3); 0 disables it."""
+  sigma_sq: float = 1.0
+  """Penalty bandwidth σ² in p_i = exp(-||w_i - ŵ_i||² / σ²) (paper: 1.0)."""
+  penalty_grad: str = "stop"
+  """"stop": ŵ is a constant (the paper); "through": gradients flow through the frozen meta SAE."""
+  n_primary_steps: int = 10
+  """Primary steps between meta phases (paper: 10)."""
+  n_meta_steps: int = 5
+  """Meta SAE steps per meta phase, on the whole W_dec as one batch (paper: 5)."""
+  batch_size: int = 4096
+  """Tokens per global batch B (paper: ~4096)."""
+  lr: float = 3e-4
+  """Adam learning rate for all SAEs (reference: 3e-4, no schedule)."""
+  b1: float = 0.9
+  """Adam β1 (reference)."""
+  b2: float = 0.99
+  """Adam β2 (reference)."""
+  aux_k: int = 512
+  """Dead latents each token may use in the AuxK loss (reference: 512)."""
+  aux_coeff: float = 1 / 32
+  """AuxK loss weight (reference: 1/32)."""
+  dead_after_batches: int = 5
+  """A latent is dead after this many batches without firing (reference: 5)."""
+  seed: int = 0
+  """Seed for initialisation; the solo SAE starts from the same init as the joint primary."""
+  baseline: bool = True
+  """Train the solo SAE (no meta SAE, no penalty) in lockstep on identical batches."""
+  activation: str = "batchtopk"
+  """Primary activation: "batchtopk" (the paper) or per-token "topk"."""
+
+  def __post_init__(self):
+    if self.meta_width == 0:
+      object.__setattr__(self, "meta_width", max(1, round(0.09 * self.width)))
+    checks = [
+        (self.d_model > 0, f"d_model must be positive, got {self.d_model}"),
+        (self.width > 0, f"width must be positive, got {self.width}"),
+        (0 < self.k < self.width, f"k must be in [1, width) = [1, {self.width}), got {self.k}"),
+        (0 < self.meta_width < self.width,
+         f"meta_width must be in [1, width) = [1, {self.width}), got {self.meta_width}"),
+        (0 < self.meta_k < self.meta_width,
+         f"meta_k must be in [1, meta_width) = [1, {self.meta_width}), got {self.meta_k}"),
+        (self.lambda2 >= 0, f"lambda2 must be >= 0, got {self.lambda2}"),
+        (self.sigma_sq > 0, f"sigma_sq must be > 0, got {self.sigma_sq}"),
+        (self.penalty_grad in ("stop", "through"),
+         f"penalty_grad must be 'stop' or 'through', got {self.penalty_grad!r}"),
+        (self.n_primary_steps > 0, f"n_primary_steps must be positive, got {self.n_primary_steps}"),
+        (self.n_meta_steps >= 0, f"n_meta_steps must be >= 0, got {self.n_meta_steps}"),
+        (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
+        (self.lr > 0, f"lr must be positive, got {self.lr}"),
+        (0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"b1, b2 must be in [0, 1), got {self.b1}, {self.b2}"),
+        (self.aux_k > 0, f"aux_k must be positive, got {self.aux_k}"),
+        (self.aux_coeff >= 0, f"aux_coeff must be >= 0, got {self.aux_coeff}"),
+        (self.dead_after_batches > 0, f"dead_after_batches must be positive, got {self.dead_after_batches}"),
+        (self.activation in ("batchtopk", "topk"),
+         f"activation must be 'batchtopk' or 'topk', got {self.activation!r}"),
+    ]
+    for ok, message in checks:
+      if not ok:
+        raise UserError(f"invalid training config: {message}.")
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)

@@ -1,0 +1,105 @@
+"""The BatchTopK sparse autoencoder (primary and meta share it): init, encode, decode.
+
+Legend: B = batch (tokens, or decoder rows for the meta SAE), D = input dim,
+N = latents.
+Params are a plain dict {"W_enc": [D, N], "b_enc": [N], "W_dec": [N, D], "b_dec": [D]},
+the SAELens tensor names, so what `train_step` sees is an ordinary pytree.
+"""
+
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from metasae_jax.core import topk
+
+# The reference adds this to the (unbiased) std before dividing.
+STD_EPS = 1e-5
+
+
+def standardize(x_BxD: jax.Array):
+  """Per-vector standardisation over D with the unbiased std (the reference's rule)."""
+  mean_Bx1 = jnp.mean(x_BxD, axis=-1, keepdims=True)
+  std_Bx1 = jnp.std(x_BxD, axis=-1, keepdims=True, ddof=1)
+  return (x_BxD - mean_Bx1) / (std_Bx1 + STD_EPS), mean_Bx1, std_Bx1
+
+
+def unstandardize(xs_BxD: jax.Array, mean_Bx1: jax.Array, std_Bx1: jax.Array) -> jax.Array:
+  """Maps back with x' * std + mean: the reference leaves the eps out here (the golden rows pin it)."""
+  return xs_BxD * std_Bx1 + mean_Bx1
+
+
+def normalize_rows(w_NxD: jax.Array) -> jax.Array:
+  return w_NxD / jnp.linalg.norm(w_NxD, axis=-1, keepdims=True)
+
+
+class SAE(nn.Module):
+  """Flax Linen BatchTopK SAE; `init` gives the reference initialisation."""
+  d_model: int
+  width: int
+
+  @nn.compact
+  def __call__(self, xs_BxD: jax.Array) -> jax.Array:
+    # torch's kaiming_uniform_ on a [D, N] tensor: fan_in = N, gain sqrt(2),
+    # bound sqrt(6 / N). W_dec starts as W_enc^T with unit-norm rows.
+    bound = (6.0 / self.width) ** 0.5
+    w_enc = self.param("W_enc", _uniform(bound), (self.d_model, self.width))
+    self.param("b_enc", nn.initializers.zeros, (self.width,))
+    w_dec = self.param("W_dec", lambda _rng, _shape: normalize_rows(w_enc.T), (self.width, self.d_model))
+    b_dec = self.param("b_dec", nn.initializers.zeros, (self.d_model,))
+    return jax.nn.relu((xs_BxD - b_dec) @ w_enc) @ w_dec + b_dec
+
+
+def _uniform(bound):
+  def init(rng, shape, dtype=jnp.float32):
+    return jax.random.uniform(rng, shape, dtype, -bound, bound)
+  return init
+
+
+def init_params(rng: jax.Array, d_model: int, width: int) -> dict:
+  """Reference initialisation as a plain dict of float32 arrays."""
+  variables = SAE(d_model, width).init(rng, jnp.zeros((1, d_model), jnp.float32))
+  return dict(variables["params"])
+
+
+class Forward(NamedTuple):
+  """Outputs of one forward pass; `_std` quantities live in standardised space."""
+  xs_BxD: jax.Array
+  pre_BxN: jax.Array
+  acts_BxN: jax.Array
+  recon_std_BxD: jax.Array
+  recon_BxD: jax.Array
+
+
+def pre_activations(params: dict, xs_BxD: jax.Array) -> jax.Array:
+  """ReLU((x' - b_dec) W_enc + b_enc); b_enc is zero and frozen in our training (BatchTopK has none).
+
+  Written as x' W_enc - b_dec W_enc so that b_dec's gradient through the encoder
+  is a [D, N] x [N] product of the summed gradient, not a sixth B x N x D matmul.
+  """
+  return jax.nn.relu(xs_BxD @ params["W_enc"] - params["b_dec"] @ params["W_enc"] + params["b_enc"])
+
+
+def decode_std(params: dict, acts_BxN: jax.Array) -> jax.Array:
+  return acts_BxN @ params["W_dec"] + params["b_dec"]
+
+
+def forward(params: dict, x_BxD: jax.Array, k: int, activation: str = "batchtopk",
+            input_norm: str = "standardize_per_token", axis_name: Optional[str] = None,
+            threshold_N: Optional[jax.Array] = None) -> Forward:
+  """Encodes and decodes a batch. With `threshold_N`, fires by calibrated thresholds instead."""
+  if input_norm == "standardize_per_token":
+    xs, mean, std = standardize(x_BxD)
+  elif input_norm == "none":
+    xs, mean, std = x_BxD, None, None
+  else:
+    raise ValueError(f"unknown input_norm {input_norm!r}")
+  pre = pre_activations(params, xs)
+  if threshold_N is not None:
+    acts = topk.threshold_activation(pre, threshold_N)
+  else:
+    acts = topk.activate(pre, activation, k, axis_name)
+  recon_std = decode_std(params, acts)
+  recon = recon_std if mean is None else unstandardize(recon_std, mean, std)
+  return Forward(xs, pre, acts, recon_std, recon)

@@ -1,0 +1,205 @@
+"""Co-occurrence of latent firings: mean |φ| over all pairs of live latents, and cross-φ between two SAEs.
+
+Legend: T = evaluation tokens, N = latents (M = the other SAE's), W = latents in a row block.
+φ_ij = (T·N11 − N1i·N1j) / sqrt(N1i(T−N1i)·N1j(T−N1j)) (DESIGN §2). Pairs that never co-occur
+have N11 = 0 but a nonzero φ, so every pair is visited: the N11 counts of a block of W rows come
+from one sparse product F[:, block]^T F (scipy, int counts) and become φ straight away, so no
+N x N matrix is ever held.
+"""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple, Optional
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.stats
+from tqdm import tqdm
+
+from metasae_jax.evaluation.firings import Firings, from_index_lists
+
+# Histogram of log10 |φ| (|φ| below 1e-7, including exact zeros, lands in the first bin).
+LOG10_MIN, LOG10_MAX, NUM_BINS = -7.0, 0.0, 140
+
+
+class PhiStats(NamedTuple):
+  """Moments, histogram and a uniform sample of |φ| over all unordered live pairs."""
+  mean_abs_phi: float
+  var_abs_phi: float
+  num_pairs: int
+  num_live: int
+  hist_counts: np.ndarray   # [NUM_BINS] over log10 |φ|
+  hist_edges: np.ndarray    # [NUM_BINS + 1] log10 edges
+  sample: np.ndarray        # |φ| of up to `sample_size` uniformly drawn pairs
+
+  def summary(self) -> dict:
+    return {"mean_abs_phi": self.mean_abs_phi, "var_abs_phi": self.var_abs_phi,
+            "num_pairs": self.num_pairs, "num_live": self.num_live}
+
+
+def live_mask(counts_N: np.ndarray, num_tokens: int) -> np.ndarray:
+  """Latents with a defined φ: fired at least once, and not on every token."""
+  return (counts_N > 0) & (counts_N < num_tokens)
+
+
+def phi_from_counts(n11, n1_row, n1_col, num_tokens: int) -> np.ndarray:
+  """Elementwise φ from co-occurrence counts (float64; undefined entries give nan)."""
+  t = float(num_tokens)
+  n1_row = np.asarray(n1_row, np.float64)
+  n1_col = np.asarray(n1_col, np.float64)
+  num = t * np.asarray(n11, np.float64) - n1_row[:, None] * n1_col[None, :]
+  den = np.sqrt((n1_row * (t - n1_row))[:, None] * (n1_col * (t - n1_col))[None, :])
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return num / den
+
+
+def _blocks(n: int, block: int):
+  return [(a, min(n, a + block)) for a in range(0, n, block)]
+
+
+def phi_stats(firings: Firings, block: int = 1024, sample_size: int = 100_000, seed: int = 0,
+              workers: int = 2, progress: bool = False) -> PhiStats:
+  """Exact mean and variance of |φ| over all unordered pairs of live latents."""
+  n, t = firings.width, firings.num_tokens
+  counts_N = firings.counts_N()
+  live_N = live_mask(counts_N, t)
+  num_live = int(live_N.sum())
+  num_pairs = num_live * (num_live - 1) // 2
+  edges = np.linspace(LOG10_MIN, LOG10_MAX, NUM_BINS + 1)
+  if num_pairs == 0:
+    return PhiStats(float("nan"), float("nan"), 0, num_live, np.zeros(NUM_BINS, np.int64), edges,
+                    np.zeros(0))
+  # Only live latents take part: drop the rest and renumber columns.
+  keep = np.flatnonzero(live_N)
+  f_csr = firings.csr()[:, keep].tocsr()
+  f_csc = f_csr.tocsc()
+  n1 = counts_N[keep]
+  p_sample = min(1.0, sample_size / num_pairs)
+
+  def one_block(ab):
+    a, b = ab
+    # Upper triangle only: rows a..b against columns a.. (the i < j pairs of this block).
+    n11_WxM = (f_csc[:, a:b].T.tocsr() @ f_csr[:, a:]).toarray()
+    phi = np.abs(phi_from_counts(n11_WxM, n1[a:b], n1[a:], t))
+    upper = np.arange(a, b)[:, None] < np.arange(a, num_live)[None, :]
+    vals = phi[upper]
+    hist = np.bincount(np.clip(((np.log10(np.maximum(vals, 1e-300)) - LOG10_MIN)
+                                / (LOG10_MAX - LOG10_MIN) * NUM_BINS).astype(np.int64), 0, NUM_BINS - 1),
+                       minlength=NUM_BINS)
+    rng = np.random.default_rng([seed, a])
+    sample = vals[rng.random(len(vals)) < p_sample] if p_sample < 1 else vals
+    return float(vals.sum()), float(np.square(vals).sum()), hist, sample
+
+  blocks = _blocks(num_live, block)
+  with ThreadPoolExecutor(max(1, workers)) as ex:
+    results = list(tqdm(ex.map(one_block, blocks), total=len(blocks), desc="phi", disable=not progress))
+  s1 = sum(r[0] for r in results)
+  s2 = sum(r[1] for r in results)
+  mean = s1 / num_pairs
+  var = max(0.0, (s2 - num_pairs * mean * mean) / max(1, num_pairs - 1))
+  hist = np.sum([r[2] for r in results], axis=0)
+  sample = np.concatenate([r[3] for r in results])
+  return PhiStats(mean, var, num_pairs, num_live, hist, edges, sample)
+
+
+def welch(a: PhiStats, b: PhiStats) -> tuple[float, float]:
+  """Welch's t-test of mean |φ| (a vs b) over pairs, from exact moments."""
+  if a.num_pairs < 2 or b.num_pairs < 2:
+    return float("nan"), float("nan")
+  res = scipy.stats.ttest_ind_from_stats(a.mean_abs_phi, np.sqrt(a.var_abs_phi), a.num_pairs,
+                                         b.mean_abs_phi, np.sqrt(b.var_abs_phi), b.num_pairs,
+                                         equal_var=False)
+  return float(res.statistic), float(res.pvalue)
+
+
+class CrossPhi(NamedTuple):
+  """For each latent s of SAE b: its `top` most correlated latents of SAE a, and how many pass `threshold`."""
+  top_idx_SxK: np.ndarray     # int64 indices into SAE a (-1 where undefined)
+  top_phi_SxK: np.ndarray     # float64, descending
+  num_above_S: np.ndarray     # int64, latents of a with cross-φ >= threshold
+  pair_phi: Optional[np.ndarray]  # cross-φ of the given (a, b) pairs
+
+
+def cross_phi(firings_a: Firings, firings_b: Firings, top: int = 8, threshold: float = 0.2,
+              pairs_a: Optional[np.ndarray] = None, pairs_b: Optional[np.ndarray] = None,
+              block: int = 1024, workers: int = 2, progress: bool = False) -> CrossPhi:
+  """Cross-φ between the firings of two SAEs on the same tokens (row s of b against all of a)."""
+  if not np.array_equal(firings_a.index_T, firings_b.index_T):
+    raise ValueError("cross-φ needs both SAEs' firings on the same tokens")
+  t = firings_a.num_tokens
+  n1_a, n1_b = firings_a.counts_N(), firings_b.counts_N()
+  fa_csr = firings_a.csr()
+  fb_csc = firings_b.csr().tocsc()
+  m, n_b = firings_a.width, firings_b.width
+  top = min(top, m)
+  top_idx = np.full((n_b, top), -1, np.int64)
+  top_phi = np.full((n_b, top), np.nan)
+  above = np.zeros(n_b, np.int64)
+  pair_phi = None if pairs_a is None else np.full(len(pairs_a), np.nan)
+  pair_of_b = {} if pairs_b is None else {int(s): i for i, s in enumerate(pairs_b)}
+
+  def one_block(ab):
+    a, b = ab
+    n11_WxM = (fb_csc[:, a:b].T.tocsr() @ fa_csr).toarray()
+    phi = phi_from_counts(n11_WxM, n1_b[a:b], n1_a, t)
+    phi_filled = np.where(np.isnan(phi), -np.inf, phi)
+    idx = np.argpartition(-phi_filled, top - 1, axis=1)[:, :top]
+    vals = np.take_along_axis(phi_filled, idx, axis=1)
+    order = np.argsort(-vals, axis=1)
+    idx, vals = np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
+    top_idx[a:b] = np.where(np.isfinite(vals), idx, -1)
+    top_phi[a:b] = np.where(np.isfinite(vals), vals, np.nan)
+    above[a:b] = (phi_filled >= threshold).sum(axis=1)
+    if pair_phi is not None:
+      for s in range(a, b):
+        if s in pair_of_b:
+          i = pair_of_b[s]
+          pair_phi[i] = phi[s - a, pairs_a[i]]
+
+  blocks = _blocks(n_b, block)
+  with ThreadPoolExecutor(max(1, workers)) as ex:
+    list(tqdm(ex.map(one_block, blocks), total=len(blocks), desc="cross-phi", disable=not progress))
+  return CrossPhi(top_idx, top_phi, above, pair_phi)
+
+
+def synthetic_firings(width: int, num_tokens: int, k: int, seed: int = 0, chunk: int = 65536) -> Firings:
+  """Random firings with Zipf-like latent frequencies, ~k distinct latents per token (benchmarks)."""
+  rng = np.random.default_rng(seed)
+  weights = 1.0 / (np.arange(width) + 50.0)
+  cdf = np.cumsum(weights / weights.sum())
+  perm = rng.permutation(width)
+  lens, lats = [], []
+  for start in range(0, num_tokens, chunk):
+    c = min(chunk, num_tokens - start)
+    draw = perm[np.minimum(np.searchsorted(cdf, rng.random((c, 2 * k))), width - 1)]
+    draw.sort(axis=1)
+    dup = np.zeros_like(draw, bool)
+    dup[:, 1:] = draw[:, 1:] == draw[:, :-1]
+    # Keep k of the distinct draws chosen at random (not the k smallest ids).
+    key = np.where(dup, 2.0, rng.random(draw.shape))
+    pick = np.argpartition(key, k - 1, axis=1)[:, :k]
+    keep = np.zeros_like(dup)
+    np.put_along_axis(keep, pick, True, axis=1)
+    keep &= ~dup
+    lens.append(keep.sum(axis=1))
+    lats.append(draw[keep].astype(np.int32))
+  lens = np.concatenate(lens)
+  lat = np.concatenate(lats)
+  return Firings(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), lat,
+                 np.ones(len(lat), np.float32), np.arange(num_tokens, dtype=np.int64), width)
+
+
+def benchmark_phi(width: int = 9216, num_tokens: int = 1_000_000, k: int = 64, seed: int = 0,
+                  workers: int = 2) -> dict:
+  """Times `phi_stats` on synthetic firings (target: 9216 latents, 1M tokens, k=64 under 60 s)."""
+  firings = synthetic_firings(width, num_tokens, k, seed)
+  start = time.perf_counter()
+  stats = phi_stats(firings, workers=workers, progress=True)
+  seconds = time.perf_counter() - start
+  return {"width": width, "num_tokens": num_tokens, "k": k,
+          "mean_l0": float(len(firings.latents_F) / num_tokens), "workers": workers,
+          "seconds": seconds, "mean_abs_phi": stats.mean_abs_phi, "num_pairs": stats.num_pairs}
+
+
+__all__ = ["PhiStats", "CrossPhi", "phi_stats", "cross_phi", "welch", "phi_from_counts", "live_mask",
+           "synthetic_firings", "benchmark_phi", "from_index_lists"]

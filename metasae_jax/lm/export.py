@@ -1,0 +1,248 @@
+"""Exports residual-stream activations of a causal LM over a corpus into a `metasae-activations/1` store.
+
+Legend: B = contexts per forward batch, C = context length, D = d_model,
+S = contexts in a shard, T = tokens (S * C).
+Contexts are deterministic, so an interrupted export resumes by skipping the
+contexts the manifest already holds; each shard is computed from batches that
+start at the shard's first context, so a resumed store equals an uninterrupted one.
+"""
+
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import os
+import tempfile
+import time
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import tqdm
+
+from metasae_jax.storage import atomic
+from metasae_jax.lm import corpus as corpus_lib
+from metasae_jax.lm import models
+from metasae_jax.storage import store as store_lib
+from metasae_jax.core.errors import UserError
+
+# Extra manifest key set once the corpus had no more whole contexts: reruns are then no-ops.
+EXHAUSTED = "corpus_exhausted"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """What to export and where; `out_dir` is required."""
+  out_dir: str
+  """Store directory; created if missing, resumed if it holds a store with the same settings."""
+  model: str = models.DEFAULT_MODEL
+  """The built-in default (SmolLM2-135M-Instruct GGUF, offline), a local model directory or an HF id."""
+  layer: int = 15
+  """Transformer block index, 0-based (15 = the middle of SmolLM2-135M's 30 blocks)."""
+  site: str = "resid_pre"
+  """`resid_pre` (input of block `layer`, the paper's site) or `resid_post` (its output)."""
+  corpus: str = corpus_lib.BUILTIN
+  """`builtin` (CPython docs, ~149k SmolLM2 tokens), .txt/.jsonl/.parquet file(s), or an HF dataset id."""
+  text_field: str = "text"
+  """Field holding the text in .jsonl/.parquet/HF-dataset rows."""
+  context_len: int = 128
+  """Tokens per context (the paper's 128)."""
+  batch_size: int = 8
+  """Contexts per forward pass (8 x 128 tokens keeps CPU memory small)."""
+  dtype: str = "float16"
+  """Stored activation dtype: float16 (half the disk) or float32. The model runs in float32."""
+  shard_tokens: int = 65536
+  """Tokens per shard file, rounded down to whole contexts (65536 x 576 float16 = 75 MB)."""
+  num_tokens: int = 1 << 20
+  """Tokens to export, rounded down to whole contexts; fewer if the corpus runs out first."""
+  progress: bool = True
+  """Show a tqdm progress bar (tokens/s) on stderr."""
+
+  def __post_init__(self):
+    if not self.out_dir:
+      raise UserError("--out_dir is required: the directory to write the activation store to.")
+    if self.site not in models.SITES:
+      raise UserError(f"--site {self.site!r} is not one of {models.SITES}.")
+    if self.dtype not in store_lib.DTYPES:
+      raise UserError(f"--dtype {self.dtype!r} is not one of {store_lib.DTYPES}.")
+    if self.layer < 0:
+      raise UserError(f"--layer {self.layer} must be >= 0.")
+    for name in ("context_len", "batch_size"):
+      if getattr(self, name) <= 0:
+        raise UserError(f"--{name} {getattr(self, name)} must be positive.")
+    for name in ("shard_tokens", "num_tokens"):
+      if getattr(self, name) < self.context_len:
+        raise UserError(f"--{name} {getattr(self, name)} is below --context_len {self.context_len}; "
+                        "pass at least one context's worth of tokens.")
+
+  @property
+  def contexts_per_shard(self) -> int:
+    return self.shard_tokens // self.context_len
+
+  @property
+  def target_tokens(self) -> int:
+    return self.num_tokens // self.context_len * self.context_len
+
+  def source(self) -> dict:
+    """The manifest's `source`: what identifies the activations (SAE cfg.json copies it)."""
+    return {"model": _model_id(self.model), "layer": self.layer, "site": self.site,
+            "corpus": corpus_lib.describe(self.corpus), "text_field": self.text_field,
+            "context_len": self.context_len}
+
+
+def _model_id(name: str) -> str:
+  return os.path.abspath(name) if name != models.DEFAULT_MODEL and os.path.isdir(name) else name
+
+
+def _check_existing(config: ExportConfig) -> Optional[dict]:
+  """The manifest of a resumable store at out_dir, None for a fresh directory; refuses anything else."""
+  path = config.out_dir
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"--out_dir {path} is a file. Pass a new or empty directory.")
+  if not os.path.isfile(os.path.join(path, store_lib.MANIFEST)):
+    if os.path.isdir(path) and [n for n in os.listdir(path) if not atomic.is_temp(n)]:
+      raise UserError(f"--out_dir {path} is not empty and holds no activation store. Pass a new "
+                      "or empty directory (nothing was written).")
+    return None
+  m = store_lib.read_manifest(path)
+  want = {"dtype": config.dtype, "context_len": config.context_len, "source": config.source()}
+  diffs = [f"{k}: store has {m.get(k)!r}, asked {v!r}" for k, v in want.items() if k != "source"
+           and m.get(k) != v]
+  have_src = m.get("source", {})
+  diffs += [f"source.{k}: store has {have_src.get(k)!r}, asked {v!r}"
+            for k, v in want["source"].items() if have_src.get(k) != v]
+  if diffs:
+    raise UserError(f"activation store {path} was made with other settings ({'; '.join(diffs)}). "
+                    "Rerun with the store's settings to resume it, or pass a new --out_dir "
+                    "(the existing store was left unchanged).")
+  if m["num_tokens"] % config.context_len:
+    raise UserError(f"activation store {path} holds {m['num_tokens']} tokens, not whole contexts "
+                    f"of {config.context_len}, so it cannot be resumed. Pass a new --out_dir.")
+  return m
+
+
+def _shard_contexts(ctx_iter: Iterator[np.ndarray], n: int) -> Optional[np.ndarray]:
+  got = list(itertools.islice(ctx_iter, n))
+  return np.stack(got) if got else None
+
+
+def _forward_shard(loaded: models.LoadedModel, config: ExportConfig, tokens_SxC: np.ndarray,
+                   bar: tqdm.tqdm) -> np.ndarray:
+  """Activations [S*C, D] of one shard, written straight into a buffer of the stored dtype."""
+  s, c = tokens_SxC.shape
+  acts_TxD = np.empty((s * c, loaded.d_model), dtype=config.dtype)
+  acts_SxCxD = torch.from_numpy(acts_TxD).view(s, c, loaded.d_model)
+  ids_SxC = torch.from_numpy(tokens_SxC.astype(np.int64))
+  with torch.inference_mode():
+    for b in range(0, s, config.batch_size):
+      h_BxCxD = models.capture_residual(loaded.model, ids_SxC[b:b + config.batch_size],
+                                        config.layer, config.site)
+      # One copy per batch: model dtype -> stored dtype, directly into the shard buffer.
+      acts_SxCxD[b:b + config.batch_size].copy_(h_BxCxD)
+      bar.update(h_BxCxD.shape[0] * c)
+  return acts_TxD
+
+
+def export_activations(config: ExportConfig,
+                       loaded: Optional[models.LoadedModel] = None) -> store_lib.Store:
+  """Writes (or resumes, or leaves as is) the activation store at `config.out_dir`."""
+  manifest = _check_existing(config)
+  atomic.remove_stale_temps(config.out_dir)  # shards or manifests cut short by a kill
+  target = config.target_tokens
+  if manifest is not None and (manifest["num_tokens"] >= target or manifest.get(EXHAUSTED)):
+    logging.info("%s already holds %d tokens (asked %d%s); nothing to do.", config.out_dir,
+                 manifest["num_tokens"], target,
+                 ", the whole corpus" if manifest.get(EXHAUSTED) else "")
+    return store_lib.open_store(config.out_dir)
+  ctx_source = corpus_lib.pieces(config.corpus, config.text_field)  # fails early on a bad corpus
+  if loaded is None:
+    loaded = models.load_model(config.model)
+  models.check_site(config.layer, config.site, loaded.num_layers)
+  if manifest is None:
+    os.makedirs(config.out_dir, exist_ok=True)
+    manifest = store_lib.new_manifest(loaded.d_model, config.dtype, config.context_len,
+                                      config.source())
+    store_lib.write_manifest(config.out_dir, manifest)
+  elif manifest["d_model"] != loaded.d_model:
+    raise UserError(f"activation store {config.out_dir} has d_model {manifest['d_model']} but "
+                    f"--model {config.model} has {loaded.d_model}. Pass a new --out_dir.")
+  manifest = store_lib.open_store(config.out_dir).manifest  # validates the shards already there
+  done = manifest["num_tokens"]
+  ctx_iter = itertools.islice(
+      corpus_lib.pack(ctx_source, loaded.tokenizer, config.context_len),
+      done // config.context_len, None)
+
+  bar = tqdm.tqdm(total=target, initial=done, unit="tok", unit_scale=True, desc="export",
+                  disable=not config.progress, smoothing=0.1)
+  # One writer thread: shard i is fsynced while shard i+1 is computed; at most two shards in
+  # memory. Leaving the `with` (also on Ctrl-C) waits for the pending shard, which then counts.
+  with bar, concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
+    pending, exhausted = None, False
+    while done < target:
+      tokens_SxC = _shard_contexts(ctx_iter, min(config.contexts_per_shard,
+                                                 (target - done) // config.context_len))
+      if tokens_SxC is None:
+        exhausted = True
+        break
+      acts_TxD = _forward_shard(loaded, config, tokens_SxC, bar)
+      if pending is not None:
+        manifest = pending.result()
+      pending = writer.submit(store_lib.append_shard, config.out_dir, manifest, acts_TxD,
+                              tokens_SxC.reshape(-1))
+      done += acts_TxD.shape[0]
+    if pending is not None:
+      manifest = pending.result()
+  if exhausted:
+    logging.warning("corpus %s ran out after %d tokens (asked %d).", config.corpus, done, target)
+    store_lib.write_manifest(config.out_dir, dict(manifest, **{EXHAUSTED: True}))
+  store = store_lib.open_store(config.out_dir)
+  if store.num_tokens == 0:
+    raise UserError(f"--corpus {config.corpus} has fewer than --context_len {config.context_len} "
+                    "tokens: no context was exported. Use a bigger corpus or a shorter context.")
+  return store
+
+
+def benchmark_export(config: ExportConfig, loaded: Optional[models.LoadedModel] = None,
+                     num_batches: int = 8, rounds: int = 2) -> dict:
+  """Exporter tokens/s vs the raw truncated forward's tokens/s on the same batches (into a temp dir)."""
+  if loaded is None:
+    loaded = models.load_model(config.model)
+  num_ctx = num_batches * config.batch_size
+  ctx = corpus_lib.contexts(config.corpus, loaded.tokenizer, config.context_len, config.text_field)
+  tokens_NxC = _shard_contexts(ctx, num_ctx)
+  if tokens_NxC is None or len(tokens_NxC) < num_ctx:
+    raise UserError(f"--corpus {config.corpus} has fewer than {num_ctx} contexts to benchmark on.")
+  ids_NxC = torch.from_numpy(tokens_NxC.astype(np.int64))
+  num_tokens = num_ctx * config.context_len
+
+  def raw_forward():
+    with torch.inference_mode():
+      for b in range(0, num_ctx, config.batch_size):
+        models.capture_residual(loaded.model, ids_NxC[b:b + config.batch_size], config.layer,
+                                config.site)
+
+  models.capture_residual(loaded.model, ids_NxC[:config.batch_size], config.layer,
+                          config.site)  # warm-up
+  # Alternate raw and export rounds and keep each one's best: other processes sharing the CPU
+  # slow whichever happens to run at the time. CPU time (all threads of this process) is less
+  # sensitive to them than wall time, so both are reported.
+  raw_s, export_s, raw_cpu, export_cpu = [], [], [], []
+  with tempfile.TemporaryDirectory() as tmp:
+    for r in range(rounds):
+      bench = dataclasses.replace(
+          config, out_dir=os.path.join(tmp, f"store{r}"), num_tokens=num_tokens, progress=False,
+          shard_tokens=max(config.context_len, min(config.shard_tokens, num_tokens // 2)))
+      t0, c0 = time.perf_counter(), time.process_time()
+      raw_forward()
+      t1, c1 = time.perf_counter(), time.process_time()
+      export_activations(bench, loaded)
+      t2, c2 = time.perf_counter(), time.process_time()
+      raw_s.append(t1 - t0)
+      export_s.append(t2 - t1)
+      raw_cpu.append(c1 - c0)
+      export_cpu.append(c2 - c1)
+  return {"num_tokens": num_tokens, "rounds": rounds,
+          "forward_tokens_per_s": num_tokens / min(raw_s),
+          "export_tokens_per_s": num_tokens / min(export_s),
+          "ratio": min(raw_s) / min(export_s),
+          "cpu_ratio": min(raw_cpu) / min(export_cpu)}

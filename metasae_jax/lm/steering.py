@@ -1,0 +1,98 @@
+"""Steering a live `transformers` model with SAE latents at the SAE's layer (PyTorch side).
+
+Legend: B = batch, L = positions in this forward call, D = d_model, N = latents.
+Modes per latent i:
+  add    — add α · w_i (its decoder row) to the residual stream;
+  clamp  — encode, set latent i to a value, decode, and add the SAE's error term
+           back, so every other latent and the unexplained part stay untouched;
+  ablate — clamp to 0.
+The first `skip_first_positions` positions of the sequence (attention sinks the
+SAE never saw) are left alone, also across cached generation steps.
+"""
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import torch
+
+from metasae_jax.lm import models
+from metasae_jax.lm.delta_ce import register_residual_edit
+from metasae_jax.core.errors import UserError
+from metasae_jax.storage.inference import SAE
+
+MODES = ("add", "clamp", "ablate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Edit:
+  """One latent intervention."""
+  latent: int
+  mode: str = "add"
+  value: float = 0.0
+  """α for "add", the clamped activation for "clamp", ignored for "ablate"."""
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise UserError(f"steering mode {self.mode!r} is not one of {MODES}.")
+
+
+def _check(sae: SAE, edits) -> None:
+  for e in edits:
+    if not 0 <= e.latent < sae.width:
+      raise UserError(f"latent {e.latent} is out of range for an SAE of width {sae.width}.")
+
+
+def edit_activations(sae: SAE, x_MxD: np.ndarray, edits) -> np.ndarray:
+  """The edited residual for M token vectors (numpy in, numpy out)."""
+  x = np.asarray(x_MxD, np.float32)
+  out = x.copy()
+  adds = [e for e in edits if e.mode == "add"]
+  for e in adds:
+    out += e.value * np.asarray(sae.W_dec[e.latent])
+  clamps = [e for e in edits if e.mode != "add"]
+  if clamps:
+    code = sae.encode_with_stats(x)
+    acts = np.array(code.acts_BxN)
+    for e in clamps:
+      acts[:, e.latent] = 0.0 if e.mode == "ablate" else e.value
+    before = np.asarray(sae.decode(code.acts_BxN, code.mean_Bx1, code.std_Bx1))
+    after = np.asarray(sae.decode(acts, code.mean_Bx1, code.std_Bx1))
+    out += after - before  # x - recon (the error term) is unchanged
+  return out
+
+
+@contextlib.contextmanager
+def steer(model: torch.nn.Module, sae: SAE, layer: int, site: str, edits, skip_first_positions: int = 1):
+  """Within the block, forward passes of `model` run with the edits applied at (layer, site)."""
+  _check(sae, edits)
+  block = models.decoder_layers(model)[layer]
+  seen = {"positions": 0}
+
+  def edit(h_BxLxD: torch.Tensor) -> torch.Tensor:
+    length = h_BxLxD.shape[1]
+    start = max(0, skip_first_positions - seen["positions"])
+    seen["positions"] += length
+    if not edits or start >= length:
+      return h_BxLxD
+    part = h_BxLxD[:, start:]
+    flat = part.reshape(-1, part.shape[-1]).detach().float().cpu().numpy()
+    new = torch.from_numpy(edit_activations(sae, flat, edits)).to(h_BxLxD.dtype).reshape(part.shape)
+    return torch.cat([h_BxLxD[:, :start], new.to(h_BxLxD.device)], dim=1)
+
+  handle = register_residual_edit(block, site, edit)
+  try:
+    yield
+  finally:
+    handle.remove()
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int, sae: SAE = None, layer: int = 0,
+             site: str = "resid_pre", edits=(), skip_first_positions: int = 1) -> str:
+  """Greedy continuation of `prompt`, steered when `edits` are given."""
+  ids = tokenizer(prompt, return_tensors="pt").input_ids
+  ctx = steer(model, sae, layer, site, list(edits), skip_first_positions) if edits else contextlib.nullcontext()
+  with torch.inference_mode(), ctx:
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+  return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

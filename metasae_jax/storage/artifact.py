@@ -1,0 +1,71 @@
+"""A finished SAE on disk: `cfg.json` + `sae.safetensors` (SAELens tensor names and shapes).
+
+Legend: D = d_model, N = width.
+"""
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from metasae_jax.storage import atomic
+from metasae_jax.core.errors import UserError
+
+CFG = "cfg.json"
+WEIGHTS = "sae.safetensors"
+REQUIRED_CFG = ("d_model", "width", "k", "activation", "input_norm")
+
+
+def save_sae(path: str, params: dict, cfg: dict, threshold_N: Optional[np.ndarray] = None) -> None:
+  """Writes the artifact atomically (weights first, cfg last: a cfg means a complete artifact)."""
+  os.makedirs(path, exist_ok=True)
+  tensors = {name: np.ascontiguousarray(np.asarray(params[name], np.float32))
+             for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+  if threshold_N is not None:
+    tensors["threshold"] = np.ascontiguousarray(np.asarray(threshold_N, np.float32))
+  d, n = tensors["W_enc"].shape
+  cfg = dict(cfg, d_model=int(d), width=int(n), has_threshold=threshold_N is not None)
+  missing = [key for key in REQUIRED_CFG if key not in cfg]
+  if missing:
+    raise ValueError(f"SAE cfg is missing {missing}")
+  atomic.write_bytes(os.path.join(path, WEIGHTS), st_save(tensors))
+  atomic.write_json(os.path.join(path, CFG), cfg)
+
+
+def load_sae_files(path: str) -> tuple[dict, dict]:
+  """Reads and validates an artifact. Returns (tensors as float32 numpy, cfg)."""
+  cpath, wpath = os.path.join(path, CFG), os.path.join(path, WEIGHTS)
+  for p in (cpath, wpath):
+    if not os.path.isfile(p):
+      raise UserError(f"SAE artifact {path}: missing {os.path.basename(p)}. "
+                      "Point at a directory holding cfg.json and sae.safetensors (e.g. RUN/joint).")
+  try:
+    with open(cpath) as f:
+      cfg = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"SAE artifact {path}: cfg.json is not valid JSON ({e}). Re-export the SAE.")
+  missing = [key for key in REQUIRED_CFG if key not in cfg]
+  if missing:
+    raise UserError(f"SAE artifact {path}: cfg.json lacks {missing}. Add them or re-export the SAE.")
+  try:
+    with open(wpath, "rb") as f:
+      tensors = st_load(f.read())
+  except Exception as e:  # safetensors raises its own error types for damaged files
+    raise UserError(f"SAE artifact {path}: sae.safetensors is unreadable ({e}). Re-export the SAE.")
+  d, n = int(cfg["d_model"]), int(cfg["width"])
+  want = {"W_enc": (d, n), "W_dec": (n, d), "b_dec": (d,)}
+  if "b_enc" not in tensors:
+    tensors["b_enc"] = np.zeros((n,), np.float32)
+  want["b_enc"] = (n,)
+  if "threshold" in tensors:
+    want["threshold"] = (n,)
+  for name, shape in want.items():
+    if name not in tensors:
+      raise UserError(f"SAE artifact {path}: sae.safetensors has no tensor {name!r}. Re-export the SAE.")
+    if tuple(tensors[name].shape) != shape:
+      raise UserError(f"SAE artifact {path}: {name} has shape {tuple(tensors[name].shape)}, cfg.json "
+                      f"implies {shape}. The weights and cfg.json come from different SAEs.")
+  return {name: np.asarray(t, np.float32) for name, t in tensors.items()}, cfg

@@ -1,0 +1,195 @@
+"""The `metasae-activations/1` on-disk activation store: manifest, validation, writing.
+
+Legend: T = tokens in a shard, D = d_model.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from metasae_jax.storage import atomic
+from metasae_jax.core.errors import UserError
+
+FORMAT = "metasae-activations/1"
+MANIFEST = "manifest.json"
+DTYPES = ("float16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """One validated shard: memory-mapped activations [T, D] and optional tokens [T]."""
+  activations_path: str
+  tokens_path: Optional[str]
+  num_tokens: int
+  acts_TxD: np.ndarray
+  tokens_T: Optional[np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Store:
+  """A validated activation store."""
+  path: str
+  d_model: int
+  dtype: str
+  num_tokens: int
+  context_len: int
+  source: dict
+  shards: tuple
+  manifest: dict
+
+  @property
+  def has_tokens(self) -> bool:
+    return all(s.tokens_T is not None for s in self.shards)
+
+  @property
+  def shard_offsets(self) -> np.ndarray:
+    """Global index of each shard's first token, plus the total at the end."""
+    return np.concatenate([[0], np.cumsum([s.num_tokens for s in self.shards])]).astype(np.int64)
+
+
+def _fail(path: str, problem: str, fix: str) -> UserError:
+  return UserError(f"activation store {path}: {problem}. {fix}")
+
+
+def read_manifest(path: str) -> dict:
+  """Reads and checks the manifest's fields (not the shards)."""
+  if not os.path.isdir(path):
+    raise _fail(path, "directory does not exist",
+                "Pass --activations pointing at a store written by experiments.export_activations.")
+  mpath = os.path.join(path, MANIFEST)
+  if not os.path.isfile(mpath):
+    raise _fail(path, f"no {MANIFEST}",
+                "The export may not have finished; rerun experiments.export_activations.")
+  try:
+    with open(mpath) as f:
+      m = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise _fail(path, f"{MANIFEST} is not valid JSON ({e})",
+                "Re-export the store; the manifest is written atomically, so this file was edited or damaged.")
+  if not isinstance(m, dict):
+    raise _fail(path, f"{MANIFEST} is not a JSON object", "Re-export the store.")
+  if m.get("format") != FORMAT:
+    raise _fail(path, f"format is {m.get('format')!r}, expected {FORMAT!r}",
+                "Re-export with experiments.export_activations or convert the store.")
+  for key, kind in (("d_model", int), ("num_tokens", int), ("context_len", int),
+                    ("dtype", str), ("shards", list)):
+    if not isinstance(m.get(key), kind) or isinstance(m.get(key), bool):
+      raise _fail(path, f"manifest field {key!r} missing or not {kind.__name__}",
+                  "Fix or re-export the manifest.")
+  if m["dtype"] not in DTYPES:
+    raise _fail(path, f"dtype {m['dtype']!r} is not one of {DTYPES}",
+                "Re-export with --dtype float16 or float32.")
+  if m["d_model"] <= 0 or m["context_len"] <= 0 or m["num_tokens"] < 0:
+    raise _fail(path, "d_model, context_len must be positive and num_tokens non-negative",
+                "Fix or re-export the manifest.")
+  if not isinstance(m.get("source", {}), dict):
+    raise _fail(path, "manifest field 'source' is not an object", "Fix or re-export the manifest.")
+  return m
+
+
+def open_store(path: str, require_tokens: bool = False) -> Store:
+  """Validates the manifest and every shard, memory-maps the shards."""
+  m = read_manifest(path)
+  shards = []
+  total = 0
+  for i, entry in enumerate(m["shards"]):
+    if not isinstance(entry, dict) or not isinstance(entry.get("activations"), str) or not isinstance(
+        entry.get("num_tokens"), int):
+      raise _fail(path, f"shard entry {i} needs 'activations' (file name) and 'num_tokens' (int)",
+                  "Fix or re-export the manifest.")
+    apath = os.path.join(path, entry["activations"])
+    acts = _load(path, apath, "activations")
+    n = entry["num_tokens"]
+    if acts.ndim != 2 or acts.shape != (n, m["d_model"]):
+      raise _fail(path, f"shard {entry['activations']} has shape {acts.shape}, manifest says "
+                  f"({n}, {m['d_model']})", "The shard is truncated or from another store; re-export it.")
+    if acts.dtype != np.dtype(m["dtype"]):
+      raise _fail(path, f"shard {entry['activations']} has dtype {acts.dtype}, manifest says {m['dtype']}",
+                  "Re-export the store so shards and manifest agree.")
+    tokens = None
+    tpath = None
+    if entry.get("tokens") is not None:
+      tpath = os.path.join(path, entry["tokens"])
+      tokens = _load(path, tpath, "tokens")
+      if tokens.shape != (n,) or not np.issubdtype(tokens.dtype, np.integer):
+        raise _fail(path, f"token shard {entry['tokens']} has shape {tokens.shape} dtype {tokens.dtype}, "
+                    f"expected ({n},) int32", "Re-export the store.")
+    shards.append(Shard(apath, tpath, n, acts, tokens))
+    total += n
+  if total != m["num_tokens"]:
+    raise _fail(path, f"shards hold {total} tokens but manifest num_tokens is {m['num_tokens']}",
+                "Fix or re-export the manifest.")
+  store = Store(path=path, d_model=m["d_model"], dtype=m["dtype"], num_tokens=total,
+                context_len=m["context_len"], source=dict(m.get("source", {})),
+                shards=tuple(shards), manifest=m)
+  if require_tokens and not store.has_tokens:
+    raise _fail(path, "has no token shards", "Export it from text with experiments.export_activations.")
+  return store
+
+
+def _load(store_path: str, path: str, what: str) -> np.ndarray:
+  if not os.path.isfile(path):
+    raise _fail(store_path, f"{what} shard {os.path.basename(path)} is missing",
+                "Re-export the store (rerunning the exporter resumes).")
+  try:
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise _fail(store_path, f"{what} shard {os.path.basename(path)} is unreadable ({e})",
+                "The shard is truncated or corrupt; re-export the store.")
+
+
+def new_manifest(d_model: int, dtype: str, context_len: int, source: dict) -> dict:
+  return {"format": FORMAT, "d_model": d_model, "dtype": dtype, "num_tokens": 0,
+          "context_len": context_len, "source": source, "shards": []}
+
+
+def append_shard(path: str, manifest: dict, acts_TxD: np.ndarray,
+                 tokens_T: Optional[np.ndarray]) -> dict:
+  """Writes one complete shard atomically, then the manifest that lists it. Returns the new manifest."""
+  i = len(manifest["shards"])
+  entry: dict[str, Any] = {"activations": f"acts-{i:05d}.npy", "num_tokens": int(acts_TxD.shape[0])}
+  atomic.save_npy(os.path.join(path, entry["activations"]),
+                  np.ascontiguousarray(acts_TxD.astype(manifest["dtype"])))
+  if tokens_T is not None:
+    entry["tokens"] = f"tokens-{i:05d}.npy"
+    atomic.save_npy(os.path.join(path, entry["tokens"]), np.ascontiguousarray(tokens_T.astype(np.int32)))
+  new = dict(manifest, shards=manifest["shards"] + [entry],
+             num_tokens=manifest["num_tokens"] + entry["num_tokens"])
+  write_manifest(path, new)
+  return new
+
+
+def write_manifest(path: str, manifest: dict) -> None:
+  atomic.write_json(os.path.join(path, MANIFEST), manifest)
+
+
+def write_store(path: str, acts_TxD: np.ndarray, tokens_T: Optional[np.ndarray] = None,
+                context_len: int = 1, source: Optional[dict] = None, shard_tokens: int = 65536) -> Store:
+  """Writes an in-memory array as a store (tests, synthetic data, conversions)."""
+  os.makedirs(path, exist_ok=True)
+  dtype = str(acts_TxD.dtype) if str(acts_TxD.dtype) in DTYPES else "float32"
+  m = new_manifest(int(acts_TxD.shape[1]), dtype, context_len, source or {})
+  write_manifest(path, m)
+  for start in range(0, acts_TxD.shape[0], shard_tokens):
+    sl = slice(start, start + shard_tokens)
+    m = append_shard(path, m, acts_TxD[sl], None if tokens_T is None else tokens_T[sl])
+  return open_store(path)
+
+
+def write_view(path: str, base: Store, shard_indices) -> Store:
+  """A store listing some of `base`'s shards by relative path (no copy): train / held-out splits."""
+  os.makedirs(path, exist_ok=True)
+  entries = []
+  for i in shard_indices:
+    entry = dict(base.manifest["shards"][i])
+    for key in ("activations", "tokens"):
+      if entry.get(key):
+        entry[key] = os.path.relpath(os.path.join(base.path, entry[key]), path)
+    entries.append(entry)
+  m = dict(base.manifest, shards=entries, num_tokens=sum(e["num_tokens"] for e in entries),
+           view_of={"path": os.path.relpath(base.path, path), "shards": [int(i) for i in shard_indices]})
+  write_manifest(path, m)
+  return open_store(path)

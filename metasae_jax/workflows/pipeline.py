@@ -1,0 +1,181 @@
+"""End-to-end job from a preset: export → split → train (or sweep) → evaluate → (autointerp) → table.
+
+Every stage resumes or is skipped when its outputs are complete, so rerunning
+the same command continues where it stopped.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Optional
+
+from metasae_jax.storage import atomic, store
+from metasae_jax.training import curves
+from metasae_jax.core.config import TrainConfig
+from metasae_jax.core.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Preset:
+  """A whole experiment: the paper's settings for one model, or a small CPU job."""
+  name: str
+  description: str
+  export: dict
+  """ExportConfig fields (minus out_dir): model, layer, site, corpus, context_len, num_tokens, ..."""
+  heldout_shards: int
+  """The store's last shards held out for evaluation (never trained on)."""
+  train: dict
+  """TrainConfig fields minus d_model (taken from the store)."""
+  num_tokens: int = 0
+  """Training tokens (0 = one pass over the training shards)."""
+  checkpoint_every_steps: int = 1000
+  log_every_steps: int = 50
+  grid: Optional[dict] = None
+  """{"lambda2": (...), "sigma_sq": (...)} to sweep instead of a single run."""
+  eval: dict = dataclasses.field(default_factory=dict)
+  """EvalConfig fields minus run_dir / activations."""
+  autointerp: dict = dataclasses.field(default_factory=dict)
+  """AutointerpConfig fields used when an --llm is given."""
+  paper: dict = dataclasses.field(default_factory=dict)
+  """The paper's own numbers for this setting, for table.md ({} when the paper has none)."""
+  d_model: int = 0
+  """The model's residual width, for cost estimates before anything is exported (0 = unknown)."""
+  model_params: float = 0.0
+  """Model parameters, for the export cost estimate (0 = unknown)."""
+
+
+def estimate_cost(preset: Preset, train_tflops: float = 15.0, export_tflops: float = 30.0) -> dict:
+  """Disk and compute of a preset from its settings (an estimate; FLOP rates are assumptions).
+
+  Export: 2 FLOPs per parameter per token, scaled by the fraction of blocks run.
+  Training: per step 5 matmuls of 2·B·d·n FLOPs for each of joint and solo, plus
+  the meta SAE (penalty every step, n_meta/n_primary meta steps).
+  """
+  e, t = preset.export, preset.train
+  d, n, b = preset.d_model, t["width"], t["batch_size"]
+  m = t.get("meta_width") or round(0.09 * n)
+  tokens = e["num_tokens"]
+  disk_gb = tokens * d * (2 if e.get("dtype", "float16") == "float16" else 4) / 1e9
+  points = len(preset.grid["lambda2"]) * len(preset.grid["sigma_sq"]) if preset.grid else 1
+  steps = (preset.num_tokens or tokens) // b
+  meta_fwd = 4 * n * d * m
+  step_flops = 2 * 5 * 2 * b * d * n + meta_fwd * (1 + 3 * t.get("n_meta_steps", 5) / t.get("n_primary_steps", 10))
+  export_flops = 2 * preset.model_params * tokens * 0.6  # blocks up to the hooked layer, roughly
+  return {"disk_gb": disk_gb, "points": points, "steps_per_point": steps,
+          "train_hours_per_point": steps * step_flops / (train_tflops * 1e12) / 3600,
+          "train_hours_total": points * steps * step_flops / (train_tflops * 1e12) / 3600,
+          "export_hours": export_flops / (export_tflops * 1e12) / 3600,
+          "assumed_tflops": {"train": train_tflops, "export": export_tflops}}
+
+
+def _log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def export_stage(preset: Preset, data_dir: str) -> store.Store:
+  from metasae_jax.lm.export import ExportConfig, export_activations
+  path = os.path.join(data_dir, "store")
+  _log(f"export: {preset.export.get('model', 'default model')} → {path}")
+  export_activations(ExportConfig(out_dir=path, **preset.export))
+  return store.open_store(path)
+
+
+def split_stage(full: store.Store, data_dir: str, heldout_shards: int) -> tuple[str, str]:
+  """Train / held-out views of the store (manifests only; shards are shared)."""
+  n = len(full.shards)
+  if not 0 < heldout_shards < n:
+    raise UserError(f"the store {full.path} has {n} shards; holding out {heldout_shards} leaves "
+                    "nothing to train or evaluate on. Export more tokens or lower --shard_tokens.")
+  train_dir, held_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "heldout")
+  store.write_view(train_dir, full, range(n - heldout_shards))
+  store.write_view(held_dir, full, range(n - heldout_shards, n))
+  return train_dir, held_dir
+
+
+def train_stage(preset: Preset, train_dir: str, run_dir: str, overrides: dict) -> None:
+  from metasae_jax.training.trainer import RunConfig, train_and_save
+  d_model = store.read_manifest(train_dir)["d_model"]
+  config = TrainConfig(d_model=d_model, **dict(preset.train, **overrides))
+  _log(f"train: width {config.width}, k {config.k}, λ₂ {config.lambda2}, σ² {config.sigma_sq} → {run_dir}")
+  train_and_save(config, RunConfig(activations=train_dir, out_dir=run_dir, num_tokens=preset.num_tokens,
+                                   checkpoint_every_steps=preset.checkpoint_every_steps,
+                                   log_every_steps=preset.log_every_steps))
+  curves.plot_training_curves(run_dir)
+
+
+def _report_fresh(run_dir: str) -> bool:
+  """A report newer than the artifacts it describes."""
+  report = os.path.join(run_dir, "report.json")
+  weights = [os.path.join(run_dir, s, "sae.safetensors") for s in ("joint", "solo")]
+  return os.path.exists(report) and all(
+      os.path.getmtime(report) >= os.path.getmtime(w) for w in weights if os.path.exists(w))
+
+
+def evaluate_stage(preset: Preset, run_dir: str, held_dir: str) -> dict:
+  from metasae_jax.evaluation.evaluate import EvalConfig, evaluate_run
+  if _report_fresh(run_dir):
+    _log(f"evaluate: {run_dir}/report.json is up to date")
+    with open(os.path.join(run_dir, "report.json")) as f:
+      return json.load(f)
+  _log(f"evaluate: {run_dir} on {held_dir}")
+  return evaluate_run(EvalConfig(run_dir=run_dir, activations=held_dir, **preset.eval))
+
+
+def autointerp_stage(preset: Preset, run_dir: str, held_dir: str, llm: str) -> dict:
+  from metasae_jax.autointerp.pipeline import AutointerpConfig, run_autointerp
+  _log(f"autointerp: {llm} on {run_dir}")
+  return run_autointerp(AutointerpConfig(run_dir=run_dir, activations=held_dir, llm=llm, **preset.autointerp))
+
+
+def _fmt(v, spec=".4g"):
+  return "—" if v is None else format(v, spec)
+
+
+def table_markdown(preset: Preset, rows: list[dict]) -> str:
+  """The paper's Table 1 layout: per (λ₂, σ²), joint vs its own solo baseline."""
+  lines = [f"# {preset.name}: joint vs solo", "", preset.description, "",
+           "| λ₂ | σ² | Δ mean abs φ % | ΔMSE % | ΔFVU % | ΔCE joint % | ΔCE solo % | L0 joint | fuzz joint | fuzz solo |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['lambda2']} | {r['sigma_sq']} | {_fmt(r.get('mean_abs_phi_pct'), '+.2f')} | "
+                 f"{_fmt(r.get('mse_pct'), '+.2f')} | {_fmt(r.get('fvu_pct'), '+.2f')} | "
+                 f"{_fmt(r.get('delta_ce_joint'), '.3f')} | {_fmt(r.get('delta_ce_solo'), '.3f')} | "
+                 f"{_fmt(r.get('l0'), '.1f')} | {_fmt(r.get('fuzz_joint'), '.3f')} | {_fmt(r.get('fuzz_solo'), '.3f')} |")
+  if preset.paper:
+    lines += ["", "## The paper's numbers for this setting", ""]
+    lines += [f"- {k}: {v}" for k, v in preset.paper.items()]
+  return "\n".join(lines) + "\n"
+
+
+def table_row(lambda2: float, sigma_sq: float, report: dict, scores: Optional[dict]) -> dict:
+  comp = report.get("comparison", {})
+  row = {"lambda2": lambda2, "sigma_sq": sigma_sq, "mean_abs_phi_pct": comp.get("mean_abs_phi_pct"),
+         "mse_pct": comp.get("mse_pct"), "fvu_pct": comp.get("fvu_pct"),
+         "delta_ce_joint": report.get("joint", {}).get("delta_ce_pct"),
+         "delta_ce_solo": report.get("solo", {}).get("delta_ce_pct"), "l0": report.get("joint", {}).get("l0")}
+  if scores:
+    row["fuzz_joint"] = scores.get("joint", {}).get("fuzz_spearman")
+    row["fuzz_solo"] = scores.get("solo", {}).get("fuzz_spearman")
+  return row
+
+
+def run_pipeline(preset: Preset, workdir: str, llm: str = "") -> str:
+  """Runs the preset in `workdir`; returns the path of its report (report.json or table.md)."""
+  data_dir = os.path.join(workdir, "data")
+  full = export_stage(preset, data_dir)
+  train_dir, held_dir = split_stage(full, data_dir, preset.heldout_shards)
+  points = [(preset.train.get("lambda2", 0.3), preset.train.get("sigma_sq", 1.0), workdir)]
+  if preset.grid:
+    points = [(lam, sig, os.path.join(workdir, "sweep", f"lam{lam:g}_sig{sig:g}"))
+              for lam in preset.grid["lambda2"] for sig in preset.grid["sigma_sq"]]
+  rows = []
+  for lam, sig, run_dir in points:
+    train_stage(preset, train_dir, run_dir, {"lambda2": lam, "sigma_sq": sig})
+    report = evaluate_stage(preset, run_dir, held_dir)
+    scores = autointerp_stage(preset, run_dir, held_dir, llm) if llm else None
+    rows.append(table_row(lam, sig, report, scores))
+  table = os.path.join(workdir, "table.md")
+  atomic.write_text(table, table_markdown(preset, rows))
+  _log(f"done: {table}")
+  return os.path.join(workdir, "report.md") if not preset.grid else table
