@@ -106,6 +106,10 @@ def _primary_update(s: SAEState, x_BxD, config, meta_params, lambda2, axis_name)
   params, opt_state = optimizer.apply(_tx(config), s.params, grads, s.opt_state)
   # The counter comes from the globally summed firing, so it is the same on every device.
   since = stats.since_fired_N
+  if meta_fired_M is not None and axis_name is not None:
+    # Every device ran the same penalty forward on the same W_dec; the psum only makes that
+    # visible to shard_map, which otherwise treats the result as varying over the axis.
+    meta_fired_M = jax.lax.psum(meta_fired_M.astype(jnp.int32), axis_name) > 0
   sae_part, stats, pen, meta_mse = _pmean(
       (sae_part, stats._replace(since_fired_N=jnp.zeros(())), pen, meta_mse), axis_name)
   return SAEState(params, opt_state, since), sae_part, stats, pen, meta_mse, meta_fired_M
