@@ -12,7 +12,7 @@ from typing import Optional
 
 from metasae_jax.storage import atomic, store
 from metasae_jax.training import curves
-from metasae_jax.core.config import TrainConfig
+from metasae_jax.core.config import TrainConfig, default_meta_width
 from metasae_jax.core.errors import UserError
 
 
@@ -54,7 +54,7 @@ def estimate_cost(preset: Preset, train_tflops: float = 15.0, export_tflops: flo
   """
   e, t = preset.export, preset.train
   d, n, b = preset.d_model, t["width"], t["batch_size"]
-  m = t.get("meta_width") or round(0.09 * n)
+  m = t.get("meta_width") or default_meta_width(n)
   tokens = e["num_tokens"]
   disk_gb = tokens * d * (2 if e.get("dtype", "float16") == "float16" else 4) / 1e9
   points = len(preset.grid["lambda2"]) * len(preset.grid["sigma_sq"]) if preset.grid else 1
