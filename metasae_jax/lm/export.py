@@ -141,6 +141,15 @@ def _forward_shard(loaded: models.LoadedModel, config: ExportConfig, tokens_SxC:
   return acts_TxD
 
 
+def forward_only(loaded: models.LoadedModel, tokens_NxC: np.ndarray, batch_size: int, layer: int,
+                 site: str) -> None:
+  """The exporter's truncated forward over `tokens_NxC` with nothing kept (the export's speed limit)."""
+  ids_NxC = torch.from_numpy(tokens_NxC.astype(np.int64))
+  with torch.inference_mode():
+    for b in range(0, len(ids_NxC), batch_size):
+      models.capture_residual(loaded.model, ids_NxC[b:b + batch_size], layer, site)
+
+
 def export_activations(config: ExportConfig,
                        loaded: Optional[models.LoadedModel] = None) -> store_lib.Store:
   """Writes (or resumes, or leaves as is) the activation store at `config.out_dir`."""

@@ -4,6 +4,7 @@ Legend: B = batch, D = d_model, N = width, M = meta width.
 """
 
 import dataclasses
+import itertools
 import os
 import resource
 import tempfile
@@ -136,27 +137,23 @@ def benchmark_export(config, loaded=None, num_batches: int = 8, rounds: int = 2)
 
   `config` is an `lm.export.ExportConfig`, `loaded` an `lm.models.LoadedModel` (loaded here when None).
   """
-  import torch  # pylint: disable=g-import-not-at-top  (the torch side only when benchmarking it)
-  from metasae_jax.lm import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from metasae_jax.lm import corpus as corpus_lib  # pylint: disable=g-import-not-at-top  (torch side)
   from metasae_jax.lm import export, models  # pylint: disable=g-import-not-at-top
   if loaded is None:
     loaded = models.load_model(config.model)
   num_ctx = num_batches * config.batch_size
   ctx = corpus_lib.contexts(config.corpus, loaded.tokenizer, config.context_len, config.text_field)
-  tokens_NxC = export._shard_contexts(ctx, num_ctx)
-  if tokens_NxC is None or len(tokens_NxC) < num_ctx:
+  got = list(itertools.islice(ctx, num_ctx))
+  if len(got) < num_ctx:
     raise UserError(f"--corpus {config.corpus} has fewer than {num_ctx} contexts to benchmark on.")
-  ids_NxC = torch.from_numpy(tokens_NxC.astype(np.int64))
+  tokens_NxC = np.stack(got)
   num_tokens = num_ctx * config.context_len
 
   def raw_forward():
-    with torch.inference_mode():
-      for b in range(0, num_ctx, config.batch_size):
-        models.capture_residual(loaded.model, ids_NxC[b:b + config.batch_size], config.layer,
-                                config.site)
+    export.forward_only(loaded, tokens_NxC, config.batch_size, config.layer, config.site)
 
-  models.capture_residual(loaded.model, ids_NxC[:config.batch_size], config.layer,
-                          config.site)  # warm-up
+  export.forward_only(loaded, tokens_NxC[:config.batch_size], config.batch_size, config.layer,
+                      config.site)  # warm-up
   # Alternate raw and export rounds and keep each one's best: other processes sharing the CPU
   # slow whichever happens to run at the time. CPU time (all threads of this process) is less
   # sensitive to them than wall time, so both are reported.
