@@ -153,3 +153,21 @@ def test_failed_point_is_reported_with_its_log_tail(stores, tmp_path):
   assert "holds metrics.jsonl but no run_config.json" in row["stderr_tail"]
   assert any("lam0.3_sig1: FAILED" in line for line in lines)
   assert os.path.exists(out / "summary.json") and summary["pareto"] is None
+
+
+def test_reproduce_table_shows_seed_mean_and_sd():
+  from metasae_jax.workflows import pipeline
+  preset = pipeline.Preset(name="p", description="d", export={}, heldout_shards=1, train={})
+  rows = [dict(_row(f"lam0.3_sig1_seed{s}", 0.3, s, j, 2.0e-3, m, 0.1), fuzz_joint=f, fuzz_solo=0.2)
+          for s, j, m, f in ((0, 1.8e-3, 1.0, 0.3), (1, 1.9e-3, 3.0, 0.5))]
+  for r, ce in zip(rows, (0.5, 0.7)):
+    r["joint"].update(delta_ce_pct=ce, l0=10.0)
+  text = pipeline.table_markdown(preset, rows)
+  line = next(x for x in text.splitlines() if x.startswith("| 0.3 |"))
+  cells = [c.strip() for c in line.strip("|").split("|")]
+  phi = [-10.0, -5.0]
+  assert cells[2] == "2"
+  assert cells[3] == f"{np.mean(phi):+.2f} ± {np.std(phi, ddof=1):.2f}"
+  assert cells[4] == f"{2.0:+.2f} ± {np.std([1.0, 3.0], ddof=1):.2f}"
+  assert cells[7] == "0.600" and cells[10] == "0.400"
+  assert "mean ± sd over seeds" in text

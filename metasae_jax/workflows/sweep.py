@@ -254,7 +254,7 @@ def point_summary(status: dict) -> dict:
   return row
 
 
-def _mean_sd(values: list) -> dict:
+def mean_sd_of(values: list) -> dict:
   """{"mean", "sd" (n - 1 denominator; None below 2 values), "n"} of the non-missing values."""
   v = [x for x in values if x is not None and math.isfinite(x)]
   if not v:
@@ -291,7 +291,7 @@ def aggregate(rows: list) -> list:
       values = [r.get(key) for r in members]
       if key == "delta_mse_pct":  # before evaluation, the training batches' MSE is all there is
         values = [r.get(key, r.get("train_delta_mse_pct")) for r in members]
-      agg[key] = _mean_sd(values)
+      agg[key] = mean_sd_of(values)
     agg["paired_mean_abs_phi"] = paired_test([r.get("joint", {}).get("mean_abs_phi") for r in members],
                                              [r.get("solo", {}).get("mean_abs_phi") for r in members])
     out.append(agg)
