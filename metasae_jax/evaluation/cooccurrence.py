@@ -1,7 +1,7 @@
 """Co-occurrence of latent firings: mean |φ| over all pairs of live latents, and cross-φ between two SAEs.
 
 Legend: T = evaluation tokens, N = latents (M = the other SAE's), W = latents in a row block.
-φ_ij = (T·N11 − N1i·N1j) / sqrt(N1i(T−N1i)·N1j(T−N1j)) (DESIGN §2). Pairs that never co-occur
+φ_ij = (T·N11 − N1i·N1j) / sqrt(N1i(T−N1i)·N1j(T−N1j)) (docs/method.md §2.3). Pairs that never co-occur
 have N11 = 0 but a nonzero φ, so every pair is visited: the N11 counts of a block of W rows come
 from one sparse product F[:, block]^T F (scipy, int counts) and become φ straight away, so no
 N x N matrix is ever held.

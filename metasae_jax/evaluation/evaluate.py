@@ -42,7 +42,7 @@ class EvalConfig:
   batch_size: int = 4096
   """Tokens per batch (BatchTopK selects over each batch; the training default)."""
   skip_first_positions: int = 1
-  """Positions t % context_len < this are skipped (DESIGN §3 attention sinks; 0 keeps all)."""
+  """Positions t % context_len < this are skipped (attention sinks, docs/method.md §3.2; 0 keeps all)."""
   ce_contexts: int = 64
   """Whole contexts for ΔCE (each costs 4 model forwards: clean, zero, joint, solo)."""
   ce_batch_contexts: int = 8

@@ -35,7 +35,7 @@ class RunConfig:
   num_tokens: int = 0
   """Training tokens (after skipping); 0 means one pass over the store's usable tokens."""
   skip_first_positions: int = 1
-  """Positions skipped at the start of every context (attention sinks; DESIGN §3)."""
+  """Positions skipped at the start of every context (attention sinks; docs/method.md §3.2)."""
   checkpoint_every_steps: int = 1000
   """Save an Orbax checkpoint every this many steps (and at the end)."""
   log_every_steps: int = 50
