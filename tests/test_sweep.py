@@ -171,3 +171,25 @@ def test_reproduce_table_shows_seed_mean_and_sd():
   assert cells[4] == f"{2.0:+.2f} ± {np.std([1.0, 3.0], ddof=1):.2f}"
   assert cells[7] == "0.600" and cells[10] == "0.400"
   assert "mean ± sd over seeds" in text
+
+
+def test_preset_grid_runs_through_the_sweep(stores, tmp_path):
+  from metasae_jax.workflows import pipeline
+  train_store, heldout = stores
+  preset = pipeline.Preset(
+      name="t", description="tiny grid", export={}, heldout_shards=1,
+      train=dict(width=64, k=4, meta_width=6, meta_k=2, batch_size=128, n_primary_steps=2, n_meta_steps=2,
+                 lr=1e-3, lambda2=0.0, sigma_sq=3.0),
+      num_tokens=512, checkpoint_every_steps=2, log_every_steps=1, grid={"lambda2": (0.3,), "sigma_sq": (1.0,)},
+      eval=dict(batch_size=128, meta_fve_steps=0, model="none"))
+  summary = pipeline.sweep_stage(preset, train_store, heldout, str(tmp_path))
+  run_dir = str(tmp_path / "sweep" / "lam0.3_sig1")
+  assert [r["run_dir"] for r in summary["points"]] == [run_dir]
+  assert sweep.is_trained(run_dir) and sweep.is_evaluated(run_dir)
+  with open(os.path.join(run_dir, "run_config.json")) as f:
+    cfg = json.load(f)
+  assert cfg["train"]["lambda2"] == 0.3 and cfg["train"]["sigma_sq"] == 1.0 and cfg["data"]["num_tokens"] == 512
+  with open(os.path.join(run_dir, "report.json")) as f:
+    phi_pct = json.load(f)["comparison"]["mean_abs_phi_pct"]
+  line = next(x for x in pipeline.table_markdown(preset, summary["points"]).splitlines() if x.startswith("| 0.3 |"))
+  assert line.split("|")[4].strip() == f"{phi_pct:+.2f}"
