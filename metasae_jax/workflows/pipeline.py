@@ -14,7 +14,9 @@ from typing import Optional
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage import atomic, store
+from metasae_jax.evaluation.evaluate import EvalConfig, evaluate_run
 from metasae_jax.training import curves
+from metasae_jax.training.trainer import RunConfig, train_and_save
 from metasae_jax.workflows import sweep
 
 
@@ -97,14 +99,12 @@ def split_stage(full: store.Store, data_dir: str, heldout_shards: int) -> tuple[
   return train_dir, held_dir
 
 
-def _run_config(preset: Preset, train_dir: str, run_dir: str):
-  from metasae_jax.training.trainer import RunConfig  # pylint: disable=g-import-not-at-top
+def _run_config(preset: Preset, train_dir: str, run_dir: str) -> RunConfig:
   return RunConfig(activations=train_dir, out_dir=run_dir, num_tokens=preset.num_tokens,
                    checkpoint_every_steps=preset.checkpoint_every_steps, log_every_steps=preset.log_every_steps)
 
 
 def train_stage(preset: Preset, train_dir: str, run_dir: str) -> None:
-  from metasae_jax.training.trainer import train_and_save  # pylint: disable=g-import-not-at-top
   d_model = store.read_manifest(train_dir)["d_model"]
   config = TrainConfig(d_model=d_model, **preset.train)
   _log(f"train: width {config.width}, k {config.k}, λ₂ {config.lambda2}, σ² {config.sigma_sq} → {run_dir}")
@@ -113,7 +113,6 @@ def train_stage(preset: Preset, train_dir: str, run_dir: str) -> None:
 
 
 def evaluate_stage(preset: Preset, run_dir: str, held_dir: str) -> dict:
-  from metasae_jax.evaluation.evaluate import EvalConfig, evaluate_run  # pylint: disable=g-import-not-at-top
   if sweep.is_evaluated(run_dir):
     _log(f"evaluate: {run_dir}/{sweep.REPORT} is up to date")
     with open(os.path.join(run_dir, sweep.REPORT)) as f:
@@ -124,7 +123,6 @@ def evaluate_stage(preset: Preset, run_dir: str, held_dir: str) -> dict:
 
 def sweep_stage(preset: Preset, train_dir: str, held_dir: str, workdir: str) -> dict:
   """The preset's grid through `workflows.sweep` (one process per point and seed); returns its summary."""
-  from metasae_jax.evaluation.evaluate import EvalConfig  # pylint: disable=g-import-not-at-top
   d_model = store.read_manifest(train_dir)["d_model"]
   config = sweep.SweepConfig(
       out_dir=os.path.join(workdir, "sweep"), lambda2s=tuple(preset.grid["lambda2"]),
