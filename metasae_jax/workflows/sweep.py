@@ -360,8 +360,11 @@ def run_sweep(cfg: SweepConfig, report=print) -> dict:
   aggregates = aggregate(rows)
   summary = {"out_dir": os.path.abspath(cfg.out_dir), "lambda2": list(cfg.lambda2s),
              "sigma_sq": list(cfg.sigma_sqs), "seeds": list(cfg.seeds) or [cfg.train.seed],
-             "train": cfg.train.to_dict(), "run": dataclasses.asdict(cfg.run),
-             "evaluation": dataclasses.asdict(cfg.evaluation) if cfg.evaluation else None,
+             "train": {k: v for k, v in cfg.train.to_dict().items()  # the settings every point shares
+                       if k not in ("lambda2", "sigma_sq") and not (k == "seed" and cfg.seeds)},
+             "run": {k: v for k, v in dataclasses.asdict(cfg.run).items() if k != "out_dir"},
+             "evaluation": ({k: v for k, v in dataclasses.asdict(cfg.evaluation).items() if k != "run_dir"}
+                            if cfg.evaluation else None),
              "points": rows, "aggregates": aggregates, "paired_test_assumes": PAIRED_TEST_ASSUMES,
              "failed": [r["name"] for r in rows if "error" in r]}
   summary["pareto"] = pareto_plot(aggregates, os.path.join(cfg.out_dir, PARETO))
