@@ -102,11 +102,12 @@ def main(argv):
   if "end_to_end" in F.what:
     _emit(end_to_end(F.e2e_steps))
   if "phi" in F.what:
-    from metasae_jax.evaluation import cooccurrence
-    _emit(dict(what="phi", **cooccurrence.benchmark_phi()))
+    from metasae_jax.workflows import benchmarking
+    _emit(dict(what="phi", **benchmarking.benchmark_phi()))
   if "export" in F.what:
     from metasae_jax.lm import export
-    _emit(dict(what="export", **export.benchmark_export(export.ExportConfig(out_dir="unused"))))
+    from metasae_jax.workflows import benchmarking
+    _emit(dict(what="export", **benchmarking.benchmark_export(export.ExportConfig(out_dir="unused"))))
 
 
 if __name__ == "__main__":

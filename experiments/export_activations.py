@@ -54,7 +54,8 @@ def main(argv):
         batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, shard_tokens=_SHARD_TOKENS.value,
         num_tokens=_NUM_TOKENS.value)
     if _BENCHMARK.value:
-      print(json.dumps(export.benchmark_export(config, num_batches=_BENCHMARK.value, rounds=3)))
+      from metasae_jax.workflows import benchmarking  # pylint: disable=g-import-not-at-top
+      print(json.dumps(benchmarking.benchmark_export(config, num_batches=_BENCHMARK.value, rounds=3)))
       return
     store = export.export_activations(config)
   except UserError as e:

@@ -1,12 +1,12 @@
-"""λ₂ × σ² sweep: one `experiments.train` run per grid point, resumable, evaluated and summarised.
+"""λ₂ × σ² (× seed) sweep: one training run per grid point, resumable, evaluated and summarised.
 
   python -m experiments.sweep --activations STORE --out_dir runs/sweep \\
       --lambda2 0,0.1,0.3,1.0 --sigma_sq 0.3,1.0,3.0 --width 4096 --k 64 \\
-      --eval_activations HELDOUT_STORE --parallel 2
+      --eval_activations HELDOUT_STORE --parallel 2 [--seeds 0,1,2]
 
 Takes every `experiments.train` flag (shared by all points); --lambda2 and
---sigma_sq become comma-separated lists. Rerunning the same command skips
-finished points and resumes interrupted ones.
+--sigma_sq become comma-separated lists, --seeds trains every point at several
+seeds. Rerunning the same command skips finished points and resumes interrupted ones.
 """
 
 import sys
@@ -15,6 +15,10 @@ from absl import flags
 
 from experiments import cli
 from experiments import train  # noqa: F401  (defines every training flag, which the sweep passes on)
+from metasae_jax.core.config import TrainConfig
+from metasae_jax.evaluation.evaluate import EvalConfig
+from metasae_jax.storage.store import read_manifest
+from metasae_jax.training.trainer import RunConfig
 from metasae_jax.workflows import sweep
 
 F = flags.FLAGS
@@ -24,6 +28,9 @@ delattr(F, "sigma_sq")
 flags.DEFINE_string("lambda2", "0.1,0.3,1.0", "Comma-separated penalty weights; 0 adds the no-penalty control. "
                     "Paper grid: 0.1,0.3,1.0.")
 flags.DEFINE_string("sigma_sq", "0.3,1.0,3.0", "Comma-separated penalty bandwidths. Paper grid: 0.3,1.0,3.0.")
+flags.DEFINE_string("seeds", "", "Comma-separated seeds: every grid point is trained at each (run directories "
+                    "NAME_seedS; summary.json adds mean ± sd and a paired t-test across seeds). Empty = --seed, "
+                    "one run per point named as before.")
 flags.DEFINE_integer("parallel", 1, "Grid points trained at once, each as its own process.")
 flags.DEFINE_string("eval_activations", None,
                     "Held-out activation store: evaluate every point and write summary.json + pareto.png.")
@@ -32,19 +39,6 @@ flags.DEFINE_string("eval_model", "none", "Model for ΔCE in each point's evalua
                     "'' uses the store's source model.")
 flags.DEFINE_integer("eval_meta_fve_steps", 500, "Fresh meta SAE steps for meta FVE per SAE; 0 skips it.")
 
-# Passed through per point unchanged; the multi-process flags are not (points run on this host).
-_NOT_PASSED = {"lambda2", "sigma_sq", "out_dir", "coordinator_address", "num_processes", "process_id",
-               "distributed"}
-
-
-def _train_args() -> tuple:
-  args = []
-  for flag in F.flags_by_module_dict()[train.__name__]:
-    if flag.name in _NOT_PASSED or flag.value is None:
-      continue
-    args.append(flag.serialize())
-  return tuple(args)
-
 
 def main(argv):
   del argv
@@ -52,15 +46,24 @@ def main(argv):
     raise sweep.UserError("the sweep runs its points as processes on this host; multi-process flags "
                           "(--coordinator_address, --distributed, ...) are not supported. Launch "
                           "experiments.train per point on a pod instead.")
+  lambda2s, sigma_sqs = sweep.parse_floats(F.lambda2, "lambda2"), sweep.parse_floats(F.sigma_sq, "sigma_sq")
+  # Validated once here with the grid's first point, so a bad flag fails before any process starts.
+  train_config = TrainConfig(
+      d_model=read_manifest(F.activations)["d_model"], width=F.width, k=F.k, meta_width=F.meta_width,
+      meta_k=F.meta_k, lambda2=lambda2s[0], sigma_sq=sigma_sqs[0], penalty_grad=F.penalty_grad,
+      n_primary_steps=F.n_primary_steps, n_meta_steps=F.n_meta_steps, batch_size=F.batch_size, lr=F.lr,
+      seed=F.seed, baseline=F.baseline, activation=F.activation)
+  run = RunConfig(activations=F.activations, out_dir=F.out_dir, num_tokens=F.num_tokens,
+                  skip_first_positions=F.skip_first_positions,
+                  checkpoint_every_steps=F.checkpoint_every_steps, log_every_steps=F.log_every_steps)
   evaluation = None
   if F.eval_activations:
-    evaluation = sweep.EvalSpec(activations=F.eval_activations, num_tokens=F.eval_num_tokens,
-                                model=F.eval_model, batch_size=F.batch_size,
-                                meta_fve_steps=F.eval_meta_fve_steps,
-                                skip_first_positions=F.skip_first_positions)
-  config = sweep.SweepConfig(out_dir=F.out_dir, lambda2s=sweep.parse_floats(F.lambda2, "lambda2"),
-                             sigma_sqs=sweep.parse_floats(F.sigma_sq, "sigma_sq"), train_args=_train_args(),
-                             parallel=F.parallel, evaluation=evaluation, python=sys.executable)
+    evaluation = EvalConfig(run_dir="", activations=F.eval_activations, num_tokens=F.eval_num_tokens,
+                            model=F.eval_model, batch_size=F.batch_size, meta_fve_steps=F.eval_meta_fve_steps,
+                            skip_first_positions=F.skip_first_positions)
+  config = sweep.SweepConfig(out_dir=F.out_dir, lambda2s=lambda2s, sigma_sqs=sigma_sqs, train=train_config,
+                             run=run, seeds=sweep.parse_ints(F.seeds, "seeds"), parallel=F.parallel,
+                             evaluation=evaluation, python=sys.executable)
   summary = sweep.run_sweep(config)
   print(sweep.table(summary))
   if summary["pareto"]:

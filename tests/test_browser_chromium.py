@@ -27,7 +27,7 @@ def site(tmp_path_factory):
 
 @pytest.fixture
 def browser_page(tmp_path):
-  sync_api = pytest.importorskip("playwright.sync_api")
+  from playwright import sync_api  # pylint: disable=g-import-not-at-top  (requirements-test.txt)
   with sync_api.sync_playwright() as p:
     browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
     context = browser.new_context(viewport={"width": 1400, "height": 1000})

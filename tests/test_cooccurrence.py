@@ -10,6 +10,7 @@ import pytest
 
 from metasae_jax.evaluation import cooccurrence
 from metasae_jax.evaluation.firings import from_index_lists
+from metasae_jax.workflows import benchmarking
 
 
 def _random_firings(t, n, k, seed):
@@ -79,7 +80,7 @@ def test_cross_phi_matches_brute_force():
 
 
 def test_synthetic_firings_shape():
-  f = cooccurrence.synthetic_firings(width=200, num_tokens=300, k=8, seed=0)
+  f = benchmarking.synthetic_firings(width=200, num_tokens=300, k=8, seed=0)
   lens = np.diff(f.indptr_T1)
   assert f.num_tokens == 300 and lens.max() <= 8 and lens.mean() > 7
   for t in range(5):

@@ -28,6 +28,7 @@ from metasae_jax.lm import export
 from metasae_jax.lm import models
 from metasae_jax.storage import store
 from metasae_jax.core.errors import UserError
+from metasae_jax.workflows import benchmarking
 
 WORDS = ("the cat sat on a mat while one dog ran far away and two birds sang "
          "over green hills near old towns . !").split()
@@ -285,7 +286,7 @@ def test_builtin_corpus_is_deterministic(loaded):
 
 
 def test_benchmark_reports_both_rates(loaded, text_file):
-  r = export.benchmark_export(_config("unused", text_file), loaded, num_batches=2, rounds=1)
+  r = benchmarking.benchmark_export(_config("unused", text_file), loaded, num_batches=2, rounds=1)
   assert r["num_tokens"] == 2 * 3 * C
   assert r["forward_tokens_per_s"] > 0 and r["export_tokens_per_s"] > 0 and r["ratio"] > 0
 

@@ -1,14 +1,19 @@
-"""The λ₂ × σ² sweep: runs per point, summary and plot, rerun skips finished points, failures reported."""
+"""The λ₂ × σ² (× seed) sweep: runs per point, per-seed rows and aggregates, plot, rerun skips, failures reported."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import scipy.stats
 
+from metasae_jax.core.config import TrainConfig
 from metasae_jax.storage import synthetic
+from metasae_jax.training.trainer import RunConfig
 from metasae_jax.workflows import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +33,7 @@ def stores(tmp_path_factory):
 def _sweep(args: list) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONPATH=REPO)
   return subprocess.run([sys.executable, "-m", "experiments.sweep", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=900)
 
 
 def _mtimes(root: str) -> dict:
@@ -36,43 +41,96 @@ def _mtimes(root: str) -> dict:
           for d, _, files in os.walk(root) for f in files}
 
 
-def test_grid_runs_control_once_and_names_points():
+def test_grid_runs_control_once_per_seed_and_names_points():
   points = sweep.grid((0.0, 0.3, 1.0), (0.3, 1.0))
   assert [p.name for p in points] == ["lam0_sig0.3", "lam0.3_sig0.3", "lam0.3_sig1", "lam1_sig0.3", "lam1_sig1"]
+  seeded = sweep.grid((0.0, 0.3), (0.3, 1.0), seeds=(0, 2))
+  assert [p.name for p in seeded] == ["lam0_sig0.3_seed0", "lam0_sig0.3_seed2", "lam0.3_sig0.3_seed0",
+                                      "lam0.3_sig0.3_seed2", "lam0.3_sig1_seed0", "lam0.3_sig1_seed2"]
   assert sweep.parse_floats("0, 0.3,1", "lambda2") == (0.0, 0.3, 1.0)
+  assert sweep.parse_ints("0,1, 2", "seeds") == (0, 1, 2) and sweep.parse_ints("", "seeds") == ()
   with pytest.raises(sweep.UserError, match="--sigma_sq must be a comma-separated list"):
     sweep.parse_floats("1,x", "sigma_sq")
+  with pytest.raises(sweep.UserError, match="--seeds must be a comma-separated list of integers"):
+    sweep.parse_ints("0,1.5", "seeds")
+  train, run = TrainConfig(d_model=4, width=32, k=2, meta_width=4, meta_k=1), RunConfig(activations="a", out_dir="b")
   with pytest.raises(sweep.UserError, match="--lambda2 values must be >= 0"):
-    sweep.SweepConfig(out_dir="x", lambda2s=(-1.0,), sigma_sqs=(1.0,))
+    sweep.SweepConfig(out_dir="x", lambda2s=(-1.0,), sigma_sqs=(1.0,), train=train, run=run)
+  with pytest.raises(sweep.UserError, match="--seeds must be distinct"):
+    sweep.SweepConfig(out_dir="x", lambda2s=(1.0,), sigma_sqs=(1.0,), train=train, run=run, seeds=(1, 1))
 
 
-def test_sweep_writes_runs_summary_plot_and_rerun_skips(stores, tmp_path):
+def _row(name, lam, seed, phi_j, phi_s, mse_pct, fvu_pct):
+  return {"name": name, "lambda2": lam, "sigma_sq": 1.0, "seed": seed, "eval": "evaluated",
+          "joint": {"mean_abs_phi": phi_j}, "solo": {"mean_abs_phi": phi_s},
+          "delta_mean_abs_phi_pct": (phi_j - phi_s) / phi_s * 100, "delta_mse_pct": mse_pct, "delta_fvu_pct": fvu_pct}
+
+
+def test_aggregates_match_a_hand_computation():
+  joint, solo = [2.0e-3, 2.2e-3, 2.1e-3], [2.3e-3, 2.35e-3, 2.2e-3]
+  rows = [_row(f"lam0.3_sig1_seed{s}", 0.3, s, j, o, m, f)
+          for s, j, o, m, f in zip(range(3), joint, solo, (1.0, 2.0, 4.0), (0.5, 0.7, 0.9))]
+  rows.append(dict(_row("lam0.3_sig1_seed3", 0.3, 3, 1.0, 1.0, 0.0, 0.0), error="failed", eval="failed",
+                    joint={}, solo={}, delta_mean_abs_phi_pct=None, delta_mse_pct=None, delta_fvu_pct=None))
+  (agg,) = sweep.aggregate(rows)
+  phi_pct = [(j - o) / o * 100 for j, o in zip(joint, solo)]
+  assert agg["delta_mean_abs_phi_pct"]["n"] == 3 and agg["failed"] == ["lam0.3_sig1_seed3"]
+  assert math.isclose(agg["delta_mean_abs_phi_pct"]["mean"], sum(phi_pct) / 3)
+  sd = math.sqrt(sum((x - sum(phi_pct) / 3) ** 2 for x in phi_pct) / 2)
+  assert math.isclose(agg["delta_mean_abs_phi_pct"]["sd"], sd)
+  assert agg["delta_mse_pct"]["mean"] == pytest.approx(7 / 3) and agg["delta_mse_pct"]["sd"] == pytest.approx(
+      math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+  d = np.array(joint) - np.array(solo)
+  t = d.mean() / (d.std(ddof=1) / math.sqrt(3))
+  test = agg["paired_mean_abs_phi"]
+  assert test["n"] == 3 and math.isclose(test["t"], t, rel_tol=1e-9)
+  assert math.isclose(test["p"], 2 * scipy.stats.t.sf(abs(t), df=2), rel_tol=1e-9)
+  assert "independent" in test["assumes"]
+  # A control (joint = solo at every seed) has no spread of differences: no test, not a NaN.
+  control = sweep.aggregate([_row(f"lam0_sig1_seed{s}", 0.0, s, 2e-3, 2e-3, 0.0, 0.0) for s in range(2)])[0]
+  assert control["paired_mean_abs_phi"]["p"] is None and control["paired_mean_abs_phi"]["mean_difference"] == 0
+  summary = {"points": rows, "aggregates": [agg]}
+  line = sweep.table(summary).splitlines()[2]
+  assert f"{sum(phi_pct) / 3:+.2f} ± {sd:.2f}" in line and "failed: lam0.3_sig1_seed3" in line
+
+
+def test_sweep_with_seeds_writes_runs_summary_plot_and_rerun_skips(stores, tmp_path):
   train_store, heldout = stores
   out = str(tmp_path / "sweep")
-  args = [f"--activations={train_store}", f"--out_dir={out}", "--lambda2=0,0.3", "--sigma_sq=1",
+  args = [f"--activations={train_store}", f"--out_dir={out}", "--lambda2=0.3", "--sigma_sq=1", "--seeds=0,1",
           f"--eval_activations={heldout}", "--eval_meta_fve_steps=0", "--parallel=2"] + TRAIN_FLAGS
   first = _sweep(args)
   assert first.returncode == 0, first.stderr[-3000:]
-  for name in ("lam0_sig1", "lam0.3_sig1"):
+  names = ["lam0.3_sig1_seed0", "lam0.3_sig1_seed1"]
+  inits = {}
+  for name in names:
     run_dir = os.path.join(out, name)
     assert sweep.is_trained(run_dir) and sweep.is_evaluated(run_dir)
     with open(os.path.join(run_dir, "run_config.json")) as f:
       train_cfg = json.load(f)["train"]
-    assert train_cfg["lambda2"] == (0.0 if name.startswith("lam0_") else 0.3) and train_cfg["width"] == 64
+    assert train_cfg["lambda2"] == 0.3 and train_cfg["width"] == 64
+    assert train_cfg["seed"] == int(name[-1])
+    with open(os.path.join(run_dir, "report.json")) as f:
+      inits[name] = json.load(f)["solo"]["mse"]
+  assert inits["lam0.3_sig1_seed0"] != inits["lam0.3_sig1_seed1"]  # the seed reached training
   with open(os.path.join(out, "summary.json")) as f:
     summary = json.load(f)
   rows = {r["name"]: r for r in summary["points"]}
-  assert set(rows) == {"lam0_sig1", "lam0.3_sig1"} and summary["failed"] == []
-  # The control's joint SAE is its solo SAE (same init, same batches, no penalty).
-  assert rows["lam0_sig1"]["delta_mse_pct"] == 0.0 and rows["lam0_sig1"]["delta_mean_abs_phi_pct"] == 0.0
-  assert rows["lam0.3_sig1"]["delta_mse_pct"] is not None
+  assert set(rows) == set(names) and summary["failed"] == [] and summary["seeds"] == [0, 1]
+  (penalised,) = summary["aggregates"]
+  values = [rows[f"lam0.3_sig1_seed{s}"]["delta_mean_abs_phi_pct"] for s in (0, 1)]
+  assert penalised["delta_mean_abs_phi_pct"]["n"] == 2
+  assert penalised["delta_mean_abs_phi_pct"]["mean"] == pytest.approx(np.mean(values))
+  assert penalised["delta_mean_abs_phi_pct"]["sd"] == pytest.approx(np.std(values, ddof=1))
+  assert penalised["paired_mean_abs_phi"]["n"] == 2 and "assumes" in penalised["paired_mean_abs_phi"]
+  assert "±" in first.stdout
   with open(os.path.join(out, "pareto.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
   before = {k: v for k, v in _mtimes(out).items() if os.sep + "lam" in k}
   t0 = time.time()
   second = _sweep(args)
-  assert time.time() - t0 < 60  # no training: start-up and the summary only
+  assert time.time() - t0 < 90  # no training: start-up and the summary only
   assert second.returncode == 0, second.stderr[-3000:]
   assert "skipped (finished)" in second.stdout
   assert {k: v for k, v in _mtimes(out).items() if os.sep + "lam" in k} == before
@@ -80,13 +138,58 @@ def test_sweep_writes_runs_summary_plot_and_rerun_skips(stores, tmp_path):
 
 def test_failed_point_is_reported_with_its_log_tail(stores, tmp_path):
   train_store, _ = stores
-  cfg = sweep.SweepConfig(out_dir=str(tmp_path / "s"), lambda2s=(0.3,), sigma_sqs=(1.0,),
-                          train_args=(f"--activations={train_store}", "--width=64", "--k=100"))
+  out = tmp_path / "s"
+  # Someone else's files in the point's run directory: the trainer refuses it, inside the point's process.
+  (out / "lam0.3_sig1").mkdir(parents=True)
+  (out / "lam0.3_sig1" / "metrics.jsonl").write_text("{}\n")
+  cfg = sweep.SweepConfig(out_dir=str(out), lambda2s=(0.3,), sigma_sqs=(1.0,),
+                          train=TrainConfig(d_model=16, width=64, k=4, meta_width=6, meta_k=2, batch_size=128),
+                          run=RunConfig(activations=train_store, out_dir="", num_tokens=256))
   lines = []
   summary = sweep.run_sweep(cfg, report=lines.append)
   assert summary["failed"] == ["lam0.3_sig1"]
   row = summary["points"][0]
-  assert "experiments.train exited with 1" in row["error"]
-  assert "k must be in [1, width)" in row["stderr_tail"]
+  assert "training exited with 1" in row["error"]
+  assert "holds metrics.jsonl but no run_config.json" in row["stderr_tail"]
   assert any("lam0.3_sig1: FAILED" in line for line in lines)
-  assert os.path.exists(tmp_path / "s" / "summary.json") and summary["pareto"] is None
+  assert os.path.exists(out / "summary.json") and summary["pareto"] is None
+
+
+def test_reproduce_table_shows_seed_mean_and_sd():
+  from metasae_jax.workflows import pipeline
+  preset = pipeline.Preset(name="p", description="d", export={}, heldout_shards=1, train={})
+  rows = [dict(_row(f"lam0.3_sig1_seed{s}", 0.3, s, j, 2.0e-3, m, 0.1), fuzz_joint=f, fuzz_solo=0.2)
+          for s, j, m, f in ((0, 1.8e-3, 1.0, 0.3), (1, 1.9e-3, 3.0, 0.5))]
+  for r, ce in zip(rows, (0.5, 0.7)):
+    r["joint"].update(delta_ce_pct=ce, l0=10.0)
+  text = pipeline.table_markdown(preset, rows)
+  line = next(x for x in text.splitlines() if x.startswith("| 0.3 |"))
+  cells = [c.strip() for c in line.strip("|").split("|")]
+  phi = [-10.0, -5.0]
+  assert cells[2] == "2"
+  assert cells[3] == f"{np.mean(phi):+.2f} ± {np.std(phi, ddof=1):.2f}"
+  assert cells[4] == f"{2.0:+.2f} ± {np.std([1.0, 3.0], ddof=1):.2f}"
+  assert cells[7] == "0.600" and cells[10] == "0.400"
+  assert "mean ± sd over seeds" in text
+
+
+def test_preset_grid_runs_through_the_sweep(stores, tmp_path):
+  from metasae_jax.workflows import pipeline
+  train_store, heldout = stores
+  preset = pipeline.Preset(
+      name="t", description="tiny grid", export={}, heldout_shards=1,
+      train=dict(width=64, k=4, meta_width=6, meta_k=2, batch_size=128, n_primary_steps=2, n_meta_steps=2,
+                 lr=1e-3, lambda2=0.0, sigma_sq=3.0),
+      num_tokens=512, checkpoint_every_steps=2, log_every_steps=1, grid={"lambda2": (0.3,), "sigma_sq": (1.0,)},
+      eval=dict(batch_size=128, meta_fve_steps=0, model="none"))
+  summary = pipeline.sweep_stage(preset, train_store, heldout, str(tmp_path))
+  run_dir = str(tmp_path / "sweep" / "lam0.3_sig1")
+  assert [r["run_dir"] for r in summary["points"]] == [run_dir]
+  assert sweep.is_trained(run_dir) and sweep.is_evaluated(run_dir)
+  with open(os.path.join(run_dir, "run_config.json")) as f:
+    cfg = json.load(f)
+  assert cfg["train"]["lambda2"] == 0.3 and cfg["train"]["sigma_sq"] == 1.0 and cfg["data"]["num_tokens"] == 512
+  with open(os.path.join(run_dir, "report.json")) as f:
+    phi_pct = json.load(f)["comparison"]["mean_abs_phi_pct"]
+  line = next(x for x in pipeline.table_markdown(preset, summary["points"]).splitlines() if x.startswith("| 0.3 |"))
+  assert line.split("|")[4].strip() == f"{phi_pct:+.2f}"

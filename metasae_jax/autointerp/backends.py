@@ -70,56 +70,9 @@ class LocalBackend:
       self._lm = models.load_model(self.model_name)
     return self._lm
 
-  def _prompt_ids(self, messages: list):
-    tok = self._lm.tokenizer
-    if getattr(tok, "chat_template", None):
-      text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:  # base models without a template: a plain transcript
-      text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-    return tok(text, return_tensors="pt", add_special_tokens=False)
-
   def complete(self, messages: list, max_tokens: int, choices: Sequence[str] = ()) -> Completion:
-    import torch  # pylint: disable=g-import-not-at-top
-    lm = self._load()
-    tok = lm.tokenizer
-    enc = self._prompt_ids(messages)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with torch.inference_mode():
-      first_V = lm.model(**enc, use_cache=False).logits[0, -1].float()
-    logp_V = torch.log_softmax(first_V, dim=-1)
-    choice_lp = self._choice_logprobs(logp_V, choices)
-    if choices and choice_lp:
-      # The answer is read from the choice logprobs; the greedy first token is text enough.
-      text = tok.decode([int(torch.argmax(first_V))], skip_special_tokens=True)
-    else:
-      with torch.inference_mode():
-        out = lm.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad,
-                                temperature=None, top_p=None, top_k=None)
-      text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    values, ids = torch.topk(logp_V, min(TOP_LOGPROBS, logp_V.shape[0]))
-    top: dict = {}
-    for v, i in zip(values.tolist(), ids.tolist()):
-      key = tok.decode([i])
-      top[key] = _logaddexp(top.get(key), v)
-    return Completion(text, top, choice_lp)
-
-  def _choice_logprobs(self, logp_V, choices: Sequence[str]) -> dict:
-    """logprob of each choice that is a single token (with or without a leading space / capital)."""
-    tok = self._lm.tokenizer
-    choice_lp = {}
-    for c in choices:
-      lp = None
-      token_ids = set()
-      for variant in (c, " " + c, c.capitalize(), " " + c.capitalize()):
-        piece = tok.encode(variant, add_special_tokens=False)
-        if len(piece) == 1:
-          token_ids.add(piece[0])
-      for i in token_ids:
-        lp = _logaddexp(lp, float(logp_V[i]))
-      if lp is not None:
-        choice_lp[c] = lp
-    return choice_lp
+    from metasae_jax.lm import chat  # pylint: disable=g-import-not-at-top  (torch stays in lm/)
+    return Completion(*chat.complete(self._load(), messages, max_tokens, choices, TOP_LOGPROBS))
 
 
 class OpenAIBackend:

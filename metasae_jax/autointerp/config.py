@@ -16,7 +16,7 @@ class AutointerpConfig:
   activations: str
   """Activation store with token shards (held-out text, same model/layer/site as the SAEs)."""
   num_tokens: int = 65536
-  """Tokens streamed through the SAEs, counted after skipping (DESIGN §3); 0 = the whole store."""
+  """Tokens streamed through the SAEs, counted after skipping (docs/method.md §3.2); 0 = the whole store."""
   num_latents: int = 16
   """Matched joint/solo pairs to explain and score (paper-style paired comparison)."""
   llm: str = DEFAULT_LLM
@@ -26,7 +26,7 @@ class AutointerpConfig:
   seed: int = 0
   """Seed for the pair choice, example sampling and random highlights."""
   skip_first_positions: int = 1
-  """Leading positions of each context never encoded (attention sink, DESIGN §3); ignored when context_len is 1."""
+  """Leading positions of each context never encoded (attention sink, docs/method.md §3.2); ignored when context_len is 1."""
   batch_size: int = 4096
   """Tokens per encoding batch; BatchTopK (no calibrated thresholds) selects k*B per batch like training."""
   window: int = 32

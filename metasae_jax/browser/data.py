@@ -43,7 +43,7 @@ class BrowserConfig:
   num_latents: int = 200
   """Latents per SAE on the page (split candidates first, then scored, then most frequent + partners)."""
   num_tokens: int = 262144
-  """Tokens streamed through the SAEs, counted after skipping (DESIGN §3); 0 = the whole store."""
+  """Tokens streamed through the SAEs, counted after skipping (docs/method.md §3.2); 0 = the whole store."""
   num_top: int = 10
   """Top-activating contexts per latent."""
   num_quantiles: int = 4
@@ -60,7 +60,7 @@ class BrowserConfig:
   batch_size: int = 4096
   """Tokens per encoding batch; BatchTopK artifacts (no thresholds) select k*B per batch like training."""
   skip_first_positions: int = 1
-  """Leading positions of each context never encoded (attention sink, DESIGN §3)."""
+  """Leading positions of each context never encoded (attention sink, docs/method.md §3.2)."""
   tokenizer: str = ""
   """Tokenizer for the store's tokens; "" = the store manifest's source model."""
   seed: int = 0

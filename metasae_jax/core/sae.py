@@ -35,21 +35,20 @@ def normalize_rows(w_NxD: jax.Array) -> jax.Array:
   return w_NxD / jnp.linalg.norm(w_NxD, axis=-1, keepdims=True)
 
 
-class SAE(nn.Module):
-  """Flax Linen BatchTopK SAE; `init` gives the reference initialisation."""
+class _Params(nn.Module):
+  """Declares the four SAE parameters with the reference initialisation; no forward pass (see `forward`)."""
   d_model: int
   width: int
 
   @nn.compact
-  def __call__(self, xs_BxD: jax.Array) -> jax.Array:
+  def __call__(self) -> None:
     # torch's kaiming_uniform_ on a [D, N] tensor: fan_in = N, gain sqrt(2),
     # bound sqrt(6 / N). W_dec starts as W_enc^T with unit-norm rows.
     bound = (6.0 / self.width) ** 0.5
     w_enc = self.param("W_enc", _uniform(bound), (self.d_model, self.width))
     self.param("b_enc", nn.initializers.zeros, (self.width,))
-    w_dec = self.param("W_dec", lambda _rng, _shape: normalize_rows(w_enc.T), (self.width, self.d_model))
-    b_dec = self.param("b_dec", nn.initializers.zeros, (self.d_model,))
-    return jax.nn.relu((xs_BxD - b_dec) @ w_enc) @ w_dec + b_dec
+    self.param("W_dec", lambda _rng, _shape: normalize_rows(w_enc.T), (self.width, self.d_model))
+    self.param("b_dec", nn.initializers.zeros, (self.d_model,))
 
 
 def _uniform(bound):
@@ -60,7 +59,7 @@ def _uniform(bound):
 
 def init_params(rng: jax.Array, d_model: int, width: int) -> dict:
   """Reference initialisation as a plain dict of float32 arrays."""
-  variables = SAE(d_model, width).init(rng, jnp.zeros((1, d_model), jnp.float32))
+  variables = _Params(d_model, width).init(rng)
   return dict(variables["params"])
 
 

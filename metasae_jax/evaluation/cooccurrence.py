@@ -1,13 +1,12 @@
 """Co-occurrence of latent firings: mean |φ| over all pairs of live latents, and cross-φ between two SAEs.
 
 Legend: T = evaluation tokens, N = latents (M = the other SAE's), W = latents in a row block.
-φ_ij = (T·N11 − N1i·N1j) / sqrt(N1i(T−N1i)·N1j(T−N1j)) (DESIGN §2). Pairs that never co-occur
+φ_ij = (T·N11 − N1i·N1j) / sqrt(N1i(T−N1i)·N1j(T−N1j)) (docs/method.md §2.3). Pairs that never co-occur
 have N11 = 0 but a nonzero φ, so every pair is visited: the N11 counts of a block of W rows come
 from one sparse product F[:, block]^T F (scipy, int counts) and become φ straight away, so no
 N x N matrix is ever held.
 """
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional
 
@@ -162,44 +161,5 @@ def cross_phi(firings_a: Firings, firings_b: Firings, top: int = 8, threshold: f
   return CrossPhi(top_idx, top_phi, above, pair_phi)
 
 
-def synthetic_firings(width: int, num_tokens: int, k: int, seed: int = 0, chunk: int = 65536) -> Firings:
-  """Random firings with Zipf-like latent frequencies, ~k distinct latents per token (benchmarks)."""
-  rng = np.random.default_rng(seed)
-  weights = 1.0 / (np.arange(width) + 50.0)
-  cdf = np.cumsum(weights / weights.sum())
-  perm = rng.permutation(width)
-  lens, lats = [], []
-  for start in range(0, num_tokens, chunk):
-    c = min(chunk, num_tokens - start)
-    draw = perm[np.minimum(np.searchsorted(cdf, rng.random((c, 2 * k))), width - 1)]
-    draw.sort(axis=1)
-    dup = np.zeros_like(draw, bool)
-    dup[:, 1:] = draw[:, 1:] == draw[:, :-1]
-    # Keep k of the distinct draws chosen at random (not the k smallest ids).
-    key = np.where(dup, 2.0, rng.random(draw.shape))
-    pick = np.argpartition(key, k - 1, axis=1)[:, :k]
-    keep = np.zeros_like(dup)
-    np.put_along_axis(keep, pick, True, axis=1)
-    keep &= ~dup
-    lens.append(keep.sum(axis=1))
-    lats.append(draw[keep].astype(np.int32))
-  lens = np.concatenate(lens)
-  lat = np.concatenate(lats)
-  return Firings(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), lat,
-                 np.ones(len(lat), np.float32), np.arange(num_tokens, dtype=np.int64), width)
-
-
-def benchmark_phi(width: int = 9216, num_tokens: int = 1_000_000, k: int = 64, seed: int = 0,
-                  workers: int = 2) -> dict:
-  """Times `phi_stats` on synthetic firings (target: 9216 latents, 1M tokens, k=64 under 60 s)."""
-  firings = synthetic_firings(width, num_tokens, k, seed)
-  start = time.perf_counter()
-  stats = phi_stats(firings, workers=workers, progress=True)
-  seconds = time.perf_counter() - start
-  return {"width": width, "num_tokens": num_tokens, "k": k,
-          "mean_l0": float(len(firings.latents_F) / num_tokens), "workers": workers,
-          "seconds": seconds, "mean_abs_phi": stats.mean_abs_phi, "num_pairs": stats.num_pairs}
-
-
 __all__ = ["PhiStats", "CrossPhi", "phi_stats", "cross_phi", "welch", "phi_from_counts", "live_mask",
-           "synthetic_firings", "benchmark_phi", "from_index_lists"]
+           "from_index_lists"]

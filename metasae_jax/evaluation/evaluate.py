@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from metasae_jax.storage import atomic, heldout, loaded_sae
 from metasae_jax.evaluation import cooccurrence, firings, matching, plots, reconstruction, thresholds
-from metasae_jax.lm import delta_ce
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage.store import open_store
 
@@ -43,7 +42,7 @@ class EvalConfig:
   batch_size: int = 4096
   """Tokens per batch (BatchTopK selects over each batch; the training default)."""
   skip_first_positions: int = 1
-  """Positions t % context_len < this are skipped (DESIGN §3 attention sinks; 0 keeps all)."""
+  """Positions t % context_len < this are skipped (attention sinks, docs/method.md §3.2; 0 keeps all)."""
   ce_contexts: int = 64
   """Whole contexts for ΔCE (each costs 4 model forwards: clean, zero, joint, solo)."""
   ce_batch_contexts: int = 8
@@ -218,7 +217,7 @@ def evaluate_run(cfg: EvalConfig) -> dict:
   ce_info = None
   if lm is not None:
     t1 = time.perf_counter()
-    from metasae_jax.lm import models
+    from metasae_jax.lm import delta_ce, models  # only here: the rest of evaluation runs without torch
     layer, site = store.source.get("layer"), store.source.get("site", "resid_pre")
     block = delta_ce.block_for(models.decoder_layers(lm.model), layer)
     fns = {n: (lambda x, s=s: np.asarray(loaded_sae.forward(s, x, cfg.firing).recon_BxD))

@@ -2,7 +2,7 @@
 
 Legend: B = tokens in a batch, D = d_model, N = latents.
 FVU = Σ ||x − x̂||² / Σ ||x − mean(x)||², the mean taken over the whole evaluation set per feature
-(DESIGN §2); sums in float64 so a million tokens do not lose precision.
+(docs/method.md §2.1); sums in float64 so a million tokens do not lose precision.
 Besides position 0, LMs park a few other tokens (first newline, first period) as
 attention sinks with ~150x the usual norm; a handful of them can carry most of
 the variance and make FVU measure only them. `fvu_typical` is the same ratio over

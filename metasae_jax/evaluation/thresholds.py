@@ -33,7 +33,7 @@ class CalibrationConfig:
   batch_size: int = 4096
   """Tokens per BatchTopK batch: the training batch size, so selection matches training."""
   skip_first_positions: int = 1
-  """Positions t % context_len < this are skipped (attention sinks; DESIGN §3)."""
+  """Positions t % context_len < this are skipped (attention sinks; docs/method.md §3.2)."""
   bins: int = 256
   """Log-spaced histogram bins between `span`-fold below and above the first batch's threshold."""
   span: float = 1.5
@@ -41,7 +41,7 @@ class CalibrationConfig:
   alarms only grow; above, false alarms are 0), which stay within a few % of each other for
   batches of thousands of tokens; the record reports their range so a too narrow grid shows."""
   min_selections: int = 100
-  """Latents selected fewer times fall back to their smallest selected value (DESIGN §2)."""
+  """Latents selected fewer times fall back to their smallest selected value (docs/method.md §2.6)."""
 
   def __post_init__(self):
     if self.bins < 2 or self.span <= 1 or self.min_selections < 1:

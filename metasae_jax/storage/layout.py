@@ -1,7 +1,7 @@
 """Which store tokens are encoded (skipping each context's first positions) and where contexts start.
 
 Legend: K = kept (encoded) tokens. A store's token t of shard s belongs to
-context t // context_len of that shard (DESIGN §3); "global" indices run over
+context t // context_len of that shard (docs/method.md §3.1); "global" indices run over
 all shards in order, "kept ranks" over the tokens that are encoded.
 """
 
@@ -15,7 +15,7 @@ class TokenLayout:
 
   def __init__(self, store: Store, skip_first_positions: int):
     self.context_len = store.context_len
-    # Skipping is meaningless for stores of single-token "contexts" (DESIGN §3).
+    # Skipping is meaningless for stores of single-token "contexts" (docs/method.md §3.2).
     self.skip = 0 if store.context_len == 1 else min(skip_first_positions, store.context_len)
     self.offsets_S1 = store.shard_offsets
     sizes = np.diff(self.offsets_S1)

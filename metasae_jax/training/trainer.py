@@ -35,7 +35,7 @@ class RunConfig:
   num_tokens: int = 0
   """Training tokens (after skipping); 0 means one pass over the store's usable tokens."""
   skip_first_positions: int = 1
-  """Positions skipped at the start of every context (attention sinks; DESIGN §3)."""
+  """Positions skipped at the start of every context (attention sinks; docs/method.md §3.2)."""
   checkpoint_every_steps: int = 1000
   """Save an Orbax checkpoint every this many steps (and at the end)."""
   log_every_steps: int = 50
@@ -92,28 +92,19 @@ def _trim_metrics(path: str, last_step: int) -> None:
   atomic.write_text(path, "".join(lines))
 
 
-def sae_cfg(config: TrainConfig, store, run: RunConfig, which: str, trained_tokens: int) -> dict:
-  """cfg.json of a published SAE."""
-  common = {"input_norm": "standardize_per_token", "dtype": "float32", "trained_tokens": trained_tokens,
-            "train_config": config.to_dict(), "library": "metasae-jax"}
-  if which == "meta":
-    return dict(common, k=config.meta_k, activation="batchtopk", role="meta",
-                source={"kind": "decoder_rows", "of": "joint"})
-  return dict(common, k=config.k, activation=config.activation, role=which, source=store.source,
-              skip_first_positions=run.skip_first_positions, context_len=store.context_len)
-
-
 def write_artifacts(state: TrainState, store, run: RunConfig, trained_tokens: int) -> None:
   config = state.config
   host = jax.device_get(state)
   out = run.out_dir
-  artifact.save_sae(os.path.join(out, "joint"), host.joint.params,
-                    sae_cfg(config, store, run, "joint", trained_tokens))
-  artifact.save_sae(os.path.join(out, "joint", "meta"), host.meta.params,
-                    sae_cfg(config, store, run, "meta", trained_tokens))
+
+  def cfg(which):
+    return artifact.sae_cfg(which, config.to_dict(), trained_tokens, source=store.source,
+                            skip_first_positions=run.skip_first_positions, context_len=store.context_len)
+
+  artifact.save_sae(os.path.join(out, "joint"), host.joint.params, cfg("joint"))
+  artifact.save_sae(os.path.join(out, "joint", "meta"), host.meta.params, cfg("meta"))
   if host.solo is not None:
-    artifact.save_sae(os.path.join(out, "solo"), host.solo.params,
-                      sae_cfg(config, store, run, "solo", trained_tokens))
+    artifact.save_sae(os.path.join(out, "solo"), host.solo.params, cfg("solo"))
 
 
 class _MetricsSink:

@@ -1,10 +1,13 @@
-"""Step-time measurements: fast train_step vs the straightforward implementation, FLOPs, matmul roof.
+"""Measurements: fast train_step vs the straightforward one (FLOPs, matmul roof), mean |φ| at scale, exporter speed.
 
 Legend: B = batch, D = d_model, N = width, M = meta width.
 """
 
 import dataclasses
+import itertools
+import os
 import resource
+import tempfile
 import time
 
 import jax
@@ -12,6 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from metasae_jax.core import naive
+from metasae_jax.core.errors import UserError
+from metasae_jax.evaluation import cooccurrence
+from metasae_jax.evaluation import firings as firings_lib
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.train_step import init_train_state, train_step
 
@@ -84,3 +90,90 @@ def measure(config: TrainConfig, impl: str, steps: int) -> dict:
           "gflop_per_step": flops / 1e9, "matmul_roof_gflops": roof,
           "utilisation": flops / t_both / 1e9 / roof,
           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def synthetic_firings(width: int, num_tokens: int, k: int, seed: int = 0,
+                      chunk: int = 65536) -> firings_lib.Firings:
+  """Random firings with Zipf-like latent frequencies, ~k distinct latents per token (benchmarks)."""
+  rng = np.random.default_rng(seed)
+  weights = 1.0 / (np.arange(width) + 50.0)
+  cdf = np.cumsum(weights / weights.sum())
+  perm = rng.permutation(width)
+  lens, lats = [], []
+  for start in range(0, num_tokens, chunk):
+    c = min(chunk, num_tokens - start)
+    draw = perm[np.minimum(np.searchsorted(cdf, rng.random((c, 2 * k))), width - 1)]
+    draw.sort(axis=1)
+    dup = np.zeros_like(draw, bool)
+    dup[:, 1:] = draw[:, 1:] == draw[:, :-1]
+    # Keep k of the distinct draws chosen at random (not the k smallest ids).
+    key = np.where(dup, 2.0, rng.random(draw.shape))
+    pick = np.argpartition(key, k - 1, axis=1)[:, :k]
+    keep = np.zeros_like(dup)
+    np.put_along_axis(keep, pick, True, axis=1)
+    keep &= ~dup
+    lens.append(keep.sum(axis=1))
+    lats.append(draw[keep].astype(np.int32))
+  lens = np.concatenate(lens)
+  lat = np.concatenate(lats)
+  return firings_lib.Firings(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), lat,
+                            np.ones(len(lat), np.float32), np.arange(num_tokens, dtype=np.int64), width)
+
+
+def benchmark_phi(width: int = 9216, num_tokens: int = 1_000_000, k: int = 64, seed: int = 0,
+                  workers: int = 2) -> dict:
+  """Times `phi_stats` on synthetic firings (target: 9216 latents, 1M tokens, k=64 under 60 s)."""
+  firings = synthetic_firings(width, num_tokens, k, seed)
+  start = time.perf_counter()
+  stats = cooccurrence.phi_stats(firings, workers=workers, progress=True)
+  seconds = time.perf_counter() - start
+  return {"width": width, "num_tokens": num_tokens, "k": k,
+          "mean_l0": float(len(firings.latents_F) / num_tokens), "workers": workers,
+          "seconds": seconds, "mean_abs_phi": stats.mean_abs_phi, "num_pairs": stats.num_pairs}
+
+
+def benchmark_export(config, loaded=None, num_batches: int = 8, rounds: int = 2) -> dict:
+  """Exporter tokens/s vs the raw truncated forward's tokens/s on the same batches (into a temp dir).
+
+  `config` is an `lm.export.ExportConfig`, `loaded` an `lm.models.LoadedModel` (loaded here when None).
+  """
+  from metasae_jax.lm import corpus as corpus_lib  # pylint: disable=g-import-not-at-top  (torch side)
+  from metasae_jax.lm import export, models  # pylint: disable=g-import-not-at-top
+  if loaded is None:
+    loaded = models.load_model(config.model)
+  num_ctx = num_batches * config.batch_size
+  ctx = corpus_lib.contexts(config.corpus, loaded.tokenizer, config.context_len, config.text_field)
+  got = list(itertools.islice(ctx, num_ctx))
+  if len(got) < num_ctx:
+    raise UserError(f"--corpus {config.corpus} has fewer than {num_ctx} contexts to benchmark on.")
+  tokens_NxC = np.stack(got)
+  num_tokens = num_ctx * config.context_len
+
+  def raw_forward():
+    export.forward_only(loaded, tokens_NxC, config.batch_size, config.layer, config.site)
+
+  export.forward_only(loaded, tokens_NxC[:config.batch_size], config.batch_size, config.layer,
+                      config.site)  # warm-up
+  # Alternate raw and export rounds and keep each one's best: other processes sharing the CPU
+  # slow whichever happens to run at the time. CPU time (all threads of this process) is less
+  # sensitive to them than wall time, so both are reported.
+  raw_s, export_s, raw_cpu, export_cpu = [], [], [], []
+  with tempfile.TemporaryDirectory() as tmp:
+    for r in range(rounds):
+      bench = dataclasses.replace(
+          config, out_dir=os.path.join(tmp, f"store{r}"), num_tokens=num_tokens, progress=False,
+          shard_tokens=max(config.context_len, min(config.shard_tokens, num_tokens // 2)))
+      t0, c0 = time.perf_counter(), time.process_time()
+      raw_forward()
+      t1, c1 = time.perf_counter(), time.process_time()
+      export.export_activations(bench, loaded)
+      t2, c2 = time.perf_counter(), time.process_time()
+      raw_s.append(t1 - t0)
+      export_s.append(t2 - t1)
+      raw_cpu.append(c1 - c0)
+      export_cpu.append(c2 - c1)
+  return {"num_tokens": num_tokens, "rounds": rounds,
+          "forward_tokens_per_s": num_tokens / min(raw_s),
+          "export_tokens_per_s": num_tokens / min(export_s),
+          "ratio": min(raw_s) / min(export_s),
+          "cpu_ratio": min(raw_cpu) / min(export_cpu)}

@@ -1,7 +1,8 @@
-"""End-to-end job from a preset: export → split → train (or sweep) → evaluate → (autointerp) → table.
+"""End-to-end job from a preset: export → split → train (or the sweep) → evaluate → (autointerp) → table.
 
 Every stage resumes or is skipped when its outputs are complete, so rerunning
-the same command continues where it stopped.
+the same command continues where it stopped. A preset with a grid runs
+`workflows.sweep` (the only sweep loop), one process per point and seed.
 """
 
 import dataclasses
@@ -10,10 +11,13 @@ import os
 import time
 from typing import Optional
 
-from metasae_jax.storage import atomic, store
-from metasae_jax.training import curves
 from metasae_jax.core.config import TrainConfig, default_meta_width
 from metasae_jax.core.errors import UserError
+from metasae_jax.storage import atomic, store
+from metasae_jax.evaluation.evaluate import EvalConfig, evaluate_run
+from metasae_jax.training import curves
+from metasae_jax.training.trainer import RunConfig, train_and_save
+from metasae_jax.workflows import sweep
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,7 +36,8 @@ class Preset:
   checkpoint_every_steps: int = 1000
   log_every_steps: int = 50
   grid: Optional[dict] = None
-  """{"lambda2": (...), "sigma_sq": (...)} to sweep instead of a single run."""
+  """{"lambda2": (...), "sigma_sq": (...)[, "seeds": (...)]} to sweep instead of a single run; with seeds,
+  every point is trained once per seed and the table shows mean ± sd over seeds."""
   eval: dict = dataclasses.field(default_factory=dict)
   """EvalConfig fields minus run_dir / activations."""
   autointerp: dict = dataclasses.field(default_factory=dict)
@@ -57,7 +62,8 @@ def estimate_cost(preset: Preset, train_tflops: float = 15.0, export_tflops: flo
   m = t.get("meta_width") or default_meta_width(n)
   tokens = e["num_tokens"]
   disk_gb = tokens * d * (2 if e.get("dtype", "float16") == "float16" else 4) / 1e9
-  points = len(preset.grid["lambda2"]) * len(preset.grid["sigma_sq"]) if preset.grid else 1
+  points = (len(sweep.grid(preset.grid["lambda2"], preset.grid["sigma_sq"], preset.grid.get("seeds", ())))
+            if preset.grid else 1)
   steps = (preset.num_tokens or tokens) // b
   meta_fwd = 4 * n * d * m
   step_flops = 2 * 5 * 2 * b * d * n + meta_fwd * (1 + 3 * t.get("n_meta_steps", 5) / t.get("n_primary_steps", 10))
@@ -93,37 +99,47 @@ def split_stage(full: store.Store, data_dir: str, heldout_shards: int) -> tuple[
   return train_dir, held_dir
 
 
-def train_stage(preset: Preset, train_dir: str, run_dir: str, overrides: dict) -> None:
-  from metasae_jax.training.trainer import RunConfig, train_and_save
+def _run_config(preset: Preset, train_dir: str, run_dir: str) -> RunConfig:
+  return RunConfig(activations=train_dir, out_dir=run_dir, num_tokens=preset.num_tokens,
+                   checkpoint_every_steps=preset.checkpoint_every_steps, log_every_steps=preset.log_every_steps)
+
+
+def train_stage(preset: Preset, train_dir: str, run_dir: str) -> None:
   d_model = store.read_manifest(train_dir)["d_model"]
-  config = TrainConfig(d_model=d_model, **dict(preset.train, **overrides))
+  config = TrainConfig(d_model=d_model, **preset.train)
   _log(f"train: width {config.width}, k {config.k}, λ₂ {config.lambda2}, σ² {config.sigma_sq} → {run_dir}")
-  train_and_save(config, RunConfig(activations=train_dir, out_dir=run_dir, num_tokens=preset.num_tokens,
-                                   checkpoint_every_steps=preset.checkpoint_every_steps,
-                                   log_every_steps=preset.log_every_steps))
+  train_and_save(config, _run_config(preset, train_dir, run_dir))
   curves.plot_training_curves(run_dir)
 
 
-def _report_fresh(run_dir: str) -> bool:
-  """A report newer than the artifacts it describes."""
-  report = os.path.join(run_dir, "report.json")
-  weights = [os.path.join(run_dir, s, "sae.safetensors") for s in ("joint", "solo")]
-  return os.path.exists(report) and all(
-      os.path.getmtime(report) >= os.path.getmtime(w) for w in weights if os.path.exists(w))
-
-
 def evaluate_stage(preset: Preset, run_dir: str, held_dir: str) -> dict:
-  from metasae_jax.evaluation.evaluate import EvalConfig, evaluate_run
-  if _report_fresh(run_dir):
-    _log(f"evaluate: {run_dir}/report.json is up to date")
-    with open(os.path.join(run_dir, "report.json")) as f:
+  if sweep.is_evaluated(run_dir):
+    _log(f"evaluate: {run_dir}/{sweep.REPORT} is up to date")
+    with open(os.path.join(run_dir, sweep.REPORT)) as f:
       return json.load(f)
   _log(f"evaluate: {run_dir} on {held_dir}")
   return evaluate_run(EvalConfig(run_dir=run_dir, activations=held_dir, **preset.eval))
 
 
+def sweep_stage(preset: Preset, train_dir: str, held_dir: str, workdir: str) -> dict:
+  """The preset's grid through `workflows.sweep` (one process per point and seed); returns its summary."""
+  d_model = store.read_manifest(train_dir)["d_model"]
+  config = sweep.SweepConfig(
+      out_dir=os.path.join(workdir, "sweep"), lambda2s=tuple(preset.grid["lambda2"]),
+      sigma_sqs=tuple(preset.grid["sigma_sq"]), seeds=tuple(preset.grid.get("seeds", ())),
+      train=TrainConfig(d_model=d_model, **preset.train), run=_run_config(preset, train_dir, ""),
+      evaluation=EvalConfig(run_dir="", activations=held_dir, **preset.eval))
+  summary = sweep.run_sweep(config, report=_log)
+  if summary["failed"]:
+    rows = {r["name"]: r for r in summary["points"]}
+    details = "\n".join(f"{n}: {rows[n]['error']}\n{rows[n].get('stderr_tail', '')}" for n in summary["failed"])
+    raise UserError(f"{len(summary['failed'])} sweep points failed (rerun to retry them; finished points are "
+                    f"kept):\n{details}")
+  return summary
+
+
 def autointerp_stage(preset: Preset, run_dir: str, held_dir: str, llm: str) -> dict:
-  from metasae_jax.autointerp.pipeline import AutointerpConfig, run_autointerp
+  from metasae_jax.autointerp.pipeline import AutointerpConfig, run_autointerp  # pylint: disable=g-import-not-at-top
   _log(f"autointerp: {llm} on {run_dir}")
   return run_autointerp(AutointerpConfig(run_dir=run_dir, activations=held_dir, llm=llm, **preset.autointerp))
 
@@ -132,49 +148,58 @@ def _fmt(v, spec=".4g"):
   return "—" if v is None else format(v, spec)
 
 
+def _mean(rows: list, sae: str, key: str) -> Optional[float]:
+  return sweep.mean_sd_of([r.get(sae, {}).get(key) for r in rows])["mean"]
+
+
 def table_markdown(preset: Preset, rows: list[dict]) -> str:
-  """The paper's Table 1 layout: per (λ₂, σ²), joint vs its own solo baseline."""
+  """The paper's Table 1 layout: per (λ₂, σ²), joint vs its own solo; mean ± sd over seeds where there are several."""
   lines = [f"# {preset.name}: joint vs solo", "", preset.description, "",
-           "| λ₂ | σ² | Δ mean abs φ % | ΔMSE % | ΔFVU % | ΔCE joint % | ΔCE solo % | L0 joint | fuzz joint | fuzz solo |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['lambda2']} | {r['sigma_sq']} | {_fmt(r.get('mean_abs_phi_pct'), '+.2f')} | "
-                 f"{_fmt(r.get('mse_pct'), '+.2f')} | {_fmt(r.get('fvu_pct'), '+.2f')} | "
-                 f"{_fmt(r.get('delta_ce_joint'), '.3f')} | {_fmt(r.get('delta_ce_solo'), '.3f')} | "
-                 f"{_fmt(r.get('l0'), '.1f')} | {_fmt(r.get('fuzz_joint'), '.3f')} | {_fmt(r.get('fuzz_solo'), '.3f')} |")
+           "| λ₂ | σ² | seeds | Δ mean abs φ % | ΔMSE % | ΔFVU % | paired p | ΔCE joint % | ΔCE solo % | L0 joint "
+           "| fuzz joint | fuzz solo |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  by_name = {r["name"]: r for r in rows}
+  aggregates = sweep.aggregate(rows)
+  for a in aggregates:
+    members = [by_name[n] for n in a["runs"]]
+    fuzz = {s: sweep.mean_sd_of([r.get(f"fuzz_{s}") for r in members])["mean"] for s in ("joint", "solo")}
+    lines.append(
+        f"| {a['lambda2']:g} | {a['sigma_sq']:g} | {len(members)} | {sweep.mean_sd(a['delta_mean_abs_phi_pct'])} | "
+        f"{sweep.mean_sd(a['delta_mse_pct'])} | {sweep.mean_sd(a['delta_fvu_pct'])} | "
+        f"{_fmt(a['paired_mean_abs_phi']['p'], '.3g')} | {_fmt(_mean(members, 'joint', 'delta_ce_pct'), '.3f')} | "
+        f"{_fmt(_mean(members, 'solo', 'delta_ce_pct'), '.3f')} | {_fmt(_mean(members, 'joint', 'l0'), '.1f')} | "
+        f"{_fmt(fuzz['joint'], '.3f')} | {_fmt(fuzz['solo'], '.3f')} |")
+  if any(len(a["runs"]) > 1 for a in aggregates):
+    lines += ["", "Intervals are mean ± sd over seeds (n − 1 denominator); " + sweep.PAIRED_TEST_ASSUMES]
   if preset.paper:
     lines += ["", "## The paper's numbers for this setting", ""]
     lines += [f"- {k}: {v}" for k, v in preset.paper.items()]
   return "\n".join(lines) + "\n"
 
 
-def table_row(lambda2: float, sigma_sq: float, report: dict, scores: Optional[dict]) -> dict:
-  comp = report.get("comparison", {})
-  row = {"lambda2": lambda2, "sigma_sq": sigma_sq, "mean_abs_phi_pct": comp.get("mean_abs_phi_pct"),
-         "mse_pct": comp.get("mse_pct"), "fvu_pct": comp.get("fvu_pct"),
-         "delta_ce_joint": report.get("joint", {}).get("delta_ce_pct"),
-         "delta_ce_solo": report.get("solo", {}).get("delta_ce_pct"), "l0": report.get("joint", {}).get("l0")}
+def _with_scores(row: dict, scores: Optional[dict]) -> dict:
   if scores:
-    row["fuzz_joint"] = scores.get("joint", {}).get("fuzz_spearman")
-    row["fuzz_solo"] = scores.get("solo", {}).get("fuzz_spearman")
+    row = dict(row, fuzz_joint=scores.get("joint", {}).get("fuzz_spearman"),
+               fuzz_solo=scores.get("solo", {}).get("fuzz_spearman"))
   return row
 
 
 def run_pipeline(preset: Preset, workdir: str, llm: str = "") -> str:
-  """Runs the preset in `workdir`; returns the path of its report (report.json or table.md)."""
+  """Runs the preset in `workdir`; returns the path of its report (report.md, or table.md for a grid)."""
   data_dir = os.path.join(workdir, "data")
   full = export_stage(preset, data_dir)
   train_dir, held_dir = split_stage(full, data_dir, preset.heldout_shards)
-  points = [(preset.train.get("lambda2", 0.3), preset.train.get("sigma_sq", 1.0), workdir)]
   if preset.grid:
-    points = [(lam, sig, os.path.join(workdir, "sweep", f"lam{lam:g}_sig{sig:g}"))
-              for lam in preset.grid["lambda2"] for sig in preset.grid["sigma_sq"]]
-  rows = []
-  for lam, sig, run_dir in points:
-    train_stage(preset, train_dir, run_dir, {"lambda2": lam, "sigma_sq": sig})
-    report = evaluate_stage(preset, run_dir, held_dir)
-    scores = autointerp_stage(preset, run_dir, held_dir, llm) if llm else None
-    rows.append(table_row(lam, sig, report, scores))
+    rows = sweep_stage(preset, train_dir, held_dir, workdir)["points"]
+  else:
+    train_stage(preset, train_dir, workdir)
+    evaluate_stage(preset, workdir, held_dir)
+    rows = [sweep.point_summary({"name": os.path.basename(os.path.abspath(workdir)), "run_dir": workdir,
+                                 "lambda2": float(preset.train.get("lambda2", 0.3)),
+                                 "sigma_sq": float(preset.train.get("sigma_sq", 1.0)),
+                                 "seed": preset.train.get("seed", 0), "eval": "evaluated"})]
+  if llm:
+    rows = [_with_scores(r, autointerp_stage(preset, r["run_dir"], held_dir, llm)) for r in rows]
   table = os.path.join(workdir, "table.md")
   atomic.write_text(table, table_markdown(preset, rows))
   _log(f"done: {table}")

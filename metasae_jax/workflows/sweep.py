@@ -1,15 +1,18 @@
-"""λ₂ × σ² grid over one store: one run directory per point, resumable, optionally parallel and evaluated.
+"""λ₂ × σ² (× seed) grid over one store: one run directory per point, resumable, optionally parallel and evaluated.
 
-Each point is an ordinary `experiments.train` run in `out_dir/lam{λ₂}_sig{σ²}`
-(a subprocess, so points can run side by side and a crash stays in its point);
-the trainer resumes interrupted points by itself. With a held-out store every
-point is evaluated (`experiments.evaluate`) and the sweep writes `summary.json`
-and `pareto.png`: Δ mean|φ| % against ΔMSE % of each point's joint SAE vs its
-own lockstep solo baseline (the paper's Table 1).
+Each point is trained, then evaluated, by `python -m metasae_jax.workflows.run_point`
+in its own process (so points run side by side and a crash stays in its point);
+the trainer resumes interrupted points by itself. With an evaluation config every
+point is evaluated on a held-out store and the sweep writes `summary.json` and
+`pareto.png`: Δ mean|φ| % against ΔMSE % of each point's joint SAE vs its own
+lockstep solo baseline (the paper's Table 1). With several seeds, every grid
+point is trained once per seed (each joint with its own solo) and the summary
+adds per-point means ± sd and a paired t-test across seeds.
 """
 
 import concurrent.futures
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -17,53 +20,54 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from typing import Optional, Sequence
 
-from metasae_jax.storage import atomic
+import numpy as np
+import scipy.stats
+
+from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
+from metasae_jax.evaluation.evaluate import EvalConfig
+from metasae_jax.storage import artifact, atomic
+from metasae_jax.storage.store import read_manifest
+from metasae_jax.training.trainer import METRICS, RunConfig
+from metasae_jax.workflows import run_point
 
 SUMMARY = "summary.json"
 PARETO = "pareto.png"
 LOGS = "logs"
 REPORT = "report.json"
 SAE_DIRS = ("joint", "solo", os.path.join("joint", "meta"))
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EvalSpec:
-  """How each finished point is evaluated (the arguments of `experiments.evaluate`)."""
-  activations: str
-  """Held-out activation store (not the training store)."""
-  num_tokens: int = 0
-  """Evaluation tokens after skipping; 0 = the whole held-out store."""
-  model: str = "none"
-  """Model for ΔCE: "none" skips it (the default here: it loads the model once per point), "" = the store's."""
-  batch_size: int = 4096
-  """Tokens per evaluation batch (the sweep passes the training --batch_size)."""
-  meta_fve_steps: int = 500
-  """Steps of the fresh meta SAE for meta FVE; 0 skips it."""
-  skip_first_positions: int = 1
-  """Positions skipped at the start of every context (as in training)."""
+# Joint-vs-solo differences summarised over seeds (report.json "comparison" keys, as row keys).
+DELTAS = ("delta_mean_abs_phi_pct", "delta_mse_pct", "delta_fvu_pct")
+PAIRED_TEST_ASSUMES = (
+    "paired t-test of joint vs solo mean |φ| across seeds: each seed gives one (joint, solo) pair trained on "
+    "identical batches; it assumes the per-seed differences are independent draws from a normal distribution "
+    "(n - 1 degrees of freedom) and captures variation of init and data order only, not of the store itself.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SweepConfig:
-  """A λ₂ × σ² grid of training runs sharing every other flag."""
+  """A λ₂ × σ² (× seed) grid of training runs sharing every other setting."""
   out_dir: str
   """Sweep directory: one run directory per point, logs/, summary.json, pareto.png."""
   lambda2s: tuple
-  """Penalty weights λ₂ (paper grid: 0.1, 0.3, 1.0); 0 is the no-penalty control, run once."""
+  """Penalty weights λ₂ (paper grid: 0.1, 0.3, 1.0); 0 is the no-penalty control, run once per seed."""
   sigma_sqs: tuple
   """Penalty bandwidths σ² (paper grid: 0.3, 1.0, 3.0)."""
-  train_args: tuple = ()
-  """Every other `experiments.train` flag, as `--name=value` strings (no --lambda2/--sigma_sq/--out_dir)."""
+  train: TrainConfig
+  """Every other training setting; its lambda2, sigma_sq (and seed, when `seeds` is set) are replaced per point."""
+  run: RunConfig
+  """Data and checkpointing settings; its out_dir is replaced by each point's run directory."""
+  seeds: tuple = ()
+  """Seeds each grid point is trained at (run directories get a _seed{s} suffix); () = train.seed, no suffix."""
   parallel: int = 1
-  """Points trained at once (each a subprocess)."""
-  evaluation: Optional[EvalSpec] = None
-  """Evaluate every point on a held-out store; None skips evaluation (no pareto.png)."""
+  """Points trained at once (each its own process)."""
+  evaluation: Optional[EvalConfig] = None
+  """Evaluate every point on a held-out store (its run_dir is replaced per point); None skips evaluation."""
   python: str = sys.executable
-  """Interpreter for the per-point subprocesses."""
+  """Interpreter for the per-point processes."""
 
   def __post_init__(self):
     if not self.lambda2s or not self.sigma_sqs:
@@ -72,33 +76,35 @@ class SweepConfig:
       raise UserError(f"--lambda2 values must be >= 0, got {list(self.lambda2s)}.")
     if any(not math.isfinite(v) or v <= 0 for v in self.sigma_sqs):
       raise UserError(f"--sigma_sq values must be > 0, got {list(self.sigma_sqs)}.")
+    if len(set(self.seeds)) != len(self.seeds) or any(int(s) != s or s < 0 for s in self.seeds):
+      raise UserError(f"--seeds must be distinct integers >= 0, got {list(self.seeds)}.")
     if self.parallel < 1:
       raise UserError(f"--parallel must be >= 1, got {self.parallel}.")
-    for arg in self.train_args:
-      name = arg.lstrip("-").split("=")[0]
-      if name in ("lambda2", "sigma_sq", "out_dir"):
-        raise UserError(f"train_args must not set --{name}: the sweep sets it per point.")
 
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-  """One grid point and its run directory name."""
+  """One grid point (at one seed) and its run directory name."""
   lambda2: float
   sigma_sq: float
+  seed: Optional[int] = None
+  """None: the training config's seed, and the name has no seed suffix (sweeps without --seeds)."""
 
   @property
   def name(self) -> str:
-    return f"lam{self.lambda2:g}_sig{self.sigma_sq:g}"
+    base = f"lam{self.lambda2:g}_sig{self.sigma_sq:g}"
+    return base if self.seed is None else f"{base}_seed{self.seed}"
 
 
-def grid(lambda2s: Sequence[float], sigma_sqs: Sequence[float]) -> list:
-  """Grid points in flag order; λ₂ = 0 (no penalty, σ² unused) appears once, with the first σ²."""
+def grid(lambda2s: Sequence[float], sigma_sqs: Sequence[float], seeds: Sequence[int] = ()) -> list:
+  """Grid points in flag order (seeds innermost); λ₂ = 0 (no penalty, σ² unused) appears once per seed."""
   points = []
   for lam in lambda2s:
     for sig in (sigma_sqs[:1] if lam == 0 else sigma_sqs):
-      p = Point(float(lam), float(sig))
-      if p not in points:
-        points.append(p)
+      for seed in (tuple(seeds) or (None,)):
+        p = Point(float(lam), float(sig), None if seed is None else int(seed))
+        if p not in points:
+          points.append(p)
   return points
 
 
@@ -113,22 +119,34 @@ def parse_floats(text: str, flag: str) -> tuple:
   return values
 
 
+def parse_ints(text: str, flag: str) -> tuple:
+  """'0,1,2' -> (0, 1, 2); '' -> ()."""
+  try:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    raise UserError(f"--{flag} must be a comma-separated list of integers, got {text!r}.") from None
+
+
 def is_trained(run_dir: str) -> bool:
   """Artifacts present (joint, meta, and solo unless --nobaseline) with the final checkpoint they came from."""
   try:
-    with open(os.path.join(run_dir, "joint", "cfg.json")) as f:
+    with open(os.path.join(run_dir, "joint", artifact.CFG)) as f:
       cfg = json.load(f)
     final = cfg["trained_tokens"] // cfg["train_config"]["batch_size"]
     baseline = cfg["train_config"].get("baseline", True)
   except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
     return False
   saes = [d for d in SAE_DIRS if baseline or d != "solo"]
-  return (all(os.path.exists(os.path.join(run_dir, d, "sae.safetensors")) for d in saes)
+  return (all(os.path.exists(os.path.join(run_dir, d, artifact.WEIGHTS)) for d in saes)
           and os.path.isdir(os.path.join(run_dir, "checkpoints", str(final))))
 
 
 def is_evaluated(run_dir: str) -> bool:
-  return os.path.exists(os.path.join(run_dir, REPORT))
+  """A report.json at least as new as the SAE weights it describes (a retrained point is evaluated again)."""
+  report = os.path.join(run_dir, REPORT)
+  weights = [os.path.join(run_dir, s, artifact.WEIGHTS) for s in ("joint", "solo")]
+  return os.path.exists(report) and all(
+      os.path.getmtime(report) >= os.path.getmtime(w) for w in weights if os.path.exists(w))
 
 
 def _tail(path: str, lines: int = 15) -> str:
@@ -142,52 +160,56 @@ def _tail(path: str, lines: int = 15) -> str:
   return "\n".join(rows[-lines:])
 
 
-def _run_logged(cmd: list, log_path: str) -> int:
-  os.makedirs(os.path.dirname(log_path), exist_ok=True)
+def _import_root() -> str:
+  """The directory this package was imported from, so each point's process imports the same code."""
+  package_dir = importlib.util.find_spec("metasae_jax").submodule_search_locations[0]
+  return os.path.dirname(os.path.abspath(package_dir))
+
+
+def _run_stage(cfg: SweepConfig, point: Point, stage: str, logs: str) -> tuple[int, str]:
+  """Runs one stage of a point in its own process, output in logs/NAME.STAGE.log. Returns (exit code, log)."""
+  run_dir = os.path.join(cfg.out_dir, point.name)
+  spec = os.path.join(logs, f"{point.name}.{stage}.json")
+  log_path = os.path.join(logs, f"{point.name}.{stage}.log")
+  if stage == "train":
+    seed = cfg.train.seed if point.seed is None else point.seed
+    train = dataclasses.replace(cfg.train, lambda2=point.lambda2, sigma_sq=point.sigma_sq, seed=seed)
+    run_point.write_spec(spec, stage, train=train, run=dataclasses.replace(cfg.run, out_dir=run_dir))
+  else:
+    run_point.write_spec(spec, stage, evaluate=dataclasses.replace(cfg.evaluation, run_dir=run_dir))
+  cmd = [cfg.python, "-m", run_point.__name__, spec]
   env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, env.get("PYTHONPATH")) if p)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (_import_root(), env.get("PYTHONPATH")) if p)
   with open(log_path, "w") as log:
     log.write("$ " + " ".join(cmd) + "\n")
     log.flush()
-    return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-
-
-def train_command(cfg: SweepConfig, point: Point) -> list:
-  return [cfg.python, "-m", "experiments.train", *cfg.train_args, f"--lambda2={point.lambda2!r}",
-          f"--sigma_sq={point.sigma_sq!r}", f"--out_dir={os.path.join(cfg.out_dir, point.name)}"]
-
-
-def eval_command(cfg: SweepConfig, point: Point) -> list:
-  e = cfg.evaluation
-  return [cfg.python, "-m", "experiments.evaluate", f"--run_dir={os.path.join(cfg.out_dir, point.name)}",
-          f"--activations={e.activations}", f"--num_tokens={e.num_tokens}", f"--model={e.model}",
-          f"--batch_size={e.batch_size}", f"--meta_fve_steps={e.meta_fve_steps}",
-          f"--skip_first_positions={e.skip_first_positions}"]
+    code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+  return code, log_path
 
 
 def _do_point(cfg: SweepConfig, point: Point) -> dict:
   """Trains (or resumes, or skips) one point, then evaluates it if asked. Returns its status."""
   run_dir = os.path.join(cfg.out_dir, point.name)
   logs = os.path.join(cfg.out_dir, LOGS)
+  os.makedirs(logs, exist_ok=True)
   t0 = time.time()
-  result = {"name": point.name, "lambda2": point.lambda2, "sigma_sq": point.sigma_sq, "run_dir": run_dir}
+  seed = cfg.train.seed if point.seed is None else point.seed
+  result = {"name": point.name, "lambda2": point.lambda2, "sigma_sq": point.sigma_sq, "seed": seed,
+            "run_dir": run_dir}
   if is_trained(run_dir):
     result["train"] = "skipped (finished)"
   else:
-    log = os.path.join(logs, f"{point.name}.train.log")
-    code = _run_logged(train_command(cfg, point), log)
+    code, log = _run_stage(cfg, point, "train", logs)
     if code != 0 or not is_trained(run_dir):
-      return dict(result, train="failed", error=f"experiments.train exited with {code}; log {log}",
-                  stderr_tail=_tail(log))
+      return dict(result, train="failed", error=f"training exited with {code}; log {log}", stderr_tail=_tail(log))
     result["train"] = "trained"
   if cfg.evaluation is not None:
     if is_evaluated(run_dir):
       result["eval"] = "skipped (report.json present)"
     else:
-      log = os.path.join(logs, f"{point.name}.eval.log")
-      code = _run_logged(eval_command(cfg, point), log)
+      code, log = _run_stage(cfg, point, "evaluate", logs)
       if code != 0 or not is_evaluated(run_dir):
-        return dict(result, eval="failed", error=f"experiments.evaluate exited with {code}; log {log}",
+        return dict(result, eval="failed", error=f"evaluation exited with {code}; log {log}",
                     stderr_tail=_tail(log))
       result["eval"] = "evaluated"
   result["seconds"] = round(time.time() - t0, 1)
@@ -196,7 +218,7 @@ def _do_point(cfg: SweepConfig, point: Point) -> dict:
 
 def _last_metrics(run_dir: str) -> dict:
   try:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    with open(os.path.join(run_dir, METRICS)) as f:
       lines = [line for line in f if line.strip()]
     return json.loads(lines[-1]) if lines else {}
   except (OSError, ValueError):
@@ -232,29 +254,77 @@ def point_summary(status: dict) -> dict:
   return row
 
 
-def pareto_plot(rows: list, path: str) -> Optional[str]:
-  """Δ mean|φ| % (down = more atomic) vs ΔMSE % (left = better reconstruction), one marker per point."""
-  pts = [r for r in rows if r.get("delta_mean_abs_phi_pct") is not None and r.get("delta_mse_pct") is not None]
+def mean_sd_of(values: list) -> dict:
+  """{"mean", "sd" (n - 1 denominator; None below 2 values), "n"} of the non-missing values."""
+  v = [x for x in values if x is not None and math.isfinite(x)]
+  if not v:
+    return {"mean": None, "sd": None, "n": 0}
+  return {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None, "n": len(v)}
+
+
+def paired_test(joint: list, solo: list) -> dict:
+  """Paired t-test of joint vs solo values across seeds (see PAIRED_TEST_ASSUMES)."""
+  pairs = [(j, s) for j, s in zip(joint, solo) if j is not None and s is not None]
+  out = {"n": len(pairs), "t": None, "p": None, "mean_difference": None, "assumes": PAIRED_TEST_ASSUMES}
+  if not pairs:
+    return out
+  diff = np.array([j - s for j, s in pairs], np.float64)
+  out["mean_difference"] = float(diff.mean())
+  if len(pairs) >= 2 and np.ptp(diff) > 0:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)
+      res = scipy.stats.ttest_rel([j for j, _ in pairs], [s for _, s in pairs])
+    out["t"], out["p"] = float(res.statistic), float(res.pvalue)
+  return out
+
+
+def aggregate(rows: list) -> list:
+  """Per (λ₂, σ²): mean ± sd over seeds of the joint-vs-solo deltas, and the paired test of mean |φ|."""
+  groups: dict = {}
+  for r in rows:
+    groups.setdefault((r["lambda2"], r["sigma_sq"]), []).append(r)
+  out = []
+  for (lam, sig), members in groups.items():
+    agg = {"lambda2": lam, "sigma_sq": sig, "seeds": [r.get("seed") for r in members],
+           "runs": [r["name"] for r in members], "failed": [r["name"] for r in members if "error" in r]}
+    for key in DELTAS:
+      values = [r.get(key) for r in members]
+      if key == "delta_mse_pct":  # before evaluation, the training batches' MSE is all there is
+        values = [r.get(key, r.get("train_delta_mse_pct")) for r in members]
+      agg[key] = mean_sd_of(values)
+    agg["paired_mean_abs_phi"] = paired_test([r.get("joint", {}).get("mean_abs_phi") for r in members],
+                                             [r.get("solo", {}).get("mean_abs_phi") for r in members])
+    out.append(agg)
+  return out
+
+
+def pareto_plot(aggregates: list, path: str) -> Optional[str]:
+  """Δ mean|φ| % (down = more atomic) vs ΔMSE % (left = better reconstruction): seed means with sd bars."""
+  pts = [a for a in aggregates
+         if a["delta_mean_abs_phi_pct"]["mean"] is not None and a["delta_mse_pct"]["mean"] is not None]
   if not pts:
     return None
-  import matplotlib
+  import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(5.5, 4.2))
-  sigmas = sorted({r["sigma_sq"] for r in pts})
+  sigmas = sorted({a["sigma_sq"] for a in pts})
   cmap = plt.get_cmap("viridis")
-  for r in pts:
-    color = "black" if r["lambda2"] == 0 else cmap(sigmas.index(r["sigma_sq"]) / max(1, len(sigmas) - 1))
-    ax.scatter(r["delta_mse_pct"], r["delta_mean_abs_phi_pct"], color=color, s=20 + 40 * r["lambda2"],
-               zorder=3)
-    label = "control (λ₂=0)" if r["lambda2"] == 0 else f"λ₂={r['lambda2']:g}, σ²={r['sigma_sq']:g}"
-    ax.annotate(label, (r["delta_mse_pct"], r["delta_mean_abs_phi_pct"]), fontsize=7,
-                xytext=(4, 3), textcoords="offset points")
+  for a in pts:
+    x, y = a["delta_mse_pct"], a["delta_mean_abs_phi_pct"]
+    color = "black" if a["lambda2"] == 0 else cmap(sigmas.index(a["sigma_sq"]) / max(1, len(sigmas) - 1))
+    ax.errorbar(x["mean"], y["mean"], xerr=x["sd"], yerr=y["sd"], fmt="o", color=color, capsize=2,
+                markersize=3 + 4 * a["lambda2"] ** 0.5, zorder=3)
+    label = "control (λ₂=0)" if a["lambda2"] == 0 else f"λ₂={a['lambda2']:g}, σ²={a['sigma_sq']:g}"
+    if y["n"] > 1:
+      label += f" ({y['n']} seeds)"
+    ax.annotate(label, (x["mean"], y["mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
   ax.axhline(0, color="grey", lw=0.6)
   ax.axvline(0, color="grey", lw=0.6)
   ax.set_xlabel("ΔMSE % (joint vs its solo)")
   ax.set_ylabel("Δ mean |φ| % (joint vs its solo)")
-  ax.set_title("MetaSAE sweep: atomicity vs reconstruction")
+  several = any(a["delta_mean_abs_phi_pct"]["n"] > 1 for a in pts)
+  ax.set_title("MetaSAE sweep: atomicity vs reconstruction" + (" (seed mean ± sd)" if several else ""))
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
   plt.close(fig)
@@ -269,8 +339,8 @@ def run_sweep(cfg: SweepConfig, report=print) -> dict:
   "failed" entries (with the tail of the point's log) and in summary.json.
   """
   os.makedirs(cfg.out_dir, exist_ok=True)
-  points = grid(cfg.lambda2s, cfg.sigma_sqs)
-  report(f"sweep: {len(points)} points in {cfg.out_dir} ({cfg.parallel} at a time)")
+  points = grid(cfg.lambda2s, cfg.sigma_sqs, cfg.seeds)
+  report(f"sweep: {len(points)} runs in {cfg.out_dir} ({cfg.parallel} at a time)")
   statuses = {}
   with concurrent.futures.ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
     futures = {pool.submit(_do_point, cfg, p): p for p in points}
@@ -278,19 +348,26 @@ def run_sweep(cfg: SweepConfig, report=print) -> dict:
       p = futures[fut]
       try:
         status = fut.result()
-      except Exception as e:  # a bug in the driver itself, not in the point's subprocess
+      except Exception as e:  # a bug in the driver itself, not in the point's process
         status = {"name": p.name, "lambda2": p.lambda2, "sigma_sq": p.sigma_sq,
+                  "seed": cfg.train.seed if p.seed is None else p.seed,
                   "run_dir": os.path.join(cfg.out_dir, p.name), "train": "failed", "error": repr(e),
                   "stderr_tail": ""}
       statuses[p] = status
       state = "FAILED" if "error" in status else f"{status.get('train')}, {status.get('eval', 'not evaluated')}"
       report(f"  {p.name}: {state}")
   rows = [point_summary(statuses[p]) for p in points]
+  aggregates = aggregate(rows)
   summary = {"out_dir": os.path.abspath(cfg.out_dir), "lambda2": list(cfg.lambda2s),
-             "sigma_sq": list(cfg.sigma_sqs), "train_args": list(cfg.train_args),
-             "evaluation": dataclasses.asdict(cfg.evaluation) if cfg.evaluation else None,
-             "points": rows, "failed": [r["name"] for r in rows if "error" in r]}
-  summary["pareto"] = pareto_plot(rows, os.path.join(cfg.out_dir, PARETO))
+             "sigma_sq": list(cfg.sigma_sqs), "seeds": list(cfg.seeds) or [cfg.train.seed],
+             "train": {k: v for k, v in cfg.train.to_dict().items()  # the settings every point shares
+                       if k not in ("lambda2", "sigma_sq") and not (k == "seed" and cfg.seeds)},
+             "run": {k: v for k, v in dataclasses.asdict(cfg.run).items() if k != "out_dir"},
+             "evaluation": ({k: v for k, v in dataclasses.asdict(cfg.evaluation).items() if k != "run_dir"}
+                            if cfg.evaluation else None),
+             "points": rows, "aggregates": aggregates, "paired_test_assumes": PAIRED_TEST_ASSUMES,
+             "failed": [r["name"] for r in rows if "error" in r]}
+  summary["pareto"] = pareto_plot(aggregates, os.path.join(cfg.out_dir, PARETO))
   atomic.write_json(os.path.join(cfg.out_dir, SUMMARY), _finite(summary))
   return summary
 
@@ -306,16 +383,27 @@ def _finite(obj):
   return obj
 
 
+def mean_sd(stat: dict, spec: str = "+.2f") -> str:
+  """'−7.50 ± 1.20' (n ≥ 2), '−7.50' (one value) or '—' (none)."""
+  if not stat or stat.get("mean") is None:
+    return "—"
+  text = format(stat["mean"], spec)
+  return text if stat.get("sd") is None else f"{text} ± {stat['sd']:.2f}"
+
+
 def table(summary: dict) -> str:
-  """The paper's Table 1 layout as Markdown: one row per point, joint vs its own solo."""
-  out = ["| λ₂ | σ² | Δ mean\\|φ\\| % | ΔMSE % | ΔFVU % | status |", "|---|---|---|---|---|---|"]
-
-  def fmt(v):
-    return "—" if v is None else f"{v:+.2f}"
-
-  for r in summary["points"]:
-    status = "failed" if "error" in r else r.get("eval", r.get("train", ""))
-    out.append(f"| {r['lambda2']:g} | {r['sigma_sq']:g} | {fmt(r.get('delta_mean_abs_phi_pct'))} | "
-               f"{fmt(r.get('delta_mse_pct', r.get('train_delta_mse_pct')))} | "
-               f"{fmt(r.get('delta_fvu_pct'))} | {status} |")
+  """The paper's Table 1 layout as Markdown: one row per (λ₂, σ²), joint vs its own solo, mean ± sd over seeds."""
+  out = ["| λ₂ | σ² | seeds | Δ mean\\|φ\\| % | ΔMSE % | ΔFVU % | paired p (\\|φ\\|) | status |",
+         "|---|---|---|---|---|---|---|---|"]
+  rows = {r["name"]: r for r in summary["points"]}
+  for a in summary["aggregates"]:
+    members = [rows[n] for n in a["runs"]]
+    status = ("failed: " + ", ".join(a["failed"])) if a["failed"] else ", ".join(
+        sorted({r.get("eval", r.get("train", "")) for r in members}))
+    p = a["paired_mean_abs_phi"]["p"]
+    out.append(f"| {a['lambda2']:g} | {a['sigma_sq']:g} | {len(a['runs'])} | "
+               f"{mean_sd(a['delta_mean_abs_phi_pct'])} | {mean_sd(a['delta_mse_pct'])} | "
+               f"{mean_sd(a['delta_fvu_pct'])} | {'—' if p is None else format(p, '.3g')} | {status} |")
+  if any(a["delta_mean_abs_phi_pct"]["n"] > 1 for a in summary["aggregates"]):
+    out += ["", "mean ± sd over seeds; " + PAIRED_TEST_ASSUMES]
   return "\n".join(out)
