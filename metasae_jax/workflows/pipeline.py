@@ -10,7 +10,7 @@ import os
 import time
 from typing import Optional
 
-from metasae_jax.storage import atomic, store
+from metasae_jax.storage import artifact, atomic, store
 from metasae_jax.training import curves
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
@@ -107,7 +107,7 @@ def train_stage(preset: Preset, train_dir: str, run_dir: str, overrides: dict) -
 def _report_fresh(run_dir: str) -> bool:
   """A report newer than the artifacts it describes."""
   report = os.path.join(run_dir, "report.json")
-  weights = [os.path.join(run_dir, s, "sae.safetensors") for s in ("joint", "solo")]
+  weights = [os.path.join(run_dir, s, artifact.WEIGHTS) for s in artifact.SAE_NAMES]
   return os.path.exists(report) and all(
       os.path.getmtime(report) >= os.path.getmtime(w) for w in weights if os.path.exists(w))
 

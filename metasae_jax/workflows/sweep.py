@@ -19,14 +19,14 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from metasae_jax.storage import atomic
+from metasae_jax.storage import artifact, atomic
 from metasae_jax.core.errors import UserError
 
 SUMMARY = "summary.json"
 PARETO = "pareto.png"
 LOGS = "logs"
 REPORT = "report.json"
-SAE_DIRS = ("joint", "solo", os.path.join("joint", "meta"))
+SAE_DIRS = (*artifact.SAE_NAMES, os.path.join("joint", "meta"))
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -123,7 +123,7 @@ def is_trained(run_dir: str) -> bool:
   except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
     return False
   saes = [d for d in SAE_DIRS if baseline or d != "solo"]
-  return (all(os.path.exists(os.path.join(run_dir, d, "sae.safetensors")) for d in saes)
+  return (all(os.path.exists(os.path.join(run_dir, d, artifact.WEIGHTS)) for d in saes)
           and os.path.isdir(os.path.join(run_dir, "checkpoints", str(final))))
 
 
@@ -222,7 +222,7 @@ def point_summary(status: dict) -> dict:
     with open(os.path.join(run_dir, REPORT)) as f:
       report = json.load(f)
     keys = ("mse", "fvu", "l0", "dead_fraction", "mean_abs_phi", "meta_fve", "delta_ce_pct")
-    for sae in ("joint", "solo"):
+    for sae in artifact.SAE_NAMES:
       row[sae] = {k: report.get(sae, {}).get(k) for k in keys}
     comp = report.get("comparison", {})
     row["delta_mean_abs_phi_pct"] = comp.get("mean_abs_phi_pct")
