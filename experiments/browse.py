@@ -47,8 +47,8 @@ def main(argv):
   config = data_lib.BrowserConfig(
       run_dir=_RUN_DIR.value, activations=_ACTIVATIONS.value, num_latents=_NUM_LATENTS.value,
       num_tokens=_NUM_TOKENS.value, num_top=_NUM_TOP.value, before=_BEFORE.value, after=_AFTER.value,
-      batch_size=_BATCH_SIZE.value, firing=_FIRING.value or "", skip_first_positions=_SKIP.value, tokenizer=_TOKENIZER.value,
-      seed=_SEED.value)
+      batch_size=_BATCH_SIZE.value, firing=_FIRING.value or "", skip_first_positions=_SKIP.value,
+      tokenizer=_TOKENIZER.value, seed=_SEED.value)
   data = data_lib.build(config)
   path = page.write(data, _OUT_DIR.value or os.path.join(config.run_dir, "browser"))
   print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB): "

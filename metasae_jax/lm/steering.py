@@ -93,8 +93,9 @@ def steer(model: torch.nn.Module, sae: LoadedSAE, layer: int, site: str, edits, 
     handle.remove()
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int, sae: Optional[LoadedSAE] = None, layer: int = 0,
-             site: str = "resid_pre", edits=(), skip_first_positions: int = 1, firing: Optional[str] = None) -> str:
+def generate(model, tokenizer, prompt: str, max_new_tokens: int, sae: Optional[LoadedSAE] = None,
+             layer: int = 0, site: str = "resid_pre", edits=(), skip_first_positions: int = 1,
+             firing: Optional[str] = None) -> str:
   """Greedy continuation of `prompt`, steered when `edits` are given."""
   ids = tokenizer(prompt, return_tensors="pt").input_ids
   ctx = steer(model, sae, layer, site, list(edits), skip_first_positions, firing) if edits else contextlib.nullcontext()
