@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from metasae_jax.core import sae
-from metasae_jax.storage import store as store_lib
 from metasae_jax.evaluation import examples as ex
 from metasae_jax.evaluation.encoder import StreamEncoder
 from metasae_jax.storage.loaded_sae import load_sae

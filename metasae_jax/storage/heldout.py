@@ -49,8 +49,9 @@ def iter_batches(store: Store, batch_size: int, num_tokens: int,
   if batch_size <= 0:
     raise UserError(f"--batch_size must be positive, got {batch_size}.")
   kept = positions.KeptTokens(store, skip_first_positions)
-  for start in range(0, min(num_tokens, kept.num_kept), batch_size):
-    index_B = kept.kept_to_global(np.arange(start, min(start + batch_size, num_tokens), dtype=np.int64))
+  total = min(num_tokens, kept.num_kept)
+  for start in range(0, total, batch_size):
+    index_B = kept.kept_to_global(np.arange(start, min(start + batch_size, total), dtype=np.int64))
     yield Batch(store_lib.gather_acts(store, index_B), index_B)
 
 
