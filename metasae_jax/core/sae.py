@@ -26,9 +26,12 @@ def standardize(x_BxD: jax.Array):
   return (x_BxD - mean_Bx1) / (std_Bx1 + STD_EPS), mean_Bx1, std_Bx1
 
 
-def unstandardize(xs_BxD: jax.Array, mean_Bx1: jax.Array, std_Bx1: jax.Array) -> jax.Array:
-  """Maps back with x' * std + mean: the reference leaves the eps out here (the golden rows pin it)."""
-  return xs_BxD * std_Bx1 + mean_Bx1
+def unstandardize(xs_BxD: jax.Array, mean_Bx1: Optional[jax.Array], std_Bx1: Optional[jax.Array]) -> jax.Array:
+  """Maps back with x' * std + mean (identity without statistics, i.e. input_norm "none").
+
+  The reference leaves the eps out here (the golden rows pin it).
+  """
+  return xs_BxD if mean_Bx1 is None else xs_BxD * std_Bx1 + mean_Bx1
 
 
 def normalize_rows(w_NxD: jax.Array) -> jax.Array:
@@ -115,10 +118,19 @@ def decode_std(params: dict, acts_BxN: jax.Array, compute_dtype: str = "float32"
   return matmul(acts_BxN, params["W_dec"], compute_dtype) + params["b_dec"]
 
 
-def forward(params: dict, x_BxD: jax.Array, k: int, activation: str = "batchtopk",
-            input_norm: str = "standardize_per_token", axis_name: Optional[str] = None,
-            threshold_N: Optional[jax.Array] = None) -> Forward:
-  """Encodes and decodes a batch. With `threshold_N`, fires by calibrated thresholds instead."""
+class Encoding(NamedTuple):
+  """The encoder half of a forward pass (`mean`/`std` are None without input standardisation)."""
+  xs_BxD: jax.Array
+  mean_Bx1: Optional[jax.Array]
+  std_Bx1: Optional[jax.Array]
+  pre_BxN: jax.Array
+  acts_BxN: jax.Array
+
+
+def encode(params: dict, x_BxD: jax.Array, k: int, activation: str = "batchtopk",
+           input_norm: str = "standardize_per_token", axis_name: Optional[str] = None,
+           threshold_N: Optional[jax.Array] = None) -> Encoding:
+  """Standardises, computes pre-activations and fires them: by `activation`, or by `threshold_N` when given."""
   if input_norm == "standardize_per_token":
     xs, mean, std = standardize(x_BxD)
   elif input_norm == "none":
@@ -130,6 +142,14 @@ def forward(params: dict, x_BxD: jax.Array, k: int, activation: str = "batchtopk
     acts = topk.threshold_activation(pre, threshold_N)
   else:
     acts = topk.activate(pre, activation, k, axis_name)
-  recon_std = decode_std(params, acts)
-  recon = recon_std if mean is None else unstandardize(recon_std, mean, std)
-  return Forward(xs, pre, acts, recon_std, recon)
+  return Encoding(xs, mean, std, pre, acts)
+
+
+def forward(params: dict, x_BxD: jax.Array, k: int, activation: str = "batchtopk",
+            input_norm: str = "standardize_per_token", axis_name: Optional[str] = None,
+            threshold_N: Optional[jax.Array] = None) -> Forward:
+  """Encodes and decodes a batch. With `threshold_N`, fires by calibrated thresholds instead."""
+  enc = encode(params, x_BxD, k, activation, input_norm, axis_name, threshold_N)
+  recon_std = decode_std(params, enc.acts_BxN)
+  recon = unstandardize(recon_std, enc.mean_Bx1, enc.std_Bx1)
+  return Forward(enc.xs_BxD, enc.pre_BxN, enc.acts_BxN, recon_std, recon)
