@@ -48,8 +48,16 @@ def test_evaluate_run_end_to_end(tmp_path):
     assert os.path.isfile(os.path.join(run, name, "cfg.json"))
     cfg_json = json.load(open(os.path.join(run, name, "cfg.json")))
     assert cfg_json["has_threshold"] and cfg_json["threshold_calibration"]["num_tokens"] == 200
-  assert report["num_tokens"] == 200 and report["skip"]["skip_first_positions"] == 1
-  assert set(report["comparison"]) >= {"mean_abs_phi_pct", "fvu_pct", "mse_pct", "delta_ce_pp", "welch_t", "welch_p"}
+  assert report["num_tokens"] == 200 and report["skip"]["skip_first_positions"] == 0
+  assert set(report["comparison"]) >= {"mean_abs_phi_pct", "mean_abs_phi_live_pct", "fvu_pct", "mse_pct",
+                                       "delta_ce_pp", "welch_t", "welch_p"}
+  boot = report["comparison"]["bootstrap"]
+  for key in ("mean_abs_phi_pct", "mse_pct", "fvu_pct"):
+    assert boot[key]["low"] <= boot[key]["estimate"] <= boot[key]["high"], key
+  np.testing.assert_allclose(boot["fvu_pct"]["estimate"], report["comparison"]["fvu_pct"], rtol=1e-9)
+  np.testing.assert_allclose(boot["mse_pct"]["estimate"], report["comparison"]["mse_pct"], rtol=1e-6)
+  np.testing.assert_allclose(boot["mean_abs_phi_pct"]["estimate"], report["comparison"]["mean_abs_phi_pct"],
+                             rtol=1e-9)
   assert report["delta_ce"] == {"skipped": True}
   for f in ("report.json", "report.md", "split_candidates.json", "phi_hist.png", "metrics.png",
             "matched_cosine.png"):
@@ -95,7 +103,8 @@ def test_delta_ce_wired_through_evaluation(tmp_path, monkeypatch):
     def decode(self, ids):
       return "".join(chr(97 + i % 26) for i in ids)
   loaded = models.LoadedModel(lm, Tok(), "tiny", D, 1)
-  monkeypatch.setattr(evaluation, "_load_model", lambda cfg, store, notes: (loaded, "tiny"))
+  monkeypatch.setattr(evaluation, "_load_model", lambda name: loaded)
+  monkeypatch.setattr(evaluation, "_load_decode", lambda name, notes: Tok().decode)
   report = evaluation.evaluate_run(evaluation.EvalConfig(
       run_dir=run, activations=st.path, firing="batchtopk", batch_size=16, ce_contexts=4, ce_batch_contexts=3,
       meta_fve_steps=0, progress=False))
@@ -104,7 +113,52 @@ def test_delta_ce_wired_through_evaluation(tmp_path, monkeypatch):
     assert r["ce_clean"] > 0 and r["ce_spliced"] is not None and r["ce_zero_ablation"] is not None
     np.testing.assert_allclose(r["delta_ce_pct"], (r["ce_spliced"] - r["ce_clean"]) / r["ce_clean"] * 100)
   assert report["delta_ce"]["num_predictions"] == 4 * (L - 2)
+  assert report["joint"]["delta_ce_pct_se"] > 0 and report["comparison"]["delta_ce_pp_se"] > 0
   assert report["delta_ce"]["resid_check_rel_err"] < 1e-5
   assert report["comparison"]["delta_ce_pp"] is not None
   cands = json.load(open(os.path.join(run, "split_candidates.json")))
   assert all("«" in c["text"] for cand in cands for c in cand["solo_top_contexts"])
+
+
+def _brute_metrics(x, recon, context_len):
+  """FVU over all tokens and without each context's first position, by hand."""
+  fvu = lambda m: np.square(x[m] - recon[m]).sum() / np.square(x[m] - x[m].mean(0)).sum()
+  later = np.arange(len(x)) % context_len != 0
+  return fvu(np.ones(len(x), bool)), fvu(later)
+
+
+def test_report_fvu_positions_and_phi_means(tmp_path):
+  run, st = _run_dir(tmp_path)
+  cfg = evaluation.EvalConfig(run_dir=run, activations=st, model="none", firing="batchtopk", batch_size=32,
+                              meta_fve_steps=0, bootstrap_replicates=20, progress=False)
+  report = evaluation.evaluate_run(cfg)
+  s = store.open_store(st)
+  x = np.asarray(s.shards[0].acts_TxD, np.float32)
+  from metasae_jax.storage import loaded_sae
+  for name in ("joint", "solo"):
+    sae = loaded_sae.load(os.path.join(run, name), D)
+    recon = np.concatenate([np.asarray(loaded_sae.forward(sae, x[a:a + 32], "batchtopk").recon_BxD)
+                            for a in range(0, len(x), 32)])
+    acts = np.concatenate([np.asarray(loaded_sae.forward(sae, x[a:a + 32], "batchtopk").acts_BxN)
+                           for a in range(0, len(x), 32)])
+    fvu, fvu_excl = _brute_metrics(x.astype(np.float64), recon.astype(np.float64), L)
+    r = report[name]
+    np.testing.assert_allclose([r["fvu"], r["fvu_excl_first"]], [fvu, fvu_excl], rtol=1e-4)
+    f = acts != 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+      c = np.abs(np.corrcoef(f.T.astype(float))[np.triu_indices(N, 1)])
+    np.testing.assert_allclose(r["mean_abs_phi"], np.nan_to_num(c, nan=0.0).mean(), rtol=1e-8)
+    np.testing.assert_allclose(r["mean_abs_phi_live"], np.nanmean(c), rtol=1e-8)
+    counts = f.sum(0)
+    assert r["num_dead"] == int((counts == 0).sum())
+    assert r["num_live"] == int(((counts > 0) & (counts < len(f))).sum())
+  md = open(os.path.join(run, "report.md")).read()
+  assert "fvu_excl_first" in md and "mean_abs_phi_live" in md and "dependent pairs as independent" in md
+  assert "bootstrap intervals" in md
+
+
+def test_dead_gap_warning():
+  from metasae_jax.evaluation import report as report_lib
+  per = {"joint": {"num_dead": 10}, "solo": {"num_dead": 30}}
+  assert report_lib.dead_gap_note(per, 1000) and "WARNING" in report_lib.dead_gap_note(per, 1000)[0]
+  assert not report_lib.dead_gap_note(per, 2001)
