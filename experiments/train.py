@@ -8,7 +8,7 @@ Rerunning the same command resumes from the latest checkpoint.
 from absl import flags
 
 from experiments import cli
-from metasae_jax.training import sharding
+from metasae_jax.training import sharding, trainer
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.storage.store import read_manifest
 from metasae_jax.training.trainer import RunConfig, train_and_save
@@ -32,8 +32,9 @@ flags.DEFINE_float("lr", 3e-4, "Adam learning rate. Paper: 3e-4.")
 flags.DEFINE_integer("seed", 0, "Seed for init and data order (joint and solo share the init).")
 flags.DEFINE_bool("baseline", True, "Train the solo SAE in lockstep on identical batches.")
 flags.DEFINE_enum("activation", "batchtopk", ["batchtopk", "topk"], "Primary SAE activation.")
-flags.DEFINE_integer("skip_first_positions", 1,
-                     "Skip this many positions at the start of every context (attention sinks); 0 keeps all.")
+flags.DEFINE_integer("skip_first_positions", 0,
+                     "Skip this many positions at the start of every context; 0 (default, as the paper's "
+                     "code) trains on every position.")
 flags.DEFINE_integer("checkpoint_every_steps", 1000, "Orbax checkpoint interval (steps).")
 flags.DEFINE_integer("log_every_steps", 50, "metrics.jsonl interval (steps).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
@@ -54,8 +55,13 @@ def main(argv):
       sigma_sq=F.sigma_sq, penalty_grad=F.penalty_grad, n_primary_steps=F.n_primary_steps,
       n_meta_steps=F.n_meta_steps, batch_size=F.batch_size, lr=F.lr, seed=F.seed, baseline=F.baseline,
       activation=F.activation)
+  skip = F.skip_first_positions
+  if not F["skip_first_positions"].present:
+    # Resuming without the flag keeps the rule the run was started with (the default used to be 1).
+    skip = trainer.recorded_skip_first_positions(F.out_dir)
+    skip = F.skip_first_positions if skip is None else skip
   run = RunConfig(activations=F.activations, out_dir=F.out_dir, num_tokens=F.num_tokens,
-                  skip_first_positions=F.skip_first_positions,
+                  skip_first_positions=skip,
                   checkpoint_every_steps=F.checkpoint_every_steps, log_every_steps=F.log_every_steps)
   metrics = train_and_save(config, run)
   if metrics:

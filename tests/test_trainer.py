@@ -37,7 +37,7 @@ def test_writes_artifacts_metrics_and_checkpoints(store_path, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(tensors["W_dec"], axis=1), 1.0, atol=1e-6)
     assert cfg["input_norm"] == "standardize_per_token"
   _, cfg = artifact.load_sae_files(str(tmp_path / "r" / "joint"))
-  assert cfg["source"]["model"] == "synthetic" and cfg["k"] == 4 and cfg["skip_first_positions"] == 1
+  assert cfg["source"]["model"] == "synthetic" and cfg["k"] == 4 and cfg["skip_first_positions"] == 0
   lines = [json.loads(l) for l in open(tmp_path / "r" / "metrics.jsonl")]
   assert [l["step"] for l in lines] == [1, 2, 3, 4, 5, 6]
   assert lines[-1]["tokens"] == 6 * 128 and metrics["joint/l0"] == pytest.approx(4.0)
@@ -84,3 +84,13 @@ def test_divergence_stops_with_step_and_keeps_checkpoint(store_path, tmp_path):
   cfg = dataclasses.replace(CFG, lr=1e30)
   with pytest.raises(UserError, match=r"non-finite .* at step \d"):
     train_and_save(cfg, _run(store_path, tmp_path / "r"))
+
+
+def test_skip_default_is_every_position_and_old_runs_keep_theirs(tmp_path):
+  import json
+  from metasae_jax.training import trainer as trainer_lib
+  assert trainer_lib.RunConfig(activations="a", out_dir="o").skip_first_positions == 0
+  assert trainer_lib.recorded_skip_first_positions(str(tmp_path)) is None
+  with open(tmp_path / trainer_lib.RUN_CONFIG, "w") as f:
+    json.dump({"train": {}, "data": {"skip_first_positions": 1}}, f)
+  assert trainer_lib.recorded_skip_first_positions(str(tmp_path)) == 1

@@ -43,8 +43,8 @@ class EvalSpec:
   """Tokens per evaluation batch (the sweep passes the training --batch_size)."""
   meta_fve_steps: int = 500
   """Steps of the fresh meta SAE for meta FVE; 0 skips it."""
-  skip_first_positions: int = 1
-  """Positions skipped at the start of every context (as in training)."""
+  skip_first_positions: int = 0
+  """Positions left out of evaluation (0 = all; fvu_excl_first is reported either way)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
