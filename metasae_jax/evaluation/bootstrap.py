@@ -35,8 +35,9 @@ class BootstrapConfig:
   """Blocks of whole consecutive contexts the held-out set is cut into (fewer if it has fewer contexts)."""
   level: float = 0.95
   """Coverage of the percentile interval."""
-  max_pair_entries: int = 50_000_000
-  """Budget of per-block co-occurrence entries (~Σ_t k_t²/2) for the φ bootstrap (memory ~16 B each)."""
+  max_pair_entries: int = 20_000_000
+  """Budget of per-block co-occurrence entries (~Σ_t k_t²/2) for the φ bootstrap (~24 B each, and
+  each replicate touches every one)."""
   seed: int = 0
 
   def __post_init__(self):
@@ -157,28 +158,28 @@ def phi_blocks(firings: Firings, block_T: np.ndarray, num_blocks: int, max_pair_
   return PhiBlocks(tokens_G, n1_GxN, uniq // n, uniq % n, n11, int(tokens_G.sum()))
 
 
-def mean_abs_phi(pb: PhiBlocks, w_RxG: np.ndarray, chunk_entries: int = 4_000_000) -> np.ndarray:
+def mean_abs_phi(pb: PhiBlocks, w_RxG: np.ndarray, chunk: int = 1_000_000) -> np.ndarray:
   """Mean |φ| over all N(N−1)/2 pairs (undefined φ = 0) for each row of block weights."""
   w_RxG = np.atleast_2d(np.asarray(w_RxG, np.float64))
   n = pb.n1_GxN.shape[1]
-  num_pairs = n * (n - 1) / 2
+  n11_PxG = pb.n11_GxP.T.tocsr()
   out = np.zeros(len(w_RxG))
-  step = max(1, chunk_entries // max(1, pb.n11_GxP.shape[1]))
-  for a in range(0, len(w_RxG), step):
-    w = w_RxG[a:a + step]
-    t_R = (w @ pb.tokens_G)[:, None]
-    n1_RxN = w @ pb.n1_GxN
-    live = (n1_RxN > 0) & (n1_RxN < t_R)
-    with np.errstate(divide="ignore", invalid="ignore"):
-      g_RxN = np.where(live, np.sqrt(n1_RxN / (t_R - n1_RxN)), 0.0)
-    sum_all = 0.5 * (np.square(g_RxN.sum(1)) - np.square(g_RxN).sum(1))
-    n11_RxP = np.asarray((pb.n11_GxP.T @ w.T).T)
-    ni, nj = n1_RxN[:, pb.pair_i_P], n1_RxN[:, pb.pair_j_P]
-    with np.errstate(divide="ignore", invalid="ignore"):
-      phi = (t_R * n11_RxP - ni * nj) / np.sqrt(ni * (t_R - ni) * nj * (t_R - nj))
-    phi = np.nan_to_num(np.abs(phi), nan=0.0, posinf=0.0)
-    gg = g_RxN[:, pb.pair_i_P] * g_RxN[:, pb.pair_j_P]
-    out[a:a + step] = (sum_all - gg.sum(1) + phi.sum(1)) / num_pairs
+  for r, w_G in enumerate(w_RxG):
+    t = float(w_G @ pb.tokens_G)
+    n1_N = w_G @ pb.n1_GxN
+    live = (n1_N > 0) & (n1_N < t)
+    # φ_ij = t·N11·h_i·h_j − g_i·g_j with h = 1 / sqrt(N1 (t − N1)), g = N1·h; h = g = 0 where φ is
+    # undefined, so those pairs add 0.
+    h_N = np.zeros(n)
+    h_N[live] = 1.0 / np.sqrt(n1_N[live] * (t - n1_N[live]))
+    g_N = n1_N * h_N
+    total = 0.5 * (np.square(g_N.sum()) - np.square(g_N).sum())
+    n11_P = n11_PxG @ w_G
+    for a in range(0, len(n11_P), chunk):  # bounded temporaries for large P
+      i, j = pb.pair_i_P[a:a + chunk], pb.pair_j_P[a:a + chunk]
+      gg = g_N[i] * g_N[j]
+      total += (np.abs(t * n11_P[a:a + chunk] * h_N[i] * h_N[j] - gg) - gg).sum()
+    out[r] = total / (n * (n - 1) / 2)
   return out
 
 
