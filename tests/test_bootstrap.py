@@ -31,6 +31,9 @@ def test_layout_blocks_hold_whole_contexts():
   # Shards of 20 tokens with context_len 8: contexts restart at each shard (the last one is partial).
   store = _fake_store(60, 8, 20)
   lay = bootstrap.BlockLayout(store, 60, 0, num_blocks=4)
+  assert lay.contexts_per_block == 3 and lay.num_blocks == 3  # 9 contexts
+  assert bootstrap.BlockLayout(store, 50, 1, num_blocks=4).num_blocks == 3  # last used token: 58, context 8
+  assert bootstrap.BlockLayout(store, 30, 1, num_blocks=5).contexts_per_block == 1  # 30 kept tokens span contexts 0..4
   idx = np.arange(60)
   want_ctx = (idx // 20) * 3 + (idx % 20) // 8
   np.testing.assert_array_equal(lay.context_of(idx), want_ctx)
@@ -144,4 +147,4 @@ def test_compare_reports_three_intervals():
     iv = out[key]
     assert iv["low"] < iv["estimate"] < iv["high"] and iv["se"] > 0, (key, iv)
   assert out["fvu_pct"]["high"] < 0 and out["mean_abs_phi_pct"]["high"] < 0
-  assert out["num_blocks"] == lay.num_blocks and out["mean_abs_phi_num_tokens"] == t
+  assert out["num_blocks"] == lay.num_blocks == 10 and out["mean_abs_phi_num_tokens"] == t

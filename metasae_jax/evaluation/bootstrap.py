@@ -23,6 +23,7 @@ import scipy.sparse as sp
 
 from metasae_jax.core.errors import UserError
 from metasae_jax.evaluation.firings import Firings
+from metasae_jax.storage import heldout
 from metasae_jax.storage.store import Store
 
 
@@ -54,10 +55,22 @@ class BlockLayout:
     # Contexts restart in every shard: context ids are numbered shard after shard.
     per_shard = [-(-s.num_tokens // self.context_len) for s in store.shards]
     self.context_offsets = np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64)
-    kept = self.context_len - (skip_first_positions if self.context_len > 1 else 0)
-    used_contexts = -(-num_tokens // max(1, kept)) + len(store.shards)  # upper bound (partial contexts)
+    self.contexts_per_block = 1
+    used_contexts = int(self.context_of(np.array([self._last_used(store, num_tokens, skip_first_positions)]))[0]) + 1
     self.contexts_per_block = max(1, -(-used_contexts // num_blocks))
-    self.num_blocks = -(-int(self.context_offsets[-1]) // self.contexts_per_block)
+    self.num_blocks = -(-used_contexts // self.contexts_per_block)
+
+  @staticmethod
+  def _last_used(store: Store, num_tokens: int, skip_first_positions: int) -> int:
+    """Global index of the last token evaluated (the first num_tokens kept tokens, in store order)."""
+    left, last = num_tokens, 0
+    for shard, offset in zip(store.shards, store.shard_offsets[:-1]):
+      kept = heldout.kept_local_T(shard.num_tokens, store.context_len, skip_first_positions)
+      if left <= len(kept):
+        return int(offset + kept[left - 1]) if left > 0 else last
+      left -= len(kept)
+      last = int(offset + kept[-1]) if len(kept) else last
+    return last
 
   def context_of(self, index_B: np.ndarray) -> np.ndarray:
     index_B = np.asarray(index_B, np.int64)
@@ -65,7 +78,7 @@ class BlockLayout:
     return self.context_offsets[s] + (index_B - self.offsets[s]) // self.context_len
 
   def block_of(self, index_B: np.ndarray) -> np.ndarray:
-    return self.context_of(index_B) // self.contexts_per_block
+    return np.minimum(self.context_of(index_B) // self.contexts_per_block, self.num_blocks - 1)
 
   def is_first(self, index_B: np.ndarray) -> np.ndarray:
     """Position 0 of its context (never, for stores without contexts)."""
