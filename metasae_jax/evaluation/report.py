@@ -103,7 +103,7 @@ def _fmt(v) -> str:
 def _interval(iv: dict) -> str:
   if not isinstance(iv, dict) or iv.get("low") is None:
     return "–"
-  return f"{iv['estimate']:+.3g} % [{iv['low']:+.3g}, {iv['high']:+.3g}]"
+  return f"{iv['estimate']:+.3g} %, interval [{iv['low']:+.3g} %, {iv['high']:+.3g} %], SE {iv['se']:.3g}"
 
 
 def markdown(report: dict) -> str:
@@ -120,12 +120,13 @@ def markdown(report: dict) -> str:
   if warnings:
     lines += [""] + [f"**{w}**" for w in warnings]
   if "comparison" in report:
-    lines += ["", "## Joint vs solo", ""] + [f"- {k}: {_fmt(v)}" for k, v in report["comparison"].items()]
+    lines += ["", "## Joint vs solo", ""] + [f"- {k}: {_fmt(v)}" for k, v in report["comparison"].items()
+                                             if not isinstance(v, dict)]
     boot = report["comparison"].get("bootstrap") or {}
     if boot.get("method"):
       lines += ["", f"### {boot['level']:.0%} bootstrap intervals (joint vs solo, %)", "",
                 f"{boot['method']}; {boot['replicates']} replicates over {boot['num_blocks']} blocks of "
-                f"{boot['contexts_per_block']} contexts.", ""]
+                f"{boot['contexts_per_block']} context(s); φ over {boot.get('mean_abs_phi_num_tokens')} tokens.", ""]
       lines += [f"- {k}: {_interval(boot.get(k))}" for k in ("mean_abs_phi_pct", "mse_pct", "fvu_pct")]
     elif boot:
       lines += ["", f"Bootstrap: {_fmt(boot.get('skipped'))}"]
