@@ -107,7 +107,7 @@ def test_delta_ce_wired_through_evaluation(tmp_path, monkeypatch):
   monkeypatch.setattr(evaluation, "_load_decode", lambda name, notes: Tok().decode)
   report = evaluation.evaluate_run(evaluation.EvalConfig(
       run_dir=run, activations=st.path, firing="batchtopk", batch_size=16, ce_contexts=4, ce_batch_contexts=3,
-      meta_fve_steps=0, progress=False))
+      meta_fve_steps=0, bootstrap_replicates=0, progress=False))
   for name in ("joint", "solo"):
     r = report[name]
     assert r["ce_clean"] > 0 and r["ce_spliced"] is not None and r["ce_zero_ablation"] is not None
@@ -162,3 +162,41 @@ def test_dead_gap_warning():
   per = {"joint": {"num_dead": 10}, "solo": {"num_dead": 30}}
   assert report_lib.dead_gap_note(per, 1000) and "WARNING" in report_lib.dead_gap_note(per, 1000)[0]
   assert not report_lib.dead_gap_note(per, 2001)
+
+
+def test_ce_firing_batchtopk_splices_over_each_hooked_batch(tmp_path, monkeypatch):
+  import torch
+  import transformers
+  from metasae_jax.lm import delta_ce, models
+  from metasae_jax.storage import loaded_sae
+  run, _ = _run_dir(tmp_path)
+  torch.manual_seed(1)
+  lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=30, hidden_size=D, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+      num_key_value_heads=2, max_position_embeddings=32)).eval()
+  ids = np.random.default_rng(3).integers(0, 30, (10, L))
+  acts = models.capture_residual(lm, torch.from_numpy(ids), 0, "resid_pre").numpy().reshape(-1, D)
+  st = store.write_store(str(tmp_path / "lmstore"), acts, ids.reshape(-1).astype(np.int32), context_len=L,
+                         source={"model": "tiny", "layer": 0, "site": "resid_pre"})
+  monkeypatch.setattr(evaluation, "_load_model", lambda name: models.LoadedModel(lm, None, "tiny", D, 1))
+  monkeypatch.setattr(evaluation, "_load_decode", lambda name, notes: None)
+  report = evaluation.evaluate_run(evaluation.EvalConfig(
+      run_dir=run, activations=st.path, firing="threshold", ce_firing="batchtopk", ce_include_first_position=True,
+      batch_size=16, ce_contexts=4, ce_batch_contexts=2, meta_fve_steps=0, bootstrap_replicates=0,
+      progress=False))
+  assert report["delta_ce"]["firing"] == "batchtopk" and report["delta_ce"]["num_predictions"] == 4 * (L - 1)
+  # The same splice by hand: BatchTopK over the 2 x L residuals of each hooked batch.
+  saes = {n: loaded_sae.load(os.path.join(run, n), D) for n in ("joint", "solo")}
+  fns = {n: (lambda x, s=s: np.asarray(loaded_sae.forward(s, x, "batchtopk").recon_BxD)) for n, s in saes.items()}
+  seen = []
+  fns["probe"] = lambda x: seen.append(x.shape) or x
+  ces = delta_ce.cross_entropies(lm, models.decoder_layers(lm)[0], "resid_pre", st, fns, 4, 2, 0, False, True)
+  assert seen == [(2 * L, D), (2 * L, D)]
+  for n in ("joint", "solo"):
+    np.testing.assert_allclose(report[n]["ce_spliced"], ces[n], rtol=1e-6)
+    np.testing.assert_allclose(report[n]["delta_ce_pct_se"], delta_ce.summarize(ces, n)["delta_ce_pct_se"], rtol=1e-6)
+  # With the calibrated thresholds instead, the spliced CE differs (the flag changes the rule).
+  thr = {n: (lambda x, s=s: np.asarray(loaded_sae.forward(s, x, "threshold").recon_BxD))
+         for n, s in ((n, loaded_sae.load(os.path.join(run, n), D)) for n in ("joint", "solo"))}
+  ces_thr = delta_ce.cross_entropies(lm, models.decoder_layers(lm)[0], "resid_pre", st, thr, 4, 2, 0, False, True)
+  assert any(abs(ces_thr[n] - ces[n]) > 1e-6 for n in ("joint", "solo"))
