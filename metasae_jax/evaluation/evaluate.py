@@ -7,6 +7,7 @@ meta FVE → ΔCE (the only stage that loads the language model) → bootstrap �
 """
 
 import dataclasses
+import importlib.util
 import os
 import time
 from typing import Callable, NamedTuple, Optional
@@ -245,6 +246,9 @@ def ce_model_name(cfg: EvalConfig, store: Store, notes: list) -> Optional[str]:
   if cfg.ce_contexts == 0:
     notes.append("ΔCE skipped: --ce_contexts 0")
     return None
+  if not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+    notes.append("ΔCE skipped: torch / transformers are not installed (pip install '.[lm]')")
+    return None
   return name
 
 
@@ -255,15 +259,15 @@ def _load_model(name: str):
 
 
 def _load_decode(name: Optional[str], notes: list) -> Optional[Callable[[list], str]]:
-  """Token-id decoding for split-candidate contexts: the tokenizer only, never the weights."""
+  """Token-id decoding for split-candidate contexts: the tokenizer only, never the weights.
+
+  Loaded before the long stages so that a model ΔCE cannot load fails the run at once (UserError).
+  """
+  del notes
   if name is None:
     return None
-  try:
-    from metasae_jax.lm import models
-    tokenizer = models.load_tokenizer(name)
-  except (ImportError, UserError) as e:
-    notes.append(f"split candidates without text: tokenizer of {name!r} unavailable ({e})")
-    return None
+  from metasae_jax.lm import models
+  tokenizer = models.load_tokenizer(name)
   return lambda ids: tokenizer.decode(ids)
 
 
