@@ -94,12 +94,14 @@ def split_stage(full: store.Store, data_dir: str, heldout_shards: int) -> tuple[
 
 
 def train_stage(preset: Preset, train_dir: str, run_dir: str, overrides: dict) -> None:
-  from metasae_jax.training.trainer import RunConfig, train_and_save
+  from metasae_jax.training.trainer import RunConfig, recorded_skip_first_positions, train_and_save
   d_model = store.read_manifest(train_dir)["d_model"]
+  # A run started before training defaulted to every position resumes with its recorded rule.
+  skip = recorded_skip_first_positions(run_dir) or 0
   config = TrainConfig(d_model=d_model, **dict(preset.train, **overrides))
   _log(f"train: width {config.width}, k {config.k}, λ₂ {config.lambda2}, σ² {config.sigma_sq} → {run_dir}")
   train_and_save(config, RunConfig(activations=train_dir, out_dir=run_dir, num_tokens=preset.num_tokens,
-                                   checkpoint_every_steps=preset.checkpoint_every_steps,
+                                   skip_first_positions=skip, checkpoint_every_steps=preset.checkpoint_every_steps,
                                    log_every_steps=preset.log_every_steps))
   curves.plot_training_curves(run_dir)
 
