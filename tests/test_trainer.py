@@ -94,3 +94,25 @@ def test_skip_default_is_every_position_and_old_runs_keep_theirs(tmp_path):
   with open(tmp_path / trainer_lib.RUN_CONFIG, "w") as f:
     json.dump({"train": {}, "data": {"skip_first_positions": 1}}, f)
   assert trainer_lib.recorded_skip_first_positions(str(tmp_path)) == 1
+
+
+def test_train_binary_resumes_with_recorded_skip(store_path, tmp_path):
+  import json
+  import subprocess
+  import sys
+  from metasae_jax.training import trainer as trainer_lib
+  out = tmp_path / "old_run"
+  out.mkdir()
+  # A run recorded with the old default; its train section differs on purpose so the claim fails fast
+  # and its message lists every differing field.
+  with open(out / trainer_lib.RUN_CONFIG, "w") as f:
+    json.dump({"train": {"width": -1}, "data": {"skip_first_positions": 1}}, f)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = lambda *extra: subprocess.run([sys.executable, "-m", "experiments.train", f"--activations={store_path}",
+                                       f"--out_dir={out}", "--width=32", "--k=4", "--meta_width=8", "--meta_k=2", "--batch_size=128",
+                                       *extra],
+                                      capture_output=True, text=True, cwd=repo)
+  implicit, explicit = run(), run("--skip_first_positions=0")
+  assert implicit.returncode == explicit.returncode == 1
+  assert "train.width" in implicit.stderr and "skip_first_positions" not in implicit.stderr
+  assert "data.skip_first_positions: 1 -> 0" in explicit.stderr
