@@ -108,9 +108,9 @@ def test_train_binary_resumes_with_recorded_skip(store_path, tmp_path):
   with open(out / trainer_lib.RUN_CONFIG, "w") as f:
     json.dump({"train": {"width": -1}, "data": {"skip_first_positions": 1}}, f)
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  run = lambda *extra: subprocess.run([sys.executable, "-m", "experiments.train", f"--activations={store_path}",
-                                       f"--out_dir={out}", "--width=32", "--k=4", "--meta_width=8", "--meta_k=2", "--batch_size=128",
-                                       *extra],
+  flags = [f"--activations={store_path}", f"--out_dir={out}", "--width=32", "--k=4", "--meta_width=8",
+           "--meta_k=2", "--batch_size=128"]
+  run = lambda *extra: subprocess.run([sys.executable, "-m", "experiments.train", *flags, *extra],
                                       capture_output=True, text=True, cwd=repo)
   implicit, explicit = run(), run("--skip_first_positions=0")
   assert implicit.returncode == explicit.returncode == 1
