@@ -23,8 +23,21 @@ _FIRING = flags.DEFINE_enum("firing", _D.firing, list(loaded_sae.FIRINGS),
                             "topk: each token's k largest; batchtopk: BatchTopK over each batch.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", _D.batch_size, "Tokens per batch.")
 _SKIP = flags.DEFINE_integer("skip_first_positions", _D.skip_first_positions,
-                             "Skip positions t % context_len < this (attention sinks); 0 keeps all.")
-_CE_CONTEXTS = flags.DEFINE_integer("ce_contexts", _D.ce_contexts, "Whole contexts used for ΔCE.")
+                             "Leave positions t % context_len < this out of everything (0 = all positions; "
+                             "fvu_excl_first is reported either way).")
+_CE_CONTEXTS = flags.DEFINE_integer("ce_contexts", _D.ce_contexts,
+                                    "Whole contexts used for ΔCE (the reference: 3,200); its SE is reported.")
+_CE_BATCH = flags.DEFINE_integer("ce_batch_contexts", _D.ce_batch_contexts,
+                                 "Contexts per model forward in ΔCE (the hooked batch).")
+_CE_FIRING = flags.DEFINE_enum("ce_firing", _D.ce_firing, ["", "threshold", "batchtopk"],
+                               "Firing rule of the SAE spliced in for ΔCE: '' = --firing; batchtopk = "
+                               "BatchTopK over each hooked batch, as the reference does.")
+_CE_FIRST = flags.DEFINE_bool("ce_include_first_position", _D.ce_include_first_position,
+                              "Score the next-token prediction at position 0 too (the reference does).")
+_BOOT_REPS = flags.DEFINE_integer("bootstrap_replicates", _D.bootstrap_replicates,
+                                  "Block-bootstrap replicates for joint-vs-solo intervals (0 skips).")
+_BOOT_BLOCKS = flags.DEFINE_integer("bootstrap_blocks", _D.bootstrap_blocks,
+                                    "Blocks of whole contexts resampled by the bootstrap.")
 _META_STEPS = flags.DEFINE_integer("meta_fve_steps", _D.meta_fve_steps,
                                    "Training steps of the fresh meta SAE for meta FVE (0 skips).")
 _SPLIT_PHI = flags.DEFINE_float("split_phi_threshold", _D.split_phi_threshold,
@@ -39,8 +52,10 @@ def main(argv):
   config = evaluation.EvalConfig(
       run_dir=_RUN_DIR.value, activations=_ACTIVATIONS.value, num_tokens=_NUM_TOKENS.value,
       model=_MODEL.value, firing=_FIRING.value, batch_size=_BATCH_SIZE.value,
-      skip_first_positions=_SKIP.value, ce_contexts=_CE_CONTEXTS.value, meta_fve_steps=_META_STEPS.value,
-      split_phi_threshold=_SPLIT_PHI.value, seed=_SEED.value)
+      skip_first_positions=_SKIP.value, ce_contexts=_CE_CONTEXTS.value, ce_batch_contexts=_CE_BATCH.value,
+      ce_firing=_CE_FIRING.value, ce_include_first_position=_CE_FIRST.value, meta_fve_steps=_META_STEPS.value,
+      split_phi_threshold=_SPLIT_PHI.value, bootstrap_replicates=_BOOT_REPS.value,
+      bootstrap_blocks=_BOOT_BLOCKS.value, seed=_SEED.value)
   report = evaluation.evaluate_run(config)
   print(evaluation.markdown(report))
 

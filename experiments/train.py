@@ -8,7 +8,7 @@ Rerunning the same command resumes from the latest checkpoint.
 from absl import flags
 
 from experiments import cli
-from metasae_jax.training import sharding
+from metasae_jax.training import sharding, trainer
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.storage.store import read_manifest
 from metasae_jax.training.trainer import RunConfig, train_and_save
@@ -42,8 +42,9 @@ flags.DEFINE_bool("auxk_detach", False,
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "Matmul input dtype of the primary SAEs; bfloat16 (for GPUs/TPUs) accumulates in float32 and "
                   "keeps float32 weights and Adam state.")
-flags.DEFINE_integer("skip_first_positions", 1,
-                     "Skip this many positions at the start of every context (attention sinks); 0 keeps all.")
+flags.DEFINE_integer("skip_first_positions", 0,
+                     "Skip this many positions at the start of every context; 0 (default, as the paper's "
+                     "code) trains on every position.")
 flags.DEFINE_integer("checkpoint_every_steps", 1000, "Orbax checkpoint interval (steps).")
 flags.DEFINE_integer("log_every_steps", 50, "metrics.jsonl interval (steps).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
@@ -64,8 +65,13 @@ def main(argv):
       sigma_sq=F.sigma_sq, penalty_grad=F.penalty_grad, n_primary_steps=F.n_primary_steps,
       n_meta_steps=F.n_meta_steps, batch_size=F.batch_size, lr=F.lr, seed=F.seed, baseline=F.baseline,
       activation=F.activation, auxk_detach=F.auxk_detach, compute_dtype=F.compute_dtype)
+  skip = F.skip_first_positions
+  if not F["skip_first_positions"].present:
+    # Resuming without the flag keeps the rule the run was started with (the default used to be 1).
+    skip = trainer.recorded_skip_first_positions(F.out_dir)
+    skip = F.skip_first_positions if skip is None else skip
   run = RunConfig(activations=F.activations, out_dir=F.out_dir, num_tokens=F.num_tokens,
-                  skip_first_positions=F.skip_first_positions,
+                  skip_first_positions=skip,
                   checkpoint_every_steps=F.checkpoint_every_steps, log_every_steps=F.log_every_steps)
   metrics = train_and_save(config, run)
   if metrics:

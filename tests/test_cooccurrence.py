@@ -41,12 +41,36 @@ def test_mean_abs_phi_matches_brute_force(block):
   f_TxN, firings = _random_firings(t=60, n=13, k=5, seed=0)
   want, num_live = _brute_abs_phi(f_TxN)
   got = cooccurrence.phi_stats(firings, block=block, sample_size=10**6)
-  assert got.num_live == num_live == 11
-  assert got.num_pairs == len(want)
-  np.testing.assert_allclose(got.mean_abs_phi, want.mean(), rtol=1e-10)
-  np.testing.assert_allclose(got.var_abs_phi, want.var(ddof=1), rtol=1e-8)
+  assert got.num_live == num_live == 11 and got.num_dead == 1
+  assert got.num_live_pairs == len(want) and got.num_pairs == 13 * 12 // 2
+  np.testing.assert_allclose(got.mean_abs_phi_live, want.mean(), rtol=1e-10)
+  np.testing.assert_allclose(got.var_abs_phi_live, want.var(ddof=1), rtol=1e-8)
   np.testing.assert_allclose(np.sort(got.sample), np.sort(want), rtol=1e-10)
   assert got.hist_counts.sum() == len(want)
+
+
+def _brute_all_pairs(f_TxN):
+  """|φ| of every unordered pair via np.corrcoef, undefined (constant column) pairs set to 0."""
+  with np.errstate(invalid="ignore", divide="ignore"):
+    r = np.corrcoef(f_TxN.T.astype(float))
+  iu = np.triu_indices(f_TxN.shape[1], 1)
+  return np.nan_to_num(np.abs(r[iu]), nan=0.0)
+
+
+@pytest.mark.parametrize("num_dead", [0, 3])
+def test_all_pairs_mean_counts_dead_pairs_as_zero(num_dead):
+  f_TxN, firings = _random_firings(t=80, n=12, k=4, seed=3)
+  f_TxN[:, :num_dead] = False
+  firings = from_index_lists([np.flatnonzero(r) for r in f_TxN], 12)
+  want = _brute_all_pairs(f_TxN)
+  live_want, num_live = _brute_abs_phi(f_TxN)
+  got = cooccurrence.phi_stats(firings, block=5)
+  assert got.num_pairs == len(want) == 66 and got.num_dead == num_dead + 1 and got.num_live == num_live
+  np.testing.assert_allclose(got.mean_abs_phi, want.mean(), rtol=1e-10)
+  np.testing.assert_allclose(got.var_abs_phi, want.var(ddof=1), rtol=1e-8)
+  np.testing.assert_allclose(got.mean_abs_phi_live, live_want.mean(), rtol=1e-10)
+  # More dead latents pull the all-pairs mean below the live one.
+  assert got.mean_abs_phi < got.mean_abs_phi_live
 
 
 def test_welch_matches_scipy_on_samples():
@@ -56,7 +80,9 @@ def test_welch_matches_scipy_on_samples():
   a = cooccurrence.phi_stats(fa, sample_size=10**6)
   b = cooccurrence.phi_stats(fb, sample_size=10**6)
   t, p = cooccurrence.welch(a, b)
-  ref = scipy.stats.ttest_ind(a.sample, b.sample, equal_var=False)
+  # The test runs over all pairs: the live sample plus zeros for pairs without a defined φ.
+  pad = lambda st: np.concatenate([st.sample, np.zeros(st.num_pairs - st.num_live_pairs)])
+  ref = scipy.stats.ttest_ind(pad(a), pad(b), equal_var=False)
   np.testing.assert_allclose([t, p], [ref.statistic, ref.pvalue], rtol=1e-6)
 
 

@@ -77,7 +77,8 @@ def test_zero_ablation_matches_manual_hook(tmp_path, model):
   st = _store(tmp_path, model, "resid_pre", layer=0)
   block = models.decoder_layers(model)[0]
   ces = delta_ce.cross_entropies(model, block, "resid_pre", st, {}, num_contexts=2, batch_contexts=2,
-                                 skip_first_positions=0, progress=False)
+                                 skip_first_positions=0, progress=False, include_first_position=True)
+  assert ces["num_predictions"] == 2 * (L - 1)
   ids = torch.from_numpy(np.asarray(st.shards[0].tokens_T[:2 * L], np.int64).reshape(2, L))
 
   def zero(_, args, kwargs):
@@ -88,6 +89,42 @@ def test_zero_ablation_matches_manual_hook(tmp_path, model):
   h.remove()
   want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
   np.testing.assert_allclose(ces["zero_ablation"], float(want), rtol=1e-5)
+
+
+def test_standard_error_matches_numpy_on_per_context_values(tmp_path, model):
+  st = _store(tmp_path, model, "resid_pre")
+  block = models.decoder_layers(model)[1]
+  half = lambda x: 0.5 * x
+  noisy = lambda x: x + np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
+  ces = delta_ce.cross_entropies(model, block, "resid_pre", st, {"half": half, "noisy": noisy}, num_contexts=6,
+                                 batch_contexts=4, skip_first_positions=0, progress=False)
+  assert ces["num_contexts"] == 6 and ces["num_predictions"] == 6 * (L - 2)  # position 0 not scored
+
+  # Per-context CE by hand for the clean model and the "half" splice (a hook written here).
+  ids = torch.from_numpy(np.asarray(st.shards[0].tokens_T[:6 * L], np.int64).reshape(6, L))
+  def per_context_ce(hook=None):
+    h = block.register_forward_pre_hook(hook, with_kwargs=True) if hook else None
+    with torch.no_grad():
+      logits = model(input_ids=ids).logits
+    if h:
+      h.remove()
+    nll = torch.nn.functional.cross_entropy(logits[:, 1:-1].reshape(-1, V), ids[:, 2:].reshape(-1),
+                                            reduction="none").reshape(6, L - 2)
+    return nll.mean(1).double().numpy()
+  clean_C = per_context_ce()
+  half_C = per_context_ce(lambda _, a, kw: ((0.5 * a[0],) + a[1:], kw) if a else
+                          (a, dict(kw, hidden_states=0.5 * kw["hidden_states"])))
+  np.testing.assert_allclose(ces["per_context"]["clean"], clean_C, rtol=1e-5)
+  np.testing.assert_allclose(ces["per_context"]["half"], half_C, rtol=1e-5)
+  s = delta_ce.summarize(ces, "half")
+  d = half_C - clean_C
+  np.testing.assert_allclose(s["delta_ce_pct"], d.mean() / clean_C.mean() * 100, rtol=1e-4)
+  np.testing.assert_allclose(s["delta_ce_pct_se"], d.std(ddof=1) / np.sqrt(6) / clean_C.mean() * 100, rtol=1e-4)
+  pair = delta_ce.paired_difference(ces, "half", "noisy")
+  dd = ces["per_context"]["half"] - ces["per_context"]["noisy"]
+  np.testing.assert_allclose(pair["delta_ce_pp"], s["delta_ce_pct"] - delta_ce.summarize(ces, "noisy")["delta_ce_pct"],
+                             rtol=1e-6)
+  np.testing.assert_allclose(pair["delta_ce_pp_se"], dd.std(ddof=1) / np.sqrt(6) / clean_C.mean() * 100, rtol=1e-6)
 
 
 def test_store_without_tokens_is_user_error(tmp_path, model):

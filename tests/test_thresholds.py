@@ -47,11 +47,28 @@ def _brute(x, params, k, batch, skip, context_len, cfg):
     if len(s) == 0:
       theta[i] = np.inf
     elif len(s) < cfg.min_selections or len(r) == 0:
-      theta[i] = np.nextafter(np.float32(s.min()), np.float32(-np.inf))
+      theta[i] = _reference_rule(s, r, edges)
     else:
       gap = [abs((s < e).mean() - (r >= e).mean()) for e in edges]
       theta[i] = edges[int(np.argmin(gap))]
   return theta.astype(np.float32), [len(v) for v in sel_vals]
+
+
+def _centre(v, edges):
+  """Bin centre of value v by explicit comparisons: [0, e0) -> e0/2, [e_j, e_j+1) -> sqrt, >= e_H -> e_H."""
+  if v < edges[0]:
+    return edges[0] / 2
+  if v >= edges[-1]:
+    return edges[-1]
+  j = max(j for j in range(len(edges)) if edges[j] <= v)
+  return np.sqrt(edges[j] * edges[j + 1])
+
+
+def _reference_rule(sel, rej, edges):
+  first_sel = _centre(min(sel), edges)
+  sel_bins = {_centre(v, edges) for v in sel}
+  only_rej = [c for c in {_centre(v, edges) for v in rej} if c not in sel_bins]
+  return max([first_sel] + only_rej)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -84,3 +101,28 @@ def test_write_into_artifact_roundtrip(tmp_path):
   np.testing.assert_array_equal(again.threshold_N, theta)
   assert again.cfg["has_threshold"] and again.cfg["threshold_calibration"]["method"] == record["method"]
   assert np.isinf(theta[-1]) or theta[-1] > 0
+
+
+def test_fallback_uses_reference_rule_not_smallest_selected():
+  # Linear-looking grid 1..9 (edges 1, 2, ..., 9 are given directly). Latent 0: 3 selections at
+  # 2.2, 5.5, 7.1 and rejections at 1.5 and 6.5 (bin [6, 7) holds only rejected values). Old rule:
+  # just below 2.2. Reference rule: max(centre of [2, 3), centre of [6, 7)) = sqrt(42).
+  # Latent 1: one selection at 4.4, rejected 3.3 and 4.6 -> max(sqrt(20), sqrt(12)) = sqrt(20) < 4.4.
+  # Latent 2: never selected -> +inf. Latent 3: 150 selections, EER as before.
+  edges = np.arange(1.0, 10.0)
+  values = {0: ([2.2, 5.5, 7.1], [1.5, 6.5]), 1: ([4.4], [3.3, 4.6]), 2: ([], [5.0]),
+            3: (list(np.linspace(5.05, 8.95, 150)), list(np.linspace(1.05, 4.95, 150)))}
+  h2 = len(edges) + 1
+  sel, rej = np.zeros((4, h2), np.int64), np.zeros((4, h2), np.int64)
+  for i, (s, r) in values.items():
+    np.add.at(sel[i], thresholds.bin_index(np.array(s), edges), 1)
+    np.add.at(rej[i], thresholds.bin_index(np.array(r), edges), 1)
+  h = thresholds.Histograms(edges, sel, rej, sel.sum(1), rej.sum(1),
+                            np.array([min(s) if s else np.inf for s, _ in values.values()], np.float32))
+  theta, counts = thresholds.eer_thresholds(h, min_selections=100)
+  np.testing.assert_allclose(theta[:2], [np.sqrt(42.0), np.sqrt(20.0)], rtol=1e-6)
+  assert theta[0] > np.nextafter(np.float32(2.2), np.float32(0))  # the old rule would differ
+  assert np.isinf(theta[2]) and 4.0 < theta[3] <= 5.0
+  assert counts == {"num_latents": 4, "num_dead": 1, "num_fallback": 2, "num_eer": 1}
+  want = [_reference_rule(*values[i], edges) for i in (0, 1)]
+  np.testing.assert_allclose(theta[:2], want, rtol=1e-6)

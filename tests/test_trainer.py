@@ -37,7 +37,7 @@ def test_writes_artifacts_metrics_and_checkpoints(store_path, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(tensors["W_dec"], axis=1), 1.0, atol=1e-6)
     assert cfg["input_norm"] == "standardize_per_token"
   _, cfg = artifact.load_sae_files(str(tmp_path / "r" / "joint"))
-  assert cfg["source"]["model"] == "synthetic" and cfg["k"] == 4 and cfg["skip_first_positions"] == 1
+  assert cfg["source"]["model"] == "synthetic" and cfg["k"] == 4 and cfg["skip_first_positions"] == 0
   lines = [json.loads(l) for l in open(tmp_path / "r" / "metrics.jsonl")]
   assert [l["step"] for l in lines] == [1, 2, 3, 4, 5, 6]
   assert lines[-1]["tokens"] == 6 * 128 and metrics["joint/l0"] == pytest.approx(4.0)
@@ -84,3 +84,35 @@ def test_divergence_stops_with_step_and_keeps_checkpoint(store_path, tmp_path):
   cfg = dataclasses.replace(CFG, lr=1e30)
   with pytest.raises(UserError, match=r"non-finite .* at step \d"):
     train_and_save(cfg, _run(store_path, tmp_path / "r"))
+
+
+def test_skip_default_is_every_position_and_old_runs_keep_theirs(tmp_path):
+  import json
+  from metasae_jax.training import trainer as trainer_lib
+  assert trainer_lib.RunConfig(activations="a", out_dir="o").skip_first_positions == 0
+  assert trainer_lib.recorded_skip_first_positions(str(tmp_path)) is None
+  with open(tmp_path / trainer_lib.RUN_CONFIG, "w") as f:
+    json.dump({"train": {}, "data": {"skip_first_positions": 1}}, f)
+  assert trainer_lib.recorded_skip_first_positions(str(tmp_path)) == 1
+
+
+def test_train_binary_resumes_with_recorded_skip(store_path, tmp_path):
+  import json
+  import subprocess
+  import sys
+  from metasae_jax.training import trainer as trainer_lib
+  out = tmp_path / "old_run"
+  out.mkdir()
+  # A run recorded with the old default; its train section differs on purpose so the claim fails fast
+  # and its message lists every differing field.
+  with open(out / trainer_lib.RUN_CONFIG, "w") as f:
+    json.dump({"train": {"width": -1}, "data": {"skip_first_positions": 1}}, f)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  flags = [f"--activations={store_path}", f"--out_dir={out}", "--width=32", "--k=4", "--meta_width=8",
+           "--meta_k=2", "--batch_size=128"]
+  run = lambda *extra: subprocess.run([sys.executable, "-m", "experiments.train", *flags, *extra],
+                                      capture_output=True, text=True, cwd=repo)
+  implicit, explicit = run(), run("--skip_first_positions=0")
+  assert implicit.returncode == explicit.returncode == 1
+  assert "train.width" in implicit.stderr and "skip_first_positions" not in implicit.stderr
+  assert "data.skip_first_positions: 1 -> 0" in explicit.stderr

@@ -25,7 +25,8 @@ PRESET = Preset(
     checkpoint_every_steps=2000,
     log_every_steps=100,
     grid={"lambda2": (0.1, 0.3, 1.0), "sigma_sq": (0.3, 1.0, 3.0)},
-    eval=dict(batch_size=4096, num_tokens=1_000_000, ce_contexts=512, meta_fve_steps=2000),
+    # ΔCE on the reference's 3,200 contexts, 16 per hooked batch (its 2,048 tokens per BatchTopK splice).
+    eval=dict(batch_size=4096, num_tokens=1_000_000, ce_contexts=3200, ce_batch_contexts=16, meta_fve_steps=2000),
     autointerp=dict(num_latents=100),
     paper={"selected configuration": "λ₂ = 0.3, σ² = 1.0",
            "mean |φ| joint vs solo": "−7.5 % (solo 2.27e-3), Welch t-test over pairs",

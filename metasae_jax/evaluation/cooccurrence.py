@@ -1,10 +1,13 @@
-"""Co-occurrence of latent firings: mean |φ| over all pairs of live latents, and cross-φ between two SAEs.
+"""Co-occurrence of latent firings: mean |φ| over all pairs (and over live pairs), and cross-φ between two SAEs.
 
 Legend: T = evaluation tokens, N = latents (M = the other SAE's), W = latents in a row block.
 φ_ij = (T·N11 − N1i·N1j) / sqrt(N1i(T−N1i)·N1j(T−N1j)) (docs/method.md §2.3). Pairs that never co-occur
 have N11 = 0 but a nonzero φ, so every pair is visited: the N11 counts of a block of W rows come
 from one sparse product F[:, block]^T F (scipy, int counts) and become φ straight away, so no
-N x N matrix is ever held.
+N x N matrix is ever held. The headline mean |φ| is over all N(N−1)/2 pairs, a pair with a latent
+whose φ is undefined (dead, or firing on every token) counting as φ = 0 (the paper's convention,
+docs/method.md §2.3); the live-only mean is reported beside it because the two move apart when SAEs differ in
+dead latents.
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -22,18 +25,31 @@ LOG10_MIN, LOG10_MAX, NUM_BINS = -7.0, 0.0, 140
 
 
 class PhiStats(NamedTuple):
-  """Moments, histogram and a uniform sample of |φ| over all unordered live pairs."""
-  mean_abs_phi: float
+  """Moments of |φ| over all pairs (headline) and over live pairs, with a histogram and sample of live pairs."""
+  mean_abs_phi: float       # over all N(N−1)/2 pairs, undefined φ counted as 0
   var_abs_phi: float
-  num_pairs: int
-  num_live: int
-  hist_counts: np.ndarray   # [NUM_BINS] over log10 |φ|
+  num_pairs: int            # N(N−1)/2
+  num_live: int             # latents with a defined φ
+  hist_counts: np.ndarray   # [NUM_BINS] over log10 |φ| of live pairs
   hist_edges: np.ndarray    # [NUM_BINS + 1] log10 edges
-  sample: np.ndarray        # |φ| of up to `sample_size` uniformly drawn pairs
+  sample: np.ndarray        # |φ| of up to `sample_size` uniformly drawn live pairs
+  mean_abs_phi_live: float = float("nan")
+  var_abs_phi_live: float = float("nan")
+  num_live_pairs: int = 0
+  num_dead: int = 0         # latents that never fired
 
   def summary(self) -> dict:
-    return {"mean_abs_phi": self.mean_abs_phi, "var_abs_phi": self.var_abs_phi,
-            "num_pairs": self.num_pairs, "num_live": self.num_live}
+    return {"mean_abs_phi": self.mean_abs_phi, "var_abs_phi": self.var_abs_phi, "num_pairs": self.num_pairs,
+            "mean_abs_phi_live": self.mean_abs_phi_live, "var_abs_phi_live": self.var_abs_phi_live,
+            "num_live_pairs": self.num_live_pairs, "num_live": self.num_live, "num_dead": self.num_dead}
+
+
+def _moments(s1: float, s2: float, count: int) -> tuple[float, float]:
+  """Mean and unbiased variance from the sum and sum of squares of `count` values."""
+  if count == 0:
+    return float("nan"), float("nan")
+  mean = s1 / count
+  return mean, max(0.0, (s2 - count * mean * mean) / max(1, count - 1))
 
 
 def live_mask(counts_N: np.ndarray, num_tokens: int) -> np.ndarray:
@@ -58,16 +74,19 @@ def _blocks(n: int, block: int):
 
 def phi_stats(firings: Firings, block: int = 1024, sample_size: int = 100_000, seed: int = 0,
               workers: int = 2, progress: bool = False) -> PhiStats:
-  """Exact mean and variance of |φ| over all unordered pairs of live latents."""
+  """Exact mean and variance of |φ| over all unordered pairs and over pairs of live latents."""
   n, t = firings.width, firings.num_tokens
   counts_N = firings.counts_N()
   live_N = live_mask(counts_N, t)
   num_live = int(live_N.sum())
+  num_dead = int((counts_N == 0).sum())
+  num_all = n * (n - 1) // 2
   num_pairs = num_live * (num_live - 1) // 2
   edges = np.linspace(LOG10_MIN, LOG10_MAX, NUM_BINS + 1)
   if num_pairs == 0:
-    return PhiStats(float("nan"), float("nan"), 0, num_live, np.zeros(NUM_BINS, np.int64), edges,
-                    np.zeros(0))
+    zero_all = _moments(0.0, 0.0, num_all)
+    return PhiStats(*zero_all, num_all, num_live, np.zeros(NUM_BINS, np.int64), edges, np.zeros(0),
+                    float("nan"), float("nan"), 0, num_dead)
   # Only live latents take part: drop the rest and renumber columns.
   keep = np.flatnonzero(live_N)
   f_csr = firings.csr()[:, keep].tocsr()
@@ -94,15 +113,19 @@ def phi_stats(firings: Firings, block: int = 1024, sample_size: int = 100_000, s
     results = list(tqdm(ex.map(one_block, blocks), total=len(blocks), desc="phi", disable=not progress))
   s1 = sum(r[0] for r in results)
   s2 = sum(r[1] for r in results)
-  mean = s1 / num_pairs
-  var = max(0.0, (s2 - num_pairs * mean * mean) / max(1, num_pairs - 1))
   hist = np.sum([r[2] for r in results], axis=0)
   sample = np.concatenate([r[3] for r in results])
-  return PhiStats(mean, var, num_pairs, num_live, hist, edges, sample)
+  # Pairs outside the live set add zeros: same sums, more pairs.
+  return PhiStats(*_moments(s1, s2, num_all), num_all, num_live, hist, edges, sample,
+                  *_moments(s1, s2, num_pairs), num_pairs, num_dead)
 
 
 def welch(a: PhiStats, b: PhiStats) -> tuple[float, float]:
-  """Welch's t-test of mean |φ| (a vs b) over pairs, from exact moments."""
+  """Welch's t-test of mean |φ| over all pairs (a vs b), from exact moments.
+
+  Treats the pairs as independent samples, which they are not (pairs share latents and tokens): the
+  paper's test, kept for comparison; the block bootstrap (evaluation/bootstrap.py) is the defensible one.
+  """
   if a.num_pairs < 2 or b.num_pairs < 2:
     return float("nan"), float("nan")
   res = scipy.stats.ttest_ind_from_stats(a.mean_abs_phi, np.sqrt(a.var_abs_phi), a.num_pairs,

@@ -1,29 +1,27 @@
 """Evaluating a training run's SAEs (joint, solo) on held-out activations: report.json, report.md, plots.
 
-Legend: T = evaluation tokens, N = latents, D = d_model.
-One pass over the store feeds every SAE's reconstruction metrics and sparse firing record; φ,
-matching, split candidates, meta FVE and ΔCE are computed from those afterwards.
+Legend: T = evaluation tokens, N = latents, D = d_model, C = contexts.
+Stages, each a function with typed inputs and outputs: open → calibrate θ → one streaming pass
+(reconstruction, firings, per-block sums) → pairwise statistics (φ, matching, split candidates) →
+meta FVE → ΔCE (the only stage that loads the language model) → bootstrap → report and plots.
 """
 
 import dataclasses
-import json
-import math
+import importlib.util
 import os
 import time
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from metasae_jax.storage import artifact, atomic, heldout, loaded_sae
-from metasae_jax.evaluation import cooccurrence, firings, matching, plots, reconstruction, thresholds
 from metasae_jax.core.errors import UserError
-from metasae_jax.storage.store import open_store
-
-SAE_NAMES = artifact.SAE_NAMES
-PER_SAE_KEYS = ("fvu", "fvu_typical", "outlier_tokens", "mse", "l0", "dead_fraction", "mean_abs_phi", "delta_ce_pct", "ce_clean",
-                "ce_spliced", "ce_zero_ablation", "ce_recovered", "meta_fve")
+from metasae_jax.evaluation import (bootstrap, cooccurrence, firings, matching, plots, reconstruction, report,
+                                    thresholds)
+from metasae_jax.evaluation.report import PER_SAE_KEYS, SAE_NAMES, markdown  # noqa: F401  (public names)
+from metasae_jax.storage import heldout, loaded_sae
+from metasae_jax.storage.store import Store, open_store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,20 +32,24 @@ class EvalConfig:
   activations: str
   """Held-out activation store (same model, layer and site as training)."""
   num_tokens: int = 0
-  """Evaluation tokens after skipping attention sinks (0 = the whole store)."""
+  """Evaluation tokens after skipping (0 = the whole store)."""
   model: str = ""
   """Model for ΔCE: "" = the store's source.model, "none" = skip ΔCE."""
   firing: str = "threshold"
-  """"threshold": calibrated θ (calibrated here and written into artifacts that lack it); "topk" (per
-  token) or "batchtopk" (over each batch of `batch_size`). The report records it."""
+  """"threshold": calibrated θ (calibrated here and written into artifacts that lack it); "batchtopk"."""
   batch_size: int = 4096
   """Tokens per batch (BatchTopK selects over each batch; the training default)."""
-  skip_first_positions: int = 1
-  """Positions t % context_len < this are skipped (attention sinks, docs/method.md §3.2; 0 keeps all)."""
+  skip_first_positions: int = 0
+  """Positions t % context_len < this are left out of everything (0 = all positions, docs/method.md §3.2: fvu
+  and mse over all positions, fvu_excl_first without position 0 are reported either way)."""
   ce_contexts: int = 64
-  """Whole contexts for ΔCE (each costs 4 model forwards: clean, zero, joint, solo)."""
+  """Whole contexts for ΔCE (each costs 4 model forwards: clean, zero, joint, solo); the reference uses 3,200."""
   ce_batch_contexts: int = 8
-  """Contexts per model forward in ΔCE."""
+  """Contexts per model forward in ΔCE (with ce_firing batchtopk, the batch BatchTopK runs over)."""
+  ce_firing: str = ""
+  """Firing rule of the spliced SAE in ΔCE: "" = `firing`; "batchtopk" = over each hooked batch (the reference)."""
+  ce_include_first_position: bool = False
+  """Score the prediction made at position 0 too (the reference does); by default CE starts at max(skip, 1)."""
   meta_fve_steps: int = 500
   """Steps of the fresh meta SAE for meta FVE (SAEBench meta_structure); 0 skips it."""
   meta_width_fraction: float = 0.25
@@ -57,36 +59,63 @@ class EvalConfig:
   split_phi_threshold: float = 0.2
   """Cross-φ a joint latent needs to count as sharing a solo latent's firing."""
   max_split_candidates: int = 50
+  """Split candidates listed in split_candidates.json."""
+  bootstrap_replicates: int = 200
+  """Block-bootstrap replicates for the joint-vs-solo intervals (0 skips them)."""
+  bootstrap_blocks: int = 64
+  """Blocks of whole contexts the held-out set is cut into for the bootstrap."""
   seed: int = 0
+  """Seed of the meta SAE init, the |φ| sample and the bootstrap draws."""
   progress: bool = True
+  """Show progress bars."""
 
   def __post_init__(self):
     if self.firing not in loaded_sae.FIRINGS:
       raise UserError(f"--firing must be one of {loaded_sae.FIRINGS}, got {self.firing!r}.")
-    if self.batch_size <= 0 or self.ce_contexts < 0 or self.meta_fve_steps < 0 or self.skip_first_positions < 0:
-      raise UserError("--batch_size must be positive; --ce_contexts, --meta_fve_steps and "
-                      "--skip_first_positions must be >= 0.")
+    if self.ce_firing and self.ce_firing not in loaded_sae.FIRINGS:
+      raise UserError(f"--ce_firing must be empty or one of {loaded_sae.FIRINGS}, got {self.ce_firing!r}.")
+    if (self.batch_size <= 0 or self.ce_contexts < 0 or self.ce_batch_contexts <= 0 or self.meta_fve_steps < 0
+        or self.skip_first_positions < 0 or self.bootstrap_replicates < 0 or self.bootstrap_blocks < 2):
+      raise UserError("--batch_size and --ce_batch_contexts must be positive, --bootstrap_blocks >= 2; "
+                      "--ce_contexts, --meta_fve_steps, --skip_first_positions and --bootstrap_replicates "
+                      "must be >= 0.")
     if not 0 < self.meta_width_fraction <= 4:
       raise UserError(f"meta_width_fraction must be in (0, 4], got {self.meta_width_fraction}.")
 
-
-def _clean(obj):
-  """JSON without NaN/Inf (null instead) and with numpy scalars as Python numbers."""
-  if isinstance(obj, dict):
-    return {str(k): _clean(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_clean(v) for v in obj]
-  if isinstance(obj, (np.integer,)):
-    return int(obj)
-  if isinstance(obj, (float, np.floating)):
-    return float(obj) if math.isfinite(obj) else None
-  return obj
+  @property
+  def ce_firing_rule(self) -> str:
+    return self.ce_firing or self.firing
 
 
-def _pct(a, b):
-  if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b == 0:
-    return None
-  return (a - b) / abs(b) * 100.0
+class Inputs(NamedTuple):
+  """The held-out store, the run's SAEs (name -> LoadedSAE) and the tokens evaluated."""
+  store: Store
+  saes: dict
+  num_tokens: int
+  notes: list
+
+
+class Streamed(NamedTuple):
+  """Outputs of the one pass over the tokens, per SAE name."""
+  metrics: dict        # name -> reconstruction metrics (fvu, fvu_excl_first, mse, l0, ...)
+  fired: dict          # name -> firings.Firings
+  blocks: dict         # name -> bootstrap.ReconBlocks
+  layout: bootstrap.BlockLayout
+
+
+class Pairwise(NamedTuple):
+  """φ statistics per SAE, and joint-vs-solo matching (None / [] without both SAEs)."""
+  phi: dict            # name -> cooccurrence.PhiStats
+  matching: Optional[dict]
+  candidates: list
+  cosine: Optional[np.ndarray]
+
+
+class DeltaCE(NamedTuple):
+  """ΔCE metrics per SAE, the run-level record, and the joint-solo paired difference."""
+  per_sae: dict
+  info: dict
+  pair: dict
 
 
 def load_saes(run_dir: str, d_model: int) -> dict:
@@ -101,196 +130,228 @@ def load_saes(run_dir: str, d_model: int) -> dict:
   return saes
 
 
-def _source_notes(saes: dict, store) -> list:
+def _forward(sae, x_BxD, firing: str):
+  """The one place evaluation runs an SAE."""
+  return sae.forward(x_BxD, firing)
+
+
+def open_inputs(cfg: EvalConfig) -> Inputs:
+  """Opens the store and the SAEs; notes where their recorded source or training rule differs."""
+  store = open_store(cfg.activations)
+  saes = load_saes(cfg.run_dir, store.d_model)
+  num = heldout.resolve_num_tokens(store, cfg.num_tokens, cfg.skip_first_positions)
   notes = []
   for name, sae in saes.items():
     src = sae.cfg.get("source") or {}
     for key in ("model", "layer", "site"):
       if key in src and key in store.source and src[key] != store.source[key]:
         notes.append(f"{name}: cfg.json source.{key} {src[key]!r} differs from the store's {store.source[key]!r}")
-  return notes
+    trained_skip = int(sae.cfg.get("skip_first_positions") or 0)
+    if trained_skip > cfg.skip_first_positions and store.context_len > 1:
+      notes.append(f"{name} was trained skipping the first {trained_skip} position(s) of every context; fvu, mse "
+                   "and ΔCE here include positions it never saw (fvu_excl_first leaves position 0 out)")
+  return Inputs(store, saes, num, notes)
 
 
-def _load_model(cfg: EvalConfig, store, notes: list):
-  """The model for ΔCE (and the tokenizer for context text), or None with a note why not."""
+def calibrate_stage(cfg: EvalConfig, inputs: Inputs) -> Inputs:
+  """Calibrates θ of SAEs that lack it, when a threshold firing rule is used; writes θ into their artifacts."""
+  if "threshold" not in (cfg.firing, cfg.ce_firing_rule):
+    return inputs
+  saes, notes = dict(inputs.saes), list(inputs.notes)
+  for name, sae in inputs.saes.items():
+    if sae.threshold_N is not None:
+      continue
+    logging.info("calibrating thresholds of %s", name)
+    theta, record = thresholds.calibrate(
+        sae, inputs.store, thresholds.CalibrationConfig(num_tokens=inputs.num_tokens, batch_size=cfg.batch_size,
+                                                        skip_first_positions=cfg.skip_first_positions),
+        cfg.progress)
+    saes[name] = thresholds.write_into_artifact(sae, theta, record)
+    notes.append(f"{name}: thresholds calibrated on these held-out tokens and written into {sae.path}")
+    if not record["grid_covers_batch_thresholds"]:
+      notes.append(f"{name}: batch thresholds {record['batch_threshold_range']} leave the calibration "
+                   f"grid {record['bin_range']}; θ of some latents sits on the grid's edge")
+  return inputs._replace(saes=saes, notes=notes)
+
+
+def stream_stage(cfg: EvalConfig, inputs: Inputs) -> Streamed:
+  """One pass over the evaluation tokens feeding every SAE's metrics, firing record and block sums."""
+  store, saes, num = inputs.store, inputs.saes, inputs.num_tokens
+  layout = bootstrap.BlockLayout(store, num, cfg.skip_first_positions, cfg.bootstrap_blocks)
+  accs = {n: reconstruction.Accumulator(s.d_model, s.width) for n, s in saes.items()}
+  recs = {n: firings.Recorder(s.width) for n, s in saes.items()}
+  blocks = {n: bootstrap.ReconBlocks(layout, s.d_model) for n, s in saes.items()}
+  for batch in tqdm(heldout.iter_batches(store, cfg.batch_size, num, cfg.skip_first_positions),
+                    total=-(-num // cfg.batch_size), desc="evaluate", disable=not cfg.progress):
+    for name, sae in saes.items():
+      out = _forward(sae, batch.acts_BxD, cfg.firing)
+      accs[name].add(batch.acts_BxD, out.recon_BxD, out.xs_BxD, out.recon_std_BxD, out.acts_BxN)
+      recs[name].add(out.acts_BxN, batch.index_B)
+      blocks[name].add(batch.index_B, batch.acts_BxD, out.recon_BxD, out.xs_BxD, out.recon_std_BxD)
+  metrics = {}
+  for n in saes:
+    metrics[n] = accs[n].result()
+    metrics[n]["fvu_excl_first"] = blocks[n].metrics(exclude_first=True)["fvu"]
+  return Streamed(metrics, {n: recs[n].result() for n in saes}, blocks, layout)
+
+
+def pairwise_stage(cfg: EvalConfig, inputs: Inputs, streamed: Streamed,
+                   decode: Optional[Callable[[list], str]] = None) -> Pairwise:
+  """mean |φ| per SAE; decoder matching, cross-φ and split candidates between joint and solo."""
+  fired = streamed.fired
+  phi = {n: cooccurrence.phi_stats(fired[n], seed=cfg.seed, progress=cfg.progress) for n in fired}
+  if not ("joint" in fired and "solo" in fired):
+    return Pairwise(phi, None, [], None)
+  joint, solo = inputs.saes["joint"], inputs.saes["solo"]
+  m = matching.match_decoders(joint.params["W_dec"], solo.params["W_dec"])
+  cross = cooccurrence.cross_phi(fired["joint"], fired["solo"], threshold=cfg.split_phi_threshold,
+                                 pairs_a=m.joint_idx, pairs_b=m.solo_idx, progress=cfg.progress)
+  candidates = matching.split_candidates(fired["joint"], fired["solo"], cross, m, threshold=cfg.split_phi_threshold,
+                                         max_candidates=cfg.max_split_candidates, store=inputs.store,
+                                         decode=decode)
+  pair_phi = cross.pair_phi[np.isfinite(cross.pair_phi)]
+  summary = {"num_pairs": len(m.cosine), "mean_cosine": float(np.mean(m.cosine)),
+             "median_cosine": float(np.median(m.cosine)),
+             "fraction_cosine_above_0.9": float(np.mean(m.cosine > 0.9)),
+             "mean_matched_cross_phi": float(np.mean(pair_phi)) if len(pair_phi) else None,
+             "num_split_candidates_listed": len(candidates),
+             "num_solo_latents_shared_by_2plus": int(np.sum(cross.num_above_S >= 2)),
+             "split_phi_threshold": cfg.split_phi_threshold}
+  return Pairwise(phi, summary, candidates, m.cosine)
+
+
+def meta_fve_stage(cfg: EvalConfig, saes: dict) -> dict:
+  """Meta FVE per SAE: variance of its decoder rows explained by a fresh small meta SAE (SAEBench)."""
+  from metasae_jax.core import meta
+  out = {}
+  for name, sae in saes.items():
+    width = max(1, int(round(cfg.meta_width_fraction * sae.width)))
+    params = meta.train_meta_sae(sae.params["W_dec"], width, cfg.meta_k, cfg.meta_fve_steps, seed=cfg.seed)
+    out[name] = meta.meta_fve(sae.params["W_dec"], params, cfg.meta_k)
+  return out
+
+
+def ce_model_name(cfg: EvalConfig, store: Store, notes: list) -> Optional[str]:
+  """The model ΔCE will load, or None with a note why ΔCE is skipped (nothing is loaded here)."""
   name = cfg.model or str(store.source.get("model") or "")
   if name.lower() == "none":
     notes.append("ΔCE skipped: --model none")
-    return None, None
+    return None
   if not name:
     notes.append("ΔCE skipped: the store's source has no model; pass --model")
-    return None, None
+    return None
   if not store.has_tokens or store.context_len < 2:
     notes.append("ΔCE skipped: the store has no token contexts (tokens and context_len > 1 needed)")
-    return None, None
+    return None
+  if cfg.ce_contexts == 0:
+    notes.append("ΔCE skipped: --ce_contexts 0")
+    return None
+  if not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+    notes.append("ΔCE skipped: torch / transformers are not installed (pip install '.[lm]')")
+    return None
+  return name
+
+
+def _load_model(name: str):
   from metasae_jax.lm import models  # torch/transformers only when ΔCE runs
   logging.info("loading %s for ΔCE", name)
-  return models.load_model(name), name
+  return models.load_model(name)
 
 
-def _meta_fve(sae, cfg: EvalConfig) -> Optional[float]:
-  from metasae_jax.core import meta
-  width = max(1, int(round(cfg.meta_width_fraction * sae.width)))
-  params = meta.train_meta_sae(sae.params["W_dec"], width, cfg.meta_k, cfg.meta_fve_steps, seed=cfg.seed)
-  return meta.meta_fve(sae.params["W_dec"], params, cfg.meta_k)
+def _load_decode(name: Optional[str], notes: list) -> Optional[Callable[[list], str]]:
+  """Token-id decoding for split-candidate contexts: the tokenizer only, never the weights.
+
+  Loaded before the long stages so that a model ΔCE cannot load fails the run at once (UserError).
+  """
+  del notes
+  if name is None:
+    return None
+  from metasae_jax.lm import models
+  tokenizer = models.load_tokenizer(name)
+  return lambda ids: tokenizer.decode(ids)
+
+
+def delta_ce_stage(cfg: EvalConfig, inputs: Inputs, name: str) -> DeltaCE:
+  """Loads the model and measures clean / zero-ablation / spliced CE; ΔCE % ± SE per SAE."""
+  from metasae_jax.lm import delta_ce, models
+  store, saes = inputs.store, inputs.saes
+  lm = _load_model(name)
+  layer, site = store.source.get("layer"), store.source.get("site", "resid_pre")
+  block = delta_ce.block_for(models.decoder_layers(lm.model), layer)
+  rule = cfg.ce_firing_rule
+  fns = {n: (lambda x, s=s: np.asarray(_forward(s, x, rule).recon_BxD)) for n, s in saes.items()}
+  ces = delta_ce.cross_entropies(lm.model, block, site, store, fns, cfg.ce_contexts, cfg.ce_batch_contexts,
+                                 cfg.skip_first_positions, cfg.progress, cfg.ce_include_first_position)
+  per_sae = {n: delta_ce.summarize(ces, n) for n in saes}
+  info = {"model": name, "layer": layer, "site": site, "num_contexts": ces["num_contexts"],
+          "num_predictions": ces["num_predictions"], "firing": rule,
+          "tokens_per_hooked_batch": cfg.ce_batch_contexts * store.context_len,
+          "positions": delta_ce.positions_rule(store.context_len, cfg.skip_first_positions,
+                                               cfg.ce_include_first_position),
+          "resid_check_rel_err": ces["resid_check_rel_err"]}
+  if ces["resid_check_rel_err"] > 0.05:
+    inputs.notes.append(f"the model's live residual differs from the stored one by {ces['resid_check_rel_err']:.3g} "
+                        "(relative): the store may come from another model, layer or site")
+  pair = delta_ce.paired_difference(ces, "joint", "solo") if {"joint", "solo"} <= set(saes) else {}
+  return DeltaCE(per_sae, info, pair)
+
+
+def bootstrap_stage(cfg: EvalConfig, streamed: Streamed) -> dict:
+  """Block-bootstrap intervals of the joint-vs-solo differences (comparison.bootstrap)."""
+  bcfg = bootstrap.BootstrapConfig(replicates=cfg.bootstrap_replicates, num_blocks=cfg.bootstrap_blocks,
+                                   seed=cfg.seed)
+  block_of = lambda f: streamed.layout.block_of(f.index_T)
+  pb = {n: bootstrap.phi_blocks(streamed.fired[n], block_of(streamed.fired[n]), streamed.layout.num_blocks,
+                                bcfg.max_pair_entries) for n in ("joint", "solo")}
+  return bootstrap.compare(streamed.blocks["joint"], streamed.blocks["solo"], pb["joint"], pb["solo"], bcfg)
 
 
 def evaluate_run(cfg: EvalConfig) -> dict:
   """Evaluates the run's SAEs; writes report.json, report.md, split_candidates.json and PNGs into run_dir."""
-  t0 = time.perf_counter()
-  timings = {}
-  store = open_store(cfg.activations)
-  saes = load_saes(cfg.run_dir, store.d_model)
-  num = heldout.resolve_num_tokens(store, cfg.num_tokens, cfg.skip_first_positions)
-  notes = _source_notes(saes, store)
-  lm, model_name = _load_model(cfg, store, notes)
+  timings, t0 = {}, time.perf_counter()
 
-  if cfg.firing == "threshold":
-    for name, sae in list(saes.items()):
-      if sae.threshold_N is None:
-        logging.info("calibrating thresholds of %s", name)
-        theta, record = thresholds.calibrate(
-            sae, store, thresholds.CalibrationConfig(num_tokens=num, batch_size=cfg.batch_size,
-                                                     skip_first_positions=cfg.skip_first_positions),
-            cfg.progress)
-        saes[name] = thresholds.write_into_artifact(sae, theta, record)
-        notes.append(f"{name}: thresholds calibrated on these held-out tokens and written into {sae.path}")
-        if not record["grid_covers_batch_thresholds"]:
-          notes.append(f"{name}: batch thresholds {record['batch_threshold_range']} leave the calibration "
-                       f"grid {record['bin_range']}; θ of some latents sits on the grid's edge")
-  timings["thresholds_s"] = time.perf_counter() - t0
+  def timed(key, fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    timings[key] = time.perf_counter() - start
+    return out
 
-  # One pass over the tokens for every SAE.
-  t1 = time.perf_counter()
-  accs = {n: reconstruction.Accumulator(s.d_model, s.width) for n, s in saes.items()}
-  recs = {n: firings.Recorder(s.width) for n, s in saes.items()}
-  for batch in tqdm(heldout.iter_batches(store, cfg.batch_size, num, cfg.skip_first_positions),
-                    total=-(-num // cfg.batch_size), desc="evaluate", disable=not cfg.progress):
-    for name, sae in saes.items():
-      out = sae.forward(batch.acts_BxD, cfg.firing)
-      accs[name].add(batch.acts_BxD, out.recon_BxD, out.xs_BxD, out.recon_std_BxD, out.acts_BxN)
-      recs[name].add(out.acts_BxN, batch.index_B)
-  per_sae = {n: accs[n].result() for n in saes}
+  inputs = timed("thresholds_s", lambda: calibrate_stage(cfg, open_inputs(cfg)))
+  streamed = timed("reconstruction_s", stream_stage, cfg, inputs)
+  per_sae = streamed.metrics
   outliers = max(r["outlier_tokens"] for r in per_sae.values())
   if outliers:
-    notes.append(f"{outliers} held-out tokens have > {reconstruction.OUTLIER_FACTOR:g}x the median norm "
-                 "(attention-sink-like tokens past position 0); fvu is dominated by them, fvu_typical "
-                 "leaves them out")
-  fired = {n: recs[n].result() for n in saes}
-  timings["reconstruction_s"] = time.perf_counter() - t1
-
-  t1 = time.perf_counter()
-  phi = {n: cooccurrence.phi_stats(fired[n], seed=cfg.seed, progress=cfg.progress) for n in saes}
-  for n in saes:
-    per_sae[n].update(phi[n].summary())
-  timings["phi_s"] = time.perf_counter() - t1
-
-  decode = None if lm is None else (lambda ids: lm.tokenizer.decode(ids))
-  match_summary, candidates, cosine = None, [], None
-  if "joint" in saes and "solo" in saes:
-    t1 = time.perf_counter()
-    m = matching.match_decoders(saes["joint"].params["W_dec"], saes["solo"].params["W_dec"])
-    cosine = m.cosine
-    cross = cooccurrence.cross_phi(fired["joint"], fired["solo"], threshold=cfg.split_phi_threshold,
-                                   pairs_a=m.joint_idx, pairs_b=m.solo_idx, progress=cfg.progress)
-    candidates = matching.split_candidates(fired["joint"], fired["solo"], cross, m,
-                                           threshold=cfg.split_phi_threshold,
-                                           max_candidates=cfg.max_split_candidates, store=store,
-                                           decode=decode)
-    pair_phi = cross.pair_phi[np.isfinite(cross.pair_phi)]
-    match_summary = {"num_pairs": len(m.cosine), "mean_cosine": float(np.mean(m.cosine)),
-                     "median_cosine": float(np.median(m.cosine)),
-                     "fraction_cosine_above_0.9": float(np.mean(m.cosine > 0.9)),
-                     "mean_matched_cross_phi": float(np.mean(pair_phi)) if len(pair_phi) else None,
-                     "num_split_candidates_listed": len(candidates),
-                     "num_solo_latents_shared_by_2plus": int(np.sum(cross.num_above_S >= 2)),
-                     "split_phi_threshold": cfg.split_phi_threshold}
-    timings["matching_s"] = time.perf_counter() - t1
-
+    inputs.notes.append(f"{outliers} held-out tokens have > {reconstruction.OUTLIER_FACTOR:g}x the median norm "
+                        "(attention-sink-like tokens); fvu is dominated by them, fvu_typical leaves them out")
+  model_name = ce_model_name(cfg, inputs.store, inputs.notes)
+  pair = timed("phi_s", pairwise_stage, cfg, inputs, streamed, _load_decode(model_name, inputs.notes))
+  for n in per_sae:
+    per_sae[n].update(pair.phi[n].summary())
   if cfg.meta_fve_steps > 0:
-    t1 = time.perf_counter()
-    for n, sae in saes.items():
-      per_sae[n]["meta_fve"] = _meta_fve(sae, cfg)
-    timings["meta_fve_s"] = time.perf_counter() - t1
+    for n, fve in timed("meta_fve_s", meta_fve_stage, cfg, inputs.saes).items():
+      per_sae[n]["meta_fve"] = fve
   else:
-    notes.append("meta FVE skipped: --meta_fve_steps 0")
-
-  ce_info = None
-  if lm is not None:
-    t1 = time.perf_counter()
-    from metasae_jax.lm import delta_ce, models  # only here: the rest of evaluation runs without torch
-    layer, site = store.source.get("layer"), store.source.get("site", "resid_pre")
-    block = delta_ce.block_for(models.decoder_layers(lm.model), layer)
-    fns = {n: (lambda x, s=s: np.asarray(s.reconstruct(x, cfg.firing)))
-           for n, s in saes.items()}
-    ces = delta_ce.cross_entropies(lm.model, block, site, store, fns, cfg.ce_contexts,
-                                   cfg.ce_batch_contexts, cfg.skip_first_positions, cfg.progress)
-    for n in saes:
-      per_sae[n].update(delta_ce.summarize(ces, n))
-    ce_info = {"model": model_name, "layer": layer, "site": site, "num_contexts": cfg.ce_contexts,
-               "num_predictions": ces["num_predictions"],
-               "positions": delta_ce.positions_rule(store.context_len, cfg.skip_first_positions),
-               "resid_check_rel_err": ces["resid_check_rel_err"]}
-    if ces["resid_check_rel_err"] > 0.05:
-      notes.append(f"the model's live residual differs from the stored one by {ces['resid_check_rel_err']:.3g} "
-                   "(relative): the store may come from another model, layer or site")
-    timings["delta_ce_s"] = time.perf_counter() - t1
-
-  for n in saes:
+    inputs.notes.append("meta FVE skipped: --meta_fve_steps 0")
+  ce = timed("delta_ce_s", delta_ce_stage, cfg, inputs, model_name) if model_name else None
+  for n in per_sae:
+    per_sae[n].update(ce.per_sae[n] if ce else {})
     for key in PER_SAE_KEYS:
       per_sae[n].setdefault(key, None)
-  report = {"run_dir": cfg.run_dir, "activations": store.path, "num_tokens": num, "firing": cfg.firing,
-            "batch_size": cfg.batch_size, "skip": heldout.skip_rule(store.context_len, cfg.skip_first_positions),
-            **per_sae}
-  if "joint" in saes and "solo" in saes:
-    j, s = per_sae["joint"], per_sae["solo"]
-    welch_t, welch_p = cooccurrence.welch(phi["joint"], phi["solo"])
-    report["comparison"] = {
-        "mean_abs_phi_pct": _pct(j["mean_abs_phi"], s["mean_abs_phi"]), "fvu_pct": _pct(j["fvu"], s["fvu"]),
-        "fvu_typical_pct": _pct(j["fvu_typical"], s["fvu_typical"]), "mse_pct": _pct(j["mse"], s["mse"]),
-        "delta_ce_pp": (j["delta_ce_pct"] - s["delta_ce_pct"]) if j["delta_ce_pct"] is not None else None,
-        "meta_fve_diff": (j["meta_fve"] - s["meta_fve"]) if j["meta_fve"] is not None else None,
-        "welch_t": welch_t, "welch_p": welch_p}
-    report["matching"] = match_summary
-  report["delta_ce"] = ce_info or {"skipped": True}
-  report["meta_fve_config"] = {"steps": cfg.meta_fve_steps, "width_fraction": cfg.meta_width_fraction,
-                               "k": cfg.meta_k}
-  report["notes"] = notes
-  report["plots"] = plots.write_all(cfg.run_dir, phi, per_sae, cosine)
+
+  out = {"run_dir": cfg.run_dir, "activations": inputs.store.path, "num_tokens": inputs.num_tokens,
+         "firing": cfg.firing, "batch_size": cfg.batch_size,
+         "skip": heldout.skip_rule(inputs.store.context_len, cfg.skip_first_positions), **per_sae}
+  if "joint" in per_sae and "solo" in per_sae:
+    out["comparison"] = report.comparison(per_sae, cooccurrence.welch(pair.phi["joint"], pair.phi["solo"]),
+                                          ce.pair if ce else {})
+    out["comparison"]["bootstrap"] = (timed("bootstrap_s", bootstrap_stage, cfg, streamed)
+                                      if cfg.bootstrap_replicates else {"skipped": "--bootstrap_replicates 0"})
+    out["matching"] = pair.matching
+    inputs.notes.extend(report.dead_gap_note(per_sae, inputs.saes["joint"].width))
+  out["delta_ce"] = ce.info if ce else {"skipped": True}
+  out["meta_fve_config"] = {"steps": cfg.meta_fve_steps, "width_fraction": cfg.meta_width_fraction, "k": cfg.meta_k}
+  out["notes"] = inputs.notes
+  out["plots"] = timed("plots_s", plots.write_all, cfg.run_dir, pair.phi, per_sae, pair.cosine)
   timings["total_s"] = time.perf_counter() - t0
-  report["timings"] = timings
-  report = _clean(report)
-  atomic.write_json(os.path.join(cfg.run_dir, "split_candidates.json"), _clean(candidates))
-  atomic.write_json(os.path.join(cfg.run_dir, "report.json"), report)
-  atomic.write_text(os.path.join(cfg.run_dir, "report.md"), markdown(report))
-  return report
-
-
-def _fmt(v) -> str:
-  if v is None:
-    return "–"
-  if isinstance(v, float):
-    return f"{v:.4g}"
-  return str(v)
-
-
-def markdown(report: dict) -> str:
-  """A human-readable summary of report.json."""
-  names = [n for n in SAE_NAMES if n in report]
-  lines = [f"# Evaluation of {report['run_dir']}", "",
-           f"Held-out store `{report['activations']}`, {report['num_tokens']} tokens, firing "
-           f"`{report['firing']}`, batch {report['batch_size']}; {report['skip']['rule']}.", "",
-           "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-  for key in PER_SAE_KEYS:
-    lines.append(f"| {key} | " + " | ".join(_fmt(report[n].get(key)) for n in names) + " |")
-  if "comparison" in report:
-    lines += ["", "## Joint vs solo", ""] + [f"- {k}: {_fmt(v)}" for k, v in report["comparison"].items()]
-  if report.get("matching"):
-    lines += ["", "## Matching", ""] + [f"- {k}: {_fmt(v)}" for k, v in report["matching"].items()]
-  ce = report.get("delta_ce") or {}
-  if not ce.get("skipped"):
-    lines += ["", "## ΔCE", ""] + [f"- {k}: {_fmt(v)}" for k, v in ce.items()]
-  if report.get("notes"):
-    lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
-  lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in report.get("plots", [])), ""]
-  return "\n".join(lines)
+  out["timings"] = timings
+  return report.write(cfg.run_dir, out, pair.candidates)

@@ -24,14 +24,15 @@ def _save(fig, path: str) -> str:
 
 
 def phi_histograms(stats: dict, path: str) -> str:
-  """Normalised histograms of log10 |φ| per SAE (name -> PhiStats), with each mean marked."""
+  """Normalised histograms of log10 |φ| over live pairs per SAE (name -> PhiStats), live mean marked."""
   fig, ax = plt.subplots(figsize=(6.4, 4))
   for name, s in stats.items():
-    if s.num_pairs == 0:
+    if s.num_live_pairs == 0:
       continue
     centers = 0.5 * (s.hist_edges[1:] + s.hist_edges[:-1])
-    ax.step(centers, s.hist_counts / s.num_pairs, where="mid", label=f"{name} (mean {s.mean_abs_phi:.3g})")
-    ax.axvline(np.log10(max(s.mean_abs_phi, 1e-12)), ls="--", lw=0.8, color=ax.lines[-1].get_color())
+    ax.step(centers, s.hist_counts / s.num_live_pairs, where="mid",
+            label=f"{name} (live mean {s.mean_abs_phi_live:.3g}, all pairs {s.mean_abs_phi:.3g})")
+    ax.axvline(np.log10(max(s.mean_abs_phi_live, 1e-12)), ls="--", lw=0.8, color=ax.lines[-1].get_color())
   ax.set_xlabel("log10 |φ| over pairs of live latents")
   ax.set_ylabel("fraction of pairs")
   ax.set_title("Co-occurrence |φ|")

@@ -4,9 +4,10 @@ Legend: B = tokens in a batch, N = latents, H = histogram bins (+2: underflow, o
 BatchTopK depends on the batch; θ_i makes latent i fire batch-independently (pre > θ_i). For each
 latent, "selected" = kept by BatchTopK over its batch, "rejected" = positive but not kept. θ_i is the
 histogram edge where the fraction of selected values below θ (misses) equals the fraction of
-rejected values above θ (false alarms). Latents with fewer than `min_selections` selections fall
-back to just below their smallest selected value (conservative: never drops a firing BatchTopK
-made); latents never selected are dead: θ = +inf.
+rejected values above θ (false alarms). Latents with fewer than `min_selections` selections (or no
+rejected values) use the reference's rule on the same grid (docs/method.md §2.6): θ = max(centre of the first
+bin holding a selected value, centre of the last bin holding only rejected values), which keeps
+rare latents from false firings; latents never selected are dead: θ = +inf.
 """
 
 import dataclasses
@@ -23,6 +24,11 @@ from metasae_jax.storage.loaded_sae import LoadedSAE
 from metasae_jax.storage.store import Store
 
 
+FALLBACK_RULE = ("reference histogram rule for latents with < min_selections selections or no rejected "
+                 "values: max(centre of the first bin with a selected value, centre of the last bin with "
+                 "only rejected values); underflow bin centre = edges[0] / 2, overflow = edges[-1]")
+
+
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
   """How θ is calibrated."""
@@ -30,7 +36,7 @@ class CalibrationConfig:
   """Held-out tokens used, after skipping (0 = the whole store)."""
   batch_size: int = 4096
   """Tokens per BatchTopK batch: the training batch size, so selection matches training."""
-  skip_first_positions: int = 1
+  skip_first_positions: int = 0
   """Positions t % context_len < this are skipped (attention sinks; docs/method.md §3.2)."""
   bins: int = 256
   """Log-spaced histogram bins between `span`-fold below and above the first batch's threshold."""
@@ -39,7 +45,7 @@ class CalibrationConfig:
   alarms only grow; above, false alarms are 0), which stay within a few % of each other for
   batches of thousands of tokens; the record reports their range so a too narrow grid shows."""
   min_selections: int = 100
-  """Latents selected fewer times fall back to their smallest selected value (docs/method.md §2.6)."""
+  """Latents selected fewer times use the reference's histogram rule instead of the EER (docs/method.md §2.6)."""
 
   def __post_init__(self):
     if self.bins < 2 or self.span <= 1 or self.min_selections < 1:
@@ -115,6 +121,26 @@ def accumulate(pre_batches, k: int, cfg: CalibrationConfig, progress: bool = Fal
   return Histograms(edges, sel, rej, hist["nsel"], hist["nrej"], hist["mins"], (min(bt), max(bt)))
 
 
+def bin_centres(edges_H1: np.ndarray) -> np.ndarray:
+  """Representative value of each of the H + 2 bins [underflow, H bins, overflow] (float64)."""
+  # Log-spaced bins: the geometric centre. Pre-activations are positive, so underflow is
+  # [0, edges[0]) with centre edges[0] / 2; overflow is unbounded, so it takes its lower edge.
+  edges = np.asarray(edges_H1, np.float64)
+  return np.concatenate([[edges[0] / 2], np.sqrt(edges[:-1] * edges[1:]), [edges[-1]]])
+
+
+def fallback_thresholds(h: Histograms) -> np.ndarray:
+  """The reference's rule for rarely selected latents: max(first selected bin, last rejected-only bin) centre."""
+  centres_H2 = bin_centres(h.edges_H1)
+  has_sel = h.sel_NxH2 > 0
+  only_rej = (h.rej_NxH2 > 0) & ~has_sel
+  h2 = h.sel_NxH2.shape[1]
+  first_sel_N = np.where(has_sel.any(1), np.argmax(has_sel, axis=1), h2 - 1)
+  last_rej_N = np.where(only_rej.any(1), h2 - 1 - np.argmax(only_rej[:, ::-1], axis=1), 0)
+  theta_N = np.maximum(centres_H2[first_sel_N], np.where(only_rej.any(1), centres_H2[last_rej_N], -np.inf))
+  return theta_N.astype(np.float32)
+
+
 def eer_thresholds(h: Histograms, min_selections: int) -> tuple[np.ndarray, dict]:
   """θ per latent from the histograms, and counts of each rule applied."""
   n = h.sel_NxH2.shape[0]
@@ -126,10 +152,9 @@ def eer_thresholds(h: Histograms, min_selections: int) -> tuple[np.ndarray, dict
   fpr = (h.num_rej_N[:, None] - cum_rej) / np.maximum(h.num_rej_N, 1)[:, None]
   j = np.argmin(np.abs(fnr - fpr), axis=1)
   theta = h.edges_H1[j].astype(np.float32)
-  fallback_value = np.nextafter(h.min_sel_N.astype(np.float32), np.float32(-np.inf))
   dead = h.num_sel_N == 0
   few = ~dead & ((h.num_sel_N < min_selections) | (h.num_rej_N == 0))
-  theta = np.where(few, fallback_value, theta)
+  theta = np.where(few, fallback_thresholds(h), theta)
   theta = np.where(dead, np.float32(np.inf), theta).astype(np.float32)
   return theta, {"num_latents": int(n), "num_dead": int(dead.sum()), "num_fallback": int(few.sum()),
                  "num_eer": int(n - dead.sum() - few.sum())}
@@ -148,7 +173,7 @@ def calibrate(sae: LoadedSAE, store: Store, cfg: CalibrationConfig, progress: bo
             "batch_threshold_range": list(hist.batch_threshold_range),
             "grid_covers_batch_thresholds": bool(hist.edges_H1[0] <= hist.batch_threshold_range[0]
                                                  and hist.batch_threshold_range[1] <= hist.edges_H1[-1]),
-            "min_selections": cfg.min_selections, "fallback": "just below the smallest selected value",
+            "min_selections": cfg.min_selections, "fallback": FALLBACK_RULE,
             "dead": "+inf", "firing_rule": "pre > threshold",
             **heldout.skip_rule(store.context_len, cfg.skip_first_positions), **counts}
   return theta, record

@@ -3,7 +3,10 @@
 Legend: B = contexts in a batch, L = context_len, D = d_model, V = vocabulary, M = spliced tokens.
 The SAE replaces the residual at its site (`resid_pre`: a forward pre-hook on the block; `resid_post`:
 a forward hook) at every position except the skipped attention-sink ones (t < s). CE is the mean
-next-token loss of the predictions made at positions s..L−2, i.e. where the splice is in effect.
+next-token loss of the predictions made at positions max(s, 1)..L−2 (0..L−2 with
+`include_first_position`, as the reference scores). Every context contributes the same number of
+predictions, so the CE is also the mean of per-context CEs, and the standard error of ΔCE is taken
+over contexts (docs/method.md §2.2: a 0.6 pp joint−solo gap needs thousands of contexts to resolve).
 """
 
 from typing import Callable, Iterator, Optional
@@ -58,22 +61,33 @@ def register_residual_edit(block: torch.nn.Module, site: str, edit: Callable[[to
   raise UserError(f"site {site!r} is not one of {SITES}; the SAE's cfg.json source.site must name one.")
 
 
-def _nll(model: torch.nn.Module, ids_BxL: torch.Tensor, skip: int) -> tuple[float, int]:
+def score_start(context_len: int, skip_first_positions: int, include_first_position: bool) -> int:
+  """First position whose next-token prediction is scored."""
+  start = 0 if include_first_position else max(skip_first_positions if context_len > 1 else 0, 1)
+  return min(start, context_len - 2)
+
+
+def _nll(model: torch.nn.Module, ids_BxL: torch.Tensor, start: int) -> np.ndarray:
+  """Summed next-token NLL per context [B] over predictions from position `start`."""
   logits = model(input_ids=ids_BxL, use_cache=False).logits
-  start = min(skip, ids_BxL.shape[1] - 2)
   logp = torch.log_softmax(logits[:, start:-1].float(), dim=-1)
   target = ids_BxL[:, start + 1:]
   nll = -torch.gather(logp, -1, target[..., None])[..., 0]
-  return float(nll.sum()), int(nll.numel())
+  return nll.sum(1).double().numpy()
 
 
 def cross_entropies(model: torch.nn.Module, block: torch.nn.Module, site: str, store: Store,
                     replacements: dict, num_contexts: int, batch_contexts: int = 8,
-                    skip_first_positions: int = 1, progress: bool = True) -> dict:
-  """Mean CE clean, under zero-ablation and under each named replacement (name -> ReplaceFn)."""
+                    skip_first_positions: int = 1, progress: bool = True,
+                    include_first_position: bool = False) -> dict:
+  """Mean CE clean, under zero-ablation and under each named replacement (name -> ReplaceFn).
+
+  Also `per_context`: name -> mean NLL of each context [C], for standard errors.
+  """
   skip = skip_first_positions if store.context_len > 1 else 0
+  start = score_start(store.context_len, skip_first_positions, include_first_position)
   names = ["clean", "zero_ablation"] + list(replacements)
-  sums = {name: 0.0 for name in names}
+  per_context = {name: [] for name in names}
   count = 0
   check_num, check_den = 0.0, 0.0
   for ids, stored_BxLxD in tqdm(list(iter_contexts(store, num_contexts, batch_contexts)), desc="delta-CE",
@@ -99,36 +113,55 @@ def cross_entropies(model: torch.nn.Module, block: torch.nn.Module, site: str, s
       handle = register_residual_edit(block, site, edit)
       try:
         with torch.inference_mode():
-          nll, n = _nll(model, ids_t, skip)
+          nll_B = _nll(model, ids_t, start)
       finally:
         handle.remove()
-      sums[name] += nll
+      per_context[name].append(nll_B / (ids.shape[1] - 1 - start))
       if name == "clean":
-        count += n
+        count += len(nll_B) * (ids.shape[1] - 1 - start)
         live = captured[0]
         check_num += float(np.square(live - stored_BxLxD[:, skip:]).sum())
         check_den += float(np.square(stored_BxLxD[:, skip:]).sum())
   if count == 0:
     raise UserError(f"activation store {store.path} has no whole context for ΔCE.")
-  out = {name: sums[name] / count for name in names}
+  out = {name: float(np.mean(np.concatenate(per_context[name]))) for name in names}
+  out["per_context"] = {name: np.concatenate(per_context[name]) for name in names}
   out["num_predictions"] = count
+  out["num_contexts"] = len(out["per_context"]["clean"])
   # The live residual should equal the stored one; if not, the store is from another model or layer.
   out["resid_check_rel_err"] = float(np.sqrt(check_num / max(check_den, 1e-30)))
   return out
 
 
+def _se_pct(diff_C: np.ndarray, clean: float) -> float:
+  """Standard error over contexts of mean(diff) as a percentage of the clean CE (held fixed)."""
+  if len(diff_C) < 2:
+    return float("nan")
+  return float(np.std(diff_C, ddof=1) / np.sqrt(len(diff_C)) / clean * 100.0)
+
+
 def summarize(ces: dict, name: str) -> dict:
-  """ΔCE % and CE recovered of one replacement from `cross_entropies` output."""
+  """ΔCE % (with its standard error over contexts) and CE recovered of one replacement."""
   clean, zero, spliced = ces["clean"], ces["zero_ablation"], ces[name]
+  per = ces["per_context"]
   return {"ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero,
           "delta_ce_pct": (spliced - clean) / clean * 100.0,
+          "delta_ce_pct_se": _se_pct(per[name] - per["clean"], clean),
           "ce_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan")}
 
 
-def positions_rule(context_len: int, skip_first_positions: int) -> str:
+def paired_difference(ces: dict, a: str, b: str) -> dict:
+  """ΔCE(a) − ΔCE(b) in percentage points and its paired standard error over contexts."""
+  per = ces["per_context"]
+  return {"delta_ce_pp": (ces[a] - ces[b]) / ces["clean"] * 100.0,
+          "delta_ce_pp_se": _se_pct(per[a] - per[b], ces["clean"])}
+
+
+def positions_rule(context_len: int, skip_first_positions: int, include_first_position: bool = False) -> str:
   s = skip_first_positions if context_len > 1 else 0
+  start = score_start(context_len, skip_first_positions, include_first_position)
   return (f"spliced at positions {s}..{context_len - 1}; CE over next-token predictions from positions "
-          f"{s}..{context_len - 2}")
+          f"{start}..{context_len - 2}")
 
 
 def block_for(layers: list, layer: Optional[int]) -> torch.nn.Module:

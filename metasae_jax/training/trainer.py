@@ -34,8 +34,10 @@ class RunConfig:
   """Run directory: joint/, solo/, joint/meta/, metrics.jsonl, checkpoints/."""
   num_tokens: int = 0
   """Training tokens (after skipping); 0 means one pass over the store's usable tokens."""
-  skip_first_positions: int = 1
-  """Positions skipped at the start of every context (attention sinks; docs/method.md §3.2)."""
+  skip_first_positions: int = 0
+  """Positions skipped at the start of every context; 0 trains on every position as the paper's code does
+  (docs/method.md §3.2: skipping the sink leaves sink-like tokens later in a context unreconstructed). A resumed
+  run keeps the value recorded in its run_config.json."""
   checkpoint_every_steps: int = 1000
   """Save an Orbax checkpoint every this many steps (and at the end)."""
   log_every_steps: int = 50
@@ -51,6 +53,16 @@ def _identity(config: TrainConfig, run: RunConfig, store) -> dict:
           "data": {"activations": os.path.abspath(run.activations), "store_tokens": store.num_tokens,
                    "d_model": store.d_model, "num_tokens": run.num_tokens,
                    "skip_first_positions": run.skip_first_positions}}
+
+
+def recorded_skip_first_positions(out_dir: str) -> Optional[int]:
+  """The skip rule an existing run in out_dir was started with (runs from before the default became 0 keep 1)."""
+  try:
+    with open(os.path.join(out_dir, RUN_CONFIG)) as f:
+      value = json.load(f).get("data", {}).get("skip_first_positions")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return int(value) if isinstance(value, int) else None
 
 
 def _claim_out_dir(out_dir: str, identity: dict, writer: bool) -> None:

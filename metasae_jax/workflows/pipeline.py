@@ -16,7 +16,7 @@ from metasae_jax.core.errors import UserError
 from metasae_jax.storage import atomic, store
 from metasae_jax.evaluation.evaluate import EvalConfig, evaluate_run
 from metasae_jax.training import curves
-from metasae_jax.training.trainer import RunConfig, train_and_save
+from metasae_jax.training.trainer import RunConfig, recorded_skip_first_positions, train_and_save
 from metasae_jax.workflows import sweep
 
 
@@ -100,7 +100,9 @@ def split_stage(full: store.Store, data_dir: str, heldout_shards: int) -> tuple[
 
 
 def _run_config(preset: Preset, train_dir: str, run_dir: str) -> RunConfig:
-  return RunConfig(activations=train_dir, out_dir=run_dir, num_tokens=preset.num_tokens,
+  # A run started before training defaulted to every position resumes with its recorded rule.
+  skip = recorded_skip_first_positions(run_dir) or 0
+  return RunConfig(activations=train_dir, out_dir=run_dir, num_tokens=preset.num_tokens, skip_first_positions=skip,
                    checkpoint_every_steps=preset.checkpoint_every_steps, log_every_steps=preset.log_every_steps)
 
 
