@@ -136,10 +136,10 @@ def test_report_fvu_positions_and_phi_means(tmp_path):
   x = np.asarray(s.shards[0].acts_TxD, np.float32)
   from metasae_jax.storage import loaded_sae
   for name in ("joint", "solo"):
-    sae = loaded_sae.load(os.path.join(run, name), D)
-    recon = np.concatenate([np.asarray(loaded_sae.forward(sae, x[a:a + 32], "batchtopk").recon_BxD)
+    sae = loaded_sae.load_sae(os.path.join(run, name), D)
+    recon = np.concatenate([np.asarray(sae.forward(x[a:a + 32], "batchtopk").recon_BxD)
                             for a in range(0, len(x), 32)])
-    acts = np.concatenate([np.asarray(loaded_sae.forward(sae, x[a:a + 32], "batchtopk").acts_BxN)
+    acts = np.concatenate([np.asarray(sae.forward(x[a:a + 32], "batchtopk").acts_BxN)
                            for a in range(0, len(x), 32)])
     fvu, fvu_excl = _brute_metrics(x.astype(np.float64), recon.astype(np.float64), L)
     r = report[name]
@@ -186,8 +186,8 @@ def test_ce_firing_batchtopk_splices_over_each_hooked_batch(tmp_path, monkeypatc
       progress=False))
   assert report["delta_ce"]["firing"] == "batchtopk" and report["delta_ce"]["num_predictions"] == 4 * (L - 1)
   # The same splice by hand: BatchTopK over the 2 x L residuals of each hooked batch.
-  saes = {n: loaded_sae.load(os.path.join(run, n), D) for n in ("joint", "solo")}
-  fns = {n: (lambda x, s=s: np.asarray(loaded_sae.forward(s, x, "batchtopk").recon_BxD)) for n, s in saes.items()}
+  saes = {n: loaded_sae.load_sae(os.path.join(run, n), D) for n in ("joint", "solo")}
+  fns = {n: (lambda x, s=s: np.asarray(s.forward(x, "batchtopk").recon_BxD)) for n, s in saes.items()}
   seen = []
   fns["probe"] = lambda x: seen.append(x.shape) or x
   ces = delta_ce.cross_entropies(lm, models.decoder_layers(lm)[0], "resid_pre", st, fns, 4, 2, 0, False, True)
@@ -196,7 +196,7 @@ def test_ce_firing_batchtopk_splices_over_each_hooked_batch(tmp_path, monkeypatc
     np.testing.assert_allclose(report[n]["ce_spliced"], ces[n], rtol=1e-6)
     np.testing.assert_allclose(report[n]["delta_ce_pct_se"], delta_ce.summarize(ces, n)["delta_ce_pct_se"], rtol=1e-6)
   # With the calibrated thresholds instead, the spliced CE differs (the flag changes the rule).
-  thr = {n: (lambda x, s=s: np.asarray(loaded_sae.forward(s, x, "threshold").recon_BxD))
-         for n, s in ((n, loaded_sae.load(os.path.join(run, n), D)) for n in ("joint", "solo"))}
+  thr = {n: (lambda x, s=s: np.asarray(s.forward(x, "threshold").recon_BxD))
+         for n, s in ((n, loaded_sae.load_sae(os.path.join(run, n), D)) for n in ("joint", "solo"))}
   ces_thr = delta_ce.cross_entropies(lm, models.decoder_layers(lm)[0], "resid_pre", st, thr, 4, 2, 0, False, True)
   assert any(abs(ces_thr[n] - ces[n]) > 1e-6 for n in ("joint", "solo"))

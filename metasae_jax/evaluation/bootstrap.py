@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from metasae_jax.core.errors import UserError
 from metasae_jax.evaluation.firings import Firings
-from metasae_jax.storage import heldout
+from metasae_jax.storage import positions
 from metasae_jax.storage.store import Store
 
 
@@ -63,14 +63,9 @@ class BlockLayout:
   @staticmethod
   def _last_used(store: Store, num_tokens: int, skip_first_positions: int) -> int:
     """Global index of the last token evaluated (the first num_tokens kept tokens, in store order)."""
-    left, last = num_tokens, 0
-    for shard, offset in zip(store.shards, store.shard_offsets[:-1]):
-      kept = heldout.kept_local_T(shard.num_tokens, store.context_len, skip_first_positions)
-      if left <= len(kept):
-        return int(offset + kept[left - 1]) if left > 0 else last
-      left -= len(kept)
-      last = int(offset + kept[-1]) if len(kept) else last
-    return last
+    if num_tokens <= 0:
+      return 0
+    return int(positions.KeptTokens(store, skip_first_positions).kept_to_global(np.array([num_tokens - 1]))[0])
 
   def context_of(self, index_B: np.ndarray) -> np.ndarray:
     index_B = np.asarray(index_B, np.int64)
