@@ -44,7 +44,7 @@ class BrowserConfig:
   num_latents: int = 200
   """Latents per SAE on the page (split candidates first, then scored, then most frequent + partners)."""
   num_tokens: int = 262144
-  """Tokens streamed through the SAEs, counted after skipping (DESIGN §3); 0 = the whole store."""
+  """Tokens streamed through the SAEs, counted after skipping (storage/positions.py); 0 = the whole store."""
   num_top: int = 10
   """Top-activating contexts per latent."""
   num_quantiles: int = 4
@@ -64,7 +64,7 @@ class BrowserConfig:
   """Firing rule: "threshold" (calibrated θ), "topk" (per token) or "batchtopk" (per batch); "" = θ when
   the artifact has it, else per-token top-k (the library default). The page records the rule used."""
   skip_first_positions: int = 1
-  """Leading positions of each context never encoded (attention sink, DESIGN §3)."""
+  """Leading positions of each context never encoded (attention sinks; storage/positions.py)."""
   tokenizer: str = ""
   """Tokenizer for the store's tokens; "" = the store manifest's source model."""
   seed: int = 0
