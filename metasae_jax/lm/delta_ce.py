@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from metasae_jax.core.errors import UserError
+from metasae_jax.storage import positions
 from metasae_jax.storage.store import Store
 
 SITES = ("resid_pre", "resid_post")
@@ -71,7 +72,7 @@ def cross_entropies(model: torch.nn.Module, block: torch.nn.Module, site: str, s
                     replacements: dict, num_contexts: int, batch_contexts: int = 8,
                     skip_first_positions: int = 1, progress: bool = True) -> dict:
   """Mean CE clean, under zero-ablation and under each named replacement (name -> ReplaceFn)."""
-  skip = skip_first_positions if store.context_len > 1 else 0
+  skip = positions.effective_skip(store.context_len, skip_first_positions)
   names = ["clean", "zero_ablation"] + list(replacements)
   sums = {name: 0.0 for name in names}
   count = 0
@@ -126,7 +127,7 @@ def summarize(ces: dict, name: str) -> dict:
 
 
 def positions_rule(context_len: int, skip_first_positions: int) -> str:
-  s = skip_first_positions if context_len > 1 else 0
+  s = positions.effective_skip(context_len, skip_first_positions)
   return (f"spliced at positions {s}..{context_len - 1}; CE over next-token predictions from positions "
           f"{s}..{context_len - 2}")
 
