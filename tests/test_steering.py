@@ -96,3 +96,22 @@ def test_bad_latent_is_refused(setup):
   with pytest.raises(metasae_jax.UserError, match="out of range"):
     with steering.steer(model, s, LAYER, "resid_pre", [steering.Edit(999, "add", 1.0)]):
       pass
+
+
+@pytest.mark.parametrize("firing", ["topk", "batchtopk"])
+def test_clamp_encodes_under_the_requested_firing_rule(setup, firing):
+  model, s, ids = setup
+  x = _resid(model, ids)[:, 1:].reshape(-1, 32)
+  pre = np.asarray(s.forward(x, firing).pre_BxN, np.float64)
+  if firing == "topk":  # brute force: each row's 8 largest
+    keep = pre >= np.sort(pre, axis=1)[:, -8:][:, :1]
+  else:  # the 8 * B largest entries of the whole batch
+    keep = pre >= np.sort(pre.reshape(-1))[-8 * len(pre)]
+  acts = np.where(keep & (pre > 0), pre, 0.0)
+  latent = int(np.argmax((acts > 0).sum(0)))
+  edited = steering.edit_activations(s, x, [steering.Edit(latent, "ablate")], firing)
+  std = np.asarray(s.encode_with_stats(x, firing).std_Bx1)
+  np.testing.assert_allclose(x - edited, acts[:, latent:latent + 1] * s.W_dec[latent] * std, atol=1e-4)
+  with pytest.raises(metasae_jax.UserError, match="no calibrated thresholds"):
+    with steering.steer(model, s, LAYER, "resid_pre", [steering.Edit(latent, "ablate")], firing="threshold"):
+      pass

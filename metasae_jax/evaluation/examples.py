@@ -146,6 +146,8 @@ def window_ends_to_tokens(kept: KeptTokens, ends_E: np.ndarray, window: int) -> 
 def window_examples(store: Store, kept: KeptTokens, enc: StreamEncoder, pools: Pools,
                     cols: np.ndarray, ends: list, window: int, chunk: int = 1024) -> list:
   """For each latent column j and its window ends, the Examples with that latent's per-token activations."""
+  if pools.rule and pools.rule != enc.rule:
+    raise ValueError(f"pools were streamed with firing {pools.rule!r}, windows asked for {enc.rule!r}")
   flat_ends = np.concatenate([np.asarray(e, np.int64) for e in ends]) if ends else np.zeros(0, np.int64)
   windows = window_ends_to_tokens(kept, flat_ends, window)
   if not windows:

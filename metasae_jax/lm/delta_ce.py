@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from metasae_jax.core.errors import UserError
+from metasae_jax.storage import positions
 from metasae_jax.storage.store import Store
 
 SITES = ("resid_pre", "resid_post")
@@ -63,7 +64,7 @@ def register_residual_edit(block: torch.nn.Module, site: str, edit: Callable[[to
 
 def score_start(context_len: int, skip_first_positions: int, include_first_position: bool) -> int:
   """First position whose next-token prediction is scored."""
-  start = 0 if include_first_position else max(skip_first_positions if context_len > 1 else 0, 1)
+  start = 0 if include_first_position else max(positions.effective_skip(context_len, skip_first_positions), 1)
   return min(start, context_len - 2)
 
 
@@ -84,7 +85,7 @@ def cross_entropies(model: torch.nn.Module, block: torch.nn.Module, site: str, s
 
   Also `per_context`: name -> mean NLL of each context [C], for standard errors.
   """
-  skip = skip_first_positions if store.context_len > 1 else 0
+  skip = positions.effective_skip(store.context_len, skip_first_positions)
   start = score_start(store.context_len, skip_first_positions, include_first_position)
   names = ["clean", "zero_ablation"] + list(replacements)
   per_context = {name: [] for name in names}
@@ -158,7 +159,7 @@ def paired_difference(ces: dict, a: str, b: str) -> dict:
 
 
 def positions_rule(context_len: int, skip_first_positions: int, include_first_position: bool = False) -> str:
-  s = skip_first_positions if context_len > 1 else 0
+  s = positions.effective_skip(context_len, skip_first_positions)
   start = score_start(context_len, skip_first_positions, include_first_position)
   return (f"spliced at positions {s}..{context_len - 1}; CE over next-token predictions from positions "
           f"{start}..{context_len - 2}")

@@ -60,7 +60,8 @@ def _forward(params, x_BxD, threshold_N, *, k, firing, input_norm) -> sae_lib.Fo
   return sae_lib.forward(params, x_BxD, k, input_norm=input_norm, **_rule(firing, threshold_N))
 
 
-@dataclasses.dataclass(frozen=True)
+# eq=False: identity comparison (field-wise == of numpy weights is ambiguous).
+@dataclasses.dataclass(frozen=True, eq=False)
 class LoadedSAE:
   """An SAE artifact: weights (float32 numpy), cfg.json, optional calibrated θ, and where they came from."""
   path: str

@@ -1,6 +1,8 @@
-"""The `metasae-activations/1` on-disk activation store: manifest, validation, writing.
+"""The `metasae-activations/1` on-disk activation store: manifest, validation, writing, row gathers.
 
-Legend: T = tokens in a shard, D = d_model.
+Legend: T = tokens in a shard, D = d_model, K = gathered rows.
+Token t of a shard belongs to context t // context_len of that shard, at position t % context_len:
+contexts never span shards. "Global" token indices run over all shards in manifest order.
 """
 
 import dataclasses
