@@ -115,7 +115,8 @@ def test_interval_covers_true_difference_with_nominal_width():
     pj = bootstrap.phi_blocks(_firings(fj), block_T, lay.num_blocks, 10**9)
     ps = bootstrap.phi_blocks(_firings(fs), block_T, lay.num_blocks, 10**9)
     w = bootstrap.block_weights(lay.num_blocks, cfg.replicates, seed=s)
-    point = (bootstrap.mean_abs_phi(pj, np.ones(lay.num_blocks))[0] / bootstrap.mean_abs_phi(ps, np.ones(lay.num_blocks))[0] - 1) * 100
+    ones = np.ones(lay.num_blocks)
+    point = (bootstrap.mean_abs_phi(pj, ones)[0] / bootstrap.mean_abs_phi(ps, ones)[0] - 1) * 100
     reps = (bootstrap.mean_abs_phi(pj, w) / bootstrap.mean_abs_phi(ps, w) - 1) * 100
     iv = bootstrap.interval(point, reps, cfg.level)
     covered += iv["low"] <= true_pct <= iv["high"]
@@ -140,9 +141,8 @@ def test_compare_reports_three_intervals():
   for name, noise in (("joint", 0.2), ("solo", 0.3)):
     recs[name] = bootstrap.ReconBlocks(lay, d)
     recs[name].add(np.arange(t), x, x + noise * rng.normal(size=(t, d)), x, x + noise * rng.normal(size=(t, d)))
-  out = bootstrap.compare(recs["joint"], recs["solo"], bootstrap.phi_blocks(_firings(fj), block_T, lay.num_blocks, 10**9),
-                          bootstrap.phi_blocks(_firings(fs), block_T, lay.num_blocks, 10**9),
-                          bootstrap.BootstrapConfig(replicates=100, num_blocks=10))
+  pb = [bootstrap.phi_blocks(_firings(f), block_T, lay.num_blocks, 10**9) for f in (fj, fs)]
+  out = bootstrap.compare(recs["joint"], recs["solo"], *pb, bootstrap.BootstrapConfig(replicates=100, num_blocks=10))
   for key in ("mean_abs_phi_pct", "mse_pct", "fvu_pct"):
     iv = out[key]
     assert iv["low"] < iv["estimate"] < iv["high"] and iv["se"] > 0, (key, iv)

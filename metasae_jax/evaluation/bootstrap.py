@@ -1,4 +1,4 @@
-"""Block bootstrap over whole contexts of the held-out set: 95 % intervals for joint-vs-solo Δ mean |φ| %, ΔMSE %, ΔFVU %.
+"""Block bootstrap over whole contexts of held-out tokens: intervals for joint-vs-solo Δ mean |φ| %, ΔMSE %, ΔFVU %.
 
 Legend: T = evaluation tokens, B = tokens in a batch, N = latents, D = d_model, G = blocks of contexts,
 P = latent pairs that co-occur on some token, R = bootstrap replicates.
@@ -55,8 +55,8 @@ class BlockLayout:
     # Contexts restart in every shard: context ids are numbered shard after shard.
     per_shard = [-(-s.num_tokens // self.context_len) for s in store.shards]
     self.context_offsets = np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64)
-    self.contexts_per_block = 1
-    used_contexts = int(self.context_of(np.array([self._last_used(store, num_tokens, skip_first_positions)]))[0]) + 1
+    last = self._last_used(store, num_tokens, skip_first_positions)
+    used_contexts = int(self.context_of(np.array([last]))[0]) + 1
     self.contexts_per_block = max(1, -(-used_contexts // num_blocks))
     self.num_blocks = -(-used_contexts // self.contexts_per_block)
 
