@@ -234,6 +234,8 @@ def test_tiny_study_end_to_end_resumes_and_refuses_other_config(tmp_path):
   assert p1["joint"] != p1["solo"]
   with open(out / "report.json") as f:
     assert json.load(f)["scenarios"]["hier"]["verdict"] == s["verdict"]
+  md = (out / "report.md").read_text()
+  assert "| hier | 1 |" in md and s["verdict"] in md and "## hier" in md
   # Rerun: nothing retrains (result files untouched), same report.
   res = out / "results" / "hier" / "lam1_seed0.json"
   mtime = os.stat(res).st_mtime_ns

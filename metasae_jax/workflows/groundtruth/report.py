@@ -138,6 +138,24 @@ def _fmt(iv: dict) -> str:
   return f"{iv['mean']:.3f} [{iv['lo']:.3f}, {iv['hi']:.3f}]"
 
 
+def summary_table(agg: dict) -> list:
+  """One row per scenario and λ₂ > 0: joint and solo means, paired Δ with its interval, the verdict."""
+  lines = ["| scenario | λ₂ | recovery joint / solo | Δ recovery [95 % CI] | purity joint / solo | "
+           "Δ purity [95 % CI] | Δ mean abs φ | Δ MSE | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+  for name, a in agg.items():
+    for p in a["points"]:
+      if p["lambda2"] == 0:
+        continue
+      j, s, d = p["joint"], p["solo"], p["delta"]
+      lines.append(
+          f"| {name} | {p['lambda2']:g} | {j['recovery']['mean']:.3f} / {s['recovery']['mean']:.3f} | "
+          f"{d['recovery']['mean']:+.3f} [{d['recovery']['lo']:+.3f}, {d['recovery']['hi']:+.3f}] | "
+          f"{j['purity']['mean']:.3f} / {s['purity']['mean']:.3f} | "
+          f"{d['purity']['mean']:+.3f} [{d['purity']['lo']:+.3f}, {d['purity']['hi']:+.3f}] | "
+          f"{d['mean_abs_phi']['mean']:+.4f} | {d['mse']['mean']:+.4f} | {a['verdict']} |")
+  return lines
+
+
 def markdown(config, agg: dict) -> str:
   """report.md: the setup, per scenario its generator, a table over λ₂ and the verdict."""
   lines = ["# Ground-truth atomicity study", "",
@@ -147,6 +165,7 @@ def markdown(config, agg: dict) -> str:
            f"scores on {config.heldout_tokens} held-out tokens. Definitions: docs/groundtruth.md.", "",
            f"Test: {ASSUMPTIONS}", "",
            "Cells: mean [95 % t-interval over seeds]; Δ = joint − solo paired by seed.", ""]
+  lines += summary_table(agg) + [""]
   scen = dict(config.scenarios)
   for name, a in agg.items():
     lines += [f"## {name}: {a['verdict']}", "", f"Generator `{scen[name].kind}`: "
