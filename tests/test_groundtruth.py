@@ -108,7 +108,8 @@ def test_exact_dictionary_scores_perfect():
   tr, truth, on = _hier()
   s = scores.score(tr.features_FxD, on, truth, on, tr.pairs, tr.parent_of)
   assert s["recovery"] == 1.0 and s["atoms_recovered"] == truth.shape[0]
-  assert s["purity"] == 1.0 and s["pure_fraction"] == 1.0 and s["clean_fraction"] == 1.0
+  assert s["purity"] == 1.0 and s["purity_weighted"] == 1.0
+  assert s["pure_fraction"] == 1.0 and s["clean_fraction"] == 1.0
   assert s["composite_latents"] == 0 and s["absorbing_latents"] == 0 and s["split_features"] == 0
   assert s["dead_fraction"] == 0.0
   np.testing.assert_allclose(s["mean_max_cos"], 1.0, atol=1e-9)
@@ -162,6 +163,7 @@ def test_split_and_purity_by_hand():
   s = scores.score(np.tile(truth, (3, 1)), fired, truth, on)
   assert s["split_features"] == 1 and s["clean_features"] == 0
   assert s["purity"] == pytest.approx((1 + 1 + 1 / 3) / 3)
+  assert s["purity_weighted"] == pytest.approx((20 + 20 + 10) / (20 + 20 + 30))
   assert s["latents_per_feature"] == 2  # latent 2 is owned by nobody (< half its firings on the feature)
 
 
@@ -219,7 +221,7 @@ def test_tiny_study_end_to_end_resumes_and_refuses_other_config(tmp_path):
   cfg = _tiny(tmp_path / "gt")
   rep = study.run_study(cfg, progress=False)
   out = tmp_path / "gt"
-  for f in ("report.json", "report.md", "plots/hier.png", "data/hier/train/manifest.json",
+  for f in ("report.json", "report.md", "plots/hier.png", "results/hier/lam1_seed0.npz", "data/hier/train/manifest.json",
             "data/hier/train/true_features.npy", "data/hier/train/generator.json", "data/hier/heldout/true_codes.npy"):
     assert (out / f).exists(), f
   s = rep["scenarios"]["hier"]

@@ -22,8 +22,8 @@ PLOTS = "plots"
 # Metrics a verdict is based on (higher is better for both).
 VERDICT_METRICS = ("recovery", "purity")
 # Every numeric score aggregated; True where higher is better.
-METRICS = {"recovery": True, "mean_max_cos": True, "purity": True, "pure_fraction": True,
-           "clean_fraction": True, "split_fraction": False, "composite_latents": False,
+METRICS = {"recovery": True, "mean_max_cos": True, "purity": True, "purity_weighted": True,
+           "pure_fraction": True, "clean_fraction": True, "split_fraction": False, "composite_latents": False,
            "structured_composites": False, "absorbing_latents": False, "latents_per_feature": None,
            "mean_abs_phi": None, "mse": False, "l0": None, "dead_fraction": False}
 ASSUMPTIONS = ("paired two-sided t-test on per-seed differences joint − solo (each joint SAE against the solo "
@@ -141,7 +141,8 @@ def _fmt(iv: dict) -> str:
 def summary_table(agg: dict) -> list:
   """One row per scenario and λ₂ > 0: joint and solo means, paired Δ with its interval, the verdict."""
   lines = ["| scenario | λ₂ | recovery joint / solo | Δ recovery [95 % CI] | purity joint / solo | "
-           "Δ purity [95 % CI] | Δ mean abs φ | Δ MSE | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+           "Δ purity [95 % CI] | Δ weighted purity [95 % CI] | Δ mean abs φ | Δ MSE | Δ dead | verdict |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for name, a in agg.items():
     for p in a["points"]:
       if p["lambda2"] == 0:
@@ -152,7 +153,10 @@ def summary_table(agg: dict) -> list:
           f"{d['recovery']['mean']:+.3f} [{d['recovery']['lo']:+.3f}, {d['recovery']['hi']:+.3f}] | "
           f"{j['purity']['mean']:.3f} / {s['purity']['mean']:.3f} | "
           f"{d['purity']['mean']:+.3f} [{d['purity']['lo']:+.3f}, {d['purity']['hi']:+.3f}] | "
-          f"{d['mean_abs_phi']['mean']:+.4f} | {d['mse']['mean']:+.4f} | {a['verdict']} |")
+          f"{d['purity_weighted']['mean']:+.3f} [{d['purity_weighted']['lo']:+.3f}, "
+          f"{d['purity_weighted']['hi']:+.3f}] | {d['mean_abs_phi']['mean']:+.4f} | {d['mse']['mean']:+.4f} | "
+          f"{d['dead_fraction']['mean']:+.3f} | "
+          f"{a['verdict']} |")
   return lines
 
 

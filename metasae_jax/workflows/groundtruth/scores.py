@@ -143,6 +143,8 @@ def score(w_dec_NxD: np.ndarray, fired_TxN: np.ndarray, truth_FxD: np.ndarray, o
       "absorbing_latents": absorbing,
       "purity": float(np.nanmean(purity_N)) if live_N.any() else 0.0,
       "pure_fraction": float(np.mean(purity_N[live_N] >= PURE)) if live_N.any() else 0.0,
+      # Every firing counts once, so latents that die (or barely fire) cannot move it.
+      "purity_weighted": float(both_NxF.max(1).sum() / fires_N.sum()) if fires_N.sum() else 0.0,
       "split_features": split,
       "split_fraction": split / observed,
       "clean_features": clean,

@@ -8,12 +8,14 @@ Layout of `out_dir`:
                                       generator.json
   data/<scenario>/heldout/            held-out store + true_codes.npy (which true features are on per token)
   results/<scenario>/lam<λ₂>_seed<s>.json   scores of the joint SAE and its lockstep solo SAE
+  results/<scenario>/lam<λ₂>_seed<s>.npz    their parameters (joint_W_dec, solo_W_dec, ...) for rescoring
   report.json, report.md, plots/<scenario>.png
 Finished points are kept, so an interrupted study resumes where it stopped.
 """
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -236,17 +238,23 @@ def fire(params: dict, x_TxD: np.ndarray, k: int, batch_size: int) -> tuple:
 
 
 def run_point(config: StudyConfig, name: str, x_train, x_held, on_held, truth_std, generator, lambda2, seed,
-              on_chunk=lambda n: None) -> dict:
-  """Trains one (scenario, λ₂, seed) point and scores its joint and solo SAEs."""
+              on_chunk=lambda n: None, params_path: Optional[str] = None) -> dict:
+  """Trains one (scenario, λ₂, seed) point and scores its joint and solo SAEs (saving their params)."""
   tc = config.train_config(lambda2, seed, x_train.shape[1])
   state = train_pair(tc, x_train, config.steps, on_chunk)
   result = {"scenario": name, "lambda2": float(lambda2), "seed": int(seed)}
   pairs = [tuple(p) for p in generator["pairs"]]
   parent_of = {int(c): p for c, p in generator["parent_of"].items()}
+  saved = {}
   for which, s in (("joint", state.joint), ("solo", state.solo)):
     params = jax.device_get(s.params)
+    saved.update({f"{which}_{key}": np.asarray(v) for key, v in params.items()})
     fired, mse, usable = fire(params, x_held, tc.k, tc.batch_size)
     result[which] = scores.score(params["W_dec"], fired, truth_std, on_held[:usable], pairs, parent_of, mse)
+  if params_path:
+    buf = io.BytesIO()
+    np.savez(buf, **saved)
+    atomic.write_bytes(params_path, buf.getvalue())
   return result
 
 
@@ -273,8 +281,9 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
             results.append(json.load(f))
           bar.update(config.steps)
           continue
-        result = run_point(config, name, x_train, x_held, on_held, truth_std, generator, lam, seed, bar.update)
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        result = run_point(config, name, x_train, x_held, on_held, truth_std, generator, lam, seed, bar.update,
+                           params_path=path[:-len(".json")] + ".npz")
         atomic.write_json(path, result)
         results.append(result)
   bar.close()
