@@ -221,8 +221,8 @@ def test_tiny_study_end_to_end_resumes_and_refuses_other_config(tmp_path):
   cfg = _tiny(tmp_path / "gt")
   rep = study.run_study(cfg, progress=False)
   out = tmp_path / "gt"
-  for f in ("report.json", "report.md", "plots/hier.png", "results/hier/lam1_seed0.npz", "data/hier/train/manifest.json",
-            "data/hier/train/true_features.npy", "data/hier/train/generator.json", "data/hier/heldout/true_codes.npy"):
+  for f in ("report.json", "report.md", "plots/hier.png", "results/hier/lam1_seed0.npz",
+            "data/hier/train/manifest.json", "data/hier/train/true_features.npy", "data/hier/train/generator.json", "data/hier/heldout/true_codes.npy"):
     assert (out / f).exists(), f
   s = rep["scenarios"]["hier"]
   assert s["control_max_abs_delta"] == 0.0  # λ₂ = 0: joint and solo are the same training
@@ -255,3 +255,15 @@ def test_binary_refuses_mixed_directory_in_one_line(tmp_path):
                      text=True, timeout=120)
   assert r.returncode == 1
   assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "different config" in r.stderr
+
+
+def test_penalty_grad_and_auxk_detach_pass_through(tmp_path):
+  cfg = _tiny(tmp_path / "a", penalty_grad="through")
+  tc = cfg.train_config(0.3, 2, 12)
+  assert tc.penalty_grad == "through" and tc.lambda2 == 0.3 and tc.seed == 2 and tc.baseline
+  has_field = "auxk_detach" in {f.name for f in study.dataclasses.fields(study.TrainConfig)}
+  if has_field:
+    assert _tiny(tmp_path / "b", auxk_detach=True).train_config(0.3, 0, 12).auxk_detach is True
+  else:
+    with pytest.raises(UserError, match="auxk_detach"):
+      _tiny(tmp_path / "b", auxk_detach=True)

@@ -72,7 +72,8 @@ class ScenarioConfig:
     if self.num_true_features < 1:
       raise UserError(f"invalid ground-truth scenario {self.kind}: it has no features.")
     if self.kind == "blended" and (self.group_size + 1) > self.d_model:
-      raise UserError(f"blended needs d_model > group_size so each group can be orthogonal.")
+      raise UserError(f"invalid ground-truth scenario: blended needs d_model > group_size (got {self.d_model}, "
+                      f"{self.group_size}) so each group can be orthonormal.")
 
   @property
   def num_true_features(self) -> int:
