@@ -54,20 +54,20 @@ def make_store(path: str, model_name: str, num_contexts: int = 32, seed: int = 0
                                shard_tokens=CTX * 10)
 
 
-def make_run(run_dir: str, threshold_solo: bool = False, seed: int = 0) -> None:
+def make_run(run_dir: str, threshold_solo: bool = False, seed: int = 0, width: int = N) -> None:
   """joint/ and solo/ artifacts; solo is a small perturbation of joint so matching is near identity."""
   rng = np.random.default_rng(seed)
-  w_enc = rng.normal(size=(D, N)).astype(np.float32)
+  w_enc = rng.normal(size=(D, width)).astype(np.float32)
   w_dec = (w_enc.T / np.linalg.norm(w_enc.T, axis=1, keepdims=True)).astype(np.float32)
   cfg = {"k": K, "activation": "batchtopk", "input_norm": "standardize_per_token",
          "source": {"model": "x", "layer": 1, "site": "resid_pre"}}
-  zeros_n, zeros_d = np.zeros(N, np.float32), np.zeros(D, np.float32)
+  zeros_n, zeros_d = np.zeros(width, np.float32), np.zeros(D, np.float32)
   artifact.save_sae(os.path.join(run_dir, "joint"),
                     {"W_enc": w_enc, "b_enc": zeros_n, "W_dec": w_dec, "b_dec": zeros_d}, cfg)
-  perm = rng.permutation(N)
+  perm = rng.permutation(width)
   w_enc2 = (w_enc + 0.05 * rng.normal(size=w_enc.shape)).astype(np.float32)[:, perm]
   w_dec2 = (w_enc2.T / np.linalg.norm(w_enc2.T, axis=1, keepdims=True)).astype(np.float32)
-  thr = np.full(N, 1.0, np.float32) if threshold_solo else None
+  thr = np.full(width, 1.0, np.float32) if threshold_solo else None
   artifact.save_sae(os.path.join(run_dir, "solo"),
                     {"W_enc": w_enc2, "b_enc": zeros_n, "W_dec": w_dec2, "b_dec": zeros_d}, cfg,
                     threshold_N=thr)
@@ -97,6 +97,8 @@ class FakeLLM:
     outer = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
+      protocol_version = "HTTP/1.1"  # keep-alive, like vLLM: no TCP connect per request
+      disable_nagle_algorithm = True  # headers and body go out at once (no delayed-ACK stall)
 
       def log_message(self, *args):
         pass

@@ -55,6 +55,9 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
                 "a small local model writes near-random explanations and scores near chance. Point "
                 "--llm_base_url/--llm_model at a strong model (docs/autointerp.md).",
                 getattr(backend, "model_name", cfg.llm_spec))
+    if cfg.concurrency > 1:  # one in-process model answers one prompt at a time anyway
+      log.warning("--concurrency %d ignored for the in-process model", cfg.concurrency)
+      cfg = dataclasses.replace(cfg, concurrency=1)
   out_dir = os.path.join(cfg.run_dir, "autointerp")
   encoders = [SaeEncoder(os.path.join(cfg.run_dir, name)) for name in SAES]
   store = open_store(cfg.activations, require_tokens=True)
