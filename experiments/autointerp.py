@@ -14,7 +14,7 @@ import json
 from absl import flags
 
 from experiments import cli
-from metasae_jax.autointerp.config import AutointerpConfig
+from metasae_jax.autointerp.config import SCORERS, AutointerpConfig
 from metasae_jax.autointerp.pipeline import run_autointerp
 from metasae_jax.autointerp.report import METRICS
 
@@ -50,7 +50,7 @@ _NUM_NEGATIVE = flags.DEFINE_integer("num_negative", _D.num_negative,
                                      "Non-activating contexts per latent and scorer; 0 = 50 (HTTP) or 5.")
 _PER_SCORER = {f"{s}_{kind}": flags.DEFINE_integer(f"{s}_{kind}", 0, f"{s} scorer: {kind} contexts; 0 = "
                                                    f"--{'num_score' if kind == 'activating' else 'num_negative'}.")
-               for s in ("strength", "fuzz", "detection") for kind in ("activating", "negative")}
+               for s in SCORERS for kind in ("activating", "negative")}
 _EXPLAIN_TOKENS = flags.DEFINE_integer("explain_max_tokens", _D.explain_max_tokens,
                                        "Generated tokens per explanation.")
 _TIMEOUT = flags.DEFINE_float("timeout_s", _D.timeout_s, "HTTP backend: seconds per request attempt.")

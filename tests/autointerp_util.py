@@ -79,8 +79,10 @@ class FakeLLM:
 
   Modes: "ok" (fixed answers), "hash" (answers derived from a hash of the prompt, so
   scores vary but repeat exactly), "slow", "malformed", "text_only", "echo". `delay_s`
-  sleeps in every request; `fail_every` answers HTTP 500 to every n-th request (the
-  client retries); `on_request(n)` is called with the running request count. The
+  sleeps in every request; `fail_every` answers HTTP 500 to the first attempt of every
+  n-th call (first attempts are counted apart from the client's retries, which it marks
+  with x-stainless-retry-count, so one retry always gets through); `fail_all` answers
+  500 to everything; `on_request(n)` is called with the running request count. The
   server counts requests and the most it ever had in flight at once.
   """
 
@@ -88,6 +90,8 @@ class FakeLLM:
     self.mode = "ok"
     self.delay_s = 0.0
     self.fail_every = 0
+    self.fail_all = False
+    self.first_attempts = 0
     self.on_request = None
     self.requests = []
     self.failed = 0
@@ -111,7 +115,10 @@ class FakeLLM:
           n = len(outer.requests)
           outer.in_flight += 1
           outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
-          fail = outer.fail_every > 0 and n % outer.fail_every == 0
+          first = int(self.headers.get("x-stainless-retry-count") or 0) == 0
+          outer.first_attempts += int(first)
+          fail = outer.fail_all or (first and outer.fail_every > 0
+                                    and outer.first_attempts % outer.fail_every == 0)
           outer.failed += int(fail)
         try:
           if outer.on_request is not None:

@@ -24,15 +24,22 @@ def main():
   model_dir = util.make_model_dir(f"{root}/model")
   util.make_store(f"{root}/store", model_dir, num_contexts=256)
   server = util.FakeLLM()
-  server.mode, server.delay_s = "hash", args.delay_s
+  server.mode = "hash"
   results = {}
+
+  def config(run, c):
+    util.make_run(run, width=128)
+    return AutointerpConfig(run_dir=run, activations=f"{root}/store", num_tokens=0, num_latents=64,
+                            batch_size=256, window=16, max_examples=8, num_score=5, num_negative=5,
+                            llm_base_url=server.base_url, llm_model="tiny", concurrency=c, progress=False)
+
   try:
+    # Warm-up without delay, so both timed runs find JAX's compiled encoder and the imports ready.
+    server.delay_s = 0.0
+    run_autointerp(config(f"{root}/warmup", 16))
+    server.delay_s = args.delay_s
     for c in args.concurrency:
-      run = f"{root}/run{c}"
-      util.make_run(run, width=128)
-      cfg = AutointerpConfig(run_dir=run, activations=f"{root}/store", num_tokens=0, num_latents=64,
-                             batch_size=256, window=16, max_examples=8, num_score=5, num_negative=5,
-                             llm_base_url=server.base_url, llm_model="tiny", concurrency=c, progress=False)
+      cfg = config(f"{root}/run{c}", c)
       server.requests.clear()
       server.max_in_flight = 0
       t0 = time.time()

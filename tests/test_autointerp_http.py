@@ -68,16 +68,17 @@ def test_timeout_retries_then_fails(server):
 
 
 def test_server_errors_are_retried_by_the_client(server):
-  server.fail_every = 2  # requests 2, 4, 6, ... answer HTTP 500
+  server.fail_every = 2  # the first attempts of calls 2, 4, ... answer HTTP 500
   b = _backend(server, retries=2)
-  outs = [b.complete(MSG, 3) for _ in range(3)]
+  outs = [b.complete(MSG, 3) for _ in range(4)]
   assert all(o.text == "7" for o in outs)
-  # call 1: request 1; call 2: request 2 (500) + 3; call 3: request 4 (500) + 5.
-  assert len(server.requests) == 5 and server.failed == 2
-  assert b.stats == {"calls": 3, "retries": 2, "failures": 0}
-  server.fail_every = 1
+  # call 1: request 1; call 2: request 2 (500) + retry 3; call 3: 4; call 4: 5 (500) + retry 6.
+  assert len(server.requests) == 6 and server.failed == 2
+  assert b.stats == {"calls": 4, "retries": 2, "failures": 0}
+  server.fail_all = True
   with pytest.raises(BackendError, match="HTTP 500"):
     b.complete(MSG, 3)
+  assert len(server.requests) == 9 and b.stats["failures"] == 1  # one try + two retries
 
 
 def test_malformed_reply_is_a_backend_error(server):

@@ -6,6 +6,7 @@ Legend: P = pairs, C = tracked latents, E = examples.
 import dataclasses
 import logging
 import os
+import sys
 import time
 from typing import Optional
 
@@ -17,7 +18,7 @@ from metasae_jax.evaluation import examples as ex
 from metasae_jax.autointerp import prompts, report, runner, scorers, selection
 from metasae_jax.autointerp.backends import Backend, LocalBackend, make_backend
 from metasae_jax.autointerp.cache import CachedBackend
-from metasae_jax.autointerp.config import AutointerpConfig
+from metasae_jax.autointerp.config import SCORERS, AutointerpConfig
 from metasae_jax.evaluation.encoder import SaeEncoder
 from metasae_jax.storage.layout import TokenLayout
 from metasae_jax.lm.tokens import Detokenizer
@@ -109,8 +110,9 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
             for lat in jobs]
     replies = runner.run_requests(llm, reqs, cfg.concurrency, bar)
     explanations = [_explanation(lat, r) for lat, r in zip(jobs, replies)]
-    plans = [_score_plan(cfg, lat, expl, detok, rng) if expl is not None else None
-             for lat, expl in zip(jobs, explanations)]
+    # One generator per latent: its random marks do not depend on which other latents got scored.
+    plans = [_score_plan(cfg, lat, expl, detok, np.random.default_rng([cfg.seed, 1, k]))
+             if expl is not None else None for k, (lat, expl) in enumerate(zip(jobs, explanations))]
     skipped = sum(k for k, p in zip(per_latent, plans) if p is None)
     if skipped:
       bar.total -= skipped
@@ -148,11 +150,14 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
   report.write_report(out_dir, scores)
   summary = (f"autointerp: {len(chosen)} pairs in {time.time() - t0:.1f} s; LLM: {llm.requests} requests "
              f"sent, {llm.hits} answered from the cache, {stats['llm_retries']} retries, "
-             f"{stats['llm_failed_requests']} failed after retries, {stats['unscored_latents']} latents "
-             "unscored")
-  (log.warning if stats["llm_failed_requests"] else log.info)("%s", summary)
-  if cfg.progress:
-    print(summary, flush=True)
+             f"{stats['llm_failed_requests']} failed after retries, {stats['llm_malformed_answers']} "
+             f"malformed answers, {stats['unscored_latents']} latents unscored")
+  if stats["llm_failed_requests"]:
+    log.warning("%s", summary)
+  elif cfg.progress:
+    print(summary, file=sys.stderr, flush=True)  # stderr: the binary's stdout is JSON
+  else:
+    log.info("%s", summary)
   return scores
 
 
@@ -284,7 +289,7 @@ def _score(lat: LatentExamples, explanation: str, answers: list) -> dict:
   """The three scores of one latent; a scorer with a request that failed after retries stays None."""
   failed = int(explanation == NO_EXPLANATION)
   failed_requests = 0
-  by = {s: ([], []) for s in ("strength", "fuzz", "detection")}
+  by = {s: ([], []) for s in SCORERS}
   for scorer, reply, label in answers:
     read = scorers.read_strength if scorer == "strength" else scorers.read_yes
     if reply is None:
@@ -298,7 +303,7 @@ def _score(lat: LatentExamples, explanation: str, answers: list) -> dict:
     by[scorer][0].append(value)
     by[scorer][1].append(label)
   out = {**_base(lat, explanation), "scored": True, "fuzz_spearman_defined": False}
-  for scorer, metric in zip(("strength", "fuzz", "detection"), report.METRICS):
+  for scorer, metric in zip(SCORERS, report.METRICS):
     values, labels = by[scorer]
     if any(v is FAILED for v in values):
       out[metric] = None
@@ -318,6 +323,7 @@ def _llm_stats(llm: CachedBackend, scored: list) -> dict:
   stats = getattr(llm.inner, "stats", None) or {}
   return {"llm_retries": int(stats.get("retries", 0)),
           "llm_failed_requests": sum(lat["failed_requests"] for lat in scored),
+          "llm_malformed_answers": sum(lat["failed_answers"] for lat in scored),
           "unscored_latents": sum(1 for lat in scored if not lat["scored"])}
 
 
