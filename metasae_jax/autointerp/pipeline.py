@@ -120,8 +120,7 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
     flat = [req for plan in plans if plan is not None for _, req, _ in plan]
     answers = iter(runner.run_requests(llm, flat, cfg.concurrency, bar))
     scored = [_score(lat, expl, [(sc, next(answers), label) for sc, _, label in plan])
-              if plan is not None else _unscored(lat, reply)
-              for lat, expl, plan, reply in zip(jobs, explanations, plans, replies)]
+              if plan is not None else _unscored(lat) for lat, expl, plan in zip(jobs, explanations, plans)]
 
   cos = _pair_cosines(encoders, cands_Cx2[chosen])
   results = {name: [] for name in SAES}
@@ -278,9 +277,8 @@ def _base(lat: LatentExamples, explanation) -> dict:
           "num_held_out": len(lat.held_out), "num_negative": len(lat.negatives)}
 
 
-def _unscored(lat: LatentExamples, reply) -> dict:
+def _unscored(lat: LatentExamples) -> dict:
   """A latent whose explanation request failed: no score at all (never a zero)."""
-  del reply
   return {**_base(lat, None), "scored": False, **{m: None for m in report.METRICS},
           "fuzz_spearman_defined": False, "failed_answers": 0, "failed_requests": 1}
 
