@@ -1,10 +1,12 @@
-"""Explains and scores matched joint/solo latents of a training run with an LLM (two fuzzing scorers).
+"""Explains and scores matched joint/solo latents of a training run with an LLM (two fuzzing scorers + detection).
 
   python -m experiments.autointerp --run_dir RUN --activations STORE --num_latents 16 \
-      [--llm local:smollm2-135m-gguf | --llm openai:http://127.0.0.1:8000/v1#MODEL]
+      [--llm local:smollm2-135m-gguf | --llm_base_url http://127.0.0.1:8000/v1 --llm_model MODEL \
+       --concurrency 16 [--llm_api_key_env OPENAI_API_KEY]]
 
-Writes RUN/autointerp/scores.json and explanations.md; answers are cached in
-RUN/autointerp/cache/, so rerunning the same command issues no LLM requests.
+Writes RUN/autointerp/{scores.json, report.md, paired_differences.png, explanations.md};
+answers are cached in RUN/autointerp/cache/ as they arrive, so rerunning the same
+command (also after an interruption) sends no request twice. See docs/autointerp.md.
 """
 
 import json
@@ -12,9 +14,10 @@ import json
 from absl import flags
 
 from experiments import cli
-from metasae_jax.autointerp.config import AutointerpConfig
+from metasae_jax.autointerp.config import SCORERS, AutointerpConfig
 from metasae_jax.autointerp.pipeline import run_autointerp
 from metasae_jax.storage.artifact import SAE_NAMES
+from metasae_jax.autointerp.report import METRICS
 
 _D = AutointerpConfig(run_dir="", activations="")
 
@@ -25,7 +28,14 @@ _NUM_TOKENS = flags.DEFINE_integer("num_tokens", _D.num_tokens,
                                    "Tokens streamed through the SAEs, after skipping; 0 = all.")
 _NUM_LATENTS = flags.DEFINE_integer("num_latents", _D.num_latents, "Matched joint/solo pairs to score.")
 _LLM = flags.DEFINE_string("llm", _D.llm, "local:<hf id | dir | smollm2-135m-gguf> or "
-                           "openai:<base_url>#<model> (key from OPENAI_API_KEY).")
+                           "openai:<base_url>#<model>; --llm_base_url overrides it.")
+_BASE_URL = flags.DEFINE_string("llm_base_url", _D.llm_base_url,
+                                "OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM).")
+_MODEL = flags.DEFINE_string("llm_model", _D.llm_model, "Model name served at --llm_base_url.")
+_KEY_ENV = flags.DEFINE_string("llm_api_key_env", _D.llm_api_key_env,
+                               "Name of the environment variable holding the API key (never the key).")
+_CONCURRENCY = flags.DEFINE_integer("concurrency", _D.concurrency,
+                                    "LLM requests in flight; 0 = 8 for HTTP, 1 for the local model.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", _D.tokenizer,
                                  "Tokenizer for the store's tokens; default: the store's source model.")
 _SEED = flags.DEFINE_integer("seed", _D.seed, "Seed for pair choice, example sampling, random marks.")
@@ -34,15 +44,18 @@ _SKIP = flags.DEFINE_integer("skip_first_positions", _D.skip_first_positions,
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", _D.batch_size, "Tokens per encoding batch.")
 _WINDOW = flags.DEFINE_integer("window", _D.window, "Tokens per example context.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", _D.max_examples,
-                                     "Activating examples shown to the explainer per latent.")
+                                     "Explainer examples per latent; 0 = 40 (HTTP) or 8 (local).")
 _NUM_SCORE = flags.DEFINE_integer("num_score", _D.num_score,
-                                  "Held-out activating examples per latent and scorer.")
+                                  "Activating contexts per latent and scorer; 0 = 50 (HTTP) or 5 (local).")
 _NUM_NEGATIVE = flags.DEFINE_integer("num_negative", _D.num_negative,
-                                     "Non-activating contexts per latent and scorer.")
+                                     "Non-activating contexts per latent and scorer; 0 = 50 (HTTP) or 5.")
+_PER_SCORER = {f"{s}_{kind}": flags.DEFINE_integer(f"{s}_{kind}", 0, f"{s} scorer: {kind} contexts; 0 = "
+                                                   f"--{'num_score' if kind == 'activating' else 'num_negative'}.")
+               for s in SCORERS for kind in ("activating", "negative")}
 _EXPLAIN_TOKENS = flags.DEFINE_integer("explain_max_tokens", _D.explain_max_tokens,
                                        "Generated tokens per explanation.")
-_TIMEOUT = flags.DEFINE_float("timeout_s", _D.timeout_s, "HTTP backend: seconds per request.")
-_RETRIES = flags.DEFINE_integer("retries", _D.retries, "HTTP backend: retries with backoff.")
+_TIMEOUT = flags.DEFINE_float("timeout_s", _D.timeout_s, "HTTP backend: seconds per request attempt.")
+_RETRIES = flags.DEFINE_integer("retries", _D.retries, "HTTP backend: retries (client backoff).")
 flags.mark_flags_as_required(["run_dir", "activations"])
 
 
@@ -50,15 +63,17 @@ def main(argv):
   del argv
   config = AutointerpConfig(
       run_dir=_RUN_DIR.value, activations=_ACTIVATIONS.value, num_tokens=_NUM_TOKENS.value,
-      num_latents=_NUM_LATENTS.value, llm=_LLM.value, tokenizer=_TOKENIZER.value, seed=_SEED.value,
-      skip_first_positions=_SKIP.value, batch_size=_BATCH_SIZE.value, window=_WINDOW.value,
-      max_examples=_MAX_EXAMPLES.value, num_score=_NUM_SCORE.value,
-      num_negative=_NUM_NEGATIVE.value, explain_max_tokens=_EXPLAIN_TOKENS.value,
-      timeout_s=_TIMEOUT.value, retries=_RETRIES.value)
+      num_latents=_NUM_LATENTS.value, llm=_LLM.value, llm_base_url=_BASE_URL.value,
+      llm_model=_MODEL.value, llm_api_key_env=_KEY_ENV.value, concurrency=_CONCURRENCY.value,
+      tokenizer=_TOKENIZER.value, seed=_SEED.value, skip_first_positions=_SKIP.value,
+      batch_size=_BATCH_SIZE.value, window=_WINDOW.value, max_examples=_MAX_EXAMPLES.value,
+      num_score=_NUM_SCORE.value, num_negative=_NUM_NEGATIVE.value,
+      explain_max_tokens=_EXPLAIN_TOKENS.value, timeout_s=_TIMEOUT.value, retries=_RETRIES.value,
+      **{name: flag.value for name, flag in _PER_SCORER.items()})
   scores = run_autointerp(config)
-  summary = {name: {m: scores[name][m] for m in ("fuzz_spearman", "fuzz_balanced_accuracy")}
-             for name in SAE_NAMES}
-  summary["paired"] = scores["paired"]
+  summary = {name: {m: scores[name][m] for m in METRICS} for name in SAE_NAMES}
+  summary["paired"] = {m: {k: v for k, v in scores["paired"][m].items() if k != "differences"}
+                       for m in METRICS}
   summary["seconds"] = scores["seconds"]
   print(json.dumps(summary, indent=2))
 

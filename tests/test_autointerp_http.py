@@ -1,4 +1,4 @@
-"""The OpenAI-compatible backend against a real HTTP server on 127.0.0.1, and the on-disk answer cache."""
+"""The OpenAI-compatible backend (official openai client) against a real HTTP server on 127.0.0.1, and the answer cache."""
 
 import math
 
@@ -11,6 +11,7 @@ from metasae_jax.core.errors import UserError
 from tests import autointerp_util as util
 
 MSG = [{"role": "user", "content": "How strongly? Answer with one number"}]
+KEY_ENV = "METASAE_TEST_LLM_KEY"
 
 
 @pytest.fixture
@@ -21,11 +22,12 @@ def server():
 
 
 def _backend(server, **kw):
-  kw = {"timeout_s": 5.0, "retries": 1, "backoff_s": 0.01, "api_key": "sk-test", **kw}
+  kw = {"timeout_s": 5.0, "retries": 1, "api_key_env": KEY_ENV, **kw}
   return OpenAIBackend(server.base_url, "tiny", **kw)
 
 
-def test_request_and_logprob_reading(server):
+def test_request_and_logprob_reading(server, monkeypatch):
+  monkeypatch.setenv(KEY_ENV, "sk-test")
   out = _backend(server).complete(MSG, 3, ("0", "7"))
   req = server.requests[0]
   assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
@@ -36,6 +38,13 @@ def test_request_and_logprob_reading(server):
   # EV over the digit tokens: (7 e^-0.5 + 3 e^-1) / (e^-0.5 + e^-1).
   want = (7 * math.exp(-0.5) + 3 * math.exp(-1)) / (math.exp(-0.5) + math.exp(-1))
   assert scorers.read_strength(out) == pytest.approx(want)
+
+
+def test_api_key_only_from_the_named_variable(server, monkeypatch):
+  monkeypatch.delenv(KEY_ENV, raising=False)
+  b = _backend(server)
+  b.complete(MSG, 3)
+  assert "sk-" not in repr(vars(b)) and server.requests[-1]["auth"] == "Bearer EMPTY"
 
 
 def test_yes_no_and_text_fallback(server):
@@ -51,9 +60,25 @@ def test_yes_no_and_text_fallback(server):
 
 def test_timeout_retries_then_fails(server):
   server.mode = "slow"
+  b = _backend(server, timeout_s=0.2, retries=1)
   with pytest.raises(BackendError, match="timeout"):
-    _backend(server, timeout_s=0.2, retries=1).complete(MSG, 3)
+    b.complete(MSG, 3)
   assert len(server.requests) == 2  # one try plus one retry
+  assert b.stats == {"calls": 1, "retries": 1, "failures": 1}
+
+
+def test_server_errors_are_retried_by_the_client(server):
+  server.fail_every = 2  # the first attempts of calls 2, 4, ... answer HTTP 500
+  b = _backend(server, retries=2)
+  outs = [b.complete(MSG, 3) for _ in range(4)]
+  assert all(o.text == "7" for o in outs)
+  # call 1: request 1; call 2: request 2 (500) + retry 3; call 3: 4; call 4: 5 (500) + retry 6.
+  assert len(server.requests) == 6 and server.failed == 2
+  assert b.stats == {"calls": 4, "retries": 2, "failures": 0}
+  server.fail_all = True
+  with pytest.raises(BackendError, match="HTTP 500"):
+    b.complete(MSG, 3)
+  assert len(server.requests) == 9 and b.stats["failures"] == 1  # one try + two retries
 
 
 def test_malformed_reply_is_a_backend_error(server):
@@ -70,8 +95,9 @@ def test_unreachable_server_is_user_error():
 
 def test_make_backend_parsing(server):
   b = make_backend(f"openai:{server.base_url}#tiny")
-  assert isinstance(b, OpenAIBackend) and b.url == server.base_url + "/chat/completions"
-  assert make_backend("openai:http://h:1#m").url == "http://h:1/v1/chat/completions"
+  assert isinstance(b, OpenAIBackend) and b.base_url == server.base_url and b.model == "tiny"
+  assert make_backend("openai:http://h:1#m").base_url == "http://h:1/v1"
+  assert make_backend("openai:http://h:1/v1/chat/completions#m").base_url == "http://h:1/v1"
   for bad in ("openai:http://h:1", "local:", "foo:bar", "openai:ftp://h#m"):
     with pytest.raises(UserError):
       make_backend(bad)

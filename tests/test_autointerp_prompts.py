@@ -29,8 +29,10 @@ def test_explain_messages_show_marks_and_strengths():
 def test_score_messages_mark_what_they_should():
   s = prompts.strength_messages("cats", ["a", " big", " cat"])[1]["content"]
   assert "a big <<cat>>" in s and "0 (not at all) to 10" in s and "Feature: cats" in s
-  d = prompts.detection_messages("cats", ["a", " big", " cat"], [False, True, False])[1]["content"]
+  d = prompts.fuzz_messages("cats", ["a", " big", " cat"], [False, True, False])[1]["content"]
   assert "a <<big>> cat" in d and "yes or no" in d
+  c = prompts.detection_messages("cats", ["a", " big", " cat"])[1]["content"]
+  assert "Text: a big cat\n" in c and "<<" not in c and "anywhere" in c and "yes or no" in c
 
 
 @pytest.mark.parametrize("text,want", [

@@ -17,7 +17,9 @@ PRESET = Preset(
     log_every_steps=100,
     grid={"lambda2": (0.1, 0.3, 1.0), "sigma_sq": (1.0, 3.0)},
     eval=dict(batch_size=4096, num_tokens=1_000_000, ce_contexts=256, meta_fve_steps=2000),
-    autointerp=dict(num_latents=100),
+    # The paper reports fuzzing over matched pairs but its sample sizes are not in our notes (DESIGN §2):
+    # explainer / activating / non-activating counts below are delphi's defaults, an assumption.
+    autointerp=dict(num_latents=100, max_examples=40, num_score=50, num_negative=50),
     # The paper sweeps a 3 x 2 grid here; our notes do not record its values, so these are an assumption.
     paper={"grid": "3 x 2 (values not in our notes; this preset assumes λ₂ ∈ {0.1, 0.3, 1.0} x σ² ∈ {1.0, 3.0})",
            "L0": "100"},

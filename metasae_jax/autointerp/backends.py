@@ -1,14 +1,10 @@
 """LLM backends for explaining and scoring: an in-process transformers chat model and an OpenAI-compatible HTTP server."""
 
 import dataclasses
-import json
 import logging
 import math
 import os
-import socket
-import time
-import urllib.error
-import urllib.request
+import threading
 from typing import Optional, Protocol, Sequence
 
 from metasae_jax.core.errors import UserError
@@ -16,6 +12,7 @@ from metasae_jax.core.errors import UserError
 log = logging.getLogger(__name__)
 
 TOP_LOGPROBS = 20
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,78 +73,92 @@ class LocalBackend:
 
 
 class OpenAIBackend:
-  """An OpenAI-compatible /v1/chat/completions endpoint (OpenAI, vLLM, llama.cpp server) over urllib."""
+  """An OpenAI-compatible /v1/chat/completions endpoint (OpenAI, vLLM, llama.cpp server) via the official client.
+
+  The client's own retries (exponential backoff, Retry-After) and timeouts apply; one
+  client is shared by all worker threads (its HTTP connection pool is thread-safe).
+  """
 
   def __init__(self, base_url: str, model: str, timeout_s: float = 60.0, retries: int = 3,
-               backoff_s: float = 1.0, api_key: Optional[str] = None):
+               api_key_env: str = DEFAULT_API_KEY_ENV):
+    import openai  # pylint: disable=g-import-not-at-top
     url = base_url.rstrip("/")
     if not url.startswith(("http://", "https://")):
-      raise UserError(f"--llm openai:{base_url}#{model}: the base URL must start with http:// or https://.")
-    if not url.endswith("/chat/completions"):
-      url += "/chat/completions" if url.endswith("/v1") else "/v1/chat/completions"
-    self.url, self.model = url, model
+      raise UserError(f"LLM base URL {base_url!r} must start with http:// or https://.")
+    if url.endswith("/chat/completions"):
+      url = url[:-len("/chat/completions")]
+    if not url.endswith("/v1"):
+      url += "/v1"
+    if not model:
+      raise UserError(f"LLM server {url}: name the model (--llm_model).")
+    self.base_url, self.model = url, model
     self.name = f"openai:{url}#{model}"
-    self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-    self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+    self.retries = retries
+    # The key only ever lives in the environment and in the client's headers: never in a flag,
+    # a file under the run directory, the cache key or a log line.
+    key = os.environ.get(api_key_env) if api_key_env else None
+    self._openai = openai
+    self._client = openai.OpenAI(base_url=url, api_key=key or "EMPTY", timeout=timeout_s,
+                                 max_retries=retries)
+    self._lock = threading.Lock()
+    self.stats = {"calls": 0, "retries": 0, "failures": 0}
 
-  def _post(self, body: dict) -> dict:
-    headers = {"Content-Type": "application/json"}
-    if self.api_key:
-      headers["Authorization"] = f"Bearer {self.api_key}"
-    req = urllib.request.Request(self.url, json.dumps(body).encode("utf-8"), headers, method="POST")
-    with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-      return json.loads(resp.read().decode("utf-8"))
+  def _count(self, retries: int, failed: bool) -> None:
+    with self._lock:
+      self.stats["calls"] += 1
+      self.stats["retries"] += retries
+      self.stats["failures"] += int(failed)
 
   def complete(self, messages: list, max_tokens: int, choices: Sequence[str] = ()) -> Completion:
-    body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-            "logprobs": True, "top_logprobs": TOP_LOGPROBS}
-    last = "no attempt"
-    unreachable = False
-    for attempt in range(self.retries + 1):
-      if attempt:
-        time.sleep(self.backoff_s * 2 ** (attempt - 1))
-      try:
-        return _parse_reply(self._post(body))
-      except urllib.error.HTTPError as e:
-        if e.code in (401, 403, 404):
-          raise UserError(f"LLM server {self.url} answered HTTP {e.code} for model {self.model!r}. "
-                          "Check the base URL, the model name and OPENAI_API_KEY.") from e
-        last = f"HTTP {e.code}"
-        if e.code != 429 and e.code < 500:
-          break  # the request itself is bad; repeating it will not help
-      except urllib.error.URLError as e:
-        is_timeout = isinstance(e.reason, (socket.timeout, TimeoutError))
-        last = "timeout" if is_timeout else f"cannot connect ({e.reason})"
-        unreachable = not is_timeout
-      except (socket.timeout, TimeoutError):
-        last, unreachable = "timeout", False
-      except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as e:
-        last, unreachable = f"malformed reply ({type(e).__name__}: {e})", False
-      except (ConnectionError, OSError) as e:
-        last, unreachable = f"connection failed ({e})", True
-      log.warning("LLM request to %s failed (attempt %d/%d): %s", self.url, attempt + 1,
-                  self.retries + 1, last)
-    if unreachable:
-      raise UserError(f"LLM server {self.url} is unreachable ({last}). Start it or fix --llm.")
-    raise BackendError(f"{self.url}: {last}")
+    del choices  # the server cannot restrict its logprobs; read_strength / read_yes pick them out
+    oa = self._openai
+    try:
+      raw = self._client.chat.completions.with_raw_response.create(
+          model=self.model, messages=messages, max_tokens=max_tokens, temperature=0, logprobs=True,
+          top_logprobs=TOP_LOGPROBS)
+      retries = raw.retries_taken
+      out = _parse_reply(raw.parse())
+    except (oa.AuthenticationError, oa.PermissionDeniedError, oa.NotFoundError) as e:
+      raise UserError(f"LLM server {self.base_url} answered HTTP {e.status_code} for model "
+                      f"{self.model!r}. Check --llm_base_url, --llm_model and the API key variable "
+                      "named by --llm_api_key_env.") from e
+    except oa.APITimeoutError as e:
+      self._count(self.retries, True)
+      raise BackendError(f"{self.base_url}: timeout after {self.retries} retries") from e
+    except oa.APIConnectionError as e:
+      raise UserError(f"LLM server {self.base_url} is unreachable ({e.__cause__ or e}). Start it or "
+                      "fix --llm_base_url.") from e
+    except oa.APIStatusError as e:
+      retried = e.status_code in (408, 409, 429) or e.status_code >= 500
+      self._count(self.retries if retried else 0, True)
+      raise BackendError(f"{self.base_url}: HTTP {e.status_code}") from e
+    except (oa.APIResponseValidationError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError) as e:
+      self._count(0, True)
+      raise BackendError(f"{self.base_url}: malformed reply ({type(e).__name__}: {e})") from e
+    self._count(retries, False)
+    return out
 
 
-def _parse_reply(reply: dict) -> Completion:
+def _parse_reply(reply) -> Completion:
   """Reads choices[0].message.content and the first token's top_logprobs; raises on a malformed reply."""
-  choice = reply["choices"][0]
-  text = choice["message"]["content"]
+  if not hasattr(reply, "choices"):  # the client hands back non-JSON bodies as plain strings
+    raise TypeError(f"reply is not a chat completion: {str(reply)[:80]!r}")
+  choice = reply.choices[0]
+  text = choice.message.content
   if not isinstance(text, str):
     raise TypeError("message.content is not a string")
   top: dict = {}
-  content = ((choice.get("logprobs") or {}).get("content")) or []
+  content = (choice.logprobs.content if choice.logprobs is not None else None) or []
   if content:
-    for alt in content[0].get("top_logprobs") or []:
-      key, lp = alt["token"], float(alt["logprob"])
+    for alt in content[0].top_logprobs or []:
+      key, lp = alt.token, float(alt.logprob)
       top[key] = _logaddexp(top.get(key), lp)
   return Completion(text, top, None)
 
 
-def make_backend(spec: str, timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 1.0) -> Backend:
+def make_backend(spec: str, timeout_s: float = 60.0, retries: int = 3,
+                 api_key_env: str = DEFAULT_API_KEY_ENV) -> Backend:
   """Parses `local:<model>` or `openai:<base_url>#<model>`."""
   kind, _, rest = spec.partition(":")
   if kind == "local" and rest:
@@ -155,6 +166,7 @@ def make_backend(spec: str, timeout_s: float = 60.0, retries: int = 3, backoff_s
   if kind == "openai":
     base, _, model = rest.rpartition("#")
     if base and model:
-      return OpenAIBackend(base, model, timeout_s, retries, backoff_s)
+      return OpenAIBackend(base, model, timeout_s, retries, api_key_env)
   raise UserError(f"--llm {spec!r}: use local:<hf id | dir | smollm2-135m-gguf> or "
-                  "openai:<base_url>#<model>, e.g. openai:http://127.0.0.1:8000/v1#my-model.")
+                  "openai:<base_url>#<model>, e.g. openai:http://127.0.0.1:8000/v1#my-model "
+                  "(or --llm_base_url and --llm_model).")

@@ -1,4 +1,4 @@
-"""Chat prompts for the explainer and the two scorers, and text parsing of their answers (the fallback to logprobs)."""
+"""Chat prompts for the explainer and the three scorers, and text parsing of their answers (the fallback to logprobs)."""
 
 import re
 from typing import Optional, Sequence
@@ -54,10 +54,17 @@ def strength_messages(explanation: str, pieces: Sequence[str]) -> list:
   return [{"role": "system", "content": SCORE_SYSTEM}, {"role": "user", "content": user}]
 
 
-def detection_messages(explanation: str, pieces: Sequence[str], marked: Sequence[bool]) -> list:
-  """Scorer B (delphi-style fuzzing): are the marked tokens the ones where the feature is active? yes/no."""
+def fuzz_messages(explanation: str, pieces: Sequence[str], marked: Sequence[bool]) -> list:
+  """Scorer B (delphi fuzzing): are the marked tokens the ones where the feature is active? yes/no."""
   user = (f"Feature: {explanation}\n\nText: {render(pieces, marked)}\n\n"
           "Is the feature active on the marked tokens? Answer yes or no.")
+  return [{"role": "system", "content": SCORE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def detection_messages(explanation: str, pieces: Sequence[str]) -> list:
+  """Scorer C (delphi detection): is the feature active anywhere in this unmarked text? yes/no."""
+  user = (f"Feature: {explanation}\n\nText: {render(pieces, [False] * len(pieces))}\n\n"
+          "Is the feature active anywhere in this text? Answer yes or no.")
   return [{"role": "system", "content": SCORE_SYSTEM}, {"role": "user", "content": user}]
 
 
