@@ -14,6 +14,7 @@ from absl import flags
 from experiments import cli
 from metasae_jax.autointerp.config import AutointerpConfig
 from metasae_jax.autointerp.pipeline import run_autointerp
+from metasae_jax.storage.artifact import SAE_NAMES
 
 _D = AutointerpConfig(run_dir="", activations="")
 
@@ -56,7 +57,7 @@ def main(argv):
       timeout_s=_TIMEOUT.value, retries=_RETRIES.value)
   scores = run_autointerp(config)
   summary = {name: {m: scores[name][m] for m in ("fuzz_spearman", "fuzz_balanced_accuracy")}
-             for name in ("joint", "solo")}
+             for name in SAE_NAMES}
   summary["paired"] = scores["paired"]
   summary["seconds"] = scores["seconds"]
   print(json.dumps(summary, indent=2))

@@ -16,6 +16,7 @@ from absl import flags
 from experiments import cli
 from metasae_jax.browser import data as data_lib
 from metasae_jax.browser import page
+from metasae_jax.storage.loaded_sae import FIRINGS
 
 _D = data_lib.BrowserConfig(run_dir="", activations="")
 
@@ -29,6 +30,9 @@ _NUM_TOP = flags.DEFINE_integer("num_top", _D.num_top, "Top-activating contexts 
 _BEFORE = flags.DEFINE_integer("before", _D.before, "Context tokens shown before the example token.")
 _AFTER = flags.DEFINE_integer("after", _D.after, "Context tokens shown after the example token.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", _D.batch_size, "Tokens per encoding batch.")
+_FIRING = flags.DEFINE_enum("firing", None, list(FIRINGS),
+                            "Firing rule; default: calibrated thresholds when the SAE has them, else per-token "
+                            "top-k.")
 _SKIP = flags.DEFINE_integer("skip_first_positions", _D.skip_first_positions,
                              "Leading positions of each context never encoded (attention sink).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", _D.tokenizer,
@@ -43,8 +47,8 @@ def main(argv):
   config = data_lib.BrowserConfig(
       run_dir=_RUN_DIR.value, activations=_ACTIVATIONS.value, num_latents=_NUM_LATENTS.value,
       num_tokens=_NUM_TOKENS.value, num_top=_NUM_TOP.value, before=_BEFORE.value, after=_AFTER.value,
-      batch_size=_BATCH_SIZE.value, skip_first_positions=_SKIP.value, tokenizer=_TOKENIZER.value,
-      seed=_SEED.value)
+      batch_size=_BATCH_SIZE.value, firing=_FIRING.value or "", skip_first_positions=_SKIP.value,
+      tokenizer=_TOKENIZER.value, seed=_SEED.value)
   data = data_lib.build(config)
   path = page.write(data, _OUT_DIR.value or os.path.join(config.run_dir, "browser"))
   print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB): "

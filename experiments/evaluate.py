@@ -7,6 +7,7 @@ from absl import flags
 
 from experiments import cli
 from metasae_jax.evaluation import evaluate as evaluation
+from metasae_jax.storage import loaded_sae
 
 _D = evaluation.EvalConfig(run_dir="", activations="")
 
@@ -17,9 +18,9 @@ _NUM_TOKENS = flags.DEFINE_integer("num_tokens", _D.num_tokens,
                                    "Evaluation tokens, counted after skipping (0 = the whole store).")
 _MODEL = flags.DEFINE_string("model", _D.model, "Model for ΔCE (default: the store's source.model; "
                              "'none' skips ΔCE).")
-_FIRING = flags.DEFINE_enum("firing", _D.firing, ["threshold", "batchtopk"],
+_FIRING = flags.DEFINE_enum("firing", _D.firing, list(loaded_sae.FIRINGS),
                             "threshold: calibrated per-latent θ (calibrated and saved if missing); "
-                            "batchtopk: BatchTopK over each batch.")
+                            "topk: each token's k largest; batchtopk: BatchTopK over each batch.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", _D.batch_size, "Tokens per batch.")
 _SKIP = flags.DEFINE_integer("skip_first_positions", _D.skip_first_positions,
                              "Skip positions t % context_len < this (attention sinks); 0 keeps all.")

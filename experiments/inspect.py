@@ -14,10 +14,13 @@ from experiments import cli
 from metasae_jax import load_sae
 from metasae_jax.lm import models
 from metasae_jax.core.errors import UserError
+from metasae_jax.storage import artifact, loaded_sae
 
 F = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "Run directory holding joint/ and solo/ SAE artifacts.")
-flags.DEFINE_enum("sae", "joint", ["joint", "solo"], "Which SAE of the run.")
+flags.DEFINE_enum("sae", "joint", list(artifact.SAE_NAMES), "Which SAE of the run.")
+flags.DEFINE_enum("firing", None, list(loaded_sae.FIRINGS),
+                  "Firing rule; default: calibrated thresholds when the SAE has them, else per-token top-k.")
 flags.DEFINE_string("prompt", None, "Text to run through the model.")
 flags.DEFINE_string("model", "", "Model (default: the SAE's cfg.json source.model).")
 flags.DEFINE_integer("top", 5, "Latents shown per token.")
@@ -45,7 +48,9 @@ def main(argv):
   loaded = models.load_model(F.model or source.get("model", models.DEFAULT_MODEL))
   ids = loaded.tokenizer(F.prompt, return_tensors="pt").input_ids
   resid = models.capture_residual(loaded.model, ids, int(source["layer"]), source["site"])[0]
-  acts = np.asarray(sae.encode(resid.float().numpy()))
+  firing = sae.firing_rule(F.firing)
+  print(f"{F.sae} SAE, firing rule {firing!r}")
+  acts = np.asarray(sae.encode(resid.float().numpy(), firing))
   notes = explanations(F.run_dir, F.sae)
   for pos, tok in enumerate(ids[0].tolist()):
     text = loaded.tokenizer.decode([tok])

@@ -11,10 +11,13 @@ from experiments import cli
 from metasae_jax import load_sae
 from metasae_jax.lm import models, steering
 from metasae_jax.core.errors import UserError
+from metasae_jax.storage import artifact, loaded_sae
 
 F = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "Run directory holding joint/ and solo/ SAE artifacts.")
-flags.DEFINE_enum("sae", "joint", ["joint", "solo"], "Which SAE of the run.")
+flags.DEFINE_enum("sae", "joint", list(artifact.SAE_NAMES), "Which SAE of the run.")
+flags.DEFINE_enum("firing", None, list(loaded_sae.FIRINGS),
+                  "Firing rule; default: calibrated thresholds when the SAE has them, else per-token top-k.")
 flags.DEFINE_integer("latent", None, "Latent index to steer with.")
 flags.DEFINE_enum("mode", "add", list(steering.MODES),
                   "add: residual += alpha * w_i; clamp: set the latent to --alpha; ablate: set it to 0.")
@@ -36,10 +39,11 @@ def main(argv):
   common = dict(max_new_tokens=F.max_new_tokens)
   clean = steering.generate(loaded.model, loaded.tokenizer, F.prompt, **common)
   steered = steering.generate(loaded.model, loaded.tokenizer, F.prompt, sae=sae, layer=int(source["layer"]),
-                              site=source["site"], edits=[edit], **common)
+                              site=source["site"], edits=[edit], firing=F.firing, **common)
   print(f"prompt:  {F.prompt!r}\n")
   print(f"clean:   {clean!r}\n")
-  print(f"steered ({F.mode} latent {F.latent}, {F.alpha}): {steered!r}")
+  rule = "" if F.mode == "add" else f", firing {sae.firing_rule(F.firing)!r}"
+  print(f"steered ({F.mode} latent {F.latent}, {F.alpha}{rule}): {steered!r}")
 
 
 if __name__ == "__main__":

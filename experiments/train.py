@@ -18,20 +18,30 @@ flags.DEFINE_string("activations", None, "Activation store directory (metasae-ac
 flags.DEFINE_string("out_dir", None, "Run directory to create or resume.")
 flags.DEFINE_integer("width", 4096, "Primary SAE latents.")
 flags.DEFINE_integer("k", 64, "Active latents per token (BatchTopK keeps k * batch_size). Paper: 64.")
-flags.DEFINE_integer("meta_width", 0, "Meta SAE latents; 0 = round(0.09 * width), the paper's ratio.")
-flags.DEFINE_integer("meta_k", 8, "Active meta latents per decoder row. Paper: 8.")
+flags.DEFINE_integer("meta_width", 0,
+                     "Meta SAE latents; 0 = round(width * 1800 / 20480), the paper's 1800 at its width 20480.")
+flags.DEFINE_integer("meta_k", 8, "Active meta latents per decoder row. Default: the paper's text (8); the "
+                     "reference's run script for GPT-2 large uses 4 (preset gpt2_large_l20).")
 flags.DEFINE_float("lambda2", 0.3, "Decomposability penalty weight; 0 = no penalty (control). Paper: 0.3.")
 flags.DEFINE_float("sigma_sq", 1.0, "Penalty bandwidth sigma^2. Paper: 1.0.")
 flags.DEFINE_enum("penalty_grad", "stop", ["stop", "through"],
                   "stop: meta reconstruction is a constant (paper); through: gradient flows through the frozen meta SAE.")
-flags.DEFINE_integer("n_primary_steps", 10, "Primary steps between meta phases. Paper: 10.")
-flags.DEFINE_integer("n_meta_steps", 5, "Meta steps per meta phase. Paper: 5.")
+flags.DEFINE_integer("n_primary_steps", 10, "Primary steps between meta phases. Default: the paper's text "
+                     "(10); the reference's run script uses 100 (preset gpt2_large_l20).")
+flags.DEFINE_integer("n_meta_steps", 5, "Meta steps per meta phase. Default: the paper's text (5); the "
+                     "reference's run script uses 10 (preset gpt2_large_l20).")
 flags.DEFINE_integer("batch_size", 4096, "Tokens per global batch. Paper: 4096.")
 flags.DEFINE_integer("num_tokens", 0, "Training tokens after skipping; 0 = one pass over the store.")
 flags.DEFINE_float("lr", 3e-4, "Adam learning rate. Paper: 3e-4.")
 flags.DEFINE_integer("seed", 0, "Seed for init and data order (joint and solo share the init).")
 flags.DEFINE_bool("baseline", True, "Train the solo SAE in lockstep on identical batches.")
 flags.DEFINE_enum("activation", "batchtopk", ["batchtopk", "topk"], "Primary SAE activation.")
+flags.DEFINE_bool("auxk_detach", False,
+                  "Detach the AuxK target residual (OpenAI's TopK recipe). Default: not detached, as the paper's "
+                  "reference code, so AuxK's gradient also reaches the main reconstruction.")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                  "Matmul input dtype of the primary SAEs; bfloat16 (for GPUs/TPUs) accumulates in float32 and "
+                  "keeps float32 weights and Adam state.")
 flags.DEFINE_integer("skip_first_positions", 1,
                      "Skip this many positions at the start of every context (attention sinks); 0 keeps all.")
 flags.DEFINE_integer("checkpoint_every_steps", 1000, "Orbax checkpoint interval (steps).")
@@ -53,7 +63,7 @@ def main(argv):
       d_model=d_model, width=F.width, k=F.k, meta_width=F.meta_width, meta_k=F.meta_k, lambda2=F.lambda2,
       sigma_sq=F.sigma_sq, penalty_grad=F.penalty_grad, n_primary_steps=F.n_primary_steps,
       n_meta_steps=F.n_meta_steps, batch_size=F.batch_size, lr=F.lr, seed=F.seed, baseline=F.baseline,
-      activation=F.activation)
+      activation=F.activation, auxk_detach=F.auxk_detach, compute_dtype=F.compute_dtype)
   run = RunConfig(activations=F.activations, out_dir=F.out_dir, num_tokens=F.num_tokens,
                   skip_first_positions=F.skip_first_positions,
                   checkpoint_every_steps=F.checkpoint_every_steps, log_every_steps=F.log_every_steps)

@@ -2,7 +2,8 @@
 
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
-from metasae_jax.storage.inference import SAE, load_sae
 from metasae_jax.core.train_step import SAEState, TrainState, init_train_state, train_step
+from metasae_jax.storage.loaded_sae import LoadedSAE, load_sae
 
-__all__ = ["SAE", "load_sae", "TrainConfig", "TrainState", "SAEState", "UserError", "init_train_state", "train_step"]
+__all__ = ["LoadedSAE", "load_sae", "TrainConfig", "TrainState", "SAEState", "UserError", "init_train_state",
+           "train_step"]

@@ -51,7 +51,7 @@ def make_browser_run(root: str) -> tuple[str, str]:
   latents = {name: [scored(name, i, f"{name} words about <i>cats</i> & dogs {i}") for i in ids]
              for name, ids in SCORED.items()}
   scores = {"llm": "fake", "activations": store_dir, "num_tokens": 480, "skip_first_positions": 1,
-            "firing_rule": {"joint": "batchtopk", "solo": "threshold"},
+            "firing_rule": {"joint": "topk", "solo": "threshold"},
             **{name: {"fuzz_spearman": 0.15, "fuzz_balanced_accuracy": 0.6, "num_latents": len(lat),
                       "latents": lat} for name, lat in latents.items()},
             "paired": {"num_pairs": 1}, "llm_requests": 0, "llm_cache_hits": 0, "seconds": 0.0, "config": {}}
@@ -76,11 +76,12 @@ def dense_acts(run_dir: str, store_dir: str, batch_size: int) -> dict:
   acts = np.concatenate([s.acts_TxD for s in store.shards]).astype(np.float32)
   kept = np.flatnonzero(np.arange(len(acts)) % store.context_len >= 1)
   out = {}
-  for name, firing in (("joint", "batchtopk"), ("solo", "threshold")):
-    sae = loaded_sae.load(os.path.join(run_dir, name))
+  # The page's default rule: joint has no θ (per-token top-k), solo has calibrated θ.
+  for name, firing in (("joint", "topk"), ("solo", "threshold")):
+    sae = loaded_sae.load_sae(os.path.join(run_dir, name))
     dense = np.zeros((len(acts), sae.width), np.float32)
     for s in range(0, len(kept), batch_size):
       idx = kept[s:s + batch_size]
-      dense[idx] = np.asarray(loaded_sae.forward(sae, acts[idx], firing).acts_BxN)
+      dense[idx] = np.asarray(sae.encode(acts[idx], firing))
     out[name] = dense
   return out

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from metasae_jax.core import sae
-from metasae_jax.storage import store as store_lib
 from metasae_jax.evaluation import examples as ex
-from metasae_jax.evaluation.encoder import SaeEncoder
-from metasae_jax.storage.layout import TokenLayout, gather_rows
+from metasae_jax.evaluation.encoder import StreamEncoder
+from metasae_jax.storage.loaded_sae import load_sae
+from metasae_jax.storage.positions import KeptTokens
+from metasae_jax.storage.store import gather_acts
 from tests import autointerp_util as util
 
 BATCH = 100  # does not divide the 15 kept tokens per context: batches straddle contexts and shards
@@ -26,33 +27,38 @@ def setup(tmp_path_factory):
 
 def test_layout_skips_first_position_and_round_trips(setup):
   store, _ = setup
-  layout = TokenLayout(store, 1)
+  layout = KeptTokens(store, 1)
   assert layout.num_kept == 24 * (util.CTX - 1)
   g = layout.kept_to_global(np.arange(layout.num_kept))
   assert np.all(g % util.CTX != 0) and np.all(np.diff(g) > 0)
   assert np.array_equal(layout.global_to_kept(g), np.arange(layout.num_kept))
   assert np.all(layout.global_to_kept(np.arange(0, store.num_tokens, util.CTX)) == -1)
   assert np.array_equal(layout.context_start(np.array([0, 17, 175])), [0, 16, 160])
-  assert TokenLayout(store, 0).num_kept == store.num_tokens
+  assert KeptTokens(store, 0).num_kept == store.num_tokens
 
 
-def _dense(enc: SaeEncoder, store, layout, num_kept):
-  """Acts [kept, N] encoded batch by batch exactly like the stream (for checking only)."""
+def _dense(enc: StreamEncoder, store, layout, num_kept):
+  """Acts [kept, N] encoded batch by batch exactly like the stream, by the training forward (checking only)."""
   out = []
-  for s in range(0, num_kept, BATCH):
-    x = gather_rows(store, layout.kept_to_global(np.arange(s, min(s + BATCH, num_kept))))
-    f = sae.forward(enc.params, jnp.asarray(x), enc.k, enc.activation, enc.input_norm,
-                    threshold_N=enc.threshold_N)
+  s = enc.sae
+  for start in range(0, num_kept, BATCH):
+    x = gather_acts(store, layout.kept_to_global(np.arange(start, min(start + BATCH, num_kept))))
+    if enc.rule == "threshold":
+      f = sae.forward(s.params, jnp.asarray(x), s.k, input_norm=s.input_norm, threshold_N=s.threshold_N)
+    else:
+      f = sae.forward(s.params, jnp.asarray(x), s.k, enc.rule, s.input_norm)
     out.append(np.asarray(f.acts_BxN))
   return np.concatenate(out)
 
 
-@pytest.mark.parametrize("name", ["joint", "solo"])  # BatchTopK and calibrated thresholds
-def test_pools_match_dense_encoding(setup, name):
+# joint has no θ (default: per-token top-k; BatchTopK on request), solo has calibrated θ.
+@pytest.mark.parametrize("name,firing,rule", [("joint", None, "topk"), ("joint", "batchtopk", "batchtopk"),
+                                              ("solo", None, "threshold"), ("solo", "topk", "topk")])
+def test_pools_match_dense_encoding(setup, name, firing, rule):
   store, run = setup
-  layout = TokenLayout(store, 1)
-  enc = SaeEncoder(os.path.join(run, name))
-  assert enc.rule == ("batchtopk" if name == "joint" else "threshold")
+  layout = KeptTokens(store, 1)
+  enc = StreamEncoder(load_sae(os.path.join(run, name)), firing)
+  assert enc.rule == rule
   num_kept = layout.num_kept - 7
   cand = np.array([0, 5, 7, 11, 23])
   (pools,) = ex.stream(store, layout, [enc], [cand], num_kept, BATCH, top=6, reservoir=5, seed=0)
@@ -71,10 +77,11 @@ def test_pools_match_dense_encoding(setup, name):
     assert len(set(rank_P.tolist())) == len(rank_P) and np.all(np.diff(val_P) <= 0)
 
 
-def test_windows_carry_exact_activations_within_context(setup):
+@pytest.mark.parametrize("firing", ["batchtopk", "topk"])
+def test_windows_carry_exact_activations_within_context(setup, firing):
   store, run = setup
-  layout = TokenLayout(store, 1)
-  enc = SaeEncoder(os.path.join(run, "joint"))
+  layout = KeptTokens(store, 1)
+  enc = StreamEncoder(load_sae(os.path.join(run, "joint")), firing)
   num_kept = layout.num_kept
   (pools,) = ex.stream(store, layout, [enc], [np.arange(util.N)], num_kept, BATCH, 8, 8, 0)
   dense = _dense(enc, store, layout, num_kept)
@@ -109,8 +116,8 @@ def test_sample_top_heavy():
 def test_pairs_follow_hungarian_matching(tmp_path):
   from metasae_jax.autointerp import selection
   perm = util.make_run(str(tmp_path / "run"))
-  joint, solo = (SaeEncoder(str(tmp_path / "run" / n)) for n in ("joint", "solo"))
-  pairs = selection.match_pairs(joint.w_dec_NxD, solo.w_dec_NxD)
+  joint, solo = (load_sae(str(tmp_path / "run" / n)) for n in ("joint", "solo"))
+  pairs = selection.match_pairs(joint.W_dec, solo.W_dec)
   assert sorted(map(tuple, pairs.tolist())) == sorted((int(perm[j]), j) for j in range(util.N))
   cands = selection.candidate_pairs(pairs, 3, 2, seed=0)
   assert len(cands) == 6 and len({tuple(c) for c in cands.tolist()}) == 6

@@ -164,3 +164,12 @@ def test_binary_writes_the_page_and_reports_user_errors(run, tmp_path):
 
 def _repo() -> str:
   return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_page_records_the_firing_rule(run, built):
+  # joint has no calibrated θ: the library default is per-token top-k; solo has θ.
+  assert built["meta"]["firing_rule"] == {"joint": "topk", "solo": "threshold"}
+  with pytest.raises(UserError, match="--firing"):
+    _cfg(run, firing="jumprelu")
+  with pytest.raises(UserError, match="no calibrated thresholds"):
+    data_lib.build(_cfg(run, firing="threshold"))

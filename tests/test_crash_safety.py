@@ -222,7 +222,7 @@ def test_nan_batch_names_step_and_shard_and_keeps_last_checkpoint(tmp_path, save
   first_seen = {}
   for position in range(8):
     idx = source._permutation(0)[position * 128:(position + 1) * 128]
-    for u in data.usable_to_global(np.asarray(idx, np.int64), 8, 1):
+    for u in source.kept.kept_to_global(np.asarray(idx, np.int64)):
       first_seen.setdefault(int(u), position)
   token = next(t for t, p in sorted(first_seen.items()) if p == 5 and 512 <= t < 1024)
   acts[token, 3] = np.nan

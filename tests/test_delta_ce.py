@@ -45,14 +45,14 @@ def _identity_sae(tmp_path):
             "W_dec": np.concatenate([eye, -eye], 0), "b_dec": np.zeros(D, np.float32)}
   artifact.save_sae(str(tmp_path / "sae"), params, {"k": 2 * D, "activation": "batchtopk",
                                                    "input_norm": "none", "source": {}})
-  return loaded_sae.load(str(tmp_path / "sae"), D)
+  return loaded_sae.load_sae(str(tmp_path / "sae"), D)
 
 
 @pytest.mark.parametrize("site", ["resid_pre", "resid_post"])
 def test_identity_sae_has_zero_delta_ce(tmp_path, model, site):
   st = _store(tmp_path, model, site)
   sae = _identity_sae(tmp_path)
-  recon = lambda x: np.asarray(loaded_sae.forward(sae, x, "batchtopk").recon_BxD)
+  recon = lambda x: np.asarray(sae.reconstruct(x, "batchtopk"))
   half = lambda x: 0.5 * x
   block = models.decoder_layers(model)[1]
   ces = delta_ce.cross_entropies(model, block, site, st, {"sae": recon, "half": half}, num_contexts=5,

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import metasae_jax
 from metasae_jax.core import naive
@@ -20,15 +21,17 @@ def _batches(n):
   return [jnp.asarray(x[i * 128:(i + 1) * 128]) for i in range(n)]
 
 
-def test_fast_step_matches_naive_over_meta_phases_and_dead_latents():
+@pytest.mark.parametrize("auxk_detach", [False, True])
+def test_fast_step_matches_naive_over_meta_phases_and_dead_latents(auxk_detach):
+  cfg = dataclasses.replace(CFG, auxk_detach=auxk_detach)
   batches = _batches(7)
-  fast = metasae_jax.init_train_state(CFG)
+  fast = metasae_jax.init_train_state(cfg)
   step = jax.jit(metasae_jax.train_step)
   dead_seen = 0.0
   for x in batches:
     fast, m = step(fast, x)
     dead_seen = max(dead_seen, float(m["joint/dead_fraction"]))
-  slow = naive.run_steps(metasae_jax.init_train_state(CFG), batches)
+  slow = naive.run_steps(metasae_jax.init_train_state(cfg), batches)
   assert dead_seen > 0  # the AuxK path was exercised
   for a, b in ((fast.joint, slow.joint), (fast.solo, slow.solo), (fast.meta, slow.meta)):
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5), a.params, b.params)

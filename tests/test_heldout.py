@@ -34,3 +34,9 @@ def test_context_of(tmp_path):
                          context_len=4, shard_tokens=8)
   ids, pos = heldout.context_of(st, 10)
   assert ids.tolist() == [8, 9, 10, 11] and pos == 2
+
+
+def test_asking_for_more_than_the_store_stops_at_its_end(tmp_path):
+  st = store.write_store(str(tmp_path / "s"), np.arange(12, dtype=np.float32)[:, None], context_len=4)
+  idx = np.concatenate([b.index_B for b in heldout.iter_batches(st, 5, 100, 1)])
+  np.testing.assert_array_equal(idx, [i for i in range(12) if i % 4 >= 1])

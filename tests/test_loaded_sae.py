@@ -1,7 +1,9 @@
-"""Tests for metasae_jax.storage.loaded_sae: d_model mismatch and missing thresholds are user errors.
+"""Tests for metasae_jax.storage.loaded_sae: d_model mismatch, missing thresholds and bad cfg are user errors.
 
 Legend: D = d_model, N = latents.
 """
+
+import json
 
 import numpy as np
 import pytest
@@ -20,13 +22,22 @@ def _sae(tmp_path, d=5, n=12, k=2):
 def test_d_model_mismatch_is_user_error(tmp_path):
   _sae(tmp_path, d=5)
   with pytest.raises(UserError, match="d_model 5 .* d_model 7"):
-    loaded_sae.load(str(tmp_path / "sae"), d_model=7)
+    loaded_sae.load_sae(str(tmp_path / "sae"), d_model=7)
 
 
 def test_threshold_firing_needs_thresholds(tmp_path):
   _sae(tmp_path)
-  sae = loaded_sae.load(str(tmp_path / "sae"), d_model=5)
+  sae = loaded_sae.load_sae(str(tmp_path / "sae"), d_model=5)
   with pytest.raises(UserError, match="no calibrated thresholds"):
-    loaded_sae.forward(sae, np.zeros((2, 5), np.float32), "threshold")
+    sae.forward(np.zeros((2, 5), np.float32), "threshold")
   with pytest.raises(UserError, match="--firing"):
-    loaded_sae.forward(sae, np.zeros((2, 5), np.float32), "jumprelu")
+    sae.forward(np.zeros((2, 5), np.float32), "jumprelu")
+
+
+def test_unknown_input_norm_is_user_error(tmp_path):
+  _sae(tmp_path)
+  path = tmp_path / "sae" / artifact.CFG
+  cfg = json.loads(path.read_text())
+  path.write_text(json.dumps(dict(cfg, input_norm="layernorm")))
+  with pytest.raises(UserError, match="input_norm 'layernorm'"):
+    loaded_sae.load_sae(str(tmp_path / "sae"))

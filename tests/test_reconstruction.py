@@ -17,7 +17,7 @@ def _sae(tmp_path, d=5, n=12, k=2, seed=0):
   params["W_enc"][:, 0] = -100.0  # latent 0 never fires
   artifact.save_sae(str(tmp_path / "sae"), params, {"k": k, "activation": "batchtopk",
                                                    "input_norm": "standardize_per_token", "source": {}})
-  return loaded_sae.load(str(tmp_path / "sae")), params
+  return loaded_sae.load_sae(str(tmp_path / "sae")), params
 
 
 def _brute(x, params, k, batch, typical=None):

@@ -49,7 +49,7 @@ def test_slot_pre_grads_match_dense_encoder():
 
 
 def _loss_grads(params, x, k):
-  return jax.grad(lambda p: losses.sae_loss(p, x, jnp.zeros((params["W_enc"].shape[1],), bool), k,
+  return jax.grad(lambda p: losses.sae_loss(p, x, jnp.zeros((params["W_enc"].shape[1],), jnp.int32), k,
                                             "batchtopk", 512, 1 / 32)[0])(params)
 
 

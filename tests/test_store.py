@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from metasae_jax.training import data
-from metasae_jax.storage import store
+from metasae_jax.storage import heldout, positions, store
 from metasae_jax.core.errors import UserError
 
 
@@ -83,10 +83,16 @@ def test_roundtrip_and_offsets(tmp_path):
 
 @pytest.mark.parametrize("n,context_len,skip", [(256, 16, 1), (250, 16, 1), (250, 16, 3), (100, 1, 1),
                                                 (64, 8, 0)])
-def test_skip_rule_matches_brute_force(n, context_len, skip):
+def test_skip_rule_matches_brute_force(tmp_path, n, context_len, skip):
   keep = [t for t in range(n) if context_len == 1 or t % context_len >= skip]
-  assert data.usable_count(n, context_len, skip) == len(keep)
-  np.testing.assert_array_equal(data.usable_to_global(np.arange(len(keep)), context_len, skip), keep)
+  assert positions.kept_count(n, context_len, skip) == len(keep)
+  st = store.write_store(str(tmp_path / "s"), np.zeros((n, 2), np.float32), context_len=context_len)
+  kept = positions.KeptTokens(st, skip)
+  assert kept.num_kept == len(keep)
+  np.testing.assert_array_equal(kept.kept_to_global(np.arange(len(keep))), keep)
+  ranks = kept.global_to_kept(np.arange(n))
+  np.testing.assert_array_equal(ranks[keep], np.arange(len(keep)))
+  assert np.all(np.delete(ranks, keep) == -1)
 
 
 def test_batches_cover_each_usable_token_once_per_epoch_and_are_deterministic(tmp_path):
@@ -138,3 +144,21 @@ def test_view_splits_shards_without_copying(tmp_path):
   np.testing.assert_array_equal(held.shards[0].acts_TxD, acts[192:])
   np.testing.assert_array_equal(held.shards[0].tokens_T, np.arange(192, 256))
   assert not any(f.endswith(".npy") for f in os.listdir(tmp_path / "held"))
+
+
+def test_training_and_heldout_apply_the_skip_rule_per_shard(tmp_path):
+  """Shards of 20 tokens with contexts of 8: positions restart at every shard (the store format)."""
+  n, length, skip, shard = 60, 8, 2, 20
+  x = np.arange(n, dtype=np.float32)[:, None].repeat(3, 1)
+  st = store.write_store(str(tmp_path / "s"), x, context_len=length, shard_tokens=shard)
+  keep = [t for t in range(n) if (t % shard) % length >= skip]
+  src = data.BatchSource(st, batch_size=4, seed=0, skip_first_positions=skip)
+  seen = np.concatenate([src.batch(i)[:, 0] for i in range(src.batches_per_epoch)])
+  assert src.num_usable == len(keep)
+  assert set(seen.astype(int).tolist()) <= set(keep) and len(seen) == len(keep) // 4 * 4
+  idx = np.concatenate([b.index_B for b in heldout.iter_batches(st, 7, len(keep), skip)])
+  np.testing.assert_array_equal(idx, keep)
+  ctx, pos = heldout.context_of(store.write_store(str(tmp_path / "t"), x, np.arange(n, dtype=np.int32),
+                                                  context_len=length, shard_tokens=shard), 41)
+  assert ctx.tolist() == list(range(40, 48)) and pos == 1
+  assert positions.KeptTokens(st, skip).context_end([17, 19, 21]).tolist() == [19, 19, 27]

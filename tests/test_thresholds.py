@@ -21,7 +21,7 @@ def _make(tmp_path, t=96, d=6, n=10, k=3, seed=0, context_len=4):
   artifact.save_sae(str(tmp_path / "sae"), params, cfg)
   x = rng.normal(size=(t, d)).astype(np.float32)
   st = store.write_store(str(tmp_path / "store"), x, context_len=context_len)
-  return loaded_sae.load(str(tmp_path / "sae")), st, x, params
+  return loaded_sae.load_sae(str(tmp_path / "sae")), st, x, params
 
 
 def _brute(x, params, k, batch, skip, context_len, cfg):
@@ -80,7 +80,7 @@ def test_write_into_artifact_roundtrip(tmp_path):
   sae, st, _, _ = _make(tmp_path)
   theta, record = thresholds.calibrate(sae, st, thresholds.CalibrationConfig(batch_size=16), progress=False)
   thresholds.write_into_artifact(sae, theta, record)
-  again = loaded_sae.load(sae.path)
+  again = loaded_sae.load_sae(sae.path)
   np.testing.assert_array_equal(again.threshold_N, theta)
   assert again.cfg["has_threshold"] and again.cfg["threshold_calibration"]["method"] == record["method"]
   assert np.isinf(theta[-1]) or theta[-1] > 0

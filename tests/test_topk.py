@@ -49,28 +49,30 @@ def test_auxk_only_touches_dead_latents():
   out = sae.forward(params, x, 4)
   residual = out.xs_BxD - out.recon_std_BxD
 
-  def aux(w_dec, pre, res):
-    return losses.auxk_loss(pre, dead, w_dec, res, aux_k=8)
+  def aux(w_dec, pre, res, detach):
+    return losses.auxk_loss(pre, dead, w_dec, res, aux_k=8, detach=detach)
 
-  g_w, g_pre, g_res = jax.grad(aux, argnums=(0, 1, 2))(params["W_dec"], out.pre_BxN, residual)
-  live = ~np.asarray(dead)
-  assert np.abs(np.asarray(g_w)[live]).max() == 0.0
-  assert np.abs(np.asarray(g_pre)[:, live]).max() == 0.0
-  assert np.abs(np.asarray(g_w)[~live]).max() > 0.0
-  assert np.abs(np.asarray(g_res)).max() == 0.0  # the residual target is detached
-  # Numpy reference of the AuxK value.
+  # Numpy reference of the AuxK value and of its gradient w.r.t. the residual target.
   pre_np = np.where(np.asarray(dead), np.asarray(out.pre_BxN), 0.0)
   top = np.argsort(-pre_np, axis=1)[:, :8]
   a = np.zeros_like(pre_np)
   np.put_along_axis(a, top, np.take_along_axis(pre_np, top, 1), 1)
-  want = np.mean((a @ np.asarray(params["W_dec"]) - np.asarray(residual)) ** 2)
-  np.testing.assert_allclose(aux(params["W_dec"], out.pre_BxN, residual), want, rtol=1e-5)
+  diff = a @ np.asarray(params["W_dec"]) - np.asarray(residual)
+  for detach in (False, True):
+    g_w, g_pre, g_res = jax.grad(aux, argnums=(0, 1, 2))(params["W_dec"], out.pre_BxN, residual, detach)
+    live = ~np.asarray(dead)
+    assert np.abs(np.asarray(g_w)[live]).max() == 0.0
+    assert np.abs(np.asarray(g_pre)[:, live]).max() == 0.0
+    assert np.abs(np.asarray(g_w)[~live]).max() > 0.0
+    # The reference's target keeps its gradient, d/d(res) mean((a W - res)^2); OpenAI's recipe detaches it.
+    np.testing.assert_allclose(g_res, 0.0 if detach else -2 * diff / diff.size, atol=1e-7)
+    np.testing.assert_allclose(aux(params["W_dec"], out.pre_BxN, residual, detach), np.mean(diff ** 2), rtol=1e-5)
 
 
 def test_no_aux_loss_without_dead_latents():
   params = sae.init_params(jax.random.PRNGKey(0), 8, 32)
   x = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
-  loss, stats = losses.sae_loss(params, x, jnp.zeros((32,), bool), 2, "batchtopk", 512, 1 / 32)
+  loss, stats = losses.sae_loss(params, x, jnp.zeros((32,), jnp.int32), 2, "batchtopk", 512, 1 / 32)
   assert float(stats.aux) == 0.0
   np.testing.assert_allclose(loss, stats.mse)
 
@@ -92,7 +94,7 @@ def test_auxk_gathered_path_equals_full_width(n_dead):
     np.put_along_axis(a, top, np.take_along_axis(masked, top, 1), 1)
     return np.mean((a @ w - np.asarray(res)) ** 2)
 
-  f = lambda pre, w: losses.auxk_loss(pre, dead, w, res, 512)
+  f = lambda pre, w: losses.auxk_loss(pre, dead, w, res, 512, detach=True)
   np.testing.assert_allclose(f(pre, w), reference(np.asarray(pre), np.asarray(w)), rtol=1e-5)
   # Gradients agree with the plain full-width formula.
   def plain(pre, w):

@@ -27,7 +27,10 @@ def test_config_validation_names_the_field():
     dataclasses.replace(CFG, meta_k=12)
   with pytest.raises(metasae_jax.UserError, match="sigma_sq"):
     dataclasses.replace(CFG, sigma_sq=0.0)
-  assert metasae_jax.TrainConfig(d_model=8, width=1000).meta_width == 90
+  # The paper's 1800 meta latents at width 20480, scaled: round(width * 1800 / 20480).
+  assert metasae_jax.TrainConfig(d_model=8, width=20480).meta_width == 1800
+  assert metasae_jax.TrainConfig(d_model=8, width=1000).meta_width == 88  # 87.89
+  assert metasae_jax.TrainConfig(d_model=8, width=9216).meta_width == 810
 
 
 def test_decoder_rows_unit_norm_after_steps():

@@ -12,21 +12,22 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from metasae_jax.storage import atomic
+from metasae_jax.storage import artifact, atomic
 from metasae_jax.evaluation import examples as ex
 from metasae_jax.autointerp import prompts, report, scorers, selection
 from metasae_jax.autointerp.backends import Backend, BackendError, LocalBackend, make_backend
 from metasae_jax.autointerp.cache import CachedBackend
 from metasae_jax.autointerp.config import AutointerpConfig
-from metasae_jax.evaluation.encoder import SaeEncoder
-from metasae_jax.storage.layout import TokenLayout
+from metasae_jax.evaluation.encoder import StreamEncoder
+from metasae_jax.storage.loaded_sae import load_sae
+from metasae_jax.storage.positions import KeptTokens
 from metasae_jax.lm.tokens import Detokenizer
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage.store import open_store
 
 log = logging.getLogger(__name__)
 
-SAES = ("joint", "solo")
+SAES = artifact.SAE_NAMES
 # Random windows drawn once as candidate non-activating contexts, per needed negative.
 NEGATIVE_POOL_FACTOR = 8
 
@@ -47,26 +48,26 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
   """Runs the whole pipeline; writes run_dir/autointerp/{scores.json, explanations.md}; returns the scores."""
   t0 = time.time()
   out_dir = os.path.join(cfg.run_dir, "autointerp")
-  encoders = [SaeEncoder(os.path.join(cfg.run_dir, name)) for name in SAES]
+  encoders = [StreamEncoder(load_sae(os.path.join(cfg.run_dir, name))) for name in SAES]
   store = open_store(cfg.activations, require_tokens=True)
   for name, enc in zip(SAES, encoders):
-    if enc.d_model != store.d_model:
-      raise UserError(f"SAE {enc.path} has d_model {enc.d_model} but store {cfg.activations} has "
+    if enc.sae.d_model != store.d_model:
+      raise UserError(f"SAE {enc.sae.path} has d_model {enc.sae.d_model} but store {cfg.activations} has "
                       f"{store.d_model}. Pass a store exported from the SAE's model and layer.")
-  _warn_source_mismatch(encoders[0].cfg.get("source"), store.source, cfg.activations)
-  layout = TokenLayout(store, cfg.skip_first_positions)
-  num_kept = layout.num_kept if cfg.num_tokens == 0 else min(cfg.num_tokens, layout.num_kept)
+  _warn_source_mismatch(encoders[0].sae.cfg.get("source"), store.source, cfg.activations)
+  kept = KeptTokens(store, cfg.skip_first_positions)
+  num_kept = kept.num_kept if cfg.num_tokens == 0 else min(cfg.num_tokens, kept.num_kept)
   if num_kept < cfg.num_tokens:
     log.warning("store %s holds only %d tokens after skipping; using all of them", cfg.activations,
                 num_kept)
   if num_kept == 0:
     raise UserError(f"store {cfg.activations} has no tokens left after skipping the first "
-                    f"{layout.skip} positions of each context.")
+                    f"{kept.skip} positions of each context.")
 
-  pairs_Px2 = selection.match_pairs(encoders[0].w_dec_NxD, encoders[1].w_dec_NxD)
+  pairs_Px2 = selection.match_pairs(encoders[0].sae.W_dec, encoders[1].sae.W_dec)
   cands_Cx2 = selection.candidate_pairs(pairs_Px2, cfg.num_latents, cfg.candidate_factor, cfg.seed)
   with tqdm(total=num_kept, desc="autointerp: encode", unit="tok", disable=not cfg.progress) as bar:
-    pools = ex.stream(store, layout, encoders, [cands_Cx2[:, 0], cands_Cx2[:, 1]], num_kept,
+    pools = ex.stream(store, kept, encoders, [cands_Cx2[:, 0], cands_Cx2[:, 1]], num_kept,
                       cfg.batch_size, cfg.pool_top, cfg.pool_random, cfg.seed, bar.update)
   chosen = selection.choose(cands_Cx2, pools[0].count_N, pools[1].count_N, cfg.min_examples,
                             cfg.num_latents)
@@ -80,8 +81,8 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
   rng = np.random.default_rng(cfg.seed)
   neg_ranks = rng.choice(num_kept, size=min(num_kept, NEGATIVE_POOL_FACTOR * cfg.num_negative),
                          replace=False)
-  neg_ends = layout.kept_to_global(np.sort(neg_ranks))
-  per_sae = [_collect(store, layout, cfg, enc, pool, chosen, i, neg_ends, rng, name)
+  neg_ends = kept.kept_to_global(np.sort(neg_ranks))
+  per_sae = [_collect(store, kept, cfg, enc, pool, chosen, i, neg_ends, rng, name)
              for i, (name, enc, pool) in enumerate(zip(SAES, encoders, pools))]
 
   detok = Detokenizer.for_source(cfg.tokenizer or store.source.get("model"), backend)
@@ -101,7 +102,7 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
       "llm": llm.name,
       "activations": os.path.abspath(cfg.activations),
       "num_tokens": int(num_kept),
-      "skip_first_positions": layout.skip,
+      "skip_first_positions": kept.skip,
       "firing_rule": {name: enc.rule for name, enc in zip(SAES, encoders)},
       "joint": report.sae_summary(results["joint"]),
       "solo": report.sae_summary(results["solo"]),
@@ -118,7 +119,7 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
   return scores
 
 
-def _collect(store, layout, cfg, enc, pools, chosen, i, neg_ends, rng, name) -> list:
+def _collect(store, kept, cfg, enc, pools, chosen, i, neg_ends, rng, name) -> list:
   """Examples (explainer, held-out, non-activating) for the chosen latents of one SAE."""
   cols, ends = [], []
   info = []
@@ -129,11 +130,11 @@ def _collect(store, layout, cfg, enc, pools, chosen, i, neg_ends, rng, name) -> 
     latent = int(pools.cand_C[c])
     for sel in (explain, held):
       cols.append(latent)
-      ends.append(layout.kept_to_global(rank_P[sel]))
+      ends.append(kept.kept_to_global(rank_P[sel]))
     cols.append(latent)
     ends.append(neg_ends)
     info.append((latent, int(pools.count_N[latent]), float(pools.top_val_CxK[c].max())))
-  windows = ex.window_examples(store, layout, enc, pools, np.asarray(cols), ends, cfg.window)
+  windows = ex.window_examples(store, kept, enc, pools, np.asarray(cols), ends, cfg.window)
   out = []
   for j, (latent, fired, max_act) in enumerate(info):
     explain, held, negs = windows[3 * j:3 * j + 3]
@@ -209,8 +210,8 @@ def _explain_and_score(llm, cfg, lat: LatentExamples, detok, rng, bar) -> dict:
 
 
 def _pair_cosines(encoders, pairs_Px2: np.ndarray) -> np.ndarray:
-  a = encoders[0].w_dec_NxD[pairs_Px2[:, 0]]
-  b = encoders[1].w_dec_NxD[pairs_Px2[:, 1]]
+  a = encoders[0].sae.W_dec[pairs_Px2[:, 0]]
+  b = encoders[1].sae.W_dec[pairs_Px2[:, 1]]
   return np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 

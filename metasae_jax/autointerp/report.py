@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 import numpy as np
 import scipy.stats
 
+from metasae_jax.storage.artifact import SAE_NAMES
+
 METRICS = ("fuzz_spearman", "fuzz_balanced_accuracy")
 
 
@@ -45,7 +47,7 @@ def explanations_markdown(scores: dict) -> str:
   lines = ["# Autointerp explanations", "",
            f"LLM: `{scores['llm']}`; {scores['num_tokens']} tokens; pairs: {scores['paired']['num_pairs']}.",
            "", "| SAE | mean fuzz ρ | mean balanced acc. |", "|---|---|---|"]
-  for name in ("joint", "solo"):
+  for name in SAE_NAMES:
     s = scores[name]
     lines.append(f"| {name} | {_fmt(s['fuzz_spearman'])} | {_fmt(s['fuzz_balanced_accuracy'])} |")
   lines.append("")

@@ -2,7 +2,7 @@
 
 Legend: C = chosen (tracked) latents of one SAE, K = top tokens kept, R = reservoir
 of firing tokens, E = example contexts, W = window tokens, H = histogram bins.
-Contexts come from the autointerp streamer (bounded memory): a first pass counts
+Contexts come from the shared example streamer (evaluation/examples.py, bounded memory): a first pass counts
 every latent's firings to rank them, a second tracks the chosen latents' top
 tokens and a uniform sample of their firings.
 """
@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 from metasae_jax.evaluation import matching
 from metasae_jax.evaluation import examples as ex
-from metasae_jax.evaluation.encoder import SaeEncoder
-from metasae_jax.storage.layout import TokenLayout
+from metasae_jax.evaluation.encoder import StreamEncoder
+from metasae_jax.storage.loaded_sae import FIRINGS, load_sae
+from metasae_jax.storage.positions import KeptTokens
 from metasae_jax.lm.tokens import Detokenizer
 from metasae_jax.browser import select
 from metasae_jax.core.errors import UserError
@@ -58,7 +59,10 @@ class BrowserConfig:
   """Tokens shown after the example token (within its context)."""
   histogram_bins: int = 24
   batch_size: int = 4096
-  """Tokens per encoding batch; BatchTopK artifacts (no thresholds) select k*B per batch like training."""
+  """Tokens per encoding batch (BatchTopK firing selects k*B per batch like training)."""
+  firing: str = ""
+  """Firing rule: "threshold" (calibrated θ), "topk" (per token) or "batchtopk" (per batch); "" = θ when
+  the artifact has it, else per-token top-k (the library default). The page records the rule used."""
   skip_first_positions: int = 1
   """Leading positions of each context never encoded (attention sink, docs/method.md §3.2)."""
   tokenizer: str = ""
@@ -74,6 +78,8 @@ class BrowserConfig:
     for name in ("num_top", "num_quantiles", "reservoir", "batch_size", "histogram_bins"):
       if getattr(self, name) <= 0:
         raise UserError(f"{name} must be positive, got {getattr(self, name)}.")
+    if self.firing not in ("",) + FIRINGS:
+      raise UserError(f"--firing must be one of {FIRINGS} (or empty for the default), got {self.firing!r}.")
     if min(self.per_quantile, self.before, self.after, self.skip_first_positions) < 0:
       raise UserError("per_quantile, before, after and skip_first_positions must be >= 0.")
 
@@ -96,24 +102,25 @@ def build(cfg: BrowserConfig, detokenizer: Optional[Detokenizer] = None) -> dict
     if not os.path.isdir(os.path.join(cfg.run_dir, name)):
       raise UserError(f"--run_dir {cfg.run_dir} has no {name}/ SAE; the browser compares joint and solo "
                       "SAEs of one training run (experiments.train with --baseline).")
-  encoders = {name: SaeEncoder(os.path.join(cfg.run_dir, name)) for name in SAES}
+  encoders = {name: StreamEncoder(load_sae(os.path.join(cfg.run_dir, name)), cfg.firing or None)
+              for name in SAES}
   store = open_store(cfg.activations, require_tokens=True)
   for enc in encoders.values():
-    if enc.d_model != store.d_model:
-      raise UserError(f"SAE {enc.path} has d_model {enc.d_model} but store {cfg.activations} has "
+    if enc.sae.d_model != store.d_model:
+      raise UserError(f"SAE {enc.sae.path} has d_model {enc.sae.d_model} but store {cfg.activations} has "
                       f"{store.d_model}. Pass a store exported from the SAE's model and layer.")
-  layout = TokenLayout(store, cfg.skip_first_positions)
-  num_kept = layout.num_kept if cfg.num_tokens == 0 else min(cfg.num_tokens, layout.num_kept)
+  kept = KeptTokens(store, cfg.skip_first_positions)
+  num_kept = kept.num_kept if cfg.num_tokens == 0 else min(cfg.num_tokens, kept.num_kept)
   if num_kept == 0:
     raise UserError(f"store {cfg.activations} has no tokens left after skipping the first "
-                    f"{layout.skip} positions of each context.")
+                    f"{kept.skip} positions of each context.")
   report = read_json(os.path.join(cfg.run_dir, "report.json"), "experiments.evaluate")
   splits = read_json(os.path.join(cfg.run_dir, "split_candidates.json"), "experiments.evaluate") or []
   scores = read_json(os.path.join(cfg.run_dir, "autointerp", "scores.json"), "experiments.autointerp")
   scored = {name: {int(lat["id"]): lat for lat in (scores or {}).get(name, {}).get("latents", [])}
             for name in SAES}
 
-  m = matching.match_decoders(encoders["joint"].w_dec_NxD, encoders["solo"].w_dec_NxD)
+  m = matching.match_decoders(encoders["joint"].sae.W_dec, encoders["solo"].sae.W_dec)
   partners = select.partner_maps(m.joint_idx, m.solo_idx)
   cosine = {"joint": {int(j): float(c) for j, c in zip(m.joint_idx, m.cosine)},
             "solo": {int(s): float(c) for s, c in zip(m.solo_idx, m.cosine)}}
@@ -121,18 +128,18 @@ def build(cfg: BrowserConfig, detokenizer: Optional[Detokenizer] = None) -> dict
   encs = [encoders[name] for name in SAES]
   none = np.zeros(0, np.int64)
   with tqdm(total=2 * num_kept, desc="browse: encode", unit="tok", disable=not cfg.progress) as bar:
-    counting = ex.stream(store, layout, encs, [none, none], num_kept, cfg.batch_size, 1, 1, cfg.seed,
+    counting = ex.stream(store, kept, encs, [none, none], num_kept, cfg.batch_size, 1, 1, cfg.seed,
                          bar.update)
     counts = {name: p.count_N for name, p in zip(SAES, counting)}
     chosen = select.choose(select.priority(splits, scored, counts), partners, cfg.num_latents,
                            {name: enc.width for name, enc in encoders.items()})
-    pools = ex.stream(store, layout, encs, [np.asarray(chosen[n], np.int64) for n in SAES], num_kept,
+    pools = ex.stream(store, kept, encs, [np.asarray(chosen[n], np.int64) for n in SAES], num_kept,
                       cfg.batch_size, cfg.num_top, cfg.reservoir, cfg.seed, bar.update)
 
   rng = np.random.default_rng(cfg.seed)
   latents, token_ids = {}, set()
   for name, enc, pool in zip(SAES, encs, pools):
-    latents[name] = _latents(cfg, store, layout, enc, pool, num_kept, partners[name], cosine[name],
+    latents[name] = _latents(cfg, store, kept, enc, pool, num_kept, partners[name], cosine[name],
                              scored[name], rng)
     for lat in latents[name].values():
       for ctx in _contexts_of(lat):
@@ -142,7 +149,7 @@ def build(cfg: BrowserConfig, detokenizer: Optional[Detokenizer] = None) -> dict
   return {
       "title": os.path.basename(os.path.normpath(cfg.run_dir)),
       "meta": {"run_dir": os.path.abspath(cfg.run_dir), "activations": os.path.abspath(cfg.activations),
-               "source": store.source, "num_tokens": int(num_kept), "skip_first_positions": layout.skip,
+               "source": store.source, "num_tokens": int(num_kept), "skip_first_positions": kept.skip,
                "context_len": store.context_len,
                "firing_rule": {name: enc.rule for name, enc in encoders.items()},
                "widths": {name: int(enc.width) for name, enc in encoders.items()},
@@ -158,7 +165,7 @@ def _contexts_of(lat: dict) -> list:
   return lat["top"] + [c for q in lat["quantiles"] for c in q["contexts"]]
 
 
-def _latents(cfg, store, layout, enc, pool, num_kept, partner, cosine, scored, rng) -> dict:
+def _latents(cfg, store, kept, enc, pool, num_kept, partner, cosine, scored, rng) -> dict:
   """Page entries of one SAE's tracked latents."""
   ranks, cols, picks = [], [], []
   for c, latent in enumerate(pool.cand_C):
@@ -182,11 +189,11 @@ def _latents(cfg, store, layout, enc, pool, num_kept, partner, cosine, scored, r
 
   ends, focus = [], []
   for r in ranks:
-    g = layout.kept_to_global(np.asarray(r, np.int64))
-    end = np.minimum(g + cfg.after, _last_of_context(store, layout, g))
+    g = kept.kept_to_global(np.asarray(r, np.int64))
+    end = np.minimum(g + cfg.after, kept.context_end(g))
     ends.append(end)
     focus.append(end - g)
-  windows = ex.window_examples(store, layout, enc, pool, np.asarray(cols, np.int64), ends,
+  windows = ex.window_examples(store, kept, enc, pool, np.asarray(cols, np.int64), ends,
                                cfg.before + cfg.after + 1)
   out, w = {}, 0
   for latent, c, res_val, bins in picks:
@@ -211,13 +218,6 @@ def _latents(cfg, store, layout, enc, pool, num_kept, partner, cosine, scored, r
                     "fuzz_balanced_accuracy": _r(s.get("fuzz_balanced_accuracy"))})
     out[str(latent)] = entry
   return out
-
-
-def _last_of_context(store, layout, g_E: np.ndarray) -> np.ndarray:
-  """Global index of the last token of each token's context (a shard's last context may be short)."""
-  offsets = store.shard_offsets
-  shard_end = offsets[np.searchsorted(offsets, g_E, side="right")] - 1
-  return np.minimum(layout.context_start(g_E) + store.context_len - 1, shard_end)
 
 
 def _context(e: ex.Example, from_end: int) -> dict:

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-SAES = ("joint", "solo")
+from metasae_jax.storage.artifact import SAE_NAMES as SAES
 
 
 def other(sae: str) -> str:

@@ -4,6 +4,15 @@ import dataclasses
 
 from metasae_jax.core.errors import UserError
 
+# The paper's meta SAE: 1800 latents for a 20480-wide primary.
+PAPER_META_WIDTH, PAPER_WIDTH = 1800, 20480
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def default_meta_width(width: int) -> int:
+  """round(width * 1800 / 20480): the paper's meta width, scaled to this primary width."""
+  return max(1, round(width * PAPER_META_WIDTH / PAPER_WIDTH))
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -16,9 +25,10 @@ class TrainConfig:
   k: int = 64
   """Mean active latents per token; BatchTopK keeps k*B per batch (paper: 64)."""
   meta_width: int = 0
-  """Meta SAE latents M; 0 means round(0.09 * width), the paper's ratio 1800/20480."""
+  """Meta SAE latents M; 0 means round(width * 1800 / 20480), the paper's 1800 at its width 20480."""
   meta_k: int = 8
-  """Active meta latents per decoder row (paper: 8)."""
+  """Active meta latents per decoder row (paper's text: 8; the reference's run script for the selected
+  GPT-2 large configuration uses 4, see the gpt2_large_l20 preset)."""
   lambda2: float = 0.3
   """Decomposability penalty weight λ₂ (paper's selected configuration: 0.3); 0 disables it."""
   sigma_sq: float = 1.0
@@ -26,9 +36,9 @@ class TrainConfig:
   penalty_grad: str = "stop"
   """"stop": ŵ is a constant (the paper); "through": gradients flow through the frozen meta SAE."""
   n_primary_steps: int = 10
-  """Primary steps between meta phases (paper: 10)."""
+  """Primary steps between meta phases (paper's text: 10; the reference's run script: 100)."""
   n_meta_steps: int = 5
-  """Meta SAE steps per meta phase, on the whole W_dec as one batch (paper: 5)."""
+  """Meta SAE steps per meta phase, on the whole W_dec as one batch (paper's text: 5; reference script: 10)."""
   batch_size: int = 4096
   """Tokens per global batch B (paper: ~4096)."""
   lr: float = 3e-4
@@ -42,17 +52,23 @@ class TrainConfig:
   aux_coeff: float = 1 / 32
   """AuxK loss weight (reference: 1/32)."""
   dead_after_batches: int = 5
-  """A latent is dead after this many batches without firing (reference: 5)."""
+  """A latent is dead after this many batches without firing, counting the current one (reference: 5)."""
+  auxk_detach: bool = False
+  """Detach the AuxK target residual x' - x̂'. False (default) is the paper's reference code, where AuxK's
+  gradient also reaches the main reconstruction; True is OpenAI's TopK recipe."""
   seed: int = 0
   """Seed for initialisation; the solo SAE starts from the same init as the joint primary."""
   baseline: bool = True
   """Train the solo SAE (no meta SAE, no penalty) in lockstep on identical batches."""
   activation: str = "batchtopk"
   """Primary activation: "batchtopk" (the paper) or per-token "topk"."""
+  compute_dtype: str = "float32"
+  """Matmul input dtype of the primary SAEs: "float32" (default) or "bfloat16" (opt-in, for accelerators).
+  Products accumulate in float32; master weights, Adam state and losses stay float32."""
 
   def __post_init__(self):
     if self.meta_width == 0:
-      object.__setattr__(self, "meta_width", max(1, round(0.09 * self.width)))
+      object.__setattr__(self, "meta_width", default_meta_width(self.width))
     checks = [
         (self.d_model > 0, f"d_model must be positive, got {self.d_model}"),
         (self.width > 0, f"width must be positive, got {self.width}"),
@@ -75,6 +91,8 @@ class TrainConfig:
         (self.dead_after_batches > 0, f"dead_after_batches must be positive, got {self.dead_after_batches}"),
         (self.activation in ("batchtopk", "topk"),
          f"activation must be 'batchtopk' or 'topk', got {self.activation!r}"),
+        (self.compute_dtype in COMPUTE_DTYPES,
+         f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}"),
     ]
     for ok, message in checks:
       if not ok:

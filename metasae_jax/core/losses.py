@@ -12,12 +12,12 @@ from metasae_jax.core import sae, sparse, topk
 
 
 class SAELoss(NamedTuple):
-  """Loss pieces and batch statistics of one SAE forward (everything a scalar but fired_N)."""
+  """Loss pieces and batch statistics of one SAE forward (everything a scalar but since_fired_N)."""
   mse: jax.Array
   aux: jax.Array
   fvu: jax.Array
   l0: jax.Array
-  fired_N: jax.Array  # bool: latent fired somewhere in the (global) batch
+  since_fired_N: jax.Array  # int32: batches since each latent fired, this (global) batch included
 
 
 def _pmean(x, axis_name):
@@ -29,12 +29,18 @@ def _psum(x, axis_name):
 
 
 def auxk_loss(pre_BxN: jax.Array, dead_N: jax.Array, w_dec_NxD: jax.Array, residual_BxD: jax.Array,
-              aux_k: int) -> jax.Array:
-  """MSE of reconstructing the detached residual from each token's top aux_k dead latents."""
-  return _auxk(lambda: pre_BxN, lambda idx_M: pre_BxN[:, idx_M], dead_N, w_dec_NxD, residual_BxD, aux_k)
+              aux_k: int, detach: bool = False) -> jax.Array:
+  """MSE of reconstructing the residual from each token's top aux_k dead latents.
+
+  `detach=False` is the paper's reference (the residual target keeps its
+  gradient, so AuxK also trains the main reconstruction); True is OpenAI's TopK
+  recipe (the target is a constant).
+  """
+  return _auxk(lambda: pre_BxN, lambda idx_M: pre_BxN[:, idx_M], dead_N, w_dec_NxD, residual_BxD, aux_k,
+               detach)
 
 
-def _auxk(pre_all, pre_columns, dead_N, w_dec_NxD, residual_BxD, aux_k):
+def _auxk(pre_all, pre_columns, dead_N, w_dec_NxD, residual_BxD, aux_k, detach, compute_dtype="float32"):
   """AuxK given functions for the pre-activations of all latents or of chosen columns.
 
   Usually few latents are dead, so when at most `dead_cap(N)` are, only their
@@ -42,7 +48,7 @@ def _auxk(pre_all, pre_columns, dead_N, w_dec_NxD, residual_BxD, aux_k):
   with more dead latents the full-width path runs. Both are exact.
   """
   n = dead_N.shape[0]
-  target_BxD = jax.lax.stop_gradient(residual_BxD)
+  target_BxD = jax.lax.stop_gradient(residual_BxD) if detach else residual_BxD
   cap = dead_cap(n)
 
   def full():
@@ -50,13 +56,13 @@ def _auxk(pre_all, pre_columns, dead_N, w_dec_NxD, residual_BxD, aux_k):
     # picks are zeros and contribute nothing: the reference's min(aux_k, #dead).
     masked_BxN = jnp.where(dead_N, pre_all(), 0.0)
     aux_BxN = topk.topk_per_token(masked_BxN, min(aux_k, n))
-    return jnp.mean((aux_BxN @ w_dec_NxD - target_BxD) ** 2)
+    return jnp.mean((sae.matmul(aux_BxN, w_dec_NxD, compute_dtype) - target_BxD) ** 2)
 
   def capped():
     _, idx_M = jax.lax.top_k(dead_N.astype(jnp.float32), cap)  # every dead latent, padded with live ones
     masked_BxM = jnp.where(dead_N[idx_M], pre_columns(idx_M), 0.0)
     aux_BxM = topk.topk_per_token(masked_BxM, min(aux_k, cap))
-    return jnp.mean((aux_BxM @ w_dec_NxD[idx_M] - target_BxD) ** 2)
+    return jnp.mean((sae.matmul(aux_BxM, w_dec_NxD[idx_M], compute_dtype) - target_BxD) ** 2)
 
   if cap >= n:
     return full()
@@ -80,10 +86,11 @@ class _Recon(NamedTuple):
   l0_sum: jax.Array  # active entries in this (local) batch
 
 
-def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_name: Optional[str]):
+def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_name: Optional[str],
+                 compute_dtype: str = "float32"):
   """The SAE's reconstruction with gradient: over C slots per token (spilling rows exactly on the side),
   dense when many rows spill or the slots are not a small fraction of the width."""
-  pre_BxN = jax.lax.stop_gradient(sae.pre_activations(params, xs_BxD))
+  pre_BxN = jax.lax.stop_gradient(sae.pre_activations(params, xs_BxD, compute_dtype))
   b, n = pre_BxN.shape
   if activation == "batchtopk":
     cand_BxC, idx_BxC = topk.candidates(pre_BxN, k)
@@ -103,44 +110,52 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
     on_BxC = (vals_BxC > 0).astype(jnp.int32)
     active_N = jnp.zeros((n,), jnp.int32).at[idx_BxC.reshape(-1)].add(on_BxC.reshape(-1))
     # Spilling rows (more selected entries than slots) are decoded densely, exactly.
-    pre_RxN = sae.pre_activations(params, xs_BxD[sel.spill_idx_R])
+    pre_RxN = sae.pre_activations(params, xs_BxD[sel.spill_idx_R], compute_dtype)
     keep_R = sel.spill_mask_R[:, None]
     pre_thresh = thresh if jnp.ndim(thresh) == 0 else thresh[sel.spill_idx_R]
     acts_RxN = jnp.where((pre_RxN >= pre_thresh) & (pre_RxN > 0) & keep_R, pre_RxN, 0.0)
-    recon = recon.at[sel.spill_idx_R].add(acts_RxN @ params["W_dec"])
+    recon = recon.at[sel.spill_idx_R].add(sae.matmul(acts_RxN, params["W_dec"], compute_dtype))
     on_RxN = (acts_RxN > 0).astype(jnp.int32)
     return _Recon(recon + params["b_dec"], active_N + jnp.sum(on_RxN, axis=0),
                   jnp.sum(on_BxC) + jnp.sum(on_RxN))
 
   def dense_path():
-    pre = sae.pre_activations(params, xs_BxD)
+    pre = sae.pre_activations(params, xs_BxD, compute_dtype)
     acts_BxN = jnp.where((pre >= thresh) & (pre > 0), pre, 0.0)
     on_BxN = (acts_BxN > 0).astype(jnp.int32)
-    return _Recon(sae.decode_std(params, acts_BxN), jnp.sum(on_BxN, axis=0), jnp.sum(on_BxN))
+    return _Recon(sae.decode_std(params, acts_BxN, compute_dtype), jnp.sum(on_BxN, axis=0), jnp.sum(on_BxN))
 
   if cand_BxC.shape[1] * SPARSE_MIN_RATIO > n:  # scatters cost ~this much more per element than a matmul
     return dense_path(), pre_BxN
   return jax.lax.cond(sel.dense, dense_path, sparse_path), pre_BxN
 
 
-def sae_loss(params: dict, x_BxD: jax.Array, dead_N: jax.Array, k: int, activation: str, aux_k: int,
-             aux_coeff: float, axis_name: Optional[str] = None) -> tuple[jax.Array, SAELoss]:
-  """MSE on standardised inputs + aux_coeff * AuxK (only when some latent is dead)."""
+def sae_loss(params: dict, x_BxD: jax.Array, since_fired_N: jax.Array, k: int, activation: str, aux_k: int,
+             aux_coeff: float, *, dead_after_batches: int = 5, auxk_detach: bool = False,
+             compute_dtype: str = "float32", axis_name: Optional[str] = None) -> tuple[jax.Array, SAELoss]:
+  """MSE on standardised inputs + aux_coeff * AuxK over the latents dead after this batch.
+
+  `since_fired_N` counts batches since each latent last fired, before this one.
+  As in the reference, this batch is counted first (a latent that fires now is
+  not dead) and then latents at >= dead_after_batches feed AuxK; the updated
+  counter comes back in the stats.
+  """
   xs, mean, std = sae.standardize(x_BxD)
-  rec, pre_BxN = _reconstruct(params, xs, k, activation, axis_name)
+  rec, pre_BxN = _reconstruct(params, xs, k, activation, axis_name, compute_dtype)
+  since_N = update_since_fired(since_fired_N, _psum(rec.active_N, axis_name) > 0)
+  dead_N = since_N >= dead_after_batches
   mse = jnp.mean((rec.recon_std_BxD - xs) ** 2)
   residual = xs - rec.recon_std_BxD
 
   def pre_columns(idx_M):  # with gradient, and sparse in W_enc
     w = params["W_enc"][:, idx_M]
-    return jax.nn.relu(xs @ w - params["b_dec"] @ w + params["b_enc"][idx_M])
+    return jax.nn.relu(sae.matmul(xs, w, compute_dtype) - params["b_dec"] @ w + params["b_enc"][idx_M])
 
   aux = jax.lax.cond(jnp.any(dead_N),
-                     lambda: _auxk(lambda: sae.pre_activations(params, xs), pre_columns, dead_N,
-                                   params["W_dec"], residual, aux_k),
+                     lambda: _auxk(lambda: sae.pre_activations(params, xs, compute_dtype), pre_columns, dead_N,
+                                   params["W_dec"], residual, aux_k, auxk_detach, compute_dtype),
                      # zeros_like, not zeros: under shard_map both branches must vary over the axis alike.
                      lambda: jnp.zeros_like(mse))
-  fired_N = _psum(rec.active_N, axis_name) > 0
   x = jax.lax.stop_gradient(x_BxD)
   recon = sae.unstandardize(jax.lax.stop_gradient(rec.recon_std_BxD), mean, std)
   # FVU over the (global) batch, in the input's own space.
@@ -149,7 +164,7 @@ def sae_loss(params: dict, x_BxD: jax.Array, dead_N: jax.Array, k: int, activati
   err = _psum(jnp.sum((x - recon) ** 2), axis_name)
   var = _psum(jnp.sum((x - mean_D) ** 2), axis_name)
   l0 = _pmean(rec.l0_sum.astype(jnp.float32) / x.shape[0], axis_name)
-  stats = SAELoss(mse=mse, aux=aux, fvu=err / var, l0=l0, fired_N=fired_N)
+  stats = SAELoss(mse=mse, aux=aux, fvu=err / var, l0=l0, since_fired_N=since_N)
   return mse + aux_coeff * aux, stats
 
 

@@ -17,6 +17,7 @@ class MetaRecon(NamedTuple):
   """Meta reconstruction of decoder rows; `recon_NxD` is mapped back to each row's own scale."""
   recon_NxD: jax.Array
   mse: jax.Array  # in standardised space, the meta SAE's own loss
+  fired_M: jax.Array  # bool: meta latent fired on some row (advances the meta SAE's dead counter)
 
 
 def meta_inputs(w_dec_NxD: jax.Array) -> jax.Array:
@@ -26,7 +27,8 @@ def meta_inputs(w_dec_NxD: jax.Array) -> jax.Array:
 
 def reconstruct(meta_params: dict, w_NxD: jax.Array, meta_k: int) -> MetaRecon:
   out = sae.forward(meta_params, w_NxD, meta_k, "batchtopk")
-  return MetaRecon(out.recon_BxD, jnp.mean((out.recon_std_BxD - out.xs_BxD) ** 2))
+  return MetaRecon(out.recon_BxD, jnp.mean((out.recon_std_BxD - out.xs_BxD) ** 2),
+                   jnp.any(jax.lax.stop_gradient(out.acts_BxN) > 0, axis=0))
 
 
 def penalty(w_dec_NxD: jax.Array, meta_params: dict, meta_k: int, sigma_sq: float,
@@ -49,10 +51,11 @@ def penalty(w_dec_NxD: jax.Array, meta_params: dict, meta_k: int, sigma_sq: floa
   return jnp.mean(p_N), rec
 
 
-def meta_loss(meta_params: dict, w_NxD: jax.Array, dead_M: jax.Array, meta_k: int, aux_k: int,
-              aux_coeff: float):
+def meta_loss(meta_params: dict, w_NxD: jax.Array, since_fired_M: jax.Array, meta_k: int, aux_k: int,
+              aux_coeff: float, dead_after_batches: int = 5, auxk_detach: bool = False):
   """The meta SAE's own objective (MSE + AuxK) on decoder rows, never the penalty."""
-  return losses.sae_loss(meta_params, w_NxD, dead_M, meta_k, "batchtopk", aux_k, aux_coeff)
+  return losses.sae_loss(meta_params, w_NxD, since_fired_M, meta_k, "batchtopk", aux_k, aux_coeff,
+                         dead_after_batches=dead_after_batches, auxk_detach=auxk_detach)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "steps", "lr", "aux_k", "aux_coeff", "dead_after_batches"))
@@ -62,10 +65,10 @@ def _fit(params, w_NxD, k, steps, lr, aux_k, aux_coeff, dead_after_batches):
 
   def step(carry, _):
     params, opt_state, since_M = carry
-    grads, stats = jax.grad(meta_loss, has_aux=True)(
-        params, w_NxD, since_M >= dead_after_batches, k, aux_k, aux_coeff)
+    grads, stats = jax.grad(meta_loss, has_aux=True)(params, w_NxD, since_M, k, aux_k, aux_coeff,
+                                                     dead_after_batches)
     params, opt_state = optimizer.apply(tx, params, grads, opt_state)
-    return (params, opt_state, losses.update_since_fired(since_M, stats.fired_N)), None
+    return (params, opt_state, stats.since_fired_N), None
 
   since_M = jnp.zeros((params["W_enc"].shape[1],), jnp.int32)
   (params, _, _), _ = jax.lax.scan(step, (params, tx.init(params), since_M), None, length=steps)

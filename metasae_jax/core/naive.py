@@ -7,6 +7,7 @@ N decoder rows every step for the penalty, joint and solo as separate jitted ste
 Same math as `train_step`; only the cost differs.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -17,46 +18,58 @@ from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.train_step import SAEState, TrainState
 
 
-def _forward(params, x_BxD, k):
+def _forward(params, x_BxD, k, compute_dtype="float32"):
   xs, mean, std = sae.standardize(x_BxD)
-  pre = jax.nn.relu((xs - params["b_dec"]) @ params["W_enc"])
+  pre = jax.nn.relu(sae.matmul(xs - params["b_dec"], params["W_enc"], compute_dtype))
   acts = topk.batchtopk_reference(pre, k)
-  recon_std = acts @ params["W_dec"] + params["b_dec"]
+  recon_std = sae.matmul(acts, params["W_dec"], compute_dtype) + params["b_dec"]
   return xs, pre, acts, recon_std
 
 
-def _loss(params, x_BxD, dead_N, config: TrainConfig, meta_params, lambda2):
-  xs, pre, acts, recon_std = _forward(params, x_BxD, config.k)
+def loss(params, x_BxD, since_fired_N, config: TrainConfig, meta_params, lambda2):
+  """Primary loss (MSE + AuxK + λ₂ · penalty); aux = (updated dead counter, meta latents fired or None)."""
+  xs, pre, acts, recon_std = _forward(params, x_BxD, config.k, config.compute_dtype)
   mse = jnp.mean((recon_std - xs) ** 2)
-  residual = jax.lax.stop_gradient(xs - recon_std)
+  # The reference: count this batch, then test; the AuxK target keeps its gradient unless detached.
+  since = jnp.where(jnp.sum(acts > 0, axis=0) > 0, 0, since_fired_N + 1)
+  dead_N = since >= config.dead_after_batches
+  residual = xs - recon_std
+  if config.auxk_detach:
+    residual = jax.lax.stop_gradient(residual)
   masked = jnp.where(dead_N, pre, 0.0)
   aux_acts = topk.topk_per_token(masked, min(config.aux_k, pre.shape[-1]))
-  aux = jnp.where(jnp.any(dead_N), jnp.mean((aux_acts @ params["W_dec"] - residual) ** 2), 0.0)
-  loss = mse + config.aux_coeff * aux
+  aux_recon = sae.matmul(aux_acts, params["W_dec"], config.compute_dtype)
+  aux = jnp.where(jnp.any(dead_N), jnp.mean((aux_recon - residual) ** 2), 0.0)
+  total = mse + config.aux_coeff * aux
+  fired_M = None
   if lambda2:
-    pen, _ = meta.penalty(params["W_dec"], meta_params, config.meta_k, config.sigma_sq, config.penalty_grad)
-    loss = loss + lambda2 * pen
-  return loss, jnp.sum(acts > 0, axis=0) > 0
+    pen, rec = meta.penalty(params["W_dec"], meta_params, config.meta_k, config.sigma_sq, config.penalty_grad)
+    total = total + lambda2 * pen
+    fired_M = rec.fired_M
+  return total, (since, fired_M)
 
 
 def _update(s: SAEState, x_BxD, config, meta_params, lambda2):
-  grads, fired = jax.grad(_loss, has_aux=True)(s.params, x_BxD, s.since_fired >= config.dead_after_batches,
-                                               config, meta_params, lambda2)
+  grads, (since, fired_M) = jax.grad(loss, has_aux=True)(s.params, x_BxD, s.since_fired, config, meta_params,
+                                                         lambda2)
   params, opt = optimizer.apply(optimizer.adam(config.lr, config.b1, config.b2), s.params, grads, s.opt_state)
-  return SAEState(params, opt, jnp.where(fired, 0, s.since_fired + 1))
+  return SAEState(params, opt, since), fired_M
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def joint_step(state: TrainState, x_BxD):
   """Primary update with the penalty (meta SAE evaluated on all rows, every step)."""
   c = state.config
-  return state.replace(joint=_update(state.joint, x_BxD.astype(jnp.float32), c, state.meta.params, c.lambda2),
-                       step=state.step + 1)
+  joint, fired_M = _update(state.joint, x_BxD.astype(jnp.float32), c, state.meta.params, c.lambda2)
+  m = state.meta
+  if fired_M is not None:  # the penalty's meta forward advances the meta SAE's dead counter
+    m = m.replace(since_fired=jnp.where(fired_M, 0, m.since_fired + 1))
+  return state.replace(joint=joint, meta=m, step=state.step + 1)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def solo_step(state: TrainState, x_BxD):
-  return state.replace(solo=_update(state.solo, x_BxD.astype(jnp.float32), state.config, None, 0.0))
+  return state.replace(solo=_update(state.solo, x_BxD.astype(jnp.float32), state.config, None, 0.0)[0])
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -65,10 +78,15 @@ def meta_step(state: TrainState):
   c = state.config
   w = meta.meta_inputs(state.joint.params["W_dec"])
   m = state.meta
-  grads, stats = jax.grad(meta.meta_loss, has_aux=True)(m.params, w, m.since_fired >= c.dead_after_batches,
-                                                        c.meta_k, c.aux_k, c.aux_coeff)
+  grads, (since, _) = jax.grad(_meta_loss, has_aux=True)(m.params, w, m.since_fired, c)
   params, opt = optimizer.apply(optimizer.adam(c.lr, c.b1, c.b2), m.params, grads, m.opt_state)
-  return state.replace(meta=SAEState(params, opt, jnp.where(stats.fired_N, 0, m.since_fired + 1)))
+  return state.replace(meta=SAEState(params, opt, since))
+
+
+def _meta_loss(params, w_NxD, since_fired_M, c: TrainConfig):
+  """The meta SAE's MSE + AuxK, written out like `loss` (dense, full-width AuxK), in float32."""
+  meta_c = dataclasses.replace(c, k=c.meta_k, compute_dtype="float32")
+  return loss(params, w_NxD, since_fired_M, meta_c, None, 0.0)
 
 
 def run_steps(state: TrainState, batches) -> TrainState:

@@ -6,6 +6,7 @@ Params are a plain dict {"W_enc": [D, N], "b_enc": [N], "W_dec": [N, D], "b_dec"
 the SAELens tensor names, so what `train_step` sees is an ordinary pytree.
 """
 
+import functools
 from typing import NamedTuple, Optional
 
 import flax.linen as nn
@@ -25,9 +26,12 @@ def standardize(x_BxD: jax.Array):
   return (x_BxD - mean_Bx1) / (std_Bx1 + STD_EPS), mean_Bx1, std_Bx1
 
 
-def unstandardize(xs_BxD: jax.Array, mean_Bx1: jax.Array, std_Bx1: jax.Array) -> jax.Array:
-  """Maps back with x' * std + mean: the reference leaves the eps out here (the golden rows pin it)."""
-  return xs_BxD * std_Bx1 + mean_Bx1
+def unstandardize(xs_BxD: jax.Array, mean_Bx1: Optional[jax.Array], std_Bx1: Optional[jax.Array]) -> jax.Array:
+  """Maps back with x' * std + mean (identity without statistics, i.e. input_norm "none").
+
+  The reference leaves the eps out here (the golden rows pin it).
+  """
+  return xs_BxD if mean_Bx1 is None else xs_BxD * std_Bx1 + mean_Bx1
 
 
 def normalize_rows(w_NxD: jax.Array) -> jax.Array:
@@ -71,23 +75,62 @@ class Forward(NamedTuple):
   recon_BxD: jax.Array
 
 
-def pre_activations(params: dict, xs_BxD: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _low_matmul(a_BxK: jax.Array, b_KxN: jax.Array, dtype: str) -> jax.Array:
+  return jnp.matmul(a_BxK.astype(dtype), b_KxN.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _low_matmul_fwd(a, b, dtype):
+  return _low_matmul(a, b, dtype), (a.astype(dtype), b.astype(dtype))
+
+
+def _low_matmul_bwd(dtype, res, g_BxN):
+  # Both backward products also take low-precision inputs and accumulate in float32,
+  # and the float32 results reach the float32 master weights unrounded (autodiff of
+  # astype would round each gradient to the low dtype on its way back).
+  a, b = res
+  g = g_BxN.astype(dtype)
+  return (jnp.matmul(g, b.T, preferred_element_type=jnp.float32),
+          jnp.matmul(a.T, g, preferred_element_type=jnp.float32))
+
+
+_low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)
+
+
+def matmul(a_BxK: jax.Array, b_KxN: jax.Array, compute_dtype: str = "float32") -> jax.Array:
+  """a @ b with inputs in `compute_dtype` and a float32 result (float32: the plain product)."""
+  if compute_dtype == "float32":
+    return a_BxK @ b_KxN
+  return _low_matmul(a_BxK, b_KxN, compute_dtype)
+
+
+def pre_activations(params: dict, xs_BxD: jax.Array, compute_dtype: str = "float32") -> jax.Array:
   """ReLU((x' - b_dec) W_enc + b_enc); b_enc is zero and frozen in our training (BatchTopK has none).
 
   Written as x' W_enc - b_dec W_enc so that b_dec's gradient through the encoder
   is a [D, N] x [N] product of the summed gradient, not a sixth B x N x D matmul.
   """
-  return jax.nn.relu(xs_BxD @ params["W_enc"] - params["b_dec"] @ params["W_enc"] + params["b_enc"])
+  return jax.nn.relu(matmul(xs_BxD, params["W_enc"], compute_dtype) - params["b_dec"] @ params["W_enc"]
+                     + params["b_enc"])
 
 
-def decode_std(params: dict, acts_BxN: jax.Array) -> jax.Array:
-  return acts_BxN @ params["W_dec"] + params["b_dec"]
+def decode_std(params: dict, acts_BxN: jax.Array, compute_dtype: str = "float32") -> jax.Array:
+  return matmul(acts_BxN, params["W_dec"], compute_dtype) + params["b_dec"]
 
 
-def forward(params: dict, x_BxD: jax.Array, k: int, activation: str = "batchtopk",
-            input_norm: str = "standardize_per_token", axis_name: Optional[str] = None,
-            threshold_N: Optional[jax.Array] = None) -> Forward:
-  """Encodes and decodes a batch. With `threshold_N`, fires by calibrated thresholds instead."""
+class Encoding(NamedTuple):
+  """The encoder half of a forward pass (`mean`/`std` are None without input standardisation)."""
+  xs_BxD: jax.Array
+  mean_Bx1: Optional[jax.Array]
+  std_Bx1: Optional[jax.Array]
+  pre_BxN: jax.Array
+  acts_BxN: jax.Array
+
+
+def encode(params: dict, x_BxD: jax.Array, k: int, activation: str = "batchtopk",
+           input_norm: str = "standardize_per_token", axis_name: Optional[str] = None,
+           threshold_N: Optional[jax.Array] = None) -> Encoding:
+  """Standardises, computes pre-activations and fires them: by `activation`, or by `threshold_N` when given."""
   if input_norm == "standardize_per_token":
     xs, mean, std = standardize(x_BxD)
   elif input_norm == "none":
@@ -99,6 +142,14 @@ def forward(params: dict, x_BxD: jax.Array, k: int, activation: str = "batchtopk
     acts = topk.threshold_activation(pre, threshold_N)
   else:
     acts = topk.activate(pre, activation, k, axis_name)
-  recon_std = decode_std(params, acts)
-  recon = recon_std if mean is None else unstandardize(recon_std, mean, std)
-  return Forward(xs, pre, acts, recon_std, recon)
+  return Encoding(xs, mean, std, pre, acts)
+
+
+def forward(params: dict, x_BxD: jax.Array, k: int, activation: str = "batchtopk",
+            input_norm: str = "standardize_per_token", axis_name: Optional[str] = None,
+            threshold_N: Optional[jax.Array] = None) -> Forward:
+  """Encodes and decodes a batch. With `threshold_N`, fires by calibrated thresholds instead."""
+  enc = encode(params, x_BxD, k, activation, input_norm, axis_name, threshold_N)
+  recon_std = decode_std(params, enc.acts_BxN)
+  recon = unstandardize(recon_std, enc.mean_Bx1, enc.std_Bx1)
+  return Forward(enc.xs_BxD, enc.pre_BxN, enc.acts_BxN, recon_std, recon)

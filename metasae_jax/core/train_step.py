@@ -83,24 +83,36 @@ def _sae_metrics(prefix: str, loss, stats: losses.SAELoss, since_fired, config) 
 
 
 def _primary_update(s: SAEState, x_BxD, config, meta_params, lambda2, axis_name):
-  """One Adam step of a primary SAE; with lambda2 > 0 its loss includes the penalty."""
+  """One Adam step of a primary SAE; with lambda2 > 0 its loss includes the penalty.
+
+  Also returns which meta latents fired in the penalty's forward (None without
+  the penalty): the reference advances the meta SAE's dead counter there too.
+  """
 
   def loss_fn(params):
-    loss, stats = losses.sae_loss(params, x_BxD, _dead(s, config), config.k, config.activation,
-                                  config.aux_k, config.aux_coeff, axis_name)
+    loss, stats = losses.sae_loss(params, x_BxD, s.since_fired, config.k, config.activation, config.aux_k,
+                                  config.aux_coeff, dead_after_batches=config.dead_after_batches,
+                                  auxk_detach=config.auxk_detach, compute_dtype=config.compute_dtype,
+                                  axis_name=axis_name)
     if lambda2 is None:
-      return loss, (loss, stats, jnp.zeros(()), jnp.zeros(()))
+      return loss, (loss, stats, jnp.zeros(()), jnp.zeros(()), None)
     pen, rec = meta.penalty(params["W_dec"], meta_params, config.meta_k, config.sigma_sq,
                             config.penalty_grad)
-    return loss + lambda2 * pen, (loss, stats, pen, rec.mse)
+    return loss + lambda2 * pen, (loss, stats, pen, rec.mse, rec.fired_M)
 
-  grads, (sae_part, stats, pen, meta_mse) = jax.grad(loss_fn, has_aux=True)(_vary(s.params, axis_name))
+  grads, (sae_part, stats, pen, meta_mse, meta_fired_M) = jax.grad(loss_fn, has_aux=True)(
+      _vary(s.params, axis_name))
   grads = _pmean(grads, axis_name)
   params, opt_state = optimizer.apply(_tx(config), s.params, grads, s.opt_state)
-  since = losses.update_since_fired(s.since_fired, stats.fired_N)
-  sae_part, stats, pen, meta_mse = _pmean((sae_part, stats._replace(fired_N=jnp.zeros(())), pen, meta_mse),
-                                          axis_name)
-  return SAEState(params, opt_state, since), sae_part, stats, pen, meta_mse
+  # The counter comes from the globally summed firing, so it is the same on every device.
+  since = stats.since_fired_N
+  if meta_fired_M is not None and axis_name is not None:
+    # Every device ran the same penalty forward on the same W_dec; the psum only makes that
+    # visible to shard_map, which otherwise treats the result as varying over the axis.
+    meta_fired_M = jax.lax.psum(meta_fired_M.astype(jnp.int32), axis_name) > 0
+  sae_part, stats, pen, meta_mse = _pmean(
+      (sae_part, stats._replace(since_fired_N=jnp.zeros(())), pen, meta_mse), axis_name)
+  return SAEState(params, opt_state, since), sae_part, stats, pen, meta_mse, meta_fired_M
 
 
 def _meta_phase(m: SAEState, w_dec_NxD, config) -> SAEState:
@@ -110,9 +122,10 @@ def _meta_phase(m: SAEState, w_dec_NxD, config) -> SAEState:
 
   def body(_, m):
     grads, stats = jax.grad(meta.meta_loss, has_aux=True)(
-        m.params, w_NxD, _dead(m, config), config.meta_k, config.aux_k, config.aux_coeff)
+        m.params, w_NxD, m.since_fired, config.meta_k, config.aux_k, config.aux_coeff,
+        config.dead_after_batches, config.auxk_detach)
     params, opt_state = optimizer.apply(tx, m.params, grads, m.opt_state)
-    return SAEState(params, opt_state, losses.update_since_fired(m.since_fired, stats.fired_N))
+    return SAEState(params, opt_state, stats.since_fired_N)
 
   return jax.lax.fori_loop(0, config.n_meta_steps, body, m)
 
@@ -128,15 +141,18 @@ def train_step(state: TrainState, batch_BxD: jax.Array, axis_name: Optional[str]
   config = state.config
   x_BxD = batch_BxD.astype(jnp.float32)
   use_meta = config.lambda2 > 0
-  joint, joint_sae, joint_stats, pen, meta_mse = _primary_update(
+  joint, joint_sae, joint_stats, pen, meta_mse, meta_fired_M = _primary_update(
       state.joint, x_BxD, config, state.meta.params, config.lambda2 if use_meta else None, axis_name)
   metrics = {"loss": joint_sae + config.lambda2 * pen, "penalty": pen, "meta_mse": meta_mse}
   metrics.update(_sae_metrics("joint", joint_sae, joint_stats, joint.since_fired, config))
   solo = state.solo
   if solo is not None:
-    solo, solo_loss, solo_stats, _, _ = _primary_update(solo, x_BxD, config, None, None, axis_name)
+    solo, solo_loss, solo_stats, _, _, _ = _primary_update(solo, x_BxD, config, None, None, axis_name)
     metrics.update(_sae_metrics("solo", solo_loss, solo_stats, solo.since_fired, config))
   meta_state = state.meta
+  if use_meta:
+    # The penalty's meta forward counts as a batch for the meta SAE's dead counter (the reference's rule).
+    meta_state = meta_state.replace(since_fired=losses.update_since_fired(meta_state.since_fired, meta_fired_M))
   if use_meta and config.n_meta_steps > 0:
     # The meta SAE trains on W_dec after every n_primary_steps-th primary update.
     due = (state.step + 1) % config.n_primary_steps == 0

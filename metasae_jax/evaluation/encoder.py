@@ -1,7 +1,9 @@
-"""One SAE artifact as a jitted streaming encoder: firing counts, per-latent top/reservoir candidates, window activations.
+"""A loaded SAE as a jitted streaming encoder: firing counts, per-latent top/reservoir candidates, window activations.
 
 Legend: B = tokens in a batch, D = d_model, N = latents, C = tracked (candidate)
 latents, K = top tokens kept per latent, R = reservoir size, W = window tokens.
+Encoding is `LoadedSAE`'s own (`loaded_sae.encode_traced`, i.e. the training forward's encode);
+this module only reduces each batch's codes to what the example streamer keeps.
 """
 
 import functools
@@ -11,9 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metasae_jax.storage import artifact
-from metasae_jax.core import sae, topk
-from metasae_jax.core.errors import UserError
+from metasae_jax.storage.loaded_sae import LoadedSAE, encode_traced
 
 # Reservoir key of a token where the latent does not fire: above every uniform key in [0, 1).
 NOT_FIRING_KEY = 2.0
@@ -30,65 +30,43 @@ class BatchStats(NamedTuple):
   res_pos_CxR: jax.Array
 
 
-class SaeEncoder:
-  """Encodes with calibrated thresholds when the artifact has them, else with its training rule (BatchTopK)."""
+class StreamEncoder:
+  """One loaded SAE under one firing rule (None = the SAE's default: θ if calibrated, else per-token top-k)."""
 
-  def __init__(self, path: str):
-    tensors, cfg = artifact.load_sae_files(path)
-    self.path = path
-    self.cfg = cfg
-    self.k = int(cfg["k"])
-    self.activation = str(cfg["activation"])
-    self.input_norm = str(cfg["input_norm"])
-    if self.activation not in ("batchtopk", "topk"):
-      raise UserError(f"SAE artifact {path}: activation {self.activation!r} is not supported by "
-                      "autointerp (use 'batchtopk' or 'topk', or calibrate a 'threshold' tensor).")
-    if self.input_norm not in ("standardize_per_token", "none"):
-      raise UserError(f"SAE artifact {path}: unknown input_norm {self.input_norm!r}.")
-    self.params = {name: jnp.asarray(tensors[name]) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    self.threshold_N = jnp.asarray(tensors["threshold"]) if "threshold" in tensors else None
-    self.d_model, self.width = tensors["W_enc"].shape
-    self.w_dec_NxD = tensors["W_dec"]
+  def __init__(self, sae: LoadedSAE, firing: Optional[str] = None):
+    self.sae = sae
+    self.rule = sae.firing_rule(firing)
 
   @property
-  def rule(self) -> str:
-    """How latents fire: 'threshold' (calibrated, batch-independent), 'batchtopk' or 'topk'."""
-    return "threshold" if self.threshold_N is not None else self.activation
+  def width(self) -> int:
+    return self.sae.width
+
+  def _static(self) -> dict:
+    return dict(k=self.sae.k, rule=self.rule, input_norm=self.sae.input_norm)
 
   def batch_stats(self, x_BxD: np.ndarray, cand_C: np.ndarray, rng: jax.Array, top: int,
                   reservoir: int) -> BatchStats:
-    return _batch_stats(self.params, self.threshold_N, jnp.asarray(x_BxD), jnp.asarray(cand_C), rng,
-                        k=self.k, rule=self.rule, input_norm=self.input_norm,
-                        top=min(top, x_BxD.shape[0]), reservoir=min(reservoir, x_BxD.shape[0]))
+    return _batch_stats(self.sae.device_params, self.sae.device_threshold_N, jnp.asarray(x_BxD, jnp.float32),
+                        jnp.asarray(cand_C), rng, top=min(top, x_BxD.shape[0]),
+                        reservoir=min(reservoir, x_BxD.shape[0]), **self._static())
 
   def window_acts(self, x_WxD: np.ndarray, batch_threshold_W: np.ndarray,
                   cols_C: np.ndarray) -> np.ndarray:
     """Activations [W, C] of latents `cols_C` on arbitrary tokens, each under the threshold of its batch."""
-    out = _window_acts(self.params, self.threshold_N, jnp.asarray(x_WxD),
-                       jnp.asarray(batch_threshold_W, jnp.float32), jnp.asarray(cols_C),
-                       k=self.k, rule=self.rule, input_norm=self.input_norm)
+    out = _window_acts(self.sae.device_params, self.sae.device_threshold_N, jnp.asarray(x_WxD, jnp.float32),
+                       jnp.asarray(batch_threshold_W, jnp.float32), jnp.asarray(cols_C), **self._static())
     return np.asarray(out)
-
-
-def _pre(params: dict, x_BxD: jax.Array, input_norm: str) -> jax.Array:
-  xs_BxD = sae.standardize(x_BxD)[0] if input_norm == "standardize_per_token" else x_BxD
-  return sae.pre_activations(params, xs_BxD)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "rule", "input_norm", "top", "reservoir"))
 def _batch_stats(params, threshold_N: Optional[jax.Array], x_BxD, cand_C, rng, *, k, rule,
                  input_norm, top, reservoir) -> BatchStats:
-  pre_BxN = _pre(params, x_BxD, input_norm)
-  if rule == "threshold":
-    acts_BxN = topk.threshold_activation(pre_BxN, threshold_N)
-    thresh = jnp.float32(jnp.nan)
-  elif rule == "batchtopk":
-    # The same selection as topk.batchtopk; the batch's threshold is kept so that
-    # window activations can later be recomputed exactly, token by token.
-    thresh = topk.batchtopk_threshold(pre_BxN, k)
-    acts_BxN = jnp.where((pre_BxN >= thresh) & (pre_BxN > 0), pre_BxN, 0.0)
+  acts_BxN = encode_traced(params, x_BxD, threshold_N, k=k, firing=rule, input_norm=input_norm).acts_BxN
+  if rule == "batchtopk":
+    # The batch's smallest selected value: "pre >= it" reselects exactly this batch's firings, so
+    # window activations can later be recomputed token by token (+inf if nothing fired).
+    thresh = jnp.min(jnp.where(acts_BxN > 0, acts_BxN, jnp.inf))
   else:
-    acts_BxN = topk.topk_per_token(pre_BxN, k)
     thresh = jnp.float32(jnp.nan)
   count_N = jnp.sum(acts_BxN > 0, axis=0, dtype=jnp.int32)
   acts_CxB = acts_BxN[:, cand_C].T
@@ -103,12 +81,9 @@ def _batch_stats(params, threshold_N: Optional[jax.Array], x_BxD, cand_C, rng, *
 
 @functools.partial(jax.jit, static_argnames=("k", "rule", "input_norm"))
 def _window_acts(params, threshold_N, x_WxD, batch_threshold_W, cols_C, *, k, rule, input_norm):
-  pre_WxN = _pre(params, x_WxD, input_norm)
-  if rule == "threshold":
-    acts_WxN = topk.threshold_activation(pre_WxN, threshold_N)
-  elif rule == "batchtopk":
-    thresh_Wx1 = batch_threshold_W[:, None]
-    acts_WxN = jnp.where((pre_WxN >= thresh_Wx1) & (pre_WxN > 0), pre_WxN, 0.0)
-  else:
-    acts_WxN = topk.topk_per_token(pre_WxN, k)
+  if rule == "batchtopk":
+    # Each token fires where pre >= its batch's threshold t, i.e. pre > the float just below t:
+    # the calibrated-θ rule with a per-token θ.
+    threshold_N, rule = jnp.nextafter(batch_threshold_W, -jnp.inf)[:, None], "threshold"
+  acts_WxN = encode_traced(params, x_WxD, threshold_N, k=k, firing=rule, input_norm=input_norm).acts_BxN
   return acts_WxN[:, cols_C]

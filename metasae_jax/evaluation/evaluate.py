@@ -16,12 +16,12 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from metasae_jax.storage import atomic, heldout, loaded_sae
+from metasae_jax.storage import artifact, atomic, heldout, loaded_sae
 from metasae_jax.evaluation import cooccurrence, firings, matching, plots, reconstruction, thresholds
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage.store import open_store
 
-SAE_NAMES = ("joint", "solo")
+SAE_NAMES = artifact.SAE_NAMES
 PER_SAE_KEYS = ("fvu", "fvu_typical", "outlier_tokens", "mse", "l0", "dead_fraction", "mean_abs_phi", "delta_ce_pct", "ce_clean",
                 "ce_spliced", "ce_zero_ablation", "ce_recovered", "meta_fve")
 
@@ -38,7 +38,8 @@ class EvalConfig:
   model: str = ""
   """Model for ΔCE: "" = the store's source.model, "none" = skip ΔCE."""
   firing: str = "threshold"
-  """"threshold": calibrated θ (calibrated here and written into artifacts that lack it); "batchtopk"."""
+  """"threshold": calibrated θ (calibrated here and written into artifacts that lack it); "topk" (per
+  token) or "batchtopk" (over each batch of `batch_size`). The report records it."""
   batch_size: int = 4096
   """Tokens per batch (BatchTopK selects over each batch; the training default)."""
   skip_first_positions: int = 1
@@ -92,7 +93,7 @@ def load_saes(run_dir: str, d_model: int) -> dict:
   """The run's SAE artifacts present among joint/ and solo/ (d_model checked against the store)."""
   if not os.path.isdir(run_dir):
     raise UserError(f"--run_dir {run_dir} does not exist; point it at a directory written by experiments.train.")
-  saes = {name: loaded_sae.load(os.path.join(run_dir, name), d_model)
+  saes = {name: loaded_sae.load_sae(os.path.join(run_dir, name), d_model)
           for name in SAE_NAMES if os.path.isdir(os.path.join(run_dir, name))}
   if not saes:
     raise UserError(f"--run_dir {run_dir} has neither joint/ nor solo/ SAE artifacts; train first "
@@ -166,7 +167,7 @@ def evaluate_run(cfg: EvalConfig) -> dict:
   for batch in tqdm(heldout.iter_batches(store, cfg.batch_size, num, cfg.skip_first_positions),
                     total=-(-num // cfg.batch_size), desc="evaluate", disable=not cfg.progress):
     for name, sae in saes.items():
-      out = loaded_sae.forward(sae, batch.acts_BxD, cfg.firing)
+      out = sae.forward(batch.acts_BxD, cfg.firing)
       accs[name].add(batch.acts_BxD, out.recon_BxD, out.xs_BxD, out.recon_std_BxD, out.acts_BxN)
       recs[name].add(out.acts_BxN, batch.index_B)
   per_sae = {n: accs[n].result() for n in saes}
@@ -220,7 +221,7 @@ def evaluate_run(cfg: EvalConfig) -> dict:
     from metasae_jax.lm import delta_ce, models  # only here: the rest of evaluation runs without torch
     layer, site = store.source.get("layer"), store.source.get("site", "resid_pre")
     block = delta_ce.block_for(models.decoder_layers(lm.model), layer)
-    fns = {n: (lambda x, s=s: np.asarray(loaded_sae.forward(s, x, cfg.firing).recon_BxD))
+    fns = {n: (lambda x, s=s: np.asarray(s.reconstruct(x, cfg.firing)))
            for n, s in saes.items()}
     ces = delta_ce.cross_entropies(lm.model, block, site, store, fns, cfg.ce_contexts,
                                    cfg.ce_batch_contexts, cfg.skip_first_positions, cfg.progress)

@@ -14,8 +14,9 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from metasae_jax.evaluation.encoder import NOT_FIRING_KEY, SaeEncoder
-from metasae_jax.storage.layout import TokenLayout, gather_rows
+from metasae_jax.evaluation.encoder import NOT_FIRING_KEY, StreamEncoder
+from metasae_jax.storage import store as store_lib
+from metasae_jax.storage.positions import KeptTokens
 from metasae_jax.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class Pools:
   """Tokens per encoding batch; kept rank r was encoded in batch r // batch_size."""
   batch_thresholds: list = dataclasses.field(default_factory=list)
   """BatchTopK threshold of every batch (NaN under other rules), to recompute window activations."""
+  rule: str = ""
+  """The firing rule the SAE was encoded with ("threshold", "topk" or "batchtopk")."""
 
   @classmethod
   def empty(cls, cand_C: np.ndarray, width: int, top: int, reservoir: int) -> "Pools":
@@ -89,17 +92,17 @@ class Pools:
     return rank_P[order], val_P[order]
 
 
-def stream(store: Store, layout: TokenLayout, encoders: Sequence[SaeEncoder],
+def stream(store: Store, kept: KeptTokens, encoders: Sequence[StreamEncoder],
            cands: Sequence[np.ndarray], num_kept: int, batch_size: int, top: int, reservoir: int,
            seed: int, on_batch: Optional[Callable[[int], None]] = None) -> list:
   """Encodes the first `num_kept` kept tokens in consecutive batches with every SAE; returns their Pools."""
   pools = [Pools.empty(c, e.width, top, reservoir) for e, c in zip(encoders, cands)]
-  for p in pools:
-    p.batch_size = batch_size
+  for p, e in zip(pools, encoders):
+    p.batch_size, p.rule = batch_size, e.rule
   base = jax.random.key(seed)
   for b, start in enumerate(range(0, num_kept, batch_size)):
     ranks_B = np.arange(start, min(start + batch_size, num_kept), dtype=np.int64)
-    x_BxD = gather_rows(store, layout.kept_to_global(ranks_B))
+    x_BxD = store_lib.gather_acts(store, kept.kept_to_global(ranks_B))
     for i, (enc, p) in enumerate(zip(encoders, pools)):
       rng = jax.random.fold_in(jax.random.fold_in(base, i), b)
       p.merge(enc.batch_stats(x_BxD, p.cand_C, rng, top, reservoir), ranks_B)
@@ -134,30 +137,30 @@ def sample_top_heavy(num_P: int, n: int, quantiles: int, rng: np.random.Generato
   return sorted(chosen)
 
 
-def window_ends_to_tokens(layout: TokenLayout, ends_E: np.ndarray, window: int) -> list:
+def window_ends_to_tokens(kept: KeptTokens, ends_E: np.ndarray, window: int) -> list:
   """Global token indices of each window: up to `window` tokens ending at the end, within its context."""
-  starts_E = np.maximum(layout.context_start(ends_E), ends_E - window + 1)
+  starts_E = np.maximum(kept.context_start(ends_E), ends_E - window + 1)
   return [np.arange(s, e + 1, dtype=np.int64) for s, e in zip(starts_E, ends_E)]
 
 
-def window_examples(store: Store, layout: TokenLayout, enc: SaeEncoder, pools: Pools,
+def window_examples(store: Store, kept: KeptTokens, enc: StreamEncoder, pools: Pools,
                     cols: np.ndarray, ends: list, window: int, chunk: int = 1024) -> list:
   """For each latent column j and its window ends, the Examples with that latent's per-token activations."""
   flat_ends = np.concatenate([np.asarray(e, np.int64) for e in ends]) if ends else np.zeros(0, np.int64)
-  windows = window_ends_to_tokens(layout, flat_ends, window)
+  windows = window_ends_to_tokens(kept, flat_ends, window)
   if not windows:
     return [[] for _ in ends]
   uniq_T = np.unique(np.concatenate(windows))
-  rank_T = layout.global_to_kept(uniq_T)
+  rank_T = kept.global_to_kept(uniq_T)
   acts_TxC = np.zeros((len(uniq_T), len(cols)), np.float32)
   kept = np.nonzero(rank_T >= 0)[0]
   thresholds = np.asarray(pools.batch_thresholds, np.float32)
   for s in range(0, len(kept), chunk):
     sel = kept[s:s + chunk]
-    x = gather_rows(store, uniq_T[sel])
+    x = store_lib.gather_acts(store, uniq_T[sel])
     thr = thresholds[np.minimum(rank_T[sel] // pools.batch_size, len(thresholds) - 1)]
     acts_TxC[sel] = enc.window_acts(x, thr, np.asarray(cols, np.int64))
-  tokens_T = gather_rows(store, uniq_T, tokens=True)
+  tokens_T = store_lib.gather_tokens(store, uniq_T)
   out, w = [], 0
   for j, e in enumerate(ends):
     exs = []

@@ -10,6 +10,8 @@ tokens with norm <= OUTLIER_FACTOR x the median norm (of the first batch), and
 `outlier_tokens` counts the rest.
 """
 
+from typing import Optional
+
 import numpy as np
 from tqdm import tqdm
 
@@ -70,12 +72,16 @@ class Accumulator:
 
 
 def evaluate(sae: loaded_sae.LoadedSAE, store: Store, num_tokens: int = 0, batch_size: int = 4096,
-             skip_first_positions: int = 1, firing: str = "threshold", progress: bool = True) -> dict:
-  """Reconstruction metrics of one SAE on a store (the evaluation binary fuses this into one pass)."""
+             skip_first_positions: int = 1, firing: Optional[str] = None, progress: bool = True) -> dict:
+  """Reconstruction metrics of one SAE on a store under `firing` (None = the SAE's default), which it records.
+
+  The evaluation binary fuses this into its one pass over the store.
+  """
+  firing = sae.firing_rule(firing)
   num = heldout.resolve_num_tokens(store, num_tokens, skip_first_positions)
   acc = Accumulator(sae.d_model, sae.width)
   for batch in tqdm(heldout.iter_batches(store, batch_size, num, skip_first_positions),
                     total=-(-num // batch_size), desc="reconstruction", disable=not progress):
-    out = loaded_sae.forward(sae, batch.acts_BxD, firing)
+    out = sae.forward(batch.acts_BxD, firing)
     acc.add(batch.acts_BxD, out.recon_BxD, out.xs_BxD, out.recon_std_BxD, out.acts_BxN)
-  return dict(acc.result(), **heldout.skip_rule(store.context_len, skip_first_positions))
+  return dict(acc.result(), firing=firing, **heldout.skip_rule(store.context_len, skip_first_positions))

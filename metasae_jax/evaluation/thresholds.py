@@ -18,9 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from metasae_jax.storage import heldout
-from metasae_jax.core import sae as sae_lib
-from metasae_jax.core import topk
+from metasae_jax.storage import heldout, loaded_sae
 from metasae_jax.storage.loaded_sae import LoadedSAE
 from metasae_jax.storage.store import Store
 
@@ -61,9 +59,8 @@ class Histograms(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("k", "input_norm"))
 def _select(params, x_BxD, k, input_norm):
-  xs = sae_lib.standardize(x_BxD)[0] if input_norm == "standardize_per_token" else x_BxD
-  pre_BxN = sae_lib.pre_activations(params, xs)
-  sel_BxN = topk.batchtopk(pre_BxN, k) > 0
+  enc = loaded_sae.encode_traced(params, x_BxD, None, k=k, firing="batchtopk", input_norm=input_norm)
+  pre_BxN, sel_BxN = enc.pre_BxN, enc.acts_BxN > 0
   rej_BxN = (pre_BxN > 0) & ~sel_BxN
   min_sel_N = jnp.min(jnp.where(sel_BxN, pre_BxN, jnp.inf), axis=0)
   return pre_BxN, sel_BxN, sel_BxN.sum(0), rej_BxN.sum(0), min_sel_N
@@ -141,7 +138,7 @@ def eer_thresholds(h: Histograms, min_selections: int) -> tuple[np.ndarray, dict
 def calibrate(sae: LoadedSAE, store: Store, cfg: CalibrationConfig, progress: bool = True) -> tuple[np.ndarray, dict]:
   """θ for every latent of `sae` from held-out store tokens, plus the cfg.json record of how."""
   num = heldout.resolve_num_tokens(store, cfg.num_tokens, cfg.skip_first_positions)
-  batches = (_select(sae.device_params, jnp.asarray(b.acts_BxD), sae.k, sae.cfg["input_norm"])
+  batches = (_select(sae.device_params, jnp.asarray(b.acts_BxD), sae.k, sae.input_norm)
              for b in heldout.iter_batches(store, cfg.batch_size, num, cfg.skip_first_positions))
   hist = accumulate(batches, sae.k, cfg, progress)
   theta, counts = eer_thresholds(hist, cfg.min_selections)
@@ -162,4 +159,4 @@ def write_into_artifact(sae: LoadedSAE, theta_N: np.ndarray, record: dict) -> Lo
   from metasae_jax.storage import artifact  # local: keeps this module importable without safetensors
   cfg = dict(sae.cfg, threshold_calibration=record)
   artifact.save_sae(sae.path, sae.params, cfg, threshold_N=theta_N)
-  return dataclasses.replace(sae, cfg=dict(cfg, has_threshold=True), threshold_N=np.asarray(theta_N, np.float32))
+  return sae.with_threshold(theta_N, dict(cfg, has_threshold=True))

@@ -6,12 +6,15 @@ Modes per latent i:
   clamp  — encode, set latent i to a value, decode, and add the SAE's error term
            back, so every other latent and the unexplained part stay untouched;
   ablate — clamp to 0.
+Clamping encodes each token under `firing` (None = the SAE's default: calibrated θ, else
+per-token top-k), so a token's code never depends on the other tokens of the forward call.
 The first `skip_first_positions` positions of the sequence (attention sinks the
 SAE never saw) are left alone, also across cached generation steps.
 """
 
 import contextlib
 import dataclasses
+from typing import Optional
 
 import numpy as np
 import torch
@@ -19,7 +22,7 @@ import torch
 from metasae_jax.lm import models
 from metasae_jax.lm.delta_ce import register_residual_edit
 from metasae_jax.core.errors import UserError
-from metasae_jax.storage.inference import SAE
+from metasae_jax.storage.loaded_sae import LoadedSAE
 
 MODES = ("add", "clamp", "ablate")
 
@@ -37,13 +40,13 @@ class Edit:
       raise UserError(f"steering mode {self.mode!r} is not one of {MODES}.")
 
 
-def _check(sae: SAE, edits) -> None:
+def _check(sae: LoadedSAE, edits) -> None:
   for e in edits:
     if not 0 <= e.latent < sae.width:
       raise UserError(f"latent {e.latent} is out of range for an SAE of width {sae.width}.")
 
 
-def edit_activations(sae: SAE, x_MxD: np.ndarray, edits) -> np.ndarray:
+def edit_activations(sae: LoadedSAE, x_MxD: np.ndarray, edits, firing: Optional[str] = None) -> np.ndarray:
   """The edited residual for M token vectors (numpy in, numpy out)."""
   x = np.asarray(x_MxD, np.float32)
   out = x.copy()
@@ -52,7 +55,7 @@ def edit_activations(sae: SAE, x_MxD: np.ndarray, edits) -> np.ndarray:
     out += e.value * np.asarray(sae.W_dec[e.latent])
   clamps = [e for e in edits if e.mode != "add"]
   if clamps:
-    code = sae.encode_with_stats(x)
+    code = sae.encode_with_stats(x, firing)
     acts = np.array(code.acts_BxN)
     for e in clamps:
       acts[:, e.latent] = 0.0 if e.mode == "ablate" else e.value
@@ -63,9 +66,12 @@ def edit_activations(sae: SAE, x_MxD: np.ndarray, edits) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def steer(model: torch.nn.Module, sae: SAE, layer: int, site: str, edits, skip_first_positions: int = 1):
+def steer(model: torch.nn.Module, sae: LoadedSAE, layer: int, site: str, edits, skip_first_positions: int = 1,
+          firing: Optional[str] = None):
   """Within the block, forward passes of `model` run with the edits applied at (layer, site)."""
   _check(sae, edits)
+  if any(e.mode != "add" for e in edits):
+    sae.firing_rule(firing)  # an unusable rule fails here, not inside the model's forward
   block = models.decoder_layers(model)[layer]
   seen = {"positions": 0}
 
@@ -77,7 +83,7 @@ def steer(model: torch.nn.Module, sae: SAE, layer: int, site: str, edits, skip_f
       return h_BxLxD
     part = h_BxLxD[:, start:]
     flat = part.reshape(-1, part.shape[-1]).detach().float().cpu().numpy()
-    new = torch.from_numpy(edit_activations(sae, flat, edits)).to(h_BxLxD.dtype).reshape(part.shape)
+    new = torch.from_numpy(edit_activations(sae, flat, edits, firing)).to(h_BxLxD.dtype).reshape(part.shape)
     return torch.cat([h_BxLxD[:, :start], new.to(h_BxLxD.device)], dim=1)
 
   handle = register_residual_edit(block, site, edit)
@@ -87,11 +93,12 @@ def steer(model: torch.nn.Module, sae: SAE, layer: int, site: str, edits, skip_f
     handle.remove()
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int, sae: SAE = None, layer: int = 0,
-             site: str = "resid_pre", edits=(), skip_first_positions: int = 1) -> str:
+def generate(model, tokenizer, prompt: str, max_new_tokens: int, sae: Optional[LoadedSAE] = None,
+             layer: int = 0, site: str = "resid_pre", edits=(), skip_first_positions: int = 1,
+             firing: Optional[str] = None) -> str:
   """Greedy continuation of `prompt`, steered when `edits` are given."""
   ids = tokenizer(prompt, return_tensors="pt").input_ids
-  ctx = steer(model, sae, layer, site, list(edits), skip_first_positions) if edits else contextlib.nullcontext()
+  ctx = steer(model, sae, layer, site, list(edits), skip_first_positions, firing) if edits else contextlib.nullcontext()
   with torch.inference_mode(), ctx:
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

@@ -16,6 +16,8 @@ from metasae_jax.core.errors import UserError
 
 CFG = "cfg.json"
 WEIGHTS = "sae.safetensors"
+# A training run directory holds one artifact per SAE under these names (joint/ also holds meta/).
+SAE_NAMES = ("joint", "solo")
 REQUIRED_CFG = ("d_model", "width", "k", "activation", "input_norm")
 
 

@@ -1,6 +1,6 @@
 """Held-out tokens of an activation store as float32 batches, honouring the attention-sink skip rule.
 
-Legend: B = tokens in a batch, D = d_model, T = tokens in a shard, L = context_len.
+Legend: B = tokens in a batch, D = d_model.
 """
 
 from typing import Iterator, NamedTuple, Optional
@@ -8,6 +8,8 @@ from typing import Iterator, NamedTuple, Optional
 import numpy as np
 
 from metasae_jax.core.errors import UserError
+from metasae_jax.storage import positions
+from metasae_jax.storage import store as store_lib
 from metasae_jax.storage.store import Store
 
 
@@ -17,26 +19,12 @@ class Batch(NamedTuple):
   index_B: np.ndarray
 
 
-def skip_rule(context_len: int, skip_first_positions: int) -> dict:
-  """The rule as written into cfg.json / report.json."""
-  active = context_len > 1 and skip_first_positions > 0
-  return {"skip_first_positions": int(skip_first_positions), "context_len": int(context_len),
-          "applied": bool(active),
-          "rule": (f"tokens at position t % {context_len} < {skip_first_positions} are skipped"
-                   if active else "no positions skipped")}
-
-
-def kept_local_T(num_tokens: int, context_len: int, skip_first_positions: int) -> np.ndarray:
-  """Local indices of a shard's tokens that are kept (position t % L >= s when L > 1)."""
-  t = np.arange(num_tokens, dtype=np.int64)
-  if context_len > 1 and skip_first_positions > 0:
-    t = t[(t % context_len) >= skip_first_positions]
-  return t
+# The record lives beside the rule; evaluation and calibration reach it through here.
+skip_rule = positions.skip_rule
 
 
 def available_tokens(store: Store, skip_first_positions: int) -> int:
-  return int(sum(len(kept_local_T(s.num_tokens, store.context_len, skip_first_positions))
-                 for s in store.shards))
+  return positions.KeptTokens(store, skip_first_positions).num_kept
 
 
 def resolve_num_tokens(store: Store, num_tokens: Optional[int], skip_first_positions: int) -> int:
@@ -60,36 +48,17 @@ def iter_batches(store: Store, batch_size: int, num_tokens: int,
   """Yields batches of `batch_size` kept tokens (the last one may be smaller), in store order."""
   if batch_size <= 0:
     raise UserError(f"--batch_size must be positive, got {batch_size}.")
-  offsets = store.shard_offsets
-  pending_acts, pending_idx, pending = [], [], 0
-  left = num_tokens
-  for shard, offset in zip(store.shards, offsets[:-1]):
-    if left <= 0:
-      break
-    local_T = kept_local_T(shard.num_tokens, store.context_len, skip_first_positions)[:left]
-    left -= len(local_T)
-    for start in range(0, len(local_T), batch_size):
-      sel = local_T[start:start + batch_size]
-      pending_acts.append(np.asarray(shard.acts_TxD[sel], np.float32))
-      pending_idx.append(sel + offset)
-      pending += len(sel)
-      while pending >= batch_size:
-        acts = np.concatenate(pending_acts)
-        idx = np.concatenate(pending_idx)
-        yield Batch(acts[:batch_size], idx[:batch_size])
-        pending_acts, pending_idx = [acts[batch_size:]], [idx[batch_size:]]
-        pending -= batch_size
-  if pending:
-    yield Batch(np.concatenate(pending_acts), np.concatenate(pending_idx))
+  kept = positions.KeptTokens(store, skip_first_positions)
+  total = min(num_tokens, kept.num_kept)
+  for start in range(0, total, batch_size):
+    index_B = kept.kept_to_global(np.arange(start, min(start + batch_size, total), dtype=np.int64))
+    yield Batch(store_lib.gather_acts(store, index_B), index_B)
 
 
 def context_of(store: Store, index: int) -> tuple[np.ndarray, int]:
   """The token ids of the context holding global token `index`, and its position in it."""
-  offsets = store.shard_offsets
-  s = int(np.searchsorted(offsets, index, side="right") - 1)
-  shard = store.shards[s]
-  if shard.tokens_T is None:
+  if not store.has_tokens:
     raise UserError(f"activation store {store.path} has no tokens; contexts need a store exported from text.")
-  local = int(index - offsets[s])
-  start = (local // store.context_len) * store.context_len
-  return np.asarray(shard.tokens_T[start:start + store.context_len]), local - start
+  kept = positions.KeptTokens(store, 0)
+  start, end = int(kept.context_start([index])[0]), int(kept.context_end([index])[0])
+  return store_lib.gather_tokens(store, np.arange(start, end + 1)), int(index) - start

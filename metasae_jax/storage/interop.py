@@ -35,8 +35,8 @@ from metasae_jax.core.errors import UserError
 
 FORMATS = ("saelens", "sparsify")
 SAELENS_WEIGHTS = "sae_weights.safetensors"
-SPARSIFY_WEIGHTS = "sae.safetensors"
-SAE_NAMES = ("joint", "solo")
+SPARSIFY_WEIGHTS = artifact.WEIGHTS  # sparsify happens to use our file name
+SAE_NAMES = artifact.SAE_NAMES
 # The SAELens cfg.json format written here (metadata.sae_lens_version decides how SAELens parses it).
 SAELENS_FORMAT_VERSION = "6.0.0"
 _NORMS = {"standardize_per_token": "layer_norm", "none": "none"}

@@ -50,6 +50,34 @@ class Store:
     return np.concatenate([[0], np.cumsum([s.num_tokens for s in self.shards])]).astype(np.int64)
 
 
+def shard_of(store: Store, global_K: np.ndarray) -> np.ndarray:
+  """Shard number holding each global token index."""
+  return np.searchsorted(store.shard_offsets, np.asarray(global_K, np.int64), side="right") - 1
+
+
+def gather_acts(store: Store, global_K: np.ndarray, dtype=np.float32) -> np.ndarray:
+  """Activations [K, D] at arbitrary global token indices, read shard by shard (dtype None = the store's)."""
+  return _gather(store, global_K, lambda shard: shard.acts_TxD, (store.d_model,), dtype or store.dtype)
+
+
+def gather_tokens(store: Store, global_K: np.ndarray) -> np.ndarray:
+  """Token ids [K] at arbitrary global token indices."""
+  if not store.has_tokens:
+    raise _fail(store.path, "has no token shards", "Export it from text with experiments.export_activations.")
+  return _gather(store, global_K, lambda shard: shard.tokens_T, (), np.int64)
+
+
+def _gather(store: Store, global_K, source, row_shape: tuple, dtype) -> np.ndarray:
+  global_K = np.asarray(global_K, np.int64)
+  offsets = store.shard_offsets
+  shard_K = shard_of(store, global_K)
+  out = np.empty((len(global_K),) + row_shape, dtype)
+  for s in np.unique(shard_K):
+    sel = np.nonzero(shard_K == s)[0]
+    out[sel] = source(store.shards[s])[global_K[sel] - offsets[s]]
+  return out
+
+
 def _fail(path: str, problem: str, fix: str) -> UserError:
   return UserError(f"activation store {path}: {problem}. {fix}")
 

@@ -1,6 +1,6 @@
 """Deterministic shuffled training batches from an activation store.
 
-Legend: B = global batch, b = this process's slice of it, D = d_model, U = usable tokens.
+Legend: B = global batch, b = this process's slice of it, D = d_model.
 The order is a pure function of (seed, batch position), so the data cursor is
 just the number of batches consumed: resuming from a checkpoint replays
 exactly the batches an uninterrupted run would have seen.
@@ -13,33 +13,9 @@ from typing import Optional
 import numpy as np
 
 from metasae_jax.core.errors import UserError
+from metasae_jax.storage import positions
+from metasae_jax.storage import store as store_lib
 from metasae_jax.storage.store import Store
-
-
-def usable_count(num_tokens: int, context_len: int, skip_first_positions: int) -> int:
-  """Tokens left after skipping the first positions of every context (none when context_len is 1)."""
-  skip = skip_first_positions if context_len > 1 else 0
-  per = context_len - skip
-  full, rest = divmod(num_tokens, context_len)
-  return full * per + max(0, rest - skip)
-
-
-def usable_to_global(u: np.ndarray, context_len: int, skip_first_positions: int) -> np.ndarray:
-  """Maps usable-token indices to store token indices."""
-  skip = skip_first_positions if context_len > 1 else 0
-  per = context_len - skip
-  return (u // per) * context_len + skip + u % per
-
-
-def gather_tokens(store: Store, global_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Rows of the store at sorted global token indices. Returns (acts [len, D], shard id per row)."""
-  offsets = store.shard_offsets
-  shard_of = np.searchsorted(offsets, global_idx, side="right") - 1
-  out = np.empty((len(global_idx), store.d_model), dtype=store.dtype)
-  for s in np.unique(shard_of):
-    rows = shard_of == s
-    out[rows] = store.shards[s].acts_TxD[global_idx[rows] - offsets[s]]
-  return out, shard_of
 
 
 @dataclasses.dataclass
@@ -57,7 +33,8 @@ class BatchSource:
                                          and self.skip_first_positions >= self.store.context_len):
       raise UserError(f"--skip_first_positions {self.skip_first_positions} must be in "
                       f"[0, context_len={self.store.context_len}).")
-    self.num_usable = usable_count(self.store.num_tokens, self.store.context_len, self.skip_first_positions)
+    self.kept = positions.KeptTokens(self.store, self.skip_first_positions)
+    self.num_usable = self.kept.num_kept
     if self.batch_size % self.process_count:
       raise UserError(f"--batch_size {self.batch_size} is not divisible by the number of processes "
                       f"{self.process_count}. Pick a multiple of it.")
@@ -81,11 +58,12 @@ class BatchSource:
     idx = self._permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
     local = self.batch_size // self.process_count
     idx = np.sort(idx[self.process_index * local:(self.process_index + 1) * local].astype(np.int64))
-    global_idx = usable_to_global(idx, self.store.context_len, self.skip_first_positions)
-    acts, shard_of = gather_tokens(self.store, global_idx)
+    global_idx = self.kept.kept_to_global(idx)
+    acts = store_lib.gather_acts(self.store, global_idx, dtype=None)
     finite = np.isfinite(acts).all(axis=1)
     if not finite.all():
-      shard = self.store.shards[int(shard_of[np.argmin(finite)])].activations_path
+      bad = store_lib.shard_of(self.store, global_idx[np.argmin(finite)])
+      shard = self.store.shards[int(bad)].activations_path
       raise UserError(f"non-finite activations (NaN/Inf) in the batch of step {position + 1} (batch "
                       f"{position}, 0-based) from shard {shard}. Re-export that shard or remove it from "
                       "the store.")

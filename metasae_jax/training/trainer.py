@@ -22,7 +22,7 @@ from metasae_jax.core.train_step import TrainState, init_train_state, train_step
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
 # What a run directory holds; any of them without RUN_CONFIG means someone else's files.
-RUN_FILES = ("joint", "solo", "checkpoints", METRICS)
+RUN_FILES = (*artifact.SAE_NAMES, "checkpoints", METRICS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -147,7 +147,7 @@ def train_and_save(config: TrainConfig, run: RunConfig) -> dict:
   _claim_out_dir(run.out_dir, _identity(config, run, store), writer)
 
   if writer:  # temp files of atomic writes cut short by a kill (Orbax cleans its own)
-    for sub in ("", "joint", "solo", os.path.join("joint", "meta")):
+    for sub in ("", *artifact.SAE_NAMES, os.path.join("joint", "meta")):
       atomic.remove_stale_temps(os.path.join(run.out_dir, sub))
   ckpt = Checkpointer(os.path.join(run.out_dir, "checkpoints"), run.max_checkpoints)
   state = init_train_state(config)

@@ -11,7 +11,7 @@ import os
 import time
 from typing import Optional
 
-from metasae_jax.core.config import TrainConfig
+from metasae_jax.core.config import TrainConfig, default_meta_width
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage import atomic, store
 from metasae_jax.evaluation.evaluate import EvalConfig, evaluate_run
@@ -59,7 +59,7 @@ def estimate_cost(preset: Preset, train_tflops: float = 15.0, export_tflops: flo
   """
   e, t = preset.export, preset.train
   d, n, b = preset.d_model, t["width"], t["batch_size"]
-  m = t.get("meta_width") or round(0.09 * n)
+  m = t.get("meta_width") or default_meta_width(n)
   tokens = e["num_tokens"]
   disk_gb = tokens * d * (2 if e.get("dtype", "float16") == "float16" else 4) / 1e9
   points = (len(sweep.grid(preset.grid["lambda2"], preset.grid["sigma_sq"], preset.grid.get("seeds", ())))

@@ -244,7 +244,7 @@ def point_summary(status: dict) -> dict:
     with open(os.path.join(run_dir, REPORT)) as f:
       report = json.load(f)
     keys = ("mse", "fvu", "l0", "dead_fraction", "mean_abs_phi", "meta_fve", "delta_ce_pct")
-    for sae in ("joint", "solo"):
+    for sae in artifact.SAE_NAMES:
       row[sae] = {k: report.get(sae, {}).get(k) for k in keys}
     comp = report.get("comparison", {})
     row["delta_mean_abs_phi_pct"] = comp.get("mean_abs_phi_pct")
