@@ -2,7 +2,7 @@
 
 Legend: S = shards, K = tokens, L = context_len.
 Token t of a shard sits at position t % L of that shard's context t // L (the store format,
-DESIGN §3): contexts never span shards, so the rule is applied per shard. "Global" indices run
+docs/method.md §3.1): contexts never span shards, so the rule is applied per shard. "Global" indices run
 over all shards in order; "kept ranks" number the tokens that are not skipped, in store order.
 This is the one implementation of the rule: training batches, held-out evaluation, calibration,
 autointerp and the browser all go through `KeptTokens`.
