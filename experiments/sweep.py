@@ -14,11 +14,8 @@ import sys
 from absl import flags
 
 from experiments import cli
-from experiments import train  # noqa: F401  (defines every training flag, which the sweep passes on)
-from metasae_jax.core.config import TrainConfig
+from experiments import train  # defines every training flag; the sweep builds each point's config from them
 from metasae_jax.evaluation.evaluate import EvalConfig
-from metasae_jax.storage.store import read_manifest
-from metasae_jax.training.trainer import RunConfig
 from metasae_jax.workflows import sweep
 
 F = flags.FLAGS
@@ -48,14 +45,7 @@ def main(argv):
                           "experiments.train per point on a pod instead.")
   lambda2s, sigma_sqs = sweep.parse_floats(F.lambda2, "lambda2"), sweep.parse_floats(F.sigma_sq, "sigma_sq")
   # Validated once here with the grid's first point, so a bad flag fails before any process starts.
-  train_config = TrainConfig(
-      d_model=read_manifest(F.activations)["d_model"], width=F.width, k=F.k, meta_width=F.meta_width,
-      meta_k=F.meta_k, lambda2=lambda2s[0], sigma_sq=sigma_sqs[0], penalty_grad=F.penalty_grad,
-      n_primary_steps=F.n_primary_steps, n_meta_steps=F.n_meta_steps, batch_size=F.batch_size, lr=F.lr,
-      seed=F.seed, baseline=F.baseline, activation=F.activation)
-  run = RunConfig(activations=F.activations, out_dir=F.out_dir, num_tokens=F.num_tokens,
-                  skip_first_positions=F.skip_first_positions,
-                  checkpoint_every_steps=F.checkpoint_every_steps, log_every_steps=F.log_every_steps)
+  train_config, run = train.configs_from_flags(lambda2=lambda2s[0], sigma_sq=sigma_sqs[0])
   evaluation = None
   if F.eval_activations:
     evaluation = EvalConfig(run_dir="", activations=F.eval_activations, num_tokens=F.eval_num_tokens,

@@ -5,6 +5,8 @@
 Rerunning the same command resumes from the latest checkpoint.
 """
 
+import dataclasses
+
 from absl import flags
 
 from experiments import cli
@@ -56,15 +58,12 @@ flags.DEFINE_bool("distributed", False,
 flags.mark_flags_as_required(["activations", "out_dir"])
 
 
-def main(argv):
-  del argv
-  sharding.initialize_distributed(F.coordinator_address, F.num_processes, F.process_id, F.distributed)
-  d_model = read_manifest(F.activations)["d_model"]
-  config = TrainConfig(
-      d_model=d_model, width=F.width, k=F.k, meta_width=F.meta_width, meta_k=F.meta_k, lambda2=F.lambda2,
-      sigma_sq=F.sigma_sq, penalty_grad=F.penalty_grad, n_primary_steps=F.n_primary_steps,
-      n_meta_steps=F.n_meta_steps, batch_size=F.batch_size, lr=F.lr, seed=F.seed, baseline=F.baseline,
-      activation=F.activation, auxk_detach=F.auxk_detach, compute_dtype=F.compute_dtype)
+def configs_from_flags(**overrides) -> tuple[TrainConfig, RunConfig]:
+  """TrainConfig (every field with a flag of its name, `overrides` winning) and RunConfig from the flags."""
+  fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "d_model"]
+  values = {name: overrides[name] if name in overrides else F[name].value
+            for name in fields if name in overrides or name in F}
+  config = TrainConfig(d_model=read_manifest(F.activations)["d_model"], **values)
   skip = F.skip_first_positions
   if not F["skip_first_positions"].present:
     # Resuming without the flag keeps the rule the run was started with (the default used to be 1).
@@ -73,6 +72,13 @@ def main(argv):
   run = RunConfig(activations=F.activations, out_dir=F.out_dir, num_tokens=F.num_tokens,
                   skip_first_positions=skip,
                   checkpoint_every_steps=F.checkpoint_every_steps, log_every_steps=F.log_every_steps)
+  return config, run
+
+
+def main(argv):
+  del argv
+  sharding.initialize_distributed(F.coordinator_address, F.num_processes, F.process_id, F.distributed)
+  config, run = configs_from_flags()
   metrics = train_and_save(config, run)
   if metrics:
     print(f"done: {F.out_dir}  joint fvu {metrics['joint/fvu']:.4f}  l0 {metrics['joint/l0']:.1f}"

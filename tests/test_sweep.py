@@ -193,3 +193,48 @@ def test_preset_grid_runs_through_the_sweep(stores, tmp_path):
     phi_pct = json.load(f)["comparison"]["mean_abs_phi_pct"]
   line = next(x for x in pipeline.table_markdown(preset, summary["points"]).splitlines() if x.startswith("| 0.3 |"))
   assert line.split("|")[4].strip() == f"{phi_pct:+.2f}"
+
+
+def test_preset_without_grid_trains_evaluates_and_writes_the_table(tmp_path, monkeypatch):
+  from metasae_jax.storage import store as store_lib
+  from metasae_jax.workflows import pipeline
+  full = synthetic.write_sparse_store(str(tmp_path / "full"), 1024, 16, context_len=8, shard_tokens=256,
+                                      num_features=48)
+  monkeypatch.setattr(pipeline, "export_stage", lambda preset, data_dir: store_lib.open_store(full.path))
+  preset = pipeline.Preset(
+      name="single", description="one run", export={}, heldout_shards=1,
+      train=dict(width=64, k=4, meta_width=6, meta_k=2, batch_size=128, n_primary_steps=2, n_meta_steps=2,
+                 lr=1e-3, lambda2=0.3, sigma_sq=1.0),
+      num_tokens=512, checkpoint_every_steps=2, log_every_steps=1,
+      eval=dict(batch_size=128, meta_fve_steps=0, model="none", progress=False))
+  work = str(tmp_path / "work")
+  assert pipeline.run_pipeline(preset, work) == os.path.join(work, "report.md")
+  with open(os.path.join(work, "report.json")) as f:
+    phi_pct = json.load(f)["comparison"]["mean_abs_phi_pct"]
+  with open(os.path.join(work, "table.md")) as f:
+    line = next(x for x in f.read().splitlines() if x.startswith("| 0.3 |"))
+  cells = [c.strip() for c in line.strip("|").split("|")]
+  assert cells[2] == "1" and cells[3] == f"{phi_pct:+.2f}" and cells[6] == "—"
+
+
+def test_every_training_flag_reaches_the_points_config(stores, tmp_path):
+  """The sweep builds each point's TrainConfig from the train flags: a non-default value of each must arrive."""
+  train_store, _ = stores
+  given = {"width": 64, "k": 4, "meta_width": 6, "meta_k": 3, "penalty_grad": "through", "n_primary_steps": 3,
+           "n_meta_steps": 1, "batch_size": 64, "lr": 0.01, "seed": 7, "baseline": False, "activation": "topk",
+           "auxk_detach": True, "compute_dtype": "bfloat16"}
+  argv = [f"--activations={train_store}", f"--out_dir={tmp_path}", "--lambda2=0.1,1", "--sigma_sq=2",
+          "--skip_first_positions=2", "--num_tokens=128"]
+  argv += [f"--{k}" if v is True else f"--no{k}" if v is False else f"--{k}={v}" for k, v in given.items()]
+  code = ("import dataclasses, json, sys\nfrom absl import flags\nfrom experiments import sweep\n"
+          "flags.FLAGS(sys.argv)\n"
+          "config, run = sweep.train.configs_from_flags(lambda2=0.1, sigma_sq=2.0)\n"
+          "print(json.dumps({'train': config.to_dict(), 'run': dataclasses.asdict(run)}))\n")
+  proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  flagged = {k: out["train"][k] for k in given}
+  assert flagged == given and out["train"]["lambda2"] == 0.1 and out["train"]["sigma_sq"] == 2.0
+  assert out["train"]["d_model"] == 16
+  assert out["run"]["skip_first_positions"] == 2 and out["run"]["num_tokens"] == 128
