@@ -1,10 +1,37 @@
-"""What every binary shares: user errors become one line on stderr and exit status 1."""
+"""What every binary shares: user errors become one line on stderr and exit status 1.
 
+Also: SIGINT/SIGTERM that a run turned into a clean stop exit 128 + signum with one line, and the
+operating-system errors a user can fix (disk full, read-only or not-a-directory paths) become one line
+naming the path and the fix.
+"""
+
+import errno
 import sys
 
 from absl import app, logging
 
-from metasae_jax.core.errors import UserError
+from metasae_jax.core.errors import Interrupted, UserError
+
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full: free space (or point the output elsewhere) and rerun the same command "
+                  "(it resumes; partial files were removed)",
+    errno.EDQUOT: "the disk quota is exhausted: free space and rerun the same command",
+    errno.EACCES: "permission denied: fix the permissions or pick a directory you can write",
+    errno.EPERM: "operation not permitted: fix the permissions or pick a directory you can write",
+    errno.EROFS: "the file system is read-only: pick a writable directory",
+    errno.ENOTDIR: "a component of the path is a file, not a directory: pick another path",
+    errno.EISDIR: "the path is a directory where a file was expected: pick another path",
+    errno.EEXIST: "something already exists at this path: remove it or pick another path",
+}
+
+
+def os_error_line(e: OSError) -> str:
+  """One readable line for an OSError: what happened, where, and the fix."""
+  where = e.filename if e.filename is not None else "?"
+  if e.filename2 is not None:
+    where = f"{where} -> {e.filename2}"
+  fix = _OS_FIXES.get(e.errno, "check the path and rerun")
+  return f"{e.strerror or e} at {where}: {fix}."
 
 
 def run(main) -> None:
@@ -18,6 +45,14 @@ def run(main) -> None:
       return main(argv)
     except UserError as e:
       print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+    except Interrupted as e:
+      print(str(e), file=sys.stderr)
+      sys.exit(128 + e.signum)
+    except OSError as e:
+      if e.errno not in _OS_FIXES:
+        raise
+      print(f"error: {os_error_line(e)}", file=sys.stderr)
       sys.exit(1)
 
   app.run(wrapped)

@@ -62,7 +62,7 @@ def main(argv):
     print(f"done: {F.out_dir}  joint fvu {metrics['joint/fvu']:.4f}  l0 {metrics['joint/l0']:.1f}"
           + (f"  solo fvu {metrics['solo/fvu']:.4f}" if "solo/fvu" in metrics else ""))
   else:
-    print(f"done: {F.out_dir} (already finished; artifacts rewritten)")
+    print(f"done: {F.out_dir} (already finished; nothing changed)")
 
 
 if __name__ == "__main__":
