@@ -54,7 +54,9 @@ def main(argv):
       max_examples=_MAX_EXAMPLES.value, num_score=_NUM_SCORE.value,
       num_negative=_NUM_NEGATIVE.value, explain_max_tokens=_EXPLAIN_TOKENS.value,
       timeout_s=_TIMEOUT.value, retries=_RETRIES.value)
-  scores = run_autointerp(config)
+  cli.check_store(config.activations)
+  with cli.writing_into(config.run_dir):
+    scores = run_autointerp(config)
   summary = {name: {m: scores[name][m] for m in ("fuzz_spearman", "fuzz_balanced_accuracy")}
              for name in ("joint", "solo")}
   summary["paired"] = scores["paired"]

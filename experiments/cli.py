@@ -5,12 +5,15 @@ operating-system errors a user can fix (disk full, read-only or not-a-directory 
 naming the path and the fix.
 """
 
+import contextlib
 import errno
+import os
 import sys
 
 from absl import app, logging
 
 from metasae_jax.core.errors import Interrupted, UserError
+from metasae_jax.storage import lock, store
 
 _OS_FIXES = {
     errno.ENOSPC: "the disk is full: free space (or point the output elsewhere) and rerun the same command "
@@ -32,6 +35,18 @@ def os_error_line(e: OSError) -> str:
     where = f"{where} -> {e.filename2}"
   fix = _OS_FIXES.get(e.errno, "check the path and rerun")
   return f"{e.strerror or e} at {where}: {fix}."
+
+
+def check_store(path: str) -> None:
+  """Validates a store a binary reads in full (evaluation, autointerp, browser), NaN/Inf included."""
+  store.check_finite(store.open_store(path))
+
+
+def writing_into(run_dir: str):
+  """The run directory's lock while a binary writes into it (no-op for a missing directory: its own error)."""
+  if not os.path.isdir(run_dir):
+    return contextlib.nullcontext()
+  return lock.DirLock(run_dir, "run directory")
 
 
 def run(main) -> None:

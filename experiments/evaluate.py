@@ -40,7 +40,9 @@ def main(argv):
       model=_MODEL.value, firing=_FIRING.value, batch_size=_BATCH_SIZE.value,
       skip_first_positions=_SKIP.value, ce_contexts=_CE_CONTEXTS.value, meta_fve_steps=_META_STEPS.value,
       split_phi_threshold=_SPLIT_PHI.value, seed=_SEED.value)
-  report = evaluation.evaluate_run(config)
+  cli.check_store(config.activations)
+  with cli.writing_into(config.run_dir):
+    report = evaluation.evaluate_run(config)
   print(evaluation.markdown(report))
 
 

@@ -15,6 +15,7 @@ from absl import flags
 
 from experiments import cli
 from experiments import train  # noqa: F401  (defines every training flag, which the sweep passes on)
+from metasae_jax.storage import atomic, lock
 from metasae_jax.workflows import sweep
 
 F = flags.FLAGS
@@ -61,7 +62,9 @@ def main(argv):
   config = sweep.SweepConfig(out_dir=F.out_dir, lambda2s=sweep.parse_floats(F.lambda2, "lambda2"),
                              sigma_sqs=sweep.parse_floats(F.sigma_sq, "sigma_sq"), train_args=_train_args(),
                              parallel=F.parallel, evaluation=evaluation, python=sys.executable)
-  summary = sweep.run_sweep(config)
+  atomic.check_output_dir(config.out_dir, "--out_dir")
+  with lock.DirLock(config.out_dir, "sweep directory"):  # two sweeps would train the same points twice
+    summary = sweep.run_sweep(config)
   print(sweep.table(summary))
   if summary["pareto"]:
     print(f"wrote {summary['pareto']}")

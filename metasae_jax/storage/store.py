@@ -242,3 +242,13 @@ def fingerprint_changes(old: dict, new: dict) -> list:
     if old_shards[name] != new_shards[name]:
       changes.append(f"shard {name} content differs")
   return changes or ["content differs"]
+
+
+def check_finite(s: Store, chunk_tokens: int = 65536) -> None:
+  """Raises the training loop's error if any stored activation is NaN/Inf (evaluation reads every row)."""
+  for shard in s.shards:
+    for start in range(0, shard.num_tokens, chunk_tokens):
+      finite_T = np.isfinite(shard.acts_TxD[start:start + chunk_tokens]).all(axis=1)
+      if not finite_T.all():
+        raise UserError(f"non-finite activations (NaN/Inf) in shard {shard.activations_path} (row "
+                        f"{start + int(np.argmin(finite_T))}). Re-export that shard or remove it from the store.")
