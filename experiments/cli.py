@@ -16,8 +16,8 @@ from metasae_jax.core.errors import Interrupted, UserError
 from metasae_jax.storage import lock, store
 
 _OS_FIXES = {
-    errno.ENOSPC: "the disk is full: free space (or point the output elsewhere) and rerun the same command "
-                  "(it resumes; partial files were removed)",
+    errno.ENOSPC: "the disk is full: free space (or pick another output directory) and rerun the same "
+                  "command; it resumes from what was saved",
     errno.EDQUOT: "the disk quota is exhausted: free space and rerun the same command",
     errno.EACCES: "permission denied: fix the permissions or pick a directory you can write",
     errno.EPERM: "operation not permitted: fix the permissions or pick a directory you can write",
@@ -30,7 +30,7 @@ _OS_FIXES = {
 
 def os_error_line(e: OSError) -> str:
   """One readable line for an OSError: what happened, where, and the fix."""
-  where = e.filename if e.filename is not None else "?"
+  where = e.filename if e.filename is not None else "an output file"
   if e.filename2 is not None:
     where = f"{where} -> {e.filename2}"
   fix = _OS_FIXES.get(e.errno, "check the path and rerun")

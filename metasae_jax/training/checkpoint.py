@@ -6,14 +6,17 @@ bytes, so a restore that silently returns damaged values (a flipped bit in an
 array file) is caught like one that fails outright.
 """
 
+import contextlib
 import hashlib
 import os
+import re
 import sys
 from typing import Callable, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from metasae_jax.core.errors import UserError
 from metasae_jax.core.train_step import TrainState
@@ -29,6 +32,29 @@ def state_digest(state: TrainState) -> str:
     h.update(f"{a.dtype}{a.shape}".encode())
     h.update(np.ascontiguousarray(a).tobytes())
   return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+  """Orbax's writer threads log a full traceback per failed file (dozens on a full disk) before the save
+  raises; the caller reports the one error that matters, so only fatal logs get through meanwhile."""
+  old = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.FATAL)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(old)
+
+
+def _as_os_error(e: Exception, directory: str) -> Exception:
+  """The OSError behind a tensorstore/Orbax error (`[os_error_code='28']`), so binaries report it in one line."""
+  if isinstance(e, OSError):
+    return e
+  found = re.search(r"os_error_code='(\d+)'", str(e)) or re.search(r"\[Errno (\d+)\]", str(e))
+  if not found:
+    return e
+  code = int(found.group(1))
+  return OSError(code, os.strerror(code), directory)
 
 
 class Checkpointer:
@@ -49,8 +75,12 @@ class Checkpointer:
 
   def save(self, step: int, state: TrainState, cursor: dict) -> None:
     cursor = dict(cursor, **{DIGEST: state_digest(state)})
-    self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                 cursor=ocp.args.JsonSave(cursor)))
+    try:
+      with _orbax_quiet():
+        self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     cursor=ocp.args.JsonSave(cursor)))
+    except Exception as e:  # noqa: BLE001
+      raise _as_os_error(e, str(self._mgr.directory)) from e
 
   def restore(self, template: TrainState, step: Optional[int] = None) -> tuple[TrainState, dict]:
     """One step's {state, cursor}; raises whatever Orbax raises, or ValueError on a digest mismatch."""

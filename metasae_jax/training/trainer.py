@@ -224,8 +224,11 @@ class _MetricsSink:
     self.last = m
     if self.writer and (step % self.log_every == 0 or step == self.total):
       line = {"step": step, "tokens": step * self.batch_size, **m}
-      with open(self.path, "a") as f:
-        f.write(json.dumps(line) + "\n")
+      try:
+        with open(self.path, "a") as f:
+          f.write(json.dumps(line) + "\n")
+      except OSError as e:  # a failed write() names no file; say which
+        raise OSError(e.errno, e.strerror, self.path) from e
     return m
 
 
