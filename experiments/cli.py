@@ -68,6 +68,9 @@ def run(main) -> None:
       if e.errno not in _OS_FIXES:
         raise
       print(f"error: {os_error_line(e)}", file=sys.stderr)
-      sys.exit(1)
+      # Skip interpreter shutdown: writer threads of a failed checkpoint save would print tracebacks there.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(1)
 
   app.run(wrapped)

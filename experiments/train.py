@@ -36,6 +36,7 @@ flags.DEFINE_integer("skip_first_positions", 1,
                      "Skip this many positions at the start of every context (attention sinks); 0 keeps all.")
 flags.DEFINE_integer("checkpoint_every_steps", 1000, "Orbax checkpoint interval (steps).")
 flags.DEFINE_integer("log_every_steps", 50, "metrics.jsonl interval (steps).")
+flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
@@ -56,7 +57,8 @@ def main(argv):
       activation=F.activation)
   run = RunConfig(activations=F.activations, out_dir=F.out_dir, num_tokens=F.num_tokens,
                   skip_first_positions=F.skip_first_positions,
-                  checkpoint_every_steps=F.checkpoint_every_steps, log_every_steps=F.log_every_steps)
+                  checkpoint_every_steps=F.checkpoint_every_steps, log_every_steps=F.log_every_steps,
+                  progress=F.progress)
   metrics = train_and_save(config, run)
   if metrics:
     print(f"done: {F.out_dir}  joint fvu {metrics['joint/fvu']:.4f}  l0 {metrics['joint/l0']:.1f}"

@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import sys
+import tempfile
 from typing import Callable, Optional
 
 import jax
@@ -36,20 +37,35 @@ def state_digest(state: TrainState) -> str:
 
 @contextlib.contextmanager
 def _orbax_quiet():
-  """Orbax's writer threads log a full traceback per failed file (dozens on a full disk) before the save
-  raises; the caller reports the one error that matters, so only fatal logs get through meanwhile."""
+  """Orbax's writer threads print a traceback per failed file (dozens on a full disk, through absl logging
+  and straight to fd 2 from tensorstore callbacks) before the save raises. The caller reports the one error
+  that matters, so stderr is held back meanwhile: replayed if the save succeeds, dropped if it fails."""
   old = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.FATAL)
-  try:
-    yield
-  finally:
-    absl_logging.set_verbosity(old)
+  sys.stderr.flush()
+  saved_fd = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    failed = True
+    try:
+      yield
+      failed = False
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved_fd, 2)
+      os.close(saved_fd)
+      absl_logging.set_verbosity(old)
+      if not failed:
+        held.seek(0)
+        noise = held.read()
+        if noise:
+          os.write(2, noise)
 
 
 def _as_os_error(e: Exception, directory: str) -> Exception:
   """The OSError behind a tensorstore/Orbax error (`[os_error_code='28']`), so binaries report it in one line."""
   if isinstance(e, OSError):
-    return e
+    return e if e.filename is not None else OSError(e.errno, e.strerror, directory)
   found = re.search(r"os_error_code='(\d+)'", str(e)) or re.search(r"\[Errno (\d+)\]", str(e))
   if not found:
     return e
@@ -127,5 +143,6 @@ class Checkpointer:
     self._mgr.wait_until_finished()
 
   def close(self) -> None:
-    self._mgr.wait_until_finished()
-    self._mgr.close()
+    with _orbax_quiet():
+      self._mgr.wait_until_finished()
+      self._mgr.close()

@@ -237,6 +237,11 @@ def train_and_save(config: TrainConfig, run: RunConfig) -> dict:
 
   Raises Interrupted after saving a checkpoint if SIGINT/SIGTERM arrived; rerunning resumes.
   """
+  with _StopSignals() as stop:  # first thing: a Ctrl-C anywhere below ends at a step boundary, not mid-write
+    return _train_and_save(config, run, stop)
+
+
+def _train_and_save(config: TrainConfig, run: RunConfig, stop: _StopSignals) -> dict:
   validate_run(config, run)
   store = open_store(run.activations)
   if store.d_model != config.d_model:
@@ -257,8 +262,7 @@ def train_and_save(config: TrainConfig, run: RunConfig) -> dict:
   progress = {"saved": False}
   try:
     claimed = _claim_out_dir(run.out_dir, identity, writer)
-    with _StopSignals() as stop:
-      return _train(config, run, store, source, dp, total, writer, stop, progress)
+    return _train(config, run, store, source, dp, total, writer, stop, progress)
   except Interrupted:
     raise
   except BaseException:
