@@ -176,7 +176,7 @@ def export_activations(config: ExportConfig,
   atomic.check_output_dir(config.out_dir, "--out_dir")
   fresh_dir = not os.path.exists(config.out_dir)
   dir_lock = lock.DirLock(config.out_dir, "activation store").acquire()
-  new_store = True
+  new_store = False
   try:
     manifest = _check_existing(config)
     new_store = manifest is None
@@ -184,6 +184,8 @@ def export_activations(config: ExportConfig,
   except BaseException:
     if new_store and not _holds_tokens(config.out_dir):
       _remove_new_store(config.out_dir, fresh_dir, dir_lock)
+    else:  # a refused or resumed store keeps everything; only a lock file this call created goes
+      dir_lock.release(remove_file=True)
     raise
   finally:
     dir_lock.release()
