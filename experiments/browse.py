@@ -14,6 +14,7 @@ import os
 from absl import flags
 
 from experiments import cli
+from metasae_jax.storage import atomic
 from metasae_jax.browser import data as data_lib
 from metasae_jax.browser import page
 
@@ -45,6 +46,8 @@ def main(argv):
       num_tokens=_NUM_TOKENS.value, num_top=_NUM_TOP.value, before=_BEFORE.value, after=_AFTER.value,
       batch_size=_BATCH_SIZE.value, skip_first_positions=_SKIP.value, tokenizer=_TOKENIZER.value,
       seed=_SEED.value)
+  if _OUT_DIR.value:
+    atomic.check_output_dir(_OUT_DIR.value, "--out_dir")
   cli.check_store(config.activations)
   with cli.writing_into(config.run_dir):
     data = data_lib.build(config)
