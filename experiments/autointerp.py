@@ -70,7 +70,9 @@ def main(argv):
       num_score=_NUM_SCORE.value, num_negative=_NUM_NEGATIVE.value,
       explain_max_tokens=_EXPLAIN_TOKENS.value, timeout_s=_TIMEOUT.value, retries=_RETRIES.value,
       **{name: flag.value for name, flag in _PER_SCORER.items()})
-  scores = run_autointerp(config)
+  cli.check_store(config.activations)
+  with cli.writing_into(config.run_dir):
+    scores = run_autointerp(config)
   summary = {name: {m: scores[name][m] for m in METRICS} for name in SAE_NAMES}
   summary["paired"] = {m: {k: v for k, v in scores["paired"][m].items() if k != "differences"}
                        for m in METRICS}

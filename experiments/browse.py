@@ -14,6 +14,7 @@ import os
 from absl import flags
 
 from experiments import cli
+from metasae_jax.storage import atomic
 from metasae_jax.browser import data as data_lib
 from metasae_jax.browser import page
 from metasae_jax.storage.loaded_sae import FIRINGS
@@ -49,8 +50,12 @@ def main(argv):
       num_tokens=_NUM_TOKENS.value, num_top=_NUM_TOP.value, before=_BEFORE.value, after=_AFTER.value,
       batch_size=_BATCH_SIZE.value, firing=_FIRING.value or "", skip_first_positions=_SKIP.value,
       tokenizer=_TOKENIZER.value, seed=_SEED.value)
-  data = data_lib.build(config)
-  path = page.write(data, _OUT_DIR.value or os.path.join(config.run_dir, "browser"))
+  if _OUT_DIR.value:
+    atomic.check_output_dir(_OUT_DIR.value, "--out_dir")
+  cli.check_store(config.activations)
+  with cli.writing_into(config.run_dir):
+    data = data_lib.build(config)
+    path = page.write(data, _OUT_DIR.value or os.path.join(config.run_dir, "browser"))
   print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB): "
         f"{len(data['saes']['joint']['latents'])} joint and {len(data['saes']['solo']['latents'])} solo "
         f"latents, {len(data['splits'])} split candidates. Open it in a browser: file://{os.path.abspath(path)}")

@@ -56,7 +56,9 @@ def main(argv):
       ce_firing=_CE_FIRING.value, ce_include_first_position=_CE_FIRST.value, meta_fve_steps=_META_STEPS.value,
       split_phi_threshold=_SPLIT_PHI.value, bootstrap_replicates=_BOOT_REPS.value,
       bootstrap_blocks=_BOOT_BLOCKS.value, seed=_SEED.value)
-  report = evaluation.evaluate_run(config)
+  cli.check_store(config.activations)
+  with cli.writing_into(config.run_dir):
+    report = evaluation.evaluate_run(config)
   print(evaluation.markdown(report))
 
 

@@ -6,14 +6,12 @@ Rerunning the same command resumes an interrupted export; a finished store is le
 """
 
 import json
-import sys
 
-from absl import app
 from absl import flags
 
+from experiments import cli
 from metasae_jax.lm import export
 from metasae_jax.lm import models
-from metasae_jax.core.errors import UserError
 
 _DEFAULTS = export.ExportConfig(out_dir="-")
 
@@ -46,24 +44,20 @@ _BENCHMARK = flags.DEFINE_integer("benchmark_batches", 0,
 
 def main(argv):
   del argv
-  try:
-    config = export.ExportConfig(
-        out_dir=_OUT_DIR.value or ("-" if _BENCHMARK.value else ""), model=_MODEL.value,
-        layer=_LAYER.value, site=_SITE.value, corpus=_CORPUS.value,
-        text_field=_TEXT_FIELD.value, context_len=_CONTEXT_LEN.value,
-        batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, shard_tokens=_SHARD_TOKENS.value,
-        num_tokens=_NUM_TOKENS.value)
-    if _BENCHMARK.value:
-      from metasae_jax.workflows import benchmarking  # pylint: disable=g-import-not-at-top
-      print(json.dumps(benchmarking.benchmark_export(config, num_batches=_BENCHMARK.value, rounds=3)))
-      return
-    store = export.export_activations(config)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  config = export.ExportConfig(
+      out_dir=_OUT_DIR.value or ("-" if _BENCHMARK.value else ""), model=_MODEL.value,
+      layer=_LAYER.value, site=_SITE.value, corpus=_CORPUS.value,
+      text_field=_TEXT_FIELD.value, context_len=_CONTEXT_LEN.value,
+      batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, shard_tokens=_SHARD_TOKENS.value,
+      num_tokens=_NUM_TOKENS.value)
+  if _BENCHMARK.value:
+    from metasae_jax.workflows import benchmarking  # pylint: disable=g-import-not-at-top
+    print(json.dumps(benchmarking.benchmark_export(config, num_batches=_BENCHMARK.value, rounds=3)))
+    return
+  store = export.export_activations(config)
   print(f"{store.path}: {store.num_tokens} tokens x d_model {store.d_model} ({store.dtype}) "
         f"in {len(store.shards)} shards")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

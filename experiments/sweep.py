@@ -16,6 +16,7 @@ from absl import flags
 from experiments import cli
 from experiments import train  # defines every training flag; the sweep builds each point's config from them
 from metasae_jax.evaluation.evaluate import EvalConfig
+from metasae_jax.storage import atomic, lock
 from metasae_jax.workflows import sweep
 
 F = flags.FLAGS
@@ -54,7 +55,9 @@ def main(argv):
   config = sweep.SweepConfig(out_dir=F.out_dir, lambda2s=lambda2s, sigma_sqs=sigma_sqs, train=train_config,
                              run=run, seeds=sweep.parse_ints(F.seeds, "seeds"), parallel=F.parallel,
                              evaluation=evaluation, python=sys.executable)
-  summary = sweep.run_sweep(config)
+  atomic.check_output_dir(config.out_dir, "--out_dir")
+  with lock.DirLock(config.out_dir, "sweep directory"):  # two sweeps would train the same points twice
+    summary = sweep.run_sweep(config)
   print(sweep.table(summary))
   if summary["pareto"]:
     print(f"wrote {summary['pareto']}")

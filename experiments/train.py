@@ -49,6 +49,7 @@ flags.DEFINE_integer("skip_first_positions", 0,
                      "code) trains on every position.")
 flags.DEFINE_integer("checkpoint_every_steps", 1000, "Orbax checkpoint interval (steps).")
 flags.DEFINE_integer("log_every_steps", 50, "metrics.jsonl interval (steps).")
+flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
@@ -71,7 +72,8 @@ def configs_from_flags(**overrides) -> tuple[TrainConfig, RunConfig]:
     skip = F.skip_first_positions if skip is None else skip
   run = RunConfig(activations=F.activations, out_dir=F.out_dir, num_tokens=F.num_tokens,
                   skip_first_positions=skip,
-                  checkpoint_every_steps=F.checkpoint_every_steps, log_every_steps=F.log_every_steps)
+                  checkpoint_every_steps=F.checkpoint_every_steps, log_every_steps=F.log_every_steps,
+                  progress=F.progress)
   return config, run
 
 
@@ -84,7 +86,7 @@ def main(argv):
     print(f"done: {F.out_dir}  joint fvu {metrics['joint/fvu']:.4f}  l0 {metrics['joint/l0']:.1f}"
           + (f"  solo fvu {metrics['solo/fvu']:.4f}" if "solo/fvu" in metrics else ""))
   else:
-    print(f"done: {F.out_dir} (already finished; artifacts rewritten)")
+    print(f"done: {F.out_dir} (already finished; nothing changed)")
 
 
 if __name__ == "__main__":

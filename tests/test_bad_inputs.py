@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from metasae_jax.storage import store, synthetic
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.training.trainer import RunConfig, train_and_save
 from tests.conftest import REPO
+from tests.test_export import model_dir  # noqa: F401  (a fixture: the tiny local model)
 
 D = 16
 SAE_FLAGS = ("--width=64", "--k=4", "--meta_width=6", "--meta_k=2", "--batch_size=32", "--num_tokens=64",
@@ -19,7 +21,7 @@ SAE_FLAGS = ("--width=64", "--k=4", "--meta_width=6", "--meta_k=2", "--batch_siz
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, model_dir):  # noqa: F811
   """A good store and a finished run on it, shared by the rows (each row snapshots what it touches)."""
   root = tmp_path_factory.mktemp("world")
   good = str(root / "store")
@@ -27,7 +29,7 @@ def world(tmp_path_factory):
   run = str(root / "run")
   config = TrainConfig(d_model=D, width=64, k=4, meta_width=6, meta_k=2, batch_size=32)
   train_and_save(config, RunConfig(activations=good, out_dir=run, num_tokens=64, progress=False))
-  return {"root": str(root), "store": good, "run": run}
+  return {"root": str(root), "store": good, "run": run, "model": model_dir}
 
 
 def _store(case, **kw) -> str:
@@ -76,6 +78,26 @@ def _broken(fn):
   return make
 
 
+def _file(case, rel) -> str:
+  """An (empty) file at case/rel."""
+  path = os.path.join(str(case), rel)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  open(path, "w").close()
+  return path
+
+
+def _copy(path, case) -> str:
+  out = os.path.join(str(case), os.path.basename(path) + "_copy")
+  shutil.copytree(path, out)
+  return out
+
+
+def _link(path, case) -> str:
+  out = os.path.join(str(case), "link")
+  os.symlink(path, out)
+  return out
+
+
 def _good(case, world):
   return world["store"]
 
@@ -98,7 +120,7 @@ ROWS = {
                                      "dtype 'int8' is not one of", {}, None),
     "shard dtype differs from manifest": (_train(_broken(lambda p: _edit_manifest(p, dtype="float16"))),
                                           "manifest says float16", {}, None),
-    "NaN in activations": (_train(lambda c, w: _nan_store(c)), "acts-00001.npy", {}, "out"),
+    "NaN in activations": (_train(lambda c, w: _nan_store(c)), "acts-00001.npy", {}, None),
     "k >= width": (_train(_good, "--k=64"), "k must be in [1, width)", {}, None),
     "k <= 0": (_train(_good, "--k=0"), "k must be in [1, width)", {}, None),
     "meta_width >= width": (_train(_good, "--meta_width=64"), "meta_width must be in", {}, None),
@@ -111,6 +133,40 @@ ROWS = {
     "batch_size not divisible by device count": (
         _train(_good, "--batch_size=33"), "not divisible by the device count 2",
         {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, None),
+    "negative --seed": (_train(_good, "--seed=-1"), "--seed must be in [0, 2^32)", {}, None),
+    "--checkpoint_every_steps 0": (_train(_good, "--checkpoint_every_steps=0"),
+                                   "--checkpoint_every_steps must be >= 1", {}, None),
+    "--log_every_steps 0": (_train(_good, "--log_every_steps=0"), "--log_every_steps must be >= 1", {}, None),
+    "--out_dir is a file": (lambda case, world: _train(_good, out=_file(case, "f"))(case, world),
+                            "is a file, not a directory", {}, None),
+    "--out_dir below a file": (lambda case, world: _train(_good, out=_file(case, "f") + "/run")(case, world),
+                               "cannot be created", {}, None),
+    "export_sae --out is another run": (
+        lambda case, world: ("experiments.export_sae", [f"--run_dir={_copy(world['run'], case)}",
+                                                        f"--out={world['run']}", "--allow_approximate"]),
+        "is a training run directory", {}, None),
+    "export_sae --out is a symlink to the run": (
+        lambda case, world: ("experiments.export_sae", [f"--run_dir={world['run']}",
+                                                        f"--out={_link(world['run'], case)}", "--allow_approximate"]),
+        "is or holds --run_dir", {}, None),
+    "export_sae --out is a store": (
+        lambda case, world: ("experiments.export_sae", [f"--run_dir={world['run']}", f"--out={world['store']}",
+                                                        "--allow_approximate"]),
+        "is an activation store", {}, None),
+    "export_sae --out holds other files": (
+        lambda case, world: ("experiments.export_sae", [f"--run_dir={world['run']}",
+                                                        f"--out={os.path.dirname(_file(case, 'x/notes.txt'))}",
+                                                        "--allow_approximate"]),
+        "holds files export_sae did not write", {}, None),
+    "NaN in the evaluation store (evaluate)": (
+        lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}", "--model=none",
+                                                       f"--activations={_nan_store(case)}"]),
+        "non-finite activations (NaN/Inf) in shard", {}, None),
+    "empty corpus (exporter)": (
+        lambda case, world: ("experiments.export_activations", [
+            f"--model={world['model']}", f"--corpus={_file(case, 'empty.txt')}", f"--out_dir={case / 'acts'}",
+            "--context_len=8", "--num_tokens=64", "--layer=0"]),
+        "corpus", {}, None),
     "unknown --model (exporter)": (
         lambda case, world: ("experiments.export_activations", [
             "--model=no-such-org/no-such-model-for-metasae", f"--out_dir={case / 'acts'}", "--num_tokens=256"]),

@@ -117,6 +117,55 @@ def test_train_killed_at_many_moments_resumes_bit_identical(train_store, tmp_pat
   assert not [n for n in _ls(cut) if atomic.is_temp(n)]
 
 
+def _interrupt_when(flags, out_dir, ready, signum) -> subprocess.CompletedProcess:
+  """Starts train, sends signum once ready() holds; returns (exit code, stderr lines)."""
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *flags, f"--out_dir={out_dir}",
+                           "--noprogress"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  end = time.time() + 240
+  while proc.poll() is None and time.time() < end and not ready():
+    time.sleep(0.002)
+  sent = proc.poll() is None
+  if sent:
+    proc.send_signal(signum)
+  out, err = proc.communicate(timeout=240)
+  return sent, proc.returncode, [line for line in err.splitlines() if line.strip()], out
+
+
+def test_sigint_during_compilation_and_mid_run_then_resume_is_bit_identical(train_store, tmp_path):
+  flags = (f"--activations={train_store}",) + TRAIN_FLAGS
+  whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+  reference = _start("experiments.train", *flags, f"--out_dir={whole}", "--noprogress")
+  # The run directory is claimed right before the step is compiled: the signal lands in set-up/compilation.
+  seen = []
+
+  def compiling():  # a moment after the claim: the first step is being compiled (seconds on this CPU)
+    if os.path.exists(os.path.join(cut, "run_config.json")):
+      seen.append(time.time())
+    return bool(seen) and time.time() - seen[0] > 0.3 and not _steps_logged(cut)
+
+  cases = [("compilation", compiling, signal.SIGINT, 130),
+           ("mid-run", lambda: any(s >= 35 for s in _steps_logged(cut)), signal.SIGINT, 130),
+           ("mid-run SIGTERM", lambda: any(s >= 75 for s in _steps_logged(cut)), signal.SIGTERM, 143)]
+  stopped_at = []
+  for name, ready, signum, code in cases:
+    sent, rc, lines, _ = _interrupt_when(flags, cut, ready, signum)
+    assert sent, f"{name}: the run ended before the signal"
+    assert rc == code, (name, rc, lines)
+    assert len(lines) == 1, (name, lines)
+    step = int(lines[0].split()[3].rstrip(";"))
+    assert lines[0] == f"interrupted at step {step}; rerun the same command to resume", lines
+    assert step == 0 or _done_checkpoints(cut)[-1] == step, (name, step, _done_checkpoints(cut))
+    stopped_at.append(step)
+  assert stopped_at[0] <= 1 and stopped_at[0] < stopped_at[1] < stopped_at[2] < 120, stopped_at
+  with open(tmp_path / "log", "wb") as log:
+    assert _start("experiments.train", *flags, f"--out_dir={cut}", log=log).wait(timeout=240) == 0
+  assert reference.wait(timeout=240) == 0
+  for sub in ("joint", "solo"):
+    assert _snapshot(os.path.join(cut, sub)) == _snapshot(os.path.join(whole, sub)), sub
+  with open(os.path.join(cut, "metrics.jsonl"), "rb") as a, open(os.path.join(whole, "metrics.jsonl"), "rb") as b:
+    assert a.read() == b.read()
+
+
 @pytest.fixture(scope="module")
 def big_corpus(tmp_path_factory):
   path = tmp_path_factory.mktemp("crash_corpus") / "docs.jsonl"

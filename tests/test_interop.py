@@ -201,5 +201,5 @@ def test_binary_exports_and_refuses_in_one_line(run_dir, tmp_path):
   assert bad.stderr.strip().splitlines()[-1].startswith("error: SAE ") and not os.path.exists(tmp_path / "x")
   ok = run("--format=saelens", f"--out={tmp_path / 'x'}", "--allow_approximate")
   assert ok.returncode == 0, ok.stderr
-  assert sorted(os.listdir(tmp_path / "x")) == ["joint", "solo"]
+  assert sorted(os.listdir(tmp_path / "x")) == [interop.EXPORT_MARKER, "joint", "solo"]
 

@@ -10,15 +10,19 @@ start at the shard's first context, so a resumed store equals an uninterrupted o
 import concurrent.futures
 import dataclasses
 import itertools
+import json
 import logging
 import os
+import shutil
+import tempfile
+import time
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import tqdm
 
-from metasae_jax.storage import atomic
+from metasae_jax.storage import atomic, lock
 from metasae_jax.lm import corpus as corpus_lib
 from metasae_jax.lm import models
 from metasae_jax.storage import store as store_lib
@@ -98,7 +102,7 @@ def _check_existing(config: ExportConfig) -> Optional[dict]:
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f"--out_dir {path} is a file. Pass a new or empty directory.")
   if not os.path.isfile(os.path.join(path, store_lib.MANIFEST)):
-    if os.path.isdir(path) and [n for n in os.listdir(path) if not atomic.is_temp(n)]:
+    if os.path.isdir(path) and [n for n in os.listdir(path) if not atomic.is_temp(n) and n != lock.LOCK_FILE]:
       raise UserError(f"--out_dir {path} is not empty and holds no activation store. Pass a new "
                       "or empty directory (nothing was written).")
     return None
@@ -150,10 +154,54 @@ def forward_only(loaded: models.LoadedModel, tokens_NxC: np.ndarray, batch_size:
       models.capture_residual(loaded.model, ids_NxC[b:b + batch_size], layer, site)
 
 
+def _holds_tokens(path: str) -> bool:
+  try:
+    with open(os.path.join(path, store_lib.MANIFEST)) as f:
+      return bool(json.load(f).get("shards"))
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def _remove_new_store(path: str, fresh_dir: bool, dir_lock: lock.DirLock) -> None:
+  """Undoes a new store that never got a shard (bad corpus, empty corpus, a failure before real work)."""
+  if fresh_dir:
+    shutil.rmtree(path, ignore_errors=True)
+    return
+  for name in [store_lib.MANIFEST] + [n for n in os.listdir(path) if atomic.is_temp(n)]:
+    try:
+      os.remove(os.path.join(path, name))
+    except FileNotFoundError:
+      pass
+  dir_lock.release(remove_file=True)
+
+
 def export_activations(config: ExportConfig,
                        loaded: Optional[models.LoadedModel] = None) -> store_lib.Store:
-  """Writes (or resumes, or leaves as is) the activation store at `config.out_dir`."""
-  manifest = _check_existing(config)
+  """Writes (or resumes, or leaves as is) the activation store at `config.out_dir`.
+
+  One exporter per store (a directory lock); a new store that fails before its first shard, or whose
+  corpus yields no context, is removed again, so no finished-looking empty store is left behind.
+  """
+  atomic.check_output_dir(config.out_dir, "--out_dir")
+  fresh_dir = not os.path.exists(config.out_dir)
+  dir_lock = lock.DirLock(config.out_dir, "activation store").acquire()
+  new_store = False
+  try:
+    manifest = _check_existing(config)
+    new_store = manifest is None
+    return _export_locked(config, loaded, manifest)
+  except BaseException:
+    if new_store and not _holds_tokens(config.out_dir):
+      _remove_new_store(config.out_dir, fresh_dir, dir_lock)
+    else:  # a refused or resumed store keeps everything; only a lock file this call created goes
+      dir_lock.release(remove_file=True)
+    raise
+  finally:
+    dir_lock.release()
+
+
+def _export_locked(config: ExportConfig, loaded: Optional[models.LoadedModel],
+                   manifest: Optional[dict]) -> store_lib.Store:
   atomic.remove_stale_temps(config.out_dir)  # shards or manifests cut short by a kill
   target = config.target_tokens
   if manifest is not None and (manifest["num_tokens"] >= target or manifest.get(EXHAUSTED)):

@@ -25,12 +25,13 @@ sparsify (`sparsify.SparseCoder.load_from_disk(dir)`):
 
 import json
 import os
+import shutil
 from typing import Optional
 
 import numpy as np
 from safetensors.numpy import save as st_save
 
-from metasae_jax.storage import artifact, atomic
+from metasae_jax.storage import artifact, atomic, lock
 from metasae_jax.core.errors import UserError
 
 FORMATS = ("saelens", "sparsify")
@@ -40,6 +41,10 @@ SAE_NAMES = artifact.SAE_NAMES
 # The SAELens cfg.json format written here (metadata.sae_lens_version decides how SAELens parses it).
 SAELENS_FORMAT_VERSION = "6.0.0"
 _NORMS = {"standardize_per_token": "layer_norm", "none": "none"}
+# Written first into every export directory: an export may replace only a directory carrying it.
+EXPORT_MARKER = ".metasae-export.json"
+# Files that say a directory belongs to something else (run_config.json: a training run; manifest.json: a store).
+_OWNED_BY = {"run_config.json": "a training run directory", "manifest.json": "an activation store"}
 
 
 def _hook_name(source: dict) -> Optional[str]:
@@ -125,6 +130,32 @@ def export_sae(src: str, out: str, fmt: str, allow_approximate: bool = False) ->
   return caveats
 
 
+def check_target(out_dir: str, run_dir: str) -> None:
+  """Refuses an export target that resolves (symlinks followed) to data this exporter did not write."""
+  real, run_real = os.path.realpath(out_dir), os.path.realpath(run_dir)
+  if real == run_real or run_real.startswith(real + os.sep):
+    raise UserError(f"--out {out_dir} resolves to {real}, which is or holds --run_dir {run_dir}; the export "
+                    "would overwrite the run's artifacts. Pick a new --out (nothing was written).")
+  if not os.path.exists(real):
+    atomic.check_output_dir(out_dir, "--out")
+    return
+  if not os.path.isdir(real):
+    raise UserError(f"--out {out_dir} is a file, not a directory. Pick a new --out (nothing was written).")
+  names = set(os.listdir(real))
+  for name, what in _OWNED_BY.items():
+    if name in names:
+      raise UserError(f"--out {out_dir} is {what} ({real}/{name}); an export never writes into one. "
+                      "Pick a new --out (nothing was written).")
+  if EXPORT_MARKER in names:
+    atomic.check_output_dir(out_dir, "--out")
+    return  # our own previous export: replacing it is allowed
+  foreign = sorted(names - {lock.LOCK_FILE})
+  if foreign:
+    raise UserError(f"--out {out_dir} holds files export_sae did not write ({', '.join(foreign[:5])}"
+                    f"{', ...' if len(foreign) > 5 else ''}). Pick a new or empty --out (nothing was written).")
+  atomic.check_output_dir(out_dir, "--out")
+
+
 def export_run(run_dir: str, out_dir: str, fmt: str, allow_approximate: bool = False) -> dict:
   """Exports the run's joint and solo SAEs to out_dir/joint, out_dir/solo. Returns {name: caveats}."""
   if fmt not in FORMATS:
@@ -133,8 +164,7 @@ def export_run(run_dir: str, out_dir: str, fmt: str, allow_approximate: bool = F
   if not present:
     raise UserError(f"--run_dir {run_dir} has no finished joint/ or solo/ SAE (cfg.json). Train first "
                     "(experiments.train), or point at the run directory.")
-  if os.path.abspath(out_dir) == os.path.abspath(run_dir):
-    raise UserError("--out must differ from --run_dir (the export would overwrite the artifacts).")
+  check_target(out_dir, run_dir)
   # Check every SAE before writing any, so a refusal leaves nothing half-exported.
   for name in present:
     tensors, cfg = artifact.load_sae_files(os.path.join(run_dir, name))
@@ -142,5 +172,13 @@ def export_run(run_dir: str, out_dir: str, fmt: str, allow_approximate: bool = F
       (saelens if fmt == "saelens" else sparsify)(tensors, cfg, allow_approximate)
     except UserError as e:
       raise UserError(f"SAE {os.path.join(run_dir, name)}: {e}") from None
-  return {name: export_sae(os.path.join(run_dir, name), os.path.join(out_dir, name), fmt, allow_approximate)
-          for name in present}
+  fresh = not os.path.exists(out_dir)
+  try:
+    atomic.write_json(os.path.join(out_dir, EXPORT_MARKER), {"writer": "metasae_jax.storage.interop.export_run",
+                                                             "run_dir": os.path.abspath(run_dir), "format": fmt})
+    return {name: export_sae(os.path.join(run_dir, name), os.path.join(out_dir, name), fmt, allow_approximate)
+            for name in present}
+  except BaseException:
+    if fresh:  # a failed first export (disk full, ...) leaves no half-export behind
+      shutil.rmtree(out_dir, ignore_errors=True)
+    raise

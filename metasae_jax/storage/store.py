@@ -6,6 +6,7 @@ contexts never span shards. "Global" token indices run over all shards in manife
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Optional
@@ -223,3 +224,61 @@ def write_view(path: str, base: Store, shard_indices) -> Store:
            view_of={"path": os.path.relpath(base.path, path), "shards": [int(i) for i in shard_indices]})
   write_manifest(path, m)
   return open_store(path)
+
+
+# Rows hashed per shard for the fingerprint: enough to tell two exports apart, cheap on any store size.
+_FINGERPRINT_ROWS = 8
+_HEAD_BYTES = 4096
+
+
+def _file_digest(path: str, array: np.ndarray) -> str:
+  """sha256 of a shard's first bytes (npy header) and a few fixed, evenly spaced rows."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    h.update(f.read(_HEAD_BYTES))
+  n = array.shape[0]
+  for i in sorted({int(i) for i in np.linspace(0, n - 1, _FINGERPRINT_ROWS)} if n else ()):
+    h.update(np.ascontiguousarray(array[i]).tobytes())
+  return h.hexdigest()[:16]
+
+
+def fingerprint(s: Store) -> dict:
+  """What identifies a store's data: manifest fields (incl. source), shard names, sizes, cheap content hashes."""
+  shards = []
+  for entry, shard in zip(s.manifest["shards"], s.shards):
+    item = {"activations": entry["activations"], "num_tokens": shard.num_tokens,
+            "bytes": os.path.getsize(shard.activations_path),
+            "hash": _file_digest(shard.activations_path, shard.acts_TxD)}
+    if shard.tokens_T is not None:
+      item["tokens_hash"] = _file_digest(shard.tokens_path, shard.tokens_T)
+    shards.append(item)
+  out = {"source": s.source, "d_model": s.d_model, "dtype": s.dtype, "num_tokens": s.num_tokens,
+         "context_len": s.context_len, "shards": shards}
+  out["digest"] = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()[:16]
+  return out
+
+
+def fingerprint_changes(old: dict, new: dict) -> list:
+  """Human-readable differences between two fingerprints (empty if they describe the same data)."""
+  if old.get("digest") == new.get("digest"):
+    return []
+  changes = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+             for key in ("source", "d_model", "dtype", "num_tokens", "context_len") if old.get(key) != new.get(key)]
+  old_shards = {e["activations"]: e for e in old.get("shards", [])}
+  new_shards = {e["activations"]: e for e in new.get("shards", [])}
+  if list(old_shards) != list(new_shards):
+    changes.append(f"shards: {list(old_shards)} -> {list(new_shards)}")
+  for name in sorted(old_shards.keys() & new_shards.keys()):
+    if old_shards[name] != new_shards[name]:
+      changes.append(f"shard {name} content differs")
+  return changes or ["content differs"]
+
+
+def check_finite(s: Store, chunk_tokens: int = 65536) -> None:
+  """Raises the training loop's error if any stored activation is NaN/Inf (evaluation reads every row)."""
+  for shard in s.shards:
+    for start in range(0, shard.num_tokens, chunk_tokens):
+      finite_T = np.isfinite(shard.acts_TxD[start:start + chunk_tokens]).all(axis=1)
+      if not finite_T.all():
+        raise UserError(f"non-finite activations (NaN/Inf) in shard {shard.activations_path} (row "
+                        f"{start + int(np.argmin(finite_T))}). Re-export that shard or remove it from the store.")

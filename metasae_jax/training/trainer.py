@@ -4,6 +4,9 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from typing import Optional
 
@@ -15,7 +18,9 @@ from metasae_jax.storage import artifact, atomic
 from metasae_jax.training import data, sharding
 from metasae_jax.training.checkpoint import Checkpointer
 from metasae_jax.core.config import TrainConfig
-from metasae_jax.core.errors import UserError
+from metasae_jax.core.errors import Interrupted, UserError
+from metasae_jax.storage import lock as lock_lib
+from metasae_jax.storage import store as store_lib
 from metasae_jax.storage.store import open_store
 from metasae_jax.core.train_step import TrainState, init_train_state, train_step
 
@@ -48,11 +53,29 @@ class RunConfig:
   """Show a progress bar."""
 
 
+def validate_run(config: TrainConfig, run: RunConfig) -> None:
+  """Every flag-level check, before the run directory is touched (a failed first attempt must not poison it)."""
+  checks = [
+      (0 <= config.seed < 2**32, f"--seed must be in [0, 2^32), got {config.seed}"),
+      (run.num_tokens >= 0, f"--num_tokens must be >= 0 (0 = one pass), got {run.num_tokens}"),
+      (run.skip_first_positions >= 0, f"--skip_first_positions must be >= 0, got {run.skip_first_positions}"),
+      (run.checkpoint_every_steps >= 1,
+       f"--checkpoint_every_steps must be >= 1, got {run.checkpoint_every_steps}"),
+      (run.log_every_steps >= 1, f"--log_every_steps must be >= 1, got {run.log_every_steps}"),
+      (run.max_checkpoints >= 1, f"max_checkpoints must be >= 1, got {run.max_checkpoints}"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise UserError(f"{message}. Nothing was written.")
+  atomic.check_output_dir(run.out_dir, "--out_dir")
+
+
 def _identity(config: TrainConfig, run: RunConfig, store) -> dict:
   return {"train": config.to_dict(),
           "data": {"activations": os.path.abspath(run.activations), "store_tokens": store.num_tokens,
                    "d_model": store.d_model, "num_tokens": run.num_tokens,
-                   "skip_first_positions": run.skip_first_positions}}
+                   "skip_first_positions": run.skip_first_positions},
+          "store": store_lib.fingerprint(store)}
 
 
 def recorded_skip_first_positions(out_dir: str) -> Optional[int]:
@@ -65,8 +88,11 @@ def recorded_skip_first_positions(out_dir: str) -> Optional[int]:
   return int(value) if isinstance(value, int) else None
 
 
-def _claim_out_dir(out_dir: str, identity: dict, writer: bool) -> None:
-  """Refuses a run directory that holds a run with another config; never overwrites it."""
+def _claim_out_dir(out_dir: str, identity: dict, writer: bool) -> bool:
+  """Refuses a run directory that holds a run with another config or data; never overwrites it.
+
+  Returns True if this call wrote RUN_CONFIG into a directory that held no run.
+  """
   path = os.path.join(out_dir, RUN_CONFIG)
   if os.path.exists(path):
     try:
@@ -74,19 +100,31 @@ def _claim_out_dir(out_dir: str, identity: dict, writer: bool) -> None:
         old = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError):
       raise UserError(f"{path} is damaged. Use a new --out_dir (this one is left untouched).")
-    if old != identity:
-      diffs = [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}"
-               for section, fields in identity.items() for key, value in fields.items()
-               if old.get(section, {}).get(key) != value]
+    if not isinstance(old, dict):
+      raise UserError(f"{path} is not a run config. Use a new --out_dir (this one is left untouched).")
+    diffs = [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}"
+             for section, fields in identity.items() if section != "store" for key, value in fields.items()
+             if old.get(section, {}).get(key) != value]
+    if diffs:
       raise UserError(f"--out_dir {out_dir} holds a run with a different config ({'; '.join(diffs)}). "
                       "Rerun with the original flags to resume, or pick a new --out_dir.")
-    return
+    if "store" not in old:  # a run from before data fingerprints: trust the path, record the data from now on
+      if writer:
+        atomic.write_json(path, dict(old, store=identity["store"]))
+      return False
+    changes = store_lib.fingerprint_changes(old["store"], identity["store"])
+    if changes:
+      raise UserError(f"the activation store {identity['data']['activations']} is not the one this run in "
+                      f"{out_dir} was trained on ({'; '.join(changes)}). Point --activations at the original "
+                      "store to resume, or train on this one in a new --out_dir.")
+    return False
   found = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
   if found:
     raise UserError(f"--out_dir {out_dir} holds {', '.join(found)} but no {RUN_CONFIG}, so it is not a run "
                     "this command can resume. Pick a new --out_dir (nothing was changed).")
   if writer:
     atomic.write_json(path, identity)
+  return writer
 
 
 def _trim_metrics(path: str, last_step: int) -> None:
@@ -109,14 +147,67 @@ def write_artifacts(state: TrainState, store, run: RunConfig, trained_tokens: in
   host = jax.device_get(state)
   out = run.out_dir
 
+  # Which data the SAEs were trained on, beyond the store's path (a store can be replaced in place).
+  data = {"store_fingerprint": store_lib.fingerprint(store)}
+
   def cfg(which):
-    return artifact.sae_cfg(which, config.to_dict(), trained_tokens, source=store.source,
-                            skip_first_positions=run.skip_first_positions, context_len=store.context_len)
+    return dict(artifact.sae_cfg(which, config.to_dict(), trained_tokens, source=store.source,
+                                 skip_first_positions=run.skip_first_positions, context_len=store.context_len),
+                **data)
 
   artifact.save_sae(os.path.join(out, "joint"), host.joint.params, cfg("joint"))
   artifact.save_sae(os.path.join(out, "joint", "meta"), host.meta.params, cfg("meta"))
   if host.solo is not None:
     artifact.save_sae(os.path.join(out, "solo"), host.solo.params, cfg("solo"))
+
+
+def _artifacts_complete(config: TrainConfig, out_dir: str) -> bool:
+  """Every artifact file of a finished run is there (each is written atomically, so present means whole)."""
+  subs = ["joint", os.path.join("joint", "meta")] + (["solo"] if config.baseline else [])
+  return all(os.path.isfile(os.path.join(out_dir, sub, name))
+             for sub in subs for name in (artifact.CFG, artifact.WEIGHTS))
+
+
+class _StopSignals:
+  """SIGINT/SIGTERM only set a flag, checked at step boundaries.
+
+  Installed before jit compilation: the default SIGINT handler raises KeyboardInterrupt wherever Python
+  happens to be (inside XLA compilation, a prefetch future, an Orbax write), which gave tracebacks and
+  crashes instead of a saved state.
+  """
+
+  def __init__(self):
+    self.signum: Optional[int] = None
+    self._old: dict = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def __enter__(self) -> "_StopSignals":
+    if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread only
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _undo_claim(out_dir: str, fresh_dir: bool, lock: Optional[lock_lib.DirLock]) -> None:
+  """Removes what a first attempt created before doing real work, so the corrected command just works."""
+  if fresh_dir:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return
+  for name in (RUN_CONFIG, METRICS):
+    try:
+      os.remove(os.path.join(out_dir, name))
+    except FileNotFoundError:
+      pass
+  shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
+  if lock is not None:
+    lock.release(remove_file=True)
 
 
 class _MetricsSink:
@@ -138,13 +229,25 @@ class _MetricsSink:
     self.last = m
     if self.writer and (step % self.log_every == 0 or step == self.total):
       line = {"step": step, "tokens": step * self.batch_size, **m}
-      with open(self.path, "a") as f:
-        f.write(json.dumps(line) + "\n")
+      try:
+        with open(self.path, "a") as f:
+          f.write(json.dumps(line) + "\n")
+      except OSError as e:  # a failed write() names no file; say which
+        raise OSError(e.errno, e.strerror, self.path) from e
     return m
 
 
 def train_and_save(config: TrainConfig, run: RunConfig) -> dict:
-  """Trains (or resumes) joint + solo SAEs and writes the artifacts. Returns the last metrics."""
+  """Trains (or resumes) joint + solo SAEs and writes the artifacts. Returns the last metrics ({} if finished).
+
+  Raises Interrupted after saving a checkpoint if SIGINT/SIGTERM arrived; rerunning resumes.
+  """
+  with _StopSignals() as stop:  # first thing: a Ctrl-C anywhere below ends at a step boundary, not mid-write
+    return _train_and_save(config, run, stop)
+
+
+def _train_and_save(config: TrainConfig, run: RunConfig, stop: _StopSignals) -> dict:
+  validate_run(config, run)
   store = open_store(run.activations)
   if store.d_model != config.d_model:
     raise UserError(f"activation store {run.activations} has d_model {store.d_model} but the config says "
@@ -156,20 +259,51 @@ def train_and_save(config: TrainConfig, run: RunConfig) -> dict:
   total = (run.num_tokens // config.batch_size) if run.num_tokens else source.batches_per_epoch
   if total <= 0:
     raise UserError(f"--num_tokens {run.num_tokens} is less than one batch of {config.batch_size}.")
-  _claim_out_dir(run.out_dir, _identity(config, run, store), writer)
+  identity = _identity(config, run, store)
+  # Everything above only reads; from here on the run directory is ours alone.
+  fresh_dir = not os.path.exists(run.out_dir)
+  lock = lock_lib.DirLock(run.out_dir, "run directory").acquire() if writer else None
+  claimed = False
+  progress = {"saved": False}
+  try:
+    claimed = _claim_out_dir(run.out_dir, identity, writer)
+    return _train(config, run, store, source, dp, total, writer, stop, progress)
+  except Interrupted:
+    raise
+  except BaseException:
+    # Real work (a checkpoint, a logged step) is kept; a failure before any leaves the directory as found.
+    if claimed and not progress["saved"] and not os.path.exists(os.path.join(run.out_dir, METRICS)):
+      _undo_claim(run.out_dir, fresh_dir, lock)
+    raise
+  finally:
+    if lock is not None:
+      lock.release()
 
-  if writer:  # temp files of atomic writes cut short by a kill (Orbax cleans its own)
-    for sub in ("", *artifact.SAE_NAMES, os.path.join("joint", "meta")):
-      atomic.remove_stale_temps(os.path.join(run.out_dir, sub))
+
+def _train(config: TrainConfig, run: RunConfig, store, source, dp, total: int, writer: bool,
+           stop: _StopSignals, progress: dict) -> dict:
   ckpt = Checkpointer(os.path.join(run.out_dir, "checkpoints"), run.max_checkpoints)
-  state = init_train_state(config)
-  last_good = ckpt.latest_step()
-  if last_good is not None:
-    state, cursor = ckpt.restore(state)
-    if cursor.get("batches_consumed") != int(state.step):
-      raise UserError(f"checkpoint {last_good} in {run.out_dir} is inconsistent (cursor {cursor}). "
-                      "Delete that checkpoint directory to fall back to an earlier one.")
+  try:
+    if ckpt.latest_step() == total and _artifacts_complete(config, run.out_dir):
+      return {}  # finished is finished: touch nothing (evaluate may have added thresholds to the artifacts)
+    if writer:  # temp files of atomic writes cut short by a kill (Orbax cleans its own)
+      for sub in ("", *artifact.SAE_NAMES, os.path.join("joint", "meta")):
+        atomic.remove_stale_temps(os.path.join(run.out_dir, sub))
+
+    def consistent(step, state, cursor):
+      if cursor.get("batches_consumed") != step or int(state.step) != step:
+        raise ValueError(f"cursor {cursor} does not match step {step}")
+
+    restored, _ = ckpt.restore_newest_intact(init_train_state(config), consistent)
+    state = init_train_state(config) if restored is None else restored
+    return _loop(config, run, store, source, dp, total, writer, stop, progress, ckpt, state)
+  finally:
+    ckpt.close()
+
+
+def _loop(config, run, store, source, dp, total, writer, stop, progress, ckpt, state) -> dict:
   start = int(state.step)
+  last_good = start or None
   metrics_path = os.path.join(run.out_dir, METRICS)
   if writer:
     _trim_metrics(metrics_path, start)
@@ -185,6 +319,8 @@ def train_and_save(config: TrainConfig, run: RunConfig) -> dict:
   step = start
   try:
     for step in range(start, total):
+      if stop.signum is not None:
+        break
       batch = prefetch.get(step)
       state, metrics = step_fn(state, batch)
       if pending is not None:
@@ -197,13 +333,20 @@ def train_and_save(config: TrainConfig, run: RunConfig) -> dict:
         sink.consume(*pending, last_good)  # never checkpoint a state we have not checked
         pending = None
         ckpt.save(step + 1, state, {"batches_consumed": step + 1})
+        progress["saved"] = True
         last_good = step + 1
     if pending is not None:
       sink.consume(*pending, last_good)
+      pending = None
+    if stop.signum is not None:
+      done = int(state.step)
+      if done != last_good and done > 0:
+        ckpt.save(done, state, {"batches_consumed": done})
+        progress["saved"] = True
+      raise Interrupted(f"interrupted at step {done}; rerun the same command to resume", stop.signum)
   finally:
     bar.close()
     prefetch.close()
-    ckpt.close()
   if writer:
     write_artifacts(state, store, run, total * config.batch_size)
   return sink.last
