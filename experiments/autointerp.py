@@ -23,7 +23,8 @@ _D = AutointerpConfig(run_dir="", activations="")
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Training run directory with joint/ and solo/ SAEs.")
 _ACTIVATIONS = flags.DEFINE_string("activations", None,
-                                   "Activation store with token shards (held-out text).")
+                                  "Activation store to read; default: the held-out view of the store the run "
+                                  "trained on (STORE/heldout).")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", _D.num_tokens,
                                    "Tokens streamed through the SAEs, after skipping; 0 = all.")
 _NUM_LATENTS = flags.DEFINE_integer("num_latents", _D.num_latents, "Matched joint/solo pairs to score.")
@@ -56,13 +57,18 @@ _EXPLAIN_TOKENS = flags.DEFINE_integer("explain_max_tokens", _D.explain_max_toke
                                        "Generated tokens per explanation.")
 _TIMEOUT = flags.DEFINE_float("timeout_s", _D.timeout_s, "HTTP backend: seconds per request attempt.")
 _RETRIES = flags.DEFINE_integer("retries", _D.retries, "HTTP backend: retries (client backoff).")
-flags.mark_flags_as_required(["run_dir", "activations"])
+_ALLOW_TRAIN = flags.DEFINE_bool("allow_train_tokens", False,
+                                 "Allow --activations that share tokens with the run's training data.")
+flags.mark_flags_as_required(["run_dir"])
 
 
 def main(argv):
   del argv
   config = AutointerpConfig(
-      run_dir=_RUN_DIR.value, activations=_ACTIVATIONS.value, num_tokens=_NUM_TOKENS.value,
+      run_dir=_RUN_DIR.value,
+      activations=cli.evaluation_store(_ACTIVATIONS.value, cli.recorded_activations(_RUN_DIR.value),
+                                       _ALLOW_TRAIN.value, f"the run in {_RUN_DIR.value}"),
+      num_tokens=_NUM_TOKENS.value,
       num_latents=_NUM_LATENTS.value, llm=_LLM.value, llm_base_url=_BASE_URL.value,
       llm_model=_MODEL.value, llm_api_key_env=_KEY_ENV.value, concurrency=_CONCURRENCY.value,
       tokenizer=_TOKENIZER.value, seed=_SEED.value, skip_first_positions=_SKIP.value,

@@ -27,9 +27,10 @@ flags.DEFINE_integer("meta_k", 8, "Active meta latents per row.")
 flags.DEFINE_integer("batch_size", 4096, "Tokens per batch.")
 flags.DEFINE_integer("steps", 10, "Timed steps per configuration (a multiple of 10 covers a meta phase).")
 flags.DEFINE_integer("e2e_steps", 50, "Training steps for end_to_end.")
-flags.DEFINE_string("workdir", "", "Scratch directory for end_to_end (default: a temp dir).")
-flags.DEFINE_string("_naive_train", "", "Internal: run the straightforward trainer on this store.")
-flags.DEFINE_string("_out", "", "Internal: output directory for --_naive_train.")
+flags.DEFINE_string("out_dir", "", "Scratch directory for end_to_end (default: a temp dir).")
+cli.deprecated_alias("workdir", "out_dir")
+cli.internal_flag(flags.DEFINE_string, "_naive_train", "", "run the straightforward trainer on this store.")
+cli.internal_flag(flags.DEFINE_string, "_out", "", "output directory for --_naive_train.")
 
 
 def _config(**overrides):
@@ -61,7 +62,7 @@ def naive_train(store_path: str, out_dir: str, steps: int) -> None:
 
 def end_to_end(steps: int) -> dict:
   from metasae_jax.storage import synthetic
-  work = F.workdir or tempfile.mkdtemp(prefix="metasae-bench-")
+  work = F.out_dir or tempfile.mkdtemp(prefix="metasae-bench-")
   store_path = os.path.join(work, "store")
   if not os.path.exists(os.path.join(store_path, "manifest.json")):
     synthetic.write_sparse_store(store_path, steps * F.batch_size + 4096, F.d_model, num_features=4 * F.width,

@@ -23,7 +23,8 @@ _D = data_lib.BrowserConfig(run_dir="", activations="")
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Training run directory with joint/ and solo/ SAEs.")
 _ACTIVATIONS = flags.DEFINE_string("activations", None,
-                                   "Activation store with token shards (held-out text).")
+                                  "Activation store to read; default: the held-out view of the store the run "
+                                  "trained on (STORE/heldout).")
 _NUM_LATENTS = flags.DEFINE_integer("num_latents", _D.num_latents, "Latents per SAE on the page.")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", _D.num_tokens,
                                    "Tokens streamed through the SAEs, after skipping; 0 = all.")
@@ -40,13 +41,18 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", _D.tokenizer,
                                  "Tokenizer for the store's tokens; default: the store's source model.")
 _SEED = flags.DEFINE_integer("seed", _D.seed, "Seed for the quantile samples.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Where index.html goes; default RUN/browser.")
-flags.mark_flags_as_required(["run_dir", "activations"])
+_ALLOW_TRAIN = flags.DEFINE_bool("allow_train_tokens", False,
+                                 "Allow --activations that share tokens with the run's training data.")
+flags.mark_flags_as_required(["run_dir"])
 
 
 def main(argv):
   del argv
   config = data_lib.BrowserConfig(
-      run_dir=_RUN_DIR.value, activations=_ACTIVATIONS.value, num_latents=_NUM_LATENTS.value,
+      run_dir=_RUN_DIR.value,
+      activations=cli.evaluation_store(_ACTIVATIONS.value, cli.recorded_activations(_RUN_DIR.value),
+                                       _ALLOW_TRAIN.value, f"the run in {_RUN_DIR.value}"),
+      num_latents=_NUM_LATENTS.value,
       num_tokens=_NUM_TOKENS.value, num_top=_NUM_TOP.value, before=_BEFORE.value, after=_AFTER.value,
       batch_size=_BATCH_SIZE.value, firing=_FIRING.value or "", skip_first_positions=_SKIP.value,
       tokenizer=_TOKENIZER.value, seed=_SEED.value)

@@ -7,10 +7,12 @@ naming the path and the fix.
 
 import contextlib
 import errno
+import json
+import logging as std_logging  # only to filter Orbax's records on absl's handler
 import os
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from metasae_jax.core.errors import Interrupted, UserError
 from metasae_jax.storage import lock, store
@@ -49,14 +51,68 @@ def writing_into(run_dir: str):
   return lock.DirLock(run_dir, "run directory")
 
 
+_ALIASES = []  # (old flag, new flag) pairs registered by deprecated_alias
+
+
+def deprecated_alias(old: str, new: str) -> None:
+  """Accepts `--old` for one release: its value goes to `--new` (which must not be given too) with a warning.
+
+  The old flag is defined in this module, so a binary's `--help` lists only the new name (`--helpfull` shows both).
+  """
+  target = flags.FLAGS[new]
+  kind = type(target).__name__
+  define = {"IntegerFlag": flags.DEFINE_integer, "FloatFlag": flags.DEFINE_float,
+            "BooleanFlag": flags.DEFINE_bool}.get(kind, flags.DEFINE_string)
+  define(old, None, f"Deprecated: use --{new}.")
+  _ALIASES.append((old, new))
+
+
+def internal_flag(define, name: str, default, help_text: str):
+  """Defines a flag for the project's own subprocesses here, so the binary's `--help` does not list it."""
+  return define(name, default, f"Internal: {help_text}")
+
+
+def _apply_aliases() -> None:
+  for old, new in _ALIASES:
+    if flags.FLAGS[old].present:
+      if flags.FLAGS[new].present:
+        raise UserError(f"--{old} is the deprecated name of --{new}; pass only --{new}.")
+      logging.warning("--%s is deprecated and will be removed; use --%s.", old, new)
+      flags.FLAGS[new].value = flags.FLAGS[old].value
+      flags.FLAGS[new].present = 1
+
+
+# Libraries that log routine INFO through absl: Orbax (one line per checkpoint step), JAX (backend probing).
+_CHATTY = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "jax"))
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Drops Orbax's and JAX's INFO records unless the user asked for DEBUG (--verbosity=1); ours pass."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING or logging.get_verbosity() >= logging.DEBUG:
+      return True
+    return not any(part in (record.pathname or "") for part in _CHATTY)
+
+
+def quiet_orbax() -> None:
+  """Keeps the terminal for the progress bar: Orbax and JAX log through absl, so their records are filtered by
+  origin (a logger per library does not exist there); --verbosity still applies to everything else."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
+    handler.addFilter(_QuietOrbax())
+
+
 def run(main) -> None:
-  """`app.run(main)`, turning a UserError into `error: <message>` and exit code 1 (no traceback)."""
+  """`app.run(main)`, turning a UserError into `error: <message>` and exit code 1 (no traceback).
+
+  absl's own `--verbosity` / `--logtostderr` / `--log_dir` are respected; only Orbax's INFO chatter is filtered.
+  """
 
   def wrapped(argv):
-    # Orbax logs every checkpoint step at INFO through absl; keep the terminal for the progress bar.
-    if logging.get_verbosity() == logging.INFO:
-      logging.set_verbosity(logging.WARNING)
+    quiet_orbax()
     try:
+      _apply_aliases()
       return main(argv)
     except UserError as e:
       print(f"error: {e}", file=sys.stderr)
@@ -74,3 +130,51 @@ def run(main) -> None:
       os._exit(1)
 
   app.run(wrapped)
+
+
+def recorded_activations(run_dir: str):
+  """The store (or view) a training run in `run_dir` recorded in run_config.json; None if it records none."""
+  try:
+    with open(os.path.join(run_dir, "run_config.json")) as f:
+      value = json.load(f).get("data", {}).get("activations")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return value if isinstance(value, str) else None
+
+
+def training_view(activations: str, out_dir: str) -> str:
+  """What `train` reads for `--activations`: the training view when the store has an exporter split.
+
+  A run already started on the whole store keeps it (its run_config.json records the store it resumes on).
+  """
+  split = store.split_of(activations)
+  if split is None or "view_of" in store.read_manifest(activations):
+    return activations
+  if recorded_activations(out_dir) == os.path.abspath(activations):
+    return activations
+  logging.info("%s has a held-out split: training on its training view %s", activations, split[0])
+  return split[0]
+
+
+def evaluation_store(activations, trained, allow_train_tokens: bool, what: str, flag: str = "--activations") -> str:
+  """The store to evaluate on: `activations`, or by default the held-out view of the store the run trained on.
+
+  Refuses (one line with the fix) a store that shares tokens with `trained` unless allow_train_tokens.
+  """
+  split = None
+  if trained and os.path.isdir(trained):
+    split = store.split_of(trained)
+  if not activations:
+    if split is None:
+      where = f"the run trained on {trained}, which has no held-out view" if trained else (
+          f"{what} records no training store")
+      raise UserError(f"{flag} is required: {where}. Pass a held-out store, or re-export with "
+                      "experiments.export_activations (it writes STORE/heldout) and train on that store.")
+    activations = split[1]
+  if trained and os.path.isdir(trained) and not allow_train_tokens:
+    shared = store.shared_tokens(activations, trained)
+    if shared:
+      fix = f"use its held-out view {split[1]}" if split else "pass a held-out store"
+      raise UserError(f"{flag} {activations} shares {shared} tokens with {trained}, which {what} was "
+                      f"trained on; {fix} (or pass --allow_train_tokens to evaluate on training tokens on purpose).")
+  return activations

@@ -1,24 +1,34 @@
-"""`make demo`: the smollm2_demo preset end to end (export → train joint + solo → evaluate → report).
+"""`make demo`: the smollm2_demo config end to end (export → train joint + solo → evaluate → report).
 
-  python -m experiments.demo [--workdir runs/demo]
+  python -m experiments.demo [--out_dir runs/demo] [--config.train.width=1152]
 
 Rerunning reuses every finished stage.
 """
 
+import os
+
 from absl import flags
+from ml_collections import config_flags
 
 from experiments import cli, configs
 from metasae_jax.workflows.pipeline import run_pipeline
 
 F = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/demo", "Where the store, the run and the report go.")
+config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(configs.__file__), "smollm2_demo.py"),
+                                "Config file; override any field with --config.SECTION.NAME=... (docs/configs.md).")
+flags.DEFINE_string("out_dir", "runs/demo", "Where the store, the run and the report go.")
+cli.deprecated_alias("workdir", "out_dir")
 flags.DEFINE_string("llm", "", "Also run autointerp with this LLM (e.g. local:smollm2-135m-gguf); empty skips it.")
+flags.DEFINE_bool("dry_run", False, "Print the resolved config (JSON) and exit.")
 
 
 def main(argv):
   del argv
-  report = run_pipeline(configs.get("smollm2_demo"), F.workdir, llm=F.llm)
-  print(f"\nreport: {report}\n        {F.workdir}/report.json and PNG plots in {F.workdir}/")
+  if F.dry_run:
+    print(F.config.to_json_best_effort(indent=2))
+    return
+  report = run_pipeline(configs.to_preset(F.config), F.out_dir, llm=F.llm, config=F.config.to_dict())
+  print(f"\nreport: {report}\n        {F.out_dir}/report.json and PNG plots in {F.out_dir}/")
 
 
 if __name__ == "__main__":

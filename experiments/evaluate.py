@@ -13,7 +13,9 @@ _D = evaluation.EvalConfig(run_dir="", activations="")
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Run directory with joint/ and solo/ SAE artifacts; "
                                "report.json, report.md, split_candidates.json and PNGs are written here.")
-_ACTIVATIONS = flags.DEFINE_string("activations", None, "Held-out activation store directory.")
+_ACTIVATIONS = flags.DEFINE_string("activations", None,
+                                  "Activation store to read; default: the held-out view of the store the run "
+                                  "trained on (STORE/heldout).")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", _D.num_tokens,
                                    "Evaluation tokens, counted after skipping (0 = the whole store).")
 _MODEL = flags.DEFINE_string("model", _D.model, "Model for ΔCE (default: the store's source.model; "
@@ -44,13 +46,18 @@ _SPLIT_PHI = flags.DEFINE_float("split_phi_threshold", _D.split_phi_threshold,
                                 "Cross-φ for a joint latent to share a solo latent's firing.")
 _SEED = flags.DEFINE_integer("seed", _D.seed, "Seed (meta SAE init, |φ| sample).")
 
-flags.mark_flags_as_required(["run_dir", "activations"])
+_ALLOW_TRAIN = flags.DEFINE_bool("allow_train_tokens", False,
+                                 "Allow --activations that share tokens with the run's training data.")
+flags.mark_flags_as_required(["run_dir"])
 
 
 def main(argv):
   del argv
   config = evaluation.EvalConfig(
-      run_dir=_RUN_DIR.value, activations=_ACTIVATIONS.value, num_tokens=_NUM_TOKENS.value,
+      run_dir=_RUN_DIR.value,
+      activations=cli.evaluation_store(_ACTIVATIONS.value, cli.recorded_activations(_RUN_DIR.value),
+                                       _ALLOW_TRAIN.value, f"the run in {_RUN_DIR.value}"),
+      num_tokens=_NUM_TOKENS.value,
       model=_MODEL.value, firing=_FIRING.value, batch_size=_BATCH_SIZE.value,
       skip_first_positions=_SKIP.value, ce_contexts=_CE_CONTEXTS.value, ce_batch_contexts=_CE_BATCH.value,
       ce_firing=_CE_FIRING.value, ce_include_first_position=_CE_FIRST.value, meta_fve_steps=_META_STEPS.value,

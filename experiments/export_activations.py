@@ -12,6 +12,7 @@ from absl import flags
 from experiments import cli
 from metasae_jax.lm import export
 from metasae_jax.lm import models
+from metasae_jax.storage import store as store_lib
 
 _DEFAULTS = export.ExportConfig(out_dir="-")
 
@@ -27,8 +28,13 @@ _CORPUS = flags.DEFINE_string("corpus", _DEFAULTS.corpus,
 _TEXT_FIELD = flags.DEFINE_string("text_field", _DEFAULTS.text_field,
                                   "Field holding the text in .jsonl/.parquet/dataset rows.")
 _CONTEXT_LEN = flags.DEFINE_integer("context_len", _DEFAULTS.context_len, "Tokens per context.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size,
-                                   "Contexts per forward pass.")
+_CONTEXTS_PER_BATCH = flags.DEFINE_integer("contexts_per_batch", _DEFAULTS.batch_size,
+                                           "Contexts per forward pass (--batch_size means tokens elsewhere).")
+cli.deprecated_alias("batch_size", "contexts_per_batch")
+_HELDOUT = flags.DEFINE_float("heldout_fraction", _DEFAULTS.heldout_fraction,
+                              "Fraction of whole contexts held out as the store's fixed tail: views STORE/train "
+                              "(train reads it) and STORE/heldout (evaluate, sweep, autointerp, browse read it); "
+                              "0 writes no split.")
 _DTYPE = flags.DEFINE_enum("dtype", _DEFAULTS.dtype, ["float16", "float32"],
                            "Stored activation dtype.")
 _SHARD_TOKENS = flags.DEFINE_integer("shard_tokens", _DEFAULTS.shard_tokens,
@@ -48,8 +54,8 @@ def main(argv):
       out_dir=_OUT_DIR.value or ("-" if _BENCHMARK.value else ""), model=_MODEL.value,
       layer=_LAYER.value, site=_SITE.value, corpus=_CORPUS.value,
       text_field=_TEXT_FIELD.value, context_len=_CONTEXT_LEN.value,
-      batch_size=_BATCH_SIZE.value, dtype=_DTYPE.value, shard_tokens=_SHARD_TOKENS.value,
-      num_tokens=_NUM_TOKENS.value)
+      batch_size=_CONTEXTS_PER_BATCH.value, dtype=_DTYPE.value, shard_tokens=_SHARD_TOKENS.value,
+      num_tokens=_NUM_TOKENS.value, heldout_fraction=_HELDOUT.value)
   if _BENCHMARK.value:
     from metasae_jax.workflows import benchmarking  # pylint: disable=g-import-not-at-top
     print(json.dumps(benchmarking.benchmark_export(config, num_batches=_BENCHMARK.value, rounds=3)))
@@ -57,6 +63,11 @@ def main(argv):
   store = export.export_activations(config)
   print(f"{store.path}: {store.num_tokens} tokens x d_model {store.d_model} ({store.dtype}) "
         f"in {len(store.shards)} shards")
+  split = store_lib.split_of(store.path)
+  if split:
+    print(f"train on {split[0]} ({store_lib.read_manifest(split[0])['num_tokens']} tokens), evaluate on "
+          f"{split[1]} ({store_lib.read_manifest(split[1])['num_tokens']} tokens); experiments.train and the "
+          "evaluating binaries pick these views from the store by themselves.")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Exports a run's joint and solo SAEs for SAELens or EleutherAI's sparsify (see docs/interop.md).
 
-  python -m experiments.export_sae --run_dir runs/x --format saelens --out exported/x
+  python -m experiments.export_sae --run_dir runs/x --format saelens --out_dir exported/x
 
-Writes OUT/joint and OUT/solo, each loadable with `sae_lens.SAE.load_from_disk` or
+Writes OUT_DIR/joint and OUT_DIR/solo, each loadable with `sae_lens.SAE.load_from_disk` or
 `sparsify.SparseCoder.load_from_disk`.
 """
 
@@ -13,15 +13,18 @@ from metasae_jax.storage import interop
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Run directory written by experiments.train (joint/, solo/).")
 _FORMAT = flags.DEFINE_enum("format", "saelens", list(interop.FORMATS), "Target library's on-disk layout.")
-_OUT = flags.DEFINE_string("out", None, "Output directory; gets joint/ and solo/.")
+_OUT = flags.DEFINE_string("out_dir", None, "Output directory; gets joint/ and solo/.")
+cli.deprecated_alias("out", "out_dir")
 _APPROX = flags.DEFINE_bool("allow_approximate", False,
                             "Export even where the target cannot express the SAE exactly (BatchTopK without "
                             "thresholds as TopK; sparsify without input standardisation); caveats go into cfg.json.")
-flags.mark_flags_as_required(["run_dir", "out"])
+flags.mark_flags_as_required(["run_dir"])
 
 
 def main(argv):
   del argv
+  if not _OUT.value:
+    raise cli.UserError("--out_dir is required: the directory that gets joint/ and solo/.")
   written = interop.export_run(_RUN_DIR.value, _OUT.value, _FORMAT.value, _APPROX.value)
   for name, caveats in written.items():
     print(f"{_OUT.value}/{name}: {_FORMAT.value}" + ("" if not caveats else "  (approximate: "

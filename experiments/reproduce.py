@@ -1,37 +1,61 @@
 """Reproduce a paper setting (or the demo / tiny preset) end to end, resumable at every stage.
 
-  python -m experiments.reproduce --preset tiny --workdir runs/tiny
-  python -m experiments.reproduce --preset gpt2_large_l20 --workdir /data/gpt2l --llm openai:http://localhost:8000/v1#Qwen2.5-72B
+  python -m experiments.reproduce --preset tiny --out_dir runs/tiny
+  python -m experiments.reproduce --config experiments/configs/gpt2_large_l20.py:small --out_dir /data/gpt2l \\
+      --config.train.width=4608 --llm openai:http://localhost:8000/v1#Qwen2.5-72B
 
-export → train (the preset's sweep grid when it has one) → evaluate → autointerp (with --llm) → table.md
-in the paper's Table 1 layout next to the paper's own numbers.
+export → train (the config's sweep grid when it has one) → evaluate → autointerp (with --llm) → table.md
+in the paper's Table 1 layout next to the paper's own numbers. `--preset NAME` is a shorthand for
+`--config experiments/configs/NAME.py` (overrides need --config).
 """
 
 import json
 
 from absl import flags
+from ml_collections import config_flags
 
 from experiments import cli, configs
 from metasae_jax.core.errors import UserError
 from metasae_jax.workflows.pipeline import estimate_cost, run_pipeline
 
 F = flags.FLAGS
-flags.DEFINE_string("preset", None, f"One of: {', '.join(configs.names())}.")
-flags.DEFINE_string("workdir", None, "Where stores, runs, reports and table.md go.")
+config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/NAME.py[:VARIANT]); override "
+                                "any field with --config.SECTION.NAME=... (docs/configs.md).")
+flags.DEFINE_string("preset", None, f"Shorthand for --config experiments/configs/NAME.py; one of: "
+                    f"{', '.join(configs.names())}.")
+flags.DEFINE_string("out_dir", None, "Where stores, runs, reports and table.md go.")
+cli.deprecated_alias("workdir", "out_dir")
 flags.DEFINE_string("llm", "", "LLM for autointerp (local:<id|dir|smollm2-135m-gguf> or openai:<url>#<model>); "
                     "empty skips autointerp.")
-flags.DEFINE_bool("estimate", False, "Only print the preset's disk and compute estimate (JSON) and exit.")
-flags.mark_flags_as_required(["preset"])
+flags.DEFINE_bool("estimate", False, "Only print the config's disk and compute estimate (JSON) and exit.")
+flags.DEFINE_bool("dry_run", False, "Print the resolved config (JSON) and exit.")
+
+
+def resolved_preset():
+  """The pipeline Preset from --config (with its overrides) or --preset."""
+  if F.config is not None and F.preset:
+    raise UserError("pass --config FILE or --preset NAME, not both (--preset NAME is --config "
+                    "experiments/configs/NAME.py).")
+  if F.config is not None:
+    return F.config, configs.to_preset(F.config)
+  if not F.preset:
+    raise UserError(f"--config FILE or --preset NAME is required; presets: {', '.join(configs.names())}.")
+  c = configs.get_config(F.preset)
+  return c, configs.to_preset(c)
 
 
 def main(argv):
   del argv
-  if F.estimate:
-    print(json.dumps(estimate_cost(configs.get(F.preset)), indent=2))
+  c, preset = resolved_preset()
+  if F.dry_run:
+    print(c.to_json_best_effort(indent=2))
     return
-  if not F.workdir:
-    raise UserError("--workdir is required: where stores, runs and reports go.")
-  out = run_pipeline(configs.get(F.preset), F.workdir, llm=F.llm)
+  if F.estimate:
+    print(json.dumps(estimate_cost(preset), indent=2))
+    return
+  if not F.out_dir:
+    raise UserError("--out_dir is required: where stores, runs and reports go.")
+  out = run_pipeline(preset, F.out_dir, llm=F.llm, config=c.to_dict())
   print(f"\nresult: {out}")
 
 

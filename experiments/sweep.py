@@ -1,12 +1,14 @@
 """λ₂ × σ² (× seed) sweep: one training run per grid point, resumable, evaluated and summarised.
 
   python -m experiments.sweep --activations STORE --out_dir runs/sweep \\
-      --lambda2 0,0.1,0.3,1.0 --sigma_sq 0.3,1.0,3.0 --width 4096 --k 64 \\
-      --eval_activations HELDOUT_STORE --parallel 2 [--seeds 0,1,2]
+      --lambda2 0,0.1,0.3,1.0 --sigma_sq 0.3,1.0,3.0 --width 4096 --k 64 --parallel 2 [--seeds 0,1,2]
+  python -m experiments.sweep --activations STORE --out_dir runs/sweep --config experiments/configs/tiny.py
 
-Takes every `experiments.train` flag (shared by all points); --lambda2 and
---sigma_sq become comma-separated lists, --seeds trains every point at several
-seeds. Rerunning the same command skips finished points and resumes interrupted ones.
+Takes every `experiments.train` flag and `--config` (shared by all points; a config's grid is used unless
+--lambda2/--sigma_sq/--seeds are given); --lambda2 and --sigma_sq are comma-separated lists, --seeds trains every
+point at several seeds. Every point is evaluated on the held-out view of the store (STORE/heldout) unless
+--eval_activations names another held-out store or --noevaluate; summary.json and pareto.png follow.
+Rerunning the same command skips finished points and resumes interrupted ones.
 """
 
 import sys
@@ -30,12 +32,26 @@ flags.DEFINE_string("seeds", "", "Comma-separated seeds: every grid point is tra
                     "NAME_seedS; summary.json adds mean ± sd and a paired t-test across seeds). Empty = --seed, "
                     "one run per point named as before.")
 flags.DEFINE_integer("parallel", 1, "Grid points trained at once, each as its own process.")
-flags.DEFINE_string("eval_activations", None,
-                    "Held-out activation store: evaluate every point and write summary.json + pareto.png.")
+flags.DEFINE_bool("evaluate", True, "Evaluate every point (summary.json gets the held-out metrics, pareto.png).")
+flags.DEFINE_string("eval_activations", None, "Held-out store to evaluate on; default: the held-out view of "
+                    "--activations (STORE/heldout, written by the exporter).")
+flags.DEFINE_bool("allow_train_tokens", False, "Allow --eval_activations that share tokens with the training data.")
 flags.DEFINE_integer("eval_num_tokens", 0, "Evaluation tokens per point after skipping; 0 = the whole store.")
 flags.DEFINE_string("eval_model", "none", "Model for ΔCE in each point's evaluation; 'none' skips ΔCE, "
                     "'' uses the store's source model.")
 flags.DEFINE_integer("eval_meta_fve_steps", 500, "Fresh meta SAE steps for meta FVE per SAE; 0 skips it.")
+flags.adopt_module_key_flags(train)  # `sweep --help` lists the train flags it accepts
+
+
+def _grid() -> tuple:
+  """λ₂, σ² and seeds: the flags when given, else the config's grid, else the flags' defaults."""
+  grid = train.resolved_config(lambda2=0.0, sigma_sq=1.0).get("grid") or {}
+  def pick(name, parse, flag_value):
+    if F[name].present or not grid.get(name if name != "seeds" else "seeds"):
+      return parse(flag_value, name)
+    return tuple(grid[name])
+  return (pick("lambda2", sweep.parse_floats, F.lambda2), pick("sigma_sq", sweep.parse_floats, F.sigma_sq),
+          pick("seeds", sweep.parse_ints, F.seeds))
 
 
 def main(argv):
@@ -44,16 +60,18 @@ def main(argv):
     raise sweep.UserError("the sweep runs its points as processes on this host; multi-process flags "
                           "(--coordinator_address, --distributed, ...) are not supported. Launch "
                           "experiments.train per point on a pod instead.")
-  lambda2s, sigma_sqs = sweep.parse_floats(F.lambda2, "lambda2"), sweep.parse_floats(F.sigma_sq, "sigma_sq")
+  lambda2s, sigma_sqs, seeds = _grid()
   # Validated once here with the grid's first point, so a bad flag fails before any process starts.
   train_config, run = train.configs_from_flags(lambda2=lambda2s[0], sigma_sq=sigma_sqs[0])
   evaluation = None
-  if F.eval_activations:
-    evaluation = EvalConfig(run_dir="", activations=F.eval_activations, num_tokens=F.eval_num_tokens,
-                            model=F.eval_model, batch_size=F.batch_size, meta_fve_steps=F.eval_meta_fve_steps,
-                            skip_first_positions=F.skip_first_positions)
+  if F.evaluate:
+    held = cli.evaluation_store(F.eval_activations, run.activations, F.allow_train_tokens, "the sweep",
+                                flag="--eval_activations")
+    evaluation = EvalConfig(run_dir="", activations=held, num_tokens=F.eval_num_tokens, model=F.eval_model,
+                            batch_size=train_config.batch_size, meta_fve_steps=F.eval_meta_fve_steps,
+                            skip_first_positions=run.skip_first_positions)
   config = sweep.SweepConfig(out_dir=F.out_dir, lambda2s=lambda2s, sigma_sqs=sigma_sqs, train=train_config,
-                             run=run, seeds=sweep.parse_ints(F.seeds, "seeds"), parallel=F.parallel,
+                             run=run, seeds=seeds, parallel=F.parallel,
                              evaluation=evaluation, python=sys.executable)
   atomic.check_output_dir(config.out_dir, "--out_dir")
   with lock.DirLock(config.out_dir, "sweep directory"):  # two sweeps would train the same points twice
@@ -62,7 +80,7 @@ def main(argv):
   if summary["pareto"]:
     print(f"wrote {summary['pareto']}")
   elif evaluation is None:
-    print("no --eval_activations: points not evaluated, no pareto.png")
+    print("--noevaluate: points not evaluated, no pareto.png")
   failed = [r for r in summary["points"] if "error" in r]
   for r in failed:
     print(f"\n{r['name']} failed: {r['error']}\n{r.get('stderr_tail', '')}", file=sys.stderr)

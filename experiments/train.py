@@ -1,55 +1,80 @@
 """Trains a MetaSAE (joint primary + meta SAE) and the solo baseline in lockstep.
 
   python -m experiments.train --activations STORE --out_dir runs/x --width 4096 --k 64
+  python -m experiments.train --activations STORE --out_dir runs/x \\
+      --config experiments/configs/smollm2_demo.py --config.train.lambda2=0.1 --config.train.aux_k=256
 
-Rerunning the same command resumes from the latest checkpoint.
+Every TrainConfig / RunConfig field is `--config.train.NAME` / `--config.run.NAME` (docs/configs.md); the
+plain flags below are shorthands for the common ones and win over the config. A store with an exporter split
+trains on its training view (STORE/train). The resolved config is saved as OUT_DIR/config.json and printed by
+--dry_run. Rerunning the same command resumes from the latest checkpoint.
 """
 
 import dataclasses
+import json
+import os
 
+import jax
 from absl import flags
+from ml_collections import config_flags
 
 from experiments import cli
-from metasae_jax.training import sharding, trainer
+from experiments import configs
 from metasae_jax.core.config import TrainConfig
+from metasae_jax.core.errors import UserError
+from metasae_jax.storage import atomic
 from metasae_jax.storage.store import read_manifest
+from metasae_jax.training import sharding, trainer
 from metasae_jax.training.trainer import RunConfig, train_and_save
 
 F = flags.FLAGS
-flags.DEFINE_string("activations", None, "Activation store directory (metasae-activations/1).")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "default.py")
+CONFIG_JSON = "config.json"
+
+config_flags.DEFINE_config_file(
+    "config", DEFAULT_CONFIG, "Config file (experiments/configs/*.py[:VARIANT]); override any field with "
+    "--config.train.NAME=... / --config.run.NAME=... Default: every field at its default.", lock_config=True)
+flags.DEFINE_string("activations", None, "Activation store directory (metasae-activations/1); a store with an "
+                    "exporter split trains on its training view STORE/train.")
 flags.DEFINE_string("out_dir", None, "Run directory to create or resume.")
-flags.DEFINE_integer("width", 4096, "Primary SAE latents.")
-flags.DEFINE_integer("k", 64, "Active latents per token (BatchTopK keeps k * batch_size). Paper: 64.")
-flags.DEFINE_integer("meta_width", 0,
+flags.DEFINE_bool("dry_run", False, "Print the resolved config (JSON) and exit without training.")
+
+# Shorthands: `--NAME` sets config.SECTION.NAME (and wins over --config.SECTION.NAME). Defaults come from the
+# config (experiments/configs/base.py: the dataclasses' defaults, width 4096).
+flags.DEFINE_integer("width", None, "Primary SAE latents (config default 4096).")
+flags.DEFINE_integer("k", None, "Active latents per token (BatchTopK keeps k * batch_size). Paper: 64.")
+flags.DEFINE_integer("meta_width", None,
                      "Meta SAE latents; 0 = round(width * 1800 / 20480), the paper's 1800 at its width 20480.")
-flags.DEFINE_integer("meta_k", 8, "Active meta latents per decoder row. Default: the paper's text (8); the "
+flags.DEFINE_integer("meta_k", None, "Active meta latents per decoder row. Default: the paper's text (8); the "
                      "reference's run script for GPT-2 large uses 4 (preset gpt2_large_l20).")
-flags.DEFINE_float("lambda2", 0.3, "Decomposability penalty weight; 0 = no penalty (control). Paper: 0.3.")
-flags.DEFINE_float("sigma_sq", 1.0, "Penalty bandwidth sigma^2. Paper: 1.0.")
-flags.DEFINE_enum("penalty_grad", "stop", ["stop", "through"],
-                  "stop: meta reconstruction is a constant (paper); through: gradient flows through the frozen meta SAE.")
-flags.DEFINE_integer("n_primary_steps", 10, "Primary steps between meta phases. Default: the paper's text "
+flags.DEFINE_float("lambda2", None, "Decomposability penalty weight; 0 = no penalty (control). Paper: 0.3.")
+flags.DEFINE_float("sigma_sq", None, "Penalty bandwidth sigma^2. Paper: 1.0.")
+flags.DEFINE_enum("penalty_grad", None, ["stop", "through"],
+                  "stop: meta reconstruction is a constant (paper); through: gradient flows through the frozen meta "
+                  "SAE. Default stop.")
+flags.DEFINE_integer("n_primary_steps", None, "Primary steps between meta phases. Default: the paper's text "
                      "(10); the reference's run script uses 100 (preset gpt2_large_l20).")
-flags.DEFINE_integer("n_meta_steps", 5, "Meta steps per meta phase. Default: the paper's text (5); the "
+flags.DEFINE_integer("n_meta_steps", None, "Meta steps per meta phase. Default: the paper's text (5); the "
                      "reference's run script uses 10 (preset gpt2_large_l20).")
-flags.DEFINE_integer("batch_size", 4096, "Tokens per global batch. Paper: 4096.")
-flags.DEFINE_integer("num_tokens", 0, "Training tokens after skipping; 0 = one pass over the store.")
-flags.DEFINE_float("lr", 3e-4, "Adam learning rate. Paper: 3e-4.")
-flags.DEFINE_integer("seed", 0, "Seed for init and data order (joint and solo share the init).")
-flags.DEFINE_bool("baseline", True, "Train the solo SAE in lockstep on identical batches.")
-flags.DEFINE_enum("activation", "batchtopk", ["batchtopk", "topk"], "Primary SAE activation.")
-flags.DEFINE_bool("auxk_detach", False,
+flags.DEFINE_integer("batch_size", None, "Tokens per global batch. Paper: 4096.")
+flags.DEFINE_float("lr", None, "Adam learning rate. Paper: 3e-4.")
+flags.DEFINE_integer("seed", None, "Seed for init and data order (joint and solo share the init). Default 0.")
+flags.DEFINE_bool("baseline", None, "Train the solo SAE in lockstep on identical batches. Default true.")
+flags.DEFINE_enum("activation", None, ["batchtopk", "topk"], "Primary SAE activation. Default batchtopk.")
+flags.DEFINE_bool("auxk_detach", None,
                   "Detach the AuxK target residual (OpenAI's TopK recipe). Default: not detached, as the paper's "
                   "reference code, so AuxK's gradient also reaches the main reconstruction.")
-flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
                   "Matmul input dtype of the primary SAEs; bfloat16 (for GPUs/TPUs) accumulates in float32 and "
-                  "keeps float32 weights and Adam state.")
-flags.DEFINE_integer("skip_first_positions", 0,
+                  "keeps float32 weights and Adam state. Default float32.")
+flags.DEFINE_integer("num_tokens", None, "Training tokens after skipping; 0 (default) = one pass over the store.")
+flags.DEFINE_integer("skip_first_positions", None,
                      "Skip this many positions at the start of every context; 0 (default, as the paper's "
                      "code) trains on every position.")
-flags.DEFINE_integer("checkpoint_every_steps", 1000, "Orbax checkpoint interval (steps).")
-flags.DEFINE_integer("log_every_steps", 50, "metrics.jsonl interval (steps).")
-flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+flags.DEFINE_integer("checkpoint_every_steps", None, "Orbax checkpoint interval (steps). Default 1000.")
+flags.DEFINE_integer("log_every_steps", None, "metrics.jsonl interval (steps). Default 50.")
+flags.DEFINE_bool("progress", None, "Show a progress bar on stderr. Default true.")
+
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
@@ -58,30 +83,67 @@ flags.DEFINE_bool("distributed", False,
                   "every host. Alternative to --coordinator_address.")
 flags.mark_flags_as_required(["activations", "out_dir"])
 
+# Which config section each shorthand flag sets.
+SHORTHANDS = {**{name: "train" for name in (
+    "width", "k", "meta_width", "meta_k", "lambda2", "sigma_sq", "penalty_grad", "n_primary_steps", "n_meta_steps",
+    "batch_size", "lr", "seed", "baseline", "activation", "auxk_detach", "compute_dtype")},
+              **{name: "run" for name in (
+                  "num_tokens", "skip_first_positions", "checkpoint_every_steps", "log_every_steps", "progress")}}
+
+
+def resolved_config(**overrides):
+  """The --config tree with the shorthand flags given on the command line and `overrides` (train fields) applied."""
+  c = F.config.copy_and_resolve_references()
+  given = config_flags.get_override_values(F["config"])
+  for name, section in SHORTHANDS.items():
+    if name in overrides:  # the sweep's grid flags are lists; each point's value comes in `overrides`
+      continue
+    if name in F and F[name].present and F[name].value is not None:
+      if f"{section}.{name}" in given and given[f"{section}.{name}"] != F[name].value:
+        raise UserError(f"--{name}={F[name].value} and --config.{section}.{name}={given[f'{section}.{name}']} "
+                        "disagree; pass one of them.")
+      c[section][name] = F[name].value
+  for name, value in overrides.items():
+    c.train[name] = value
+  return c
+
 
 def configs_from_flags(**overrides) -> tuple[TrainConfig, RunConfig]:
-  """TrainConfig (every field with a flag of its name, `overrides` winning) and RunConfig from the flags."""
-  fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "d_model"]
-  values = {name: overrides[name] if name in overrides else F[name].value
-            for name in fields if name in overrides or name in F}
-  config = TrainConfig(d_model=read_manifest(F.activations)["d_model"], **values)
-  skip = F.skip_first_positions
-  if not F["skip_first_positions"].present:
+  """TrainConfig (every field from the config, shorthand flags and `overrides` winning) and RunConfig."""
+  c = resolved_config(**overrides)
+  activations = cli.training_view(F.activations, F.out_dir)
+  fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"d_model"}
+  config = TrainConfig(d_model=read_manifest(activations)["d_model"],
+                       **{k: v for k, v in c.train.items() if k in fields})
+  run_values = dict(c.run)
+  skip_given = F["skip_first_positions"].present or "run.skip_first_positions" in config_flags.get_override_values(
+      F["config"])
+  if not skip_given:
     # Resuming without the flag keeps the rule the run was started with (the default used to be 1).
-    skip = trainer.recorded_skip_first_positions(F.out_dir)
-    skip = F.skip_first_positions if skip is None else skip
-  run = RunConfig(activations=F.activations, out_dir=F.out_dir, num_tokens=F.num_tokens,
-                  skip_first_positions=skip,
-                  checkpoint_every_steps=F.checkpoint_every_steps, log_every_steps=F.log_every_steps,
-                  progress=F.progress)
+    recorded = trainer.recorded_skip_first_positions(F.out_dir)
+    if recorded is not None:
+      run_values["skip_first_positions"] = recorded
+  run = RunConfig(activations=activations, out_dir=F.out_dir, **run_values)
   return config, run
+
+
+def config_record(config: TrainConfig, run: RunConfig, c) -> dict:
+  """What config.json holds: the resolved config tree and the dataclasses it became."""
+  return {"config_file": config_flags.get_config_filename(F["config"]), "config": c.to_dict(),
+          "train": config.to_dict(), "run": dataclasses.asdict(run)}
 
 
 def main(argv):
   del argv
   sharding.initialize_distributed(F.coordinator_address, F.num_processes, F.process_id, F.distributed)
   config, run = configs_from_flags()
+  record = config_record(config, run, resolved_config())
+  if F.dry_run:
+    print(json.dumps(record, indent=2, default=str))
+    return
   metrics = train_and_save(config, run)
+  if jax.process_index() == 0:  # one writer on a multi-host run
+    atomic.write_json(os.path.join(run.out_dir, CONFIG_JSON), json.loads(json.dumps(record, default=str)))
   if metrics:
     print(f"done: {F.out_dir}  joint fvu {metrics['joint/fvu']:.4f}  l0 {metrics['joint/l0']:.1f}"
           + (f"  solo fvu {metrics['solo/fvu']:.4f}" if "solo/fvu" in metrics else ""))

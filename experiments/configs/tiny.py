@@ -1,21 +1,24 @@
 """A CPU test preset: the built-in model at an early layer, a few thousand tokens, a 2-point grid. Minutes."""
 
-from metasae_jax.workflows.pipeline import Preset
+from experiments.configs import base
 
-PRESET = Preset(
-    name="tiny",
-    description="SmolLM2-135M-Instruct (built-in), resid_pre of layer 3, 20k builtin tokens; width 1152, k 16.",
-    export=dict(layer=3, site="resid_pre", corpus="builtin", context_len=64, num_tokens=20480,
-                shard_tokens=4096, batch_size=8, dtype="float16"),
-    heldout_shards=1,
-    train=dict(width=1152, k=16, meta_width=0, meta_k=4, lambda2=0.3, sigma_sq=1.0, batch_size=512,
-               n_primary_steps=10, n_meta_steps=5, seed=0),
-    num_tokens=60 * 512,
-    checkpoint_every_steps=30,
-    log_every_steps=5,
-    grid={"lambda2": (0.0, 0.3), "sigma_sq": (1.0,)},
-    eval=dict(batch_size=512, ce_contexts=8, meta_fve_steps=100),
-    autointerp=dict(num_latents=2),
-    d_model=576,
-    model_params=1.35e+08,
-)
+
+def get_config(variant: str = ""):
+  base.check_variant(variant, ())
+  return base.config(
+      name="tiny",
+      description="SmolLM2-135M-Instruct (built-in), resid_pre of layer 3, 20k builtin tokens; width 1152, k 16.",
+      export=dict(layer=3, site="resid_pre", corpus="builtin", context_len=64, num_tokens=20480,
+                  shard_tokens=4096, batch_size=8, dtype="float16"),
+      heldout_shards=1,
+      train=dict(width=1152, k=16, meta_width=0, meta_k=4, lambda2=0.3, sigma_sq=1.0, batch_size=512,
+                 n_primary_steps=10, n_meta_steps=5, seed=0),
+      num_tokens=60 * 512,
+      checkpoint_every_steps=30,
+      log_every_steps=5,
+      grid={"lambda2": (0.0, 0.3), "sigma_sq": (1.0,)},
+      eval=dict(batch_size=512, ce_contexts=8, meta_fve_steps=100),
+      autointerp=dict(num_latents=2),
+      d_model=576,
+      model_params=1.35e+08,
+  )

@@ -1,15 +1,15 @@
 """LLM backends for explaining and scoring: an in-process transformers chat model and an OpenAI-compatible HTTP server."""
 
 import dataclasses
-import logging
 import math
 import os
 import threading
 from typing import Optional, Protocol, Sequence
 
+from absl import logging as log
+
 from metasae_jax.core.errors import UserError
 
-log = logging.getLogger(__name__)
 
 TOP_LOGPROBS = 20
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"

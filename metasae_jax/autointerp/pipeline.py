@@ -4,7 +4,6 @@ Legend: P = pairs, C = tracked latents, E = examples.
 """
 
 import dataclasses
-import logging
 import os
 import sys
 import time
@@ -12,6 +11,8 @@ from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
+
+from absl import logging as log
 
 from metasae_jax.storage import artifact, atomic
 from metasae_jax.evaluation import examples as ex
@@ -26,7 +27,6 @@ from metasae_jax.lm.tokens import Detokenizer
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage.store import open_store
 
-log = logging.getLogger(__name__)
 
 SAES = artifact.SAE_NAMES
 NO_EXPLANATION = "(no explanation)"

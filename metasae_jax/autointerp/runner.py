@@ -2,13 +2,12 @@
 
 import concurrent.futures
 import dataclasses
-import logging
 from typing import Optional, Sequence
+
+from absl import logging as log
 
 from metasae_jax.autointerp.backends import BackendError, Completion
 from metasae_jax.autointerp.cache import CachedBackend
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)

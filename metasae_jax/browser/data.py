@@ -9,7 +9,6 @@ tokens and a uniform sample of their firings.
 
 import dataclasses
 import json
-import logging
 import os
 import time
 from typing import Optional
@@ -27,7 +26,6 @@ from metasae_jax.browser import select
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage.store import open_store
 
-log = logging.getLogger(__name__)
 
 SAES = select.SAES
 SUMMARY_KEYS = ("fvu", "mse", "l0", "dead_fraction", "mean_abs_phi", "meta_fve", "delta_ce_pct",

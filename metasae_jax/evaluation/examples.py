@@ -8,7 +8,6 @@ tokens x latents matrix is ever held.
 """
 
 import dataclasses
-import logging
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -18,8 +17,6 @@ from metasae_jax.evaluation.encoder import NOT_FIRING_KEY, StreamEncoder
 from metasae_jax.storage import store as store_lib
 from metasae_jax.storage.positions import KeptTokens
 from metasae_jax.storage.store import Store
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,6 @@ import concurrent.futures
 import dataclasses
 import itertools
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 import tqdm
+from absl import logging
 
 from metasae_jax.storage import atomic, lock
 from metasae_jax.lm import corpus as corpus_lib
@@ -59,6 +59,9 @@ class ExportConfig:
   """Tokens to export, rounded down to whole contexts; fewer if the corpus runs out first."""
   progress: bool = True
   """Show a tqdm progress bar (tokens/s) on stderr."""
+  heldout_fraction: float = 0.05
+  """Fraction of the store's whole contexts held out as a fixed tail (views STORE/train, STORE/heldout; rewritten
+  after every export or resume); 0 writes no split."""
 
   def __post_init__(self):
     if not self.out_dir:
@@ -72,6 +75,8 @@ class ExportConfig:
     for name in ("context_len", "batch_size"):
       if getattr(self, name) <= 0:
         raise UserError(f"--{name} {getattr(self, name)} must be positive.")
+    if not 0 <= self.heldout_fraction < 1:
+      raise UserError(f"--heldout_fraction {self.heldout_fraction} must be in [0, 1) (0 writes no split).")
     for name in ("shard_tokens", "num_tokens"):
       if getattr(self, name) < self.context_len:
         raise UserError(f"--{name} {getattr(self, name)} is below --context_len {self.context_len}; "
@@ -208,7 +213,7 @@ def _export_locked(config: ExportConfig, loaded: Optional[models.LoadedModel],
     logging.info("%s already holds %d tokens (asked %d%s); nothing to do.", config.out_dir,
                  manifest["num_tokens"], target,
                  ", the whole corpus" if manifest.get(EXHAUSTED) else "")
-    return store_lib.open_store(config.out_dir)
+    return _with_split(config, store_lib.open_store(config.out_dir))
   ctx_source = corpus_lib.pieces(config.corpus, config.text_field)  # fails early on a bad corpus
   if loaded is None:
     loaded = models.load_model(config.model)
@@ -254,4 +259,13 @@ def _export_locked(config: ExportConfig, loaded: Optional[models.LoadedModel],
   if store.num_tokens == 0:
     raise UserError(f"--corpus {config.corpus} has fewer than --context_len {config.context_len} "
                     "tokens: no context was exported. Use a bigger corpus or a shorter context.")
+  return _with_split(config, store)
+
+
+def _with_split(config: ExportConfig, store: store_lib.Store) -> store_lib.Store:
+  """Writes the train / held-out views (a fixed tail of whole contexts) when the config asks for a split."""
+  if config.heldout_fraction > 0:
+    train_dir, held_dir = store_lib.write_split(store, config.heldout_fraction)
+    logging.info("split: %s (training) and %s (held out, %g of the contexts)", train_dir, held_dir,
+                 config.heldout_fraction)
   return store

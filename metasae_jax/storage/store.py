@@ -132,7 +132,8 @@ def open_store(path: str, require_tokens: bool = False) -> Store:
       raise _fail(path, f"shard entry {i} needs 'activations' (file name) and 'num_tokens' (int)",
                   "Fix or re-export the manifest.")
     apath = os.path.join(path, entry["activations"])
-    acts = _load(path, apath, "activations")
+    rows = _rows(path, i, entry)
+    acts = _load(path, apath, "activations")[rows]
     n = entry["num_tokens"]
     if acts.ndim != 2 or acts.shape != (n, m["d_model"]):
       raise _fail(path, f"shard {entry['activations']} has shape {acts.shape}, manifest says "
@@ -144,7 +145,7 @@ def open_store(path: str, require_tokens: bool = False) -> Store:
     tpath = None
     if entry.get("tokens") is not None:
       tpath = os.path.join(path, entry["tokens"])
-      tokens = _load(path, tpath, "tokens")
+      tokens = _load(path, tpath, "tokens")[rows]
       if tokens.shape != (n,) or not np.issubdtype(tokens.dtype, np.integer):
         raise _fail(path, f"token shard {entry['tokens']} has shape {tokens.shape} dtype {tokens.dtype}, "
                     f"expected ({n},) int32", "Re-export the store.")
@@ -159,6 +160,18 @@ def open_store(path: str, require_tokens: bool = False) -> Store:
   if require_tokens and not store.has_tokens:
     raise _fail(path, "has no token shards", "Export it from text with experiments.export_activations.")
   return store
+
+
+def _rows(path: str, i: int, entry: dict) -> slice:
+  """The rows of a shard file an entry lists: all of them, or `rows: [start, stop]` in a token-range view."""
+  rows = entry.get("rows")
+  if rows is None:
+    return slice(None)
+  if (not isinstance(rows, list) or len(rows) != 2 or not all(isinstance(r, int) for r in rows)
+      or not 0 <= rows[0] <= rows[1] or rows[1] - rows[0] != entry["num_tokens"]):
+    raise _fail(path, f"shard entry {i} has rows {rows!r}; expected [start, stop] with stop - start = num_tokens",
+                "Rewrite the view (rerun the exporter, which rewrites the train / held-out views).")
+  return slice(rows[0], rows[1])
 
 
 def _load(store_path: str, path: str, what: str) -> np.ndarray:
@@ -224,6 +237,95 @@ def write_view(path: str, base: Store, shard_indices) -> Store:
            view_of={"path": os.path.relpath(base.path, path), "shards": [int(i) for i in shard_indices]})
   write_manifest(path, m)
   return open_store(path)
+
+
+# The exporter's split: views inside the store directory, named so every binary can find them from the store.
+TRAIN_VIEW, HELDOUT_VIEW = "train", "heldout"
+
+
+def write_token_view(path: str, base: Store, start: int, stop: int) -> Store:
+  """A store listing global tokens [start, stop) of `base` (whole contexts) by relative path and row range."""
+  if "view_of" in base.manifest:
+    raise UserError(f"{base.path} is itself a view; split the store it views ({base.manifest['view_of']['path']}).")
+  c = base.context_len
+  if not (0 <= start < stop <= base.num_tokens and start % c == 0 and stop % c == 0):
+    raise UserError(f"token range [{start}, {stop}) of {base.path} is not whole contexts of {c} tokens inside "
+                    f"its {base.num_tokens} tokens.")
+  os.makedirs(path, exist_ok=True)
+  entries = []
+  for entry, offset in zip(base.manifest["shards"], base.shard_offsets):
+    lo, hi = max(start - int(offset), 0), min(stop - int(offset), entry["num_tokens"])
+    if lo >= hi:
+      continue
+    item = dict(entry, num_tokens=hi - lo)
+    if (lo, hi) != (0, entry["num_tokens"]):
+      item["rows"] = [lo, hi]
+    for key in ("activations", "tokens"):
+      if item.get(key):
+        item[key] = os.path.relpath(os.path.join(base.path, item[key]), path)
+    entries.append(item)
+  m = dict(base.manifest, shards=entries, num_tokens=stop - start,
+           view_of={"path": os.path.relpath(base.path, path), "tokens": [int(start), int(stop)]})
+  write_manifest(path, m)
+  return open_store(path)
+
+
+def heldout_tokens(num_tokens: int, context_len: int, heldout_fraction: float) -> int:
+  """Tokens in the held-out tail: ceil(fraction x contexts) whole contexts (at least one when fraction > 0)."""
+  contexts = num_tokens // context_len
+  return int(np.ceil(heldout_fraction * contexts - 1e-9)) * context_len
+
+
+def write_split(base: Store, heldout_fraction: float) -> tuple[str, str]:
+  """Writes the train / held-out views (BASE/train, BASE/heldout): the held-out view is a fixed tail of whole
+  contexts, the train view everything before it, so they never overlap. Returns their paths."""
+  if not 0 < heldout_fraction < 1:
+    raise UserError(f"--heldout_fraction {heldout_fraction} must be in (0, 1) (0 writes no split).")
+  usable = base.num_tokens // base.context_len * base.context_len
+  held = heldout_tokens(usable, base.context_len, heldout_fraction)
+  if not 0 < held < usable:
+    raise UserError(f"the store {base.path} has {usable // base.context_len} contexts; holding out "
+                    f"{heldout_fraction:g} of them leaves nothing to train or evaluate on. Export more tokens "
+                    "or change --heldout_fraction.")
+  train_dir, held_dir = os.path.join(base.path, TRAIN_VIEW), os.path.join(base.path, HELDOUT_VIEW)
+  write_token_view(train_dir, base, 0, usable - held)
+  write_token_view(held_dir, base, usable - held, usable)
+  return train_dir, held_dir
+
+
+def split_of(path: str) -> Optional[tuple[str, str]]:
+  """(train view, held-out view) of a store with an exporter split, given the store or either view; else None."""
+  m = read_manifest(path)
+  base = path
+  if "view_of" in m:
+    base = os.path.normpath(os.path.join(path, m["view_of"]["path"]))
+  views = tuple(os.path.join(base, v) for v in (TRAIN_VIEW, HELDOUT_VIEW))
+  if all(os.path.isfile(os.path.join(v, MANIFEST)) for v in views):
+    return views
+  return None
+
+
+def token_ranges(path: str) -> tuple[str, list]:
+  """(real path of the underlying store, [(start, stop), ...] global token ranges) a store or view covers."""
+  m = read_manifest(path)
+  view = m.get("view_of")
+  if view is None:
+    return os.path.realpath(path), [(0, m["num_tokens"])]
+  base = os.path.realpath(os.path.join(path, view["path"]))
+  if "tokens" in view:
+    return base, [tuple(view["tokens"])]
+  sizes = [e["num_tokens"] for e in read_manifest(base)["shards"]]
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  return base, [(int(offsets[i]), int(offsets[i + 1])) for i in view["shards"]]
+
+
+def shared_tokens(a: str, b: str) -> int:
+  """How many tokens stores/views `a` and `b` have in common (0 unless they view the same store)."""
+  base_a, ranges_a = token_ranges(a)
+  base_b, ranges_b = token_ranges(b)
+  if base_a != base_b:
+    return 0
+  return sum(max(0, min(ha, hb) - max(la, lb)) for la, ha in ranges_a for lb, hb in ranges_b)
 
 
 # Rows hashed per shard for the fingerprint: enough to tell two exports apart, cheap on any store size.

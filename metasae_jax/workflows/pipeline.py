@@ -19,6 +19,8 @@ from metasae_jax.training import curves
 from metasae_jax.training.trainer import RunConfig, recorded_skip_first_positions, train_and_save
 from metasae_jax.workflows import sweep
 
+CONFIG_JSON = "config.json"
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Preset:
@@ -83,7 +85,8 @@ def export_stage(preset: Preset, data_dir: str) -> store.Store:
   from metasae_jax.lm.export import ExportConfig, export_activations
   path = os.path.join(data_dir, "store")
   _log(f"export: {preset.export.get('model', 'default model')} → {path}")
-  export_activations(ExportConfig(out_dir=path, **preset.export))
+  # The pipeline splits by whole shards itself (split_stage), as it always has: existing workdirs resume.
+  export_activations(ExportConfig(out_dir=path, **dict(dict(heldout_fraction=0.0), **preset.export)))
   return store.open_store(path)
 
 
@@ -186,8 +189,14 @@ def _with_scores(row: dict, scores: Optional[dict]) -> dict:
   return row
 
 
-def run_pipeline(preset: Preset, workdir: str, llm: str = "") -> str:
-  """Runs the preset in `workdir`; returns the path of its report (report.md, or table.md for a grid)."""
+def run_pipeline(preset: Preset, workdir: str, llm: str = "", config: Optional[dict] = None) -> str:
+  """Runs the preset in `workdir`; returns the path of its report (report.md, or table.md for a grid).
+
+  `config` (the resolved config tree the preset came from) is saved as workdir/config.json.
+  """
+  if config is not None:
+    os.makedirs(workdir, exist_ok=True)
+    atomic.write_json(os.path.join(workdir, CONFIG_JSON), config)
   data_dir = os.path.join(workdir, "data")
   full = export_stage(preset, data_dir)
   train_dir, held_dir = split_stage(full, data_dir, preset.heldout_shards)
