@@ -43,6 +43,7 @@ _NUM_TOKENS = flags.DEFINE_integer("num_tokens", _DEFAULTS.num_tokens,
                                    "Tokens to export (rounded down to whole contexts; fewer if "
                                    "the corpus runs out).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Store directory (created, or resumed).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (tokens/s) on stderr.")
 _BENCHMARK = flags.DEFINE_integer("benchmark_batches", 0,
                                   "If > 0: write nothing, print exporter vs raw forward tokens/s "
                                   "measured on this many batches.")
@@ -55,7 +56,8 @@ def main(argv):
       layer=_LAYER.value, site=_SITE.value, corpus=_CORPUS.value,
       text_field=_TEXT_FIELD.value, context_len=_CONTEXT_LEN.value,
       batch_size=_CONTEXTS_PER_BATCH.value, dtype=_DTYPE.value, shard_tokens=_SHARD_TOKENS.value,
-      num_tokens=_NUM_TOKENS.value, heldout_fraction=_HELDOUT.value)
+      num_tokens=_NUM_TOKENS.value, heldout_fraction=_HELDOUT.value,
+      progress=_PROGRESS.value)
   if _BENCHMARK.value:
     from metasae_jax.workflows import benchmarking  # pylint: disable=g-import-not-at-top
     print(json.dumps(benchmarking.benchmark_export(config, num_batches=_BENCHMARK.value, rounds=3)))

@@ -141,21 +141,21 @@ ROWS = {
                             "is a file, not a directory", {}, None),
     "--out_dir below a file": (lambda case, world: _train(_good, out=_file(case, "f") + "/run")(case, world),
                                "cannot be created", {}, None),
-    "export_sae --out is another run": (
+    "export_sae --out_dir is another run": (
         lambda case, world: ("experiments.export_sae", [f"--run_dir={_copy(world['run'], case)}",
-                                                        f"--out={world['run']}", "--allow_approximate"]),
+                                                        f"--out_dir={world['run']}", "--allow_approximate"]),
         "is a training run directory", {}, None),
-    "export_sae --out is a symlink to the run": (
+    "export_sae --out_dir is a symlink to the run": (
         lambda case, world: ("experiments.export_sae", [f"--run_dir={world['run']}",
-                                                        f"--out={_link(world['run'], case)}", "--allow_approximate"]),
+                                                        f"--out_dir={_link(world['run'], case)}", "--allow_approximate"]),
         "is or holds --run_dir", {}, None),
-    "export_sae --out is a store": (
-        lambda case, world: ("experiments.export_sae", [f"--run_dir={world['run']}", f"--out={world['store']}",
+    "export_sae --out_dir is a store": (
+        lambda case, world: ("experiments.export_sae", [f"--run_dir={world['run']}", f"--out_dir={world['store']}",
                                                         "--allow_approximate"]),
         "is an activation store", {}, None),
-    "export_sae --out holds other files": (
+    "export_sae --out_dir holds other files": (
         lambda case, world: ("experiments.export_sae", [f"--run_dir={world['run']}",
-                                                        f"--out={os.path.dirname(_file(case, 'x/notes.txt'))}",
+                                                        f"--out_dir={os.path.dirname(_file(case, 'x/notes.txt'))}",
                                                         "--allow_approximate"]),
         "holds files export_sae did not write", {}, None),
     "NaN in the evaluation store (evaluate)": (
@@ -171,6 +171,26 @@ ROWS = {
         lambda case, world: ("experiments.export_activations", [
             "--model=no-such-org/no-such-model-for-metasae", f"--out_dir={case / 'acts'}", "--num_tokens=256"]),
         "unknown --model", {}, None),
+    "evaluate on the tokens the run trained on": (
+        lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}", "--model=none",
+                                                       f"--activations={world['store']}"]),
+        "--allow_train_tokens", {}, None),
+    "evaluate without --activations on a store with no split": (
+        lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}", "--model=none"]),
+        "--activations is required", {}, None),
+    "sweep evaluating on its training store": (
+        lambda case, world: ("experiments.sweep", [f"--activations={world['store']}", f"--out_dir={case / 'grid'}",
+                                                    f"--eval_activations={world['store']}", *SAE_FLAGS]),
+        "--allow_train_tokens", {}, None),
+    "--k and --config.train.k disagree": (_train(_good, "--config.train.k=5"), "disagree", {}, None),
+    "--heldout_fraction 1 (exporter)": (
+        lambda case, world: ("experiments.export_activations", [
+            f"--model={world['model']}", f"--out_dir={case / 'acts'}", "--num_tokens=64", "--context_len=8",
+            "--heldout_fraction=1"]),
+        "--heldout_fraction", {}, None),
+    "--workdir and --out_dir both given (reproduce)": (
+        lambda case, world: ("experiments.reproduce", ["--preset=tiny", f"--workdir={case}", f"--out_dir={case}"]),
+        "pass only --out_dir", {}, None),
     "SAE d_model differs from the store (evaluate)": (
         lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}", "--model=none",
                                                        f"--activations={_store(case, d=D // 2)}"]),
