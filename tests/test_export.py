@@ -79,8 +79,9 @@ def _config(out_dir, text_file, **kw) -> export.ExportConfig:
 
 
 def _snapshot(path) -> dict:
-  return {n: (os.stat(os.path.join(path, n)).st_mtime_ns, open(os.path.join(path, n), "rb").read())
-          for n in sorted(os.listdir(path))}
+  """Every file under path (the store and its train / held-out views): mtime and bytes."""
+  files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names)
+  return {os.path.relpath(n, path): (os.stat(n).st_mtime_ns, open(n, "rb").read()) for n in files}
 
 
 def _full_hidden_states(loaded, tokens_NxC: np.ndarray) -> list:

@@ -266,7 +266,13 @@ def write_token_view(path: str, base: Store, start: int, stop: int) -> Store:
     entries.append(item)
   m = dict(base.manifest, shards=entries, num_tokens=stop - start,
            view_of={"path": os.path.relpath(base.path, path), "tokens": [int(start), int(stop)]})
-  write_manifest(path, m)
+  try:
+    with open(os.path.join(path, MANIFEST)) as f:
+      unchanged = json.load(f) == json.loads(json.dumps(m))
+  except (OSError, ValueError):
+    unchanged = False
+  if not unchanged:  # rewriting an identical view would touch a finished store on every rerun
+    write_manifest(path, m)
   return open_store(path)
 
 
