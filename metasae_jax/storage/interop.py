@@ -11,9 +11,12 @@ SAELens (`sae_lens.SAE.load_from_disk(dir)`, format of SAELens >= 6):
   - BatchTopK with calibrated thresholds (the artifact's `threshold`, written by
     experiments.evaluate) becomes `architecture="jumprelu"`: SAELens fires
     ReLU(h) * (h > θ), as our threshold firing does. A BatchTopK SAE without
-    thresholds is refused (BatchTopK is batch-dependent), unless the caller
-    accepts the per-token TopK(k) approximation (`allow_approximate`).
+    thresholds (BatchTopK is batch-dependent) becomes per-token TopK(k), the rule
+    our own `load_sae` defaults to for it, with a caveat.
   - Per-token TopK SAEs become `architecture="topk"` (exact).
+  - Folders are named by hook (OUT/joint/blocks.15.hook_resid_pre) and
+    `metadata.model_name` is a Hub model id when one is known (`model_id`).
+  Reading (`read_saelens`, `read_sparsify`, used by `load_sae`) maps the other way.
 sparsify (`sparsify.SparseCoder.load_from_disk(dir)`):
   `cfg.json` (SparseCoderConfig fields + d_in) + `sae.safetensors` with the
   module's state-dict names `encoder.weight` [N, D] (= W_enc^T), `encoder.bias`
