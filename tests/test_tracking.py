@@ -168,6 +168,15 @@ def test_heldout_lookup_explicit_then_manifest_view(tmp_path):
   assert validation.heldout_store_path(path, "") == os.path.join(path, "heldout")
   store_lib.write_manifest(path, dict(manifest, heldout="/abs/h"))
   assert validation.heldout_store_path(path, None) == "/abs/h"
+  # The exporter's split: views STORE/train and STORE/heldout (a view's manifest records `view_of`).
+  store_lib.write_manifest(path, manifest)
+  synthetic.write_sparse_store(os.path.join(path, "heldout"), 16, 4, shard_tokens=16)
+  synthetic.write_sparse_store(os.path.join(path, "train"), 16, 4, shard_tokens=16)
+  train_view = os.path.join(path, "train")
+  store_lib.write_manifest(train_view, dict(store_lib.read_manifest(train_view), view_of={"path": ".."}))
+  assert validation.heldout_store_path(path, "") == os.path.join(path, "heldout")
+  assert validation.heldout_store_path(train_view, "") == os.path.join(path, "heldout")
+  assert validation.heldout_store_path(os.path.join(path, "heldout"), "") is None
 
 
 def test_validation_without_heldout_or_bad_backend_is_refused_untouched(stores, tmp_path):
@@ -181,3 +190,20 @@ def test_validation_without_heldout_or_bad_backend_is_refused_untouched(stores, 
     train_and_save(dataclasses.replace(CFG, d_model=8), dataclasses.replace(
         base, eval_every_steps=1, eval_activations=held))
   assert not os.path.exists(tmp_path / "r")
+
+
+def test_train_binary_flags_reach_tracking_and_validation(stores, tmp_path):
+  import subprocess
+  import sys
+  from tests.conftest import REPO
+  train, held = stores
+  out = tmp_path / "r"
+  flags = [f"--activations={train}", f"--out_dir={out}", "--width=32", "--k=4", "--meta_width=8", "--meta_k=2",
+           "--batch_size=128", "--num_tokens=512", "--log_every_steps=2", "--noprogress", "--log_to=tensorboard",
+           "--eval_every_steps=2", f"--eval_activations={held}", "--eval_tokens=64"]
+  done = subprocess.run([sys.executable, "-m", "experiments.train", *flags], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr
+  rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "val/solo/mean_abs_phi" in r] == [2, 4]
+  assert os.listdir(out / tracking.TENSORBOARD_DIR) and (out / "training_curves.png").exists()

@@ -27,10 +27,11 @@ PHI_BLOCK = 512
 
 
 def heldout_store_path(activations: str, explicit: Optional[str]) -> Optional[str]:
-  """The held-out store for validation: `explicit`, else the training store's recorded held-out view, else None.
+  """The held-out store for validation: `explicit`, else the training store's held-out view, else None.
 
-  A store's manifest may name its held-out view as `"heldout": PATH` or `"views": {"heldout": PATH}`
-  (PATH relative to the store, or a dict with a "path" entry).
+  The exporter's split puts views STORE/train and STORE/heldout inside the store (a view's manifest says
+  `view_of`), so training on STORE or STORE/train validates on STORE/heldout. A manifest may also name its
+  held-out store as `"heldout": PATH` or `"views": {"heldout": PATH}` (PATH relative to the store).
   """
   if explicit:
     return explicit
@@ -40,9 +41,16 @@ def heldout_store_path(activations: str, explicit: Optional[str]) -> Optional[st
     entry = manifest["views"].get(HELDOUT_VIEW)
   if isinstance(entry, dict):
     entry = entry.get("path")
-  if not entry:
-    return None
-  return entry if os.path.isabs(entry) else os.path.join(activations, entry)
+  if isinstance(entry, str) and entry:
+    return entry if os.path.isabs(entry) else os.path.join(activations, entry)
+  base = activations
+  if isinstance(manifest.get("view_of"), dict) and isinstance(manifest["view_of"].get("path"), str):
+    base = os.path.normpath(os.path.join(activations, manifest["view_of"]["path"]))
+  view = os.path.join(base, HELDOUT_VIEW)
+  if (os.path.isfile(os.path.join(view, store_lib.MANIFEST))
+      and os.path.realpath(view) != os.path.realpath(activations)):
+    return view
+  return None
 
 
 def load_sample(path: str, num_tokens: int, skip_first_positions: int, d_model: int) -> np.ndarray:
