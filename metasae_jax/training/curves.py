@@ -35,7 +35,13 @@ def plot_training_curves(run_dir: str, out_path: str = "") -> str:
   out_path = out_path or os.path.join(run_dir, "training_curves.png")
   has_phi = any("val/joint/mean_abs_phi" in r for r in rows)
   panels = PANELS + ((("mean_abs_phi", "mean |φ|, all pairs (validation)"),) if has_phi else ())
-  fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.4))
+  cols = 3
+  rows_ = -(-(len(panels) + 1) // cols)
+  fig, grid = plt.subplots(rows_, cols, figsize=(4.4 * cols, 3.4 * rows_), squeeze=False)
+  axes = list(grid.ravel())
+  for spare in axes[len(panels) + 1:]:
+    spare.axis("off")
+  axes = axes[:len(panels) + 1]
   for ax, (key, title) in zip(axes, panels):
     for sae, color in SAES:
       for prefix, style in (("", {"linestyle": "-"}), ("val/", {"linestyle": "--", "marker": "o", "ms": 3})):
