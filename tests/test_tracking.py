@@ -38,7 +38,7 @@ def tracked_run(stores, tmp_path_factory):
   train, held = stores
   out = str(tmp_path_factory.mktemp("runs") / "r")
   run = RunConfig(activations=train, out_dir=out, num_tokens=STEPS * 128, checkpoint_every_steps=3,
-                  log_every_steps=1, progress=False, log_to=("tensorboard", "wandb"), wandb_project="proj",
+                  log_every_steps=1, progress=False, log_to="tensorboard,wandb", wandb_project="proj",
                   wandb_run_name="name", eval_every_steps=2, eval_activations=held, eval_tokens=200)
   os.environ.setdefault("WANDB_SILENT", "true")
   train_and_save(CFG, run)
@@ -185,7 +185,7 @@ def test_validation_without_heldout_or_bad_backend_is_refused_untouched(stores, 
   with pytest.raises(UserError, match="--eval_activations"):
     train_and_save(CFG, dataclasses.replace(base, eval_every_steps=1))
   with pytest.raises(UserError, match="--log_to tb"):
-    train_and_save(CFG, dataclasses.replace(base, log_to=("tb",)))
+    train_and_save(CFG, dataclasses.replace(base, log_to="jsonl,tb"))
   with pytest.raises(UserError, match="d_model"):
     train_and_save(dataclasses.replace(CFG, d_model=8), dataclasses.replace(
         base, eval_every_steps=1, eval_activations=held))

@@ -137,7 +137,9 @@ class Trackers:
 
 
 def check_backends(log_to) -> tuple:
-  """The requested backends, validated; jsonl is always among them."""
+  """The requested backends (a comma-separated string or a sequence), validated; jsonl is always among them."""
+  if isinstance(log_to, str):
+    log_to = [b.strip() for b in log_to.split(",") if b.strip()]
   unknown = [b for b in log_to if b not in BACKENDS]
   if unknown:
     raise UserError(f"--log_to {','.join(unknown)} is not one of {BACKENDS}.")

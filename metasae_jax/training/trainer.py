@@ -51,9 +51,9 @@ class RunConfig:
   """Checkpoints kept on disk."""
   progress: bool = True
   """Show a progress bar."""
-  log_to: tuple = ("jsonl",)
-  """Trackers (tracking.BACKENDS): metrics.jsonl is always written; add "tensorboard" (RUN/tensorboard) and/or
-  "wandb" (RUN/wandb)."""
+  log_to: str = "jsonl"
+  """Trackers, comma-separated (tracking.BACKENDS): metrics.jsonl is always written; add "tensorboard"
+  (RUN/tensorboard) and/or "wandb" (RUN/wandb), e.g. "jsonl,tensorboard"."""
   wandb_project: str = "metasae-jax"
   """W&B project name."""
   wandb_run_name: str = ""
