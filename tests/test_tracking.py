@@ -207,3 +207,32 @@ def test_train_binary_flags_reach_tracking_and_validation(stores, tmp_path):
   rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
   assert [r["step"] for r in rows if "val/solo/mean_abs_phi" in r] == [2, 4]
   assert os.listdir(out / tracking.TENSORBOARD_DIR) and (out / "training_curves.png").exists()
+
+
+def test_resumed_tensorboard_log_has_each_step_once_equal_to_jsonl(stores, tmp_path, monkeypatch):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  from metasae_jax.training import data
+  train, held = stores
+  run = RunConfig(activations=train, out_dir=str(tmp_path / "r"), num_tokens=STEPS * 128,
+                  checkpoint_every_steps=2, log_every_steps=1, progress=False, log_to="tensorboard",
+                  eval_every_steps=3, eval_activations=held, eval_tokens=64)
+  real = data.BatchSource.batch
+
+  def dies_at_5(self, position):
+    if position == 5:
+      raise KeyboardInterrupt("simulated kill")
+    return real(self, position)
+
+  monkeypatch.setattr(data.BatchSource, "batch", dies_at_5)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_save(CFG, run)
+  monkeypatch.setattr(data.BatchSource, "batch", real)
+  train_and_save(CFG, run)
+  acc = EventAccumulator(os.path.join(run.out_dir, tracking.TENSORBOARD_DIR), size_guidance={"scalars": 0})
+  acc.Reload()
+  want = _jsonl_scalars([json.loads(line) for line in open(os.path.join(run.out_dir, "metrics.jsonl"))])
+  for tag in ("loss", "joint/fvu", "val/solo/fvu"):
+    steps = [e.step for e in acc.Scalars(tag)]
+    assert steps == sorted(set(steps)) and steps == sorted(s for s, name in want if name == tag), tag
+    for e in acc.Scalars(tag):
+      assert e.value == pytest.approx(want[(e.step, tag)], rel=1e-6), (tag, e.step)

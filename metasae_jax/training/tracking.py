@@ -75,8 +75,8 @@ class TensorBoardTracker:
       raise UserError("--log_to tensorboard needs the tensorboardX package: pip install tensorboardX "
                       "(requirements.txt pins the tested version).") from None
     # purge_step: TensorBoard hides events at or past it written before a restart, so a resumed curve has no
-    # doubled segment.
-    self.writer = SummaryWriter(log_dir, purge_step=start_step or None)
+    # doubled segment. Steps up to the checkpoint's (start_step) stay, as in the trimmed metrics.jsonl.
+    self.writer = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None)
 
   def hparams(self, params: dict) -> None:
     self.writer.add_text("hparams", "```\n" + json.dumps(params, indent=2, default=str) + "\n```", 0)
