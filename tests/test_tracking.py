@@ -236,3 +236,41 @@ def test_resumed_tensorboard_log_has_each_step_once_equal_to_jsonl(stores, tmp_p
     assert steps == sorted(set(steps)) and steps == sorted(s for s, name in want if name == tag), tag
     for e in acc.Scalars(tag):
       assert e.value == pytest.approx(want[(e.step, tag)], rel=1e-6), (tag, e.step)
+
+
+_SHARDED = """
+import json, sys
+import jax
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+from metasae_jax.core.config import TrainConfig
+from metasae_jax.training.trainer import RunConfig, train_and_save
+cfg = TrainConfig(d_model=16, width=64, k=4, meta_width=6, meta_k=2, batch_size=128, seed=0, n_primary_steps=2,
+                  n_meta_steps=2, lr=1e-3)
+train_and_save(cfg, RunConfig(activations=sys.argv[1], out_dir=sys.argv[2], num_tokens=512, log_every_steps=2,
+                              progress=False, eval_every_steps=2, eval_activations=sys.argv[3], eval_tokens=64))
+print(json.dumps({"devices": jax.device_count()}))
+"""
+
+
+def test_validation_on_fake_devices_equals_one_device(stores, tmp_path):
+  import subprocess
+  import sys
+  from tests.conftest import REPO
+  train, held = stores
+  vals = {}
+  for devices in (1, 4):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO)
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    out = str(tmp_path / f"d{devices}")
+    done = subprocess.run([sys.executable, "-c", _SHARDED, train, out, held], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["devices"] == devices
+    vals[devices] = [{k: v for k, v in json.loads(line).items() if k.startswith("val/")}
+                     for line in open(os.path.join(out, "metrics.jsonl"))]
+  assert [v for v in vals[4] if v] and len(vals[1]) == len(vals[4])
+  for a, b in zip(vals[1], vals[4]):
+    assert a.keys() == b.keys()
+    for key in a:
+      assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
