@@ -60,10 +60,10 @@ def deprecated_alias(old: str, new: str) -> None:
   The old flag is defined in this module, so a binary's `--help` lists only the new name (`--helpfull` shows both).
   """
   target = flags.FLAGS[new]
-  kind = type(target).__name__
-  define = {"IntegerFlag": flags.DEFINE_integer, "FloatFlag": flags.DEFINE_float,
-            "BooleanFlag": flags.DEFINE_bool}.get(kind, flags.DEFINE_string)
-  define(old, None, f"Deprecated: use --{new}.")
+  if target.boolean:
+    flags.DEFINE_bool(old, None, f"Deprecated: use --{new}.")
+  else:  # the new flag's parser, so --old takes the same values (an integer stays an integer)
+    flags.DEFINE(target.parser, old, None, f"Deprecated: use --{new}.", serializer=target.serializer)
   _ALIASES.append((old, new))
 
 
@@ -120,6 +120,9 @@ def run(main) -> None:
     except Interrupted as e:
       print(str(e), file=sys.stderr)
       sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # binaries without a step loop (exporter, evaluation): stop, no traceback
+      print("interrupted; rerun the same command to resume (finished parts are kept)", file=sys.stderr)
+      sys.exit(130)
     except OSError as e:
       if e.errno not in _OS_FIXES:
         raise

@@ -25,6 +25,8 @@ F = flags.FLAGS
 # The sweep varies these two over a grid; every other training flag is shared by all points.
 delattr(F, "lambda2")
 delattr(F, "sigma_sq")
+# One held-out store for the points' evaluation and (with --eval_every_steps) their validation during training.
+delattr(F, "eval_activations")
 flags.DEFINE_string("lambda2", "0.1,0.3,1.0", "Comma-separated penalty weights; 0 adds the no-penalty control. "
                     "Paper grid: 0.1,0.3,1.0.")
 flags.DEFINE_string("sigma_sq", "0.3,1.0,3.0", "Comma-separated penalty bandwidths. Paper grid: 0.3,1.0,3.0.")

@@ -81,6 +81,18 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 flags.DEFINE_bool("distributed", False,
                   "Multi-host run with auto-detected peers (TPU pod slices, SLURM): run the same command on "
                   "every host. Alternative to --coordinator_address.")
+# Tracking and validation during training (docs/tracking.md); shorthands for config.run fields.
+flags.DEFINE_string("log_to", None, "Trackers, comma-separated, any of jsonl,tensorboard,wandb; metrics.jsonl is "
+                    "always written, tensorboard writes OUT_DIR/tensorboard, wandb OUT_DIR/wandb. Default jsonl.")
+flags.DEFINE_string("wandb_project", None, "W&B project (with --log_to wandb). Default metasae-jax.")
+flags.DEFINE_string("wandb_run_name", None, "W&B run name; empty (default) = the --out_dir's name.")
+flags.DEFINE_enum("wandb_mode", None, ["offline", "online"],
+                  "W&B mode: offline (default) needs no account or network (upload later with `wandb sync`).")
+flags.DEFINE_integer("eval_every_steps", None, "Validate joint and solo on a fixed held-out sample every this many "
+                     "steps (and at the end); 0 (default) = never.")
+flags.DEFINE_string("eval_activations", None, "Held-out store for --eval_every_steps; empty (default) = the "
+                    "training store's held-out view (STORE/heldout).")
+flags.DEFINE_integer("eval_tokens", None, "Held-out tokens in the validation sample. Default 4096.")
 flags.mark_flags_as_required(["activations", "out_dir"])
 
 # Which config section each shorthand flag sets.
@@ -88,7 +100,9 @@ SHORTHANDS = {**{name: "train" for name in (
     "width", "k", "meta_width", "meta_k", "lambda2", "sigma_sq", "penalty_grad", "n_primary_steps", "n_meta_steps",
     "batch_size", "lr", "seed", "baseline", "activation", "auxk_detach", "compute_dtype")},
               **{name: "run" for name in (
-                  "num_tokens", "skip_first_positions", "checkpoint_every_steps", "log_every_steps", "progress")}}
+                  "num_tokens", "skip_first_positions", "checkpoint_every_steps", "log_every_steps", "progress",
+                  "log_to", "wandb_project", "wandb_run_name", "wandb_mode", "eval_every_steps", "eval_activations",
+                  "eval_tokens")}}
 
 
 def resolved_config(**overrides):

@@ -212,3 +212,12 @@ def test_readme_workflow_runs_and_never_evaluates_on_training_tokens(tmp_path, m
   assert os.path.isfile(os.path.join(run, "report.json")) and os.path.isfile(os.path.join(run, "browser", "index.html"))
   refused = _run("experiments.evaluate", f"--run_dir={run}", f"--activations={data}", "--model=none", check=False)
   assert refused.returncode == 1 and "--allow_train_tokens" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_deprecated_alias_keeps_the_new_flags_type():
+  code = ("from absl import flags\nfrom experiments import cli\n"
+          "flags.DEFINE_integer('contexts_per_batch', 8, 'x')\ncli.deprecated_alias('batch_size', 'contexts_per_batch')\n"
+          "cli.run(lambda argv: print(repr(flags.FLAGS.contexts_per_batch)))\n")
+  proc = subprocess.run([sys.executable, "-c", code, "--batch_size=3"], cwd=REPO, env=ENV, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.stdout.strip() == "3" and "--batch_size is deprecated" in proc.stderr
