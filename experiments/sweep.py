@@ -11,6 +11,8 @@ point at several seeds. Every point is evaluated on the held-out view of the sto
 Rerunning the same command skips finished points and resumes interrupted ones.
 """
 
+import dataclasses
+import json
 import sys
 
 from absl import flags
@@ -75,6 +77,11 @@ def main(argv):
   config = sweep.SweepConfig(out_dir=F.out_dir, lambda2s=lambda2s, sigma_sqs=sigma_sqs, train=train_config,
                              run=run, seeds=seeds, parallel=F.parallel,
                              evaluation=evaluation, python=sys.executable)
+  if F.dry_run:
+    print(json.dumps({"grid": {"lambda2": lambda2s, "sigma_sq": sigma_sqs, "seeds": seeds},
+                      "train": train_config.to_dict(), "run": dataclasses.asdict(run),
+                      "evaluation": dataclasses.asdict(evaluation) if evaluation else None}, indent=2, default=str))
+    return
   atomic.check_output_dir(config.out_dir, "--out_dir")
   with lock.DirLock(config.out_dir, "sweep directory"):  # two sweeps would train the same points twice
     summary = sweep.run_sweep(config)

@@ -223,3 +223,14 @@ def test_deprecated_alias_keeps_the_new_flags_type():
   proc = subprocess.run([sys.executable, "-c", code, "--batch_size=3"], cwd=REPO, env=ENV, capture_output=True,
                         text=True, timeout=120)
   assert proc.stdout.strip() == "3" and "--batch_size is deprecated" in proc.stderr
+
+
+def test_sweep_takes_the_config_grid_and_defaults_to_the_heldout_view(tmp_path):
+  s = _store(tmp_path / "s")
+  train_dir, held_dir = store.write_split(s, 0.2)
+  proc = _run("experiments.sweep", f"--activations={s.path}", f"--out_dir={tmp_path / 'g'}", "--dry_run",
+              "--config=experiments/configs/tiny.py", "--config.train.width=40", "--k=2", "--meta_k=2")
+  record = json.loads(proc.stdout[proc.stdout.index("{"):])
+  assert record["grid"]["lambda2"] == list(configs.get_config("tiny").grid.lambda2)
+  assert record["train"]["width"] == 40 and record["run"]["activations"] == train_dir
+  assert record["evaluation"]["activations"] == held_dir
