@@ -131,6 +131,7 @@ def test_run_without_fingerprint_resumes_and_records_it(world, tmp_path):
 def test_rerun_of_a_finished_evaluated_run_changes_nothing(world, tmp_path):
   run = _copy_run(world, tmp_path / "done")
   ev = _run("experiments.evaluate", f"--run_dir={run}", f"--activations={world['store']}", "--model=none",
+            "--allow_train_tokens",  # this test is about reruns, not about held-out data
             "--meta_fve_steps=0", "--batch_size=64")
   assert ev.returncode == 0, ev.stderr[-3000:]
   with open(os.path.join(run, "joint", "sae.safetensors"), "rb") as f:
@@ -169,7 +170,7 @@ def test_failure_after_claiming_a_fresh_dir_removes_it(world, tmp_path):
 
 
 def _export(run_dir, out):
-  return _run("experiments.export_sae", f"--run_dir={run_dir}", f"--out={out}", "--allow_approximate")
+  return _run("experiments.export_sae", f"--run_dir={run_dir}", f"--out_dir={out}", "--allow_approximate")
 
 
 def test_export_sae_refuses_targets_it_did_not_write(world, tmp_path):

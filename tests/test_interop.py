@@ -220,10 +220,10 @@ def test_binary_exports_and_refuses_in_one_line(run_dir, tmp_path):
   def run(*flags):
     return subprocess.run([sys.executable, "-m", "experiments.export_sae", f"--run_dir={run_dir}", *flags],
                           cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-  bad = run("--format=sparsify", f"--out={tmp_path / 'x'}")
+  bad = run("--format=sparsify", f"--out_dir={tmp_path / 'x'}")
   assert bad.returncode == 1 and "Traceback" not in bad.stderr
   assert bad.stderr.strip().splitlines()[-1].startswith("error: SAE ") and not os.path.exists(tmp_path / "x")
-  ok = run("--format=saelens", f"--out={tmp_path / 'x'}")
+  ok = run("--format=saelens", f"--out_dir={tmp_path / 'x'}")
   assert ok.returncode == 0, ok.stderr
   assert sorted(os.listdir(tmp_path / "x")) == [interop.EXPORT_MARKER, "joint", "solo"]
   assert os.listdir(tmp_path / "x" / "solo") == ["blocks.3.hook_resid_pre"]
