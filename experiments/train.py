@@ -147,6 +147,18 @@ def config_record(config: TrainConfig, run: RunConfig, c) -> dict:
           "train": config.to_dict(), "run": dataclasses.asdict(run)}
 
 
+def _write_config_json(out_dir: str, record: dict) -> None:
+  """Saves the resolved config; an identical file is left alone (a finished run's rerun changes nothing)."""
+  path = os.path.join(out_dir, CONFIG_JSON)
+  try:
+    with open(path) as f:
+      if json.load(f) == record:
+        return
+  except (OSError, ValueError):
+    pass
+  atomic.write_json(path, record)
+
+
 def main(argv):
   del argv
   sharding.initialize_distributed(F.coordinator_address, F.num_processes, F.process_id, F.distributed)
@@ -156,8 +168,9 @@ def main(argv):
     print(json.dumps(record, indent=2, default=str))
     return
   metrics = train_and_save(config, run)
-  if jax.process_index() == 0:  # one writer on a multi-host run
-    atomic.write_json(os.path.join(run.out_dir, CONFIG_JSON), json.loads(json.dumps(record, default=str)))
+  # One writer on a multi-host run; a finished run's rerun (no metrics) leaves an existing file alone.
+  if jax.process_index() == 0 and (metrics or not os.path.exists(os.path.join(run.out_dir, CONFIG_JSON))):
+    _write_config_json(run.out_dir, json.loads(json.dumps(record, default=str)))
   if metrics:
     print(f"done: {F.out_dir}  joint fvu {metrics['joint/fvu']:.4f}  l0 {metrics['joint/l0']:.1f}"
           + (f"  solo fvu {metrics['solo/fvu']:.4f}" if "solo/fvu" in metrics else ""))
