@@ -194,7 +194,7 @@ def test_export_sae_refuses_targets_it_did_not_write(world, tmp_path):
   os.symlink(out, tmp_path / "exported_link")
   again = _export(other, tmp_path / "exported_link")
   assert again.returncode == 0, again.stderr
-  assert (out / interop.EXPORT_MARKER).is_file() and (out / "joint" / "cfg.json").is_file()
+  assert (out / interop.EXPORT_MARKER).is_file() and any((out / "joint").glob("*/cfg.json"))
 
 
 def test_two_trainers_on_one_out_dir_exactly_one_runs(world, tmp_path):
@@ -268,9 +268,13 @@ def test_damaged_latest_checkpoint_falls_back_and_ends_bit_identical(world, tmp_
   warnings = [line for line in proc.lines if line.startswith("warning: checkpoint 8")]
   assert len(warnings) == 1 and len(proc.lines) == 1, proc.stderr[-3000:]
   assert _artifacts(run) == _artifacts(world["run"])
-  with open(os.path.join(run, "metrics.jsonl"), "rb") as a, open(os.path.join(world["run"], "metrics.jsonl"),
-                                                                   "rb") as b:
-    assert a.read() == b.read()
+  assert _metrics_without_wall_clock(run) == _metrics_without_wall_clock(world["run"])
+
+
+def _metrics_without_wall_clock(run: str) -> list:
+  """metrics.jsonl rows minus tokens_per_s, the one wall-clock field (everything else is deterministic)."""
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in f if line.strip()]
 
 
 def test_no_checkpoint_restores_is_one_line(world, tmp_path):

@@ -172,26 +172,26 @@ def check_target(out_dir: str, run_dir: str) -> None:
   """Refuses an export target that resolves (symlinks followed) to data this exporter did not write."""
   real, run_real = os.path.realpath(out_dir), os.path.realpath(run_dir)
   if real == run_real or run_real.startswith(real + os.sep):
-    raise UserError(f"--out {out_dir} resolves to {real}, which is or holds --run_dir {run_dir}; the export "
-                    "would overwrite the run's artifacts. Pick a new --out (nothing was written).")
+    raise UserError(f"--out_dir {out_dir} resolves to {real}, which is or holds --run_dir {run_dir}; the export "
+                    "would overwrite the run's artifacts. Pick a new --out_dir (nothing was written).")
   if not os.path.exists(real):
-    atomic.check_output_dir(out_dir, "--out")
+    atomic.check_output_dir(out_dir, "--out_dir")
     return
   if not os.path.isdir(real):
-    raise UserError(f"--out {out_dir} is a file, not a directory. Pick a new --out (nothing was written).")
+    raise UserError(f"--out_dir {out_dir} is a file, not a directory. Pick a new --out_dir (nothing was written).")
   names = set(os.listdir(real))
   for name, what in _OWNED_BY.items():
     if name in names:
-      raise UserError(f"--out {out_dir} is {what} ({real}/{name}); an export never writes into one. "
-                      "Pick a new --out (nothing was written).")
+      raise UserError(f"--out_dir {out_dir} is {what} ({real}/{name}); an export never writes into one. "
+                      "Pick a new --out_dir (nothing was written).")
   if EXPORT_MARKER in names:
-    atomic.check_output_dir(out_dir, "--out")
+    atomic.check_output_dir(out_dir, "--out_dir")
     return  # our own previous export: replacing it is allowed
   foreign = sorted(names - {lock.LOCK_FILE})
   if foreign:
-    raise UserError(f"--out {out_dir} holds files export_sae did not write ({', '.join(foreign[:5])}"
-                    f"{', ...' if len(foreign) > 5 else ''}). Pick a new or empty --out (nothing was written).")
-  atomic.check_output_dir(out_dir, "--out")
+    raise UserError(f"--out_dir {out_dir} holds files export_sae did not write ({', '.join(foreign[:5])}"
+                    f"{', ...' if len(foreign) > 5 else ''}). Pick a new or empty --out_dir (nothing was written).")
+  atomic.check_output_dir(out_dir, "--out_dir")
 
 
 class Exported(NamedTuple):
