@@ -43,6 +43,7 @@ flags.DEFINE_integer("batch_size", 4096, "Tokens per batch.")
 flags.DEFINE_integer("steps", 50, "Timed steps per configuration (a multiple of 10 covers a meta phase).")
 flags.DEFINE_integer("e2e_steps", 50, "Training steps for end_to_end.")
 flags.DEFINE_string("workdir", "runs/bench", "Cache for the real store and scratch for end_to_end runs.")
+flags.DEFINE_string("store", "", "Use this existing activation store as the real one (no export).")
 flags.DEFINE_string("_torch_train", "", "Internal: run the PyTorch baseline trainer on this store.")
 flags.DEFINE_string("_naive_train", "", "Internal: run the straightforward trainer on this store.")
 flags.DEFINE_string("_out", "", "Internal: output directory for --_naive_train.")
@@ -84,6 +85,8 @@ def _load() -> dict:
 
 
 def _real_store_path() -> str:
+  if F.store:
+    return F.store
   from metasae_jax.workflows import benchmarking
   return benchmarking.real_store(F.workdir, F.real_tokens, progress=True).path
 
@@ -172,9 +175,13 @@ def main(argv):
     _emit(end_to_end(F.e2e_steps))
   if "stages" in F.what:
     from metasae_jax.workflows import benchmarking
-    batches = benchmarking.store_batches(_real_store_path(), F.batch_size, F.warmup + 2)
-    _emit(dict(what="stages", data="real", **benchmarking.stage_breakdown(_config(), batches, F.warmup),
-               shape=_shape(), **_load()))
+    from metasae_jax.storage import store
+    from metasae_jax.training import data
+    path = _real_store_path()
+    batches = benchmarking.store_batches(path, F.batch_size, F.warmup + 2)
+    source = data.BatchSource(store.open_store(path), F.batch_size, 1, 1)
+    _emit(dict(what="stages", data="real", **benchmarking.stage_breakdown(
+        _config(), batches, F.warmup, read_batch=source.batch), shape=_shape(), **_load()))
   if "scaling" in F.what:
     from metasae_jax.workflows import benchmarking
     path = _real_store_path()

@@ -287,13 +287,16 @@ def _timed(f, *args, repeats: int = 3) -> float:
   return best
 
 
-def stage_breakdown(config: TrainConfig, batches: list, warmup: int = 20, repeats: int = 3) -> dict:
+def stage_breakdown(config: TrainConfig, batches: list, warmup: int = 20, repeats: int = 3,
+                    read_batch=None) -> dict:
   """Seconds per stage of one SAE's step, each stage compiled on its own, on a state trained `warmup` steps.
 
   Stages: host-side batch read, encoder matmul, candidate selection + threshold,
   sparse decoder with its gradients, AuxK (value + gradient), the penalty's meta
   forward, one meta phase (amortised over n_primary_steps), the optimiser. The
   whole fused step is measured too; the pieces need not add up to it exactly.
+  `read_batch(position)` is the host-side data path (store read, gather, device put);
+  the trainer overlaps it with the step on a prefetch thread.
   """
   from metasae_jax.core import losses, meta, optimizer, sae, sparse, topk  # pylint: disable=g-import-not-at-top
   from metasae_jax.core import train_step as ts  # pylint: disable=g-import-not-at-top
@@ -306,10 +309,13 @@ def stage_breakdown(config: TrainConfig, batches: list, warmup: int = 20, repeat
   xs = sae.standardize(x)[0]
   k = config.k
   out = {}
-  store_reader = batches[-1]
-  t0 = time.perf_counter()
-  np.array(store_reader, copy=True)
-  out["host_data_copy_s"] = time.perf_counter() - t0
+  if read_batch is not None:
+    reads = []
+    for i in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(jax.device_put(read_batch(i)))
+      reads.append(time.perf_counter() - t0)
+    out["host_data_s"] = min(reads)
   out["encoder_matmul_s"] = _timed(jax.jit(lambda p, xs: sae.pre_activations(p, xs)), params, xs, repeats=repeats)
   pre = jax.jit(sae.pre_activations)(params, xs)
 
