@@ -64,6 +64,9 @@ def run(main) -> None:
     except Interrupted as e:
       print(str(e), file=sys.stderr)
       sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # binaries without a step loop (exporter, evaluation): stop, no traceback
+      print("interrupted; rerun the same command to resume (finished parts are kept)", file=sys.stderr)
+      sys.exit(130)
     except OSError as e:
       if e.errno not in _OS_FIXES:
         raise

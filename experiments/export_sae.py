@@ -2,8 +2,9 @@
 
   python -m experiments.export_sae --run_dir runs/x --format saelens --out exported/x
 
-Writes OUT/joint and OUT/solo, each loadable with `sae_lens.SAE.load_from_disk` or
-`sparsify.SparseCoder.load_from_disk`.
+SAELens: writes OUT/joint/HOOK and OUT/solo/HOOK (HOOK = blocks.L.hook_resid_pre, the Hub's sae_id), each
+loadable with `sae_lens.SAE.load_from_disk`; without calibrated thresholds BatchTopK is exported as TopK(k).
+sparsify: writes OUT/joint and OUT/solo for `sparsify.SparseCoder.load_from_disk`.
 """
 
 from absl import flags
@@ -13,19 +14,21 @@ from metasae_jax.storage import interop
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Run directory written by experiments.train (joint/, solo/).")
 _FORMAT = flags.DEFINE_enum("format", "saelens", list(interop.FORMATS), "Target library's on-disk layout.")
-_OUT = flags.DEFINE_string("out", None, "Output directory; gets joint/ and solo/.")
+_OUT = flags.DEFINE_string("out", None, "Output directory; gets joint/ and solo/ (SAELens: each holding a folder "
+                           "named by hook).")
 _APPROX = flags.DEFINE_bool("allow_approximate", False,
-                            "Export even where the target cannot express the SAE exactly (BatchTopK without "
-                            "thresholds as TopK; sparsify without input standardisation); caveats go into cfg.json.")
+                            "sparsify: export even though it cannot express the SAE exactly (no input "
+                            "standardisation, per-token TopK); caveats go into cfg.json. SAELens needs no "
+                            "permission: BatchTopK without thresholds is exported as TopK(k) with a caveat.")
 flags.mark_flags_as_required(["run_dir", "out"])
 
 
 def main(argv):
   del argv
   written = interop.export_run(_RUN_DIR.value, _OUT.value, _FORMAT.value, _APPROX.value)
-  for name, caveats in written.items():
-    print(f"{_OUT.value}/{name}: {_FORMAT.value}" + ("" if not caveats else "  (approximate: "
-                                                      + " ".join(caveats) + ")"))
+  for name, (path, caveats) in written.items():
+    print(f"{name}: {path} ({_FORMAT.value})" + ("" if not caveats else "  (approximate: "
+                                                   + " ".join(caveats) + ")"))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ flags.DEFINE_string("lambda2", "0,0.3,1", "Comma-separated penalty weights; 0 is
 flags.DEFINE_integer("seeds", 3, "Seeds per (scenario, λ₂) point.")
 flags.DEFINE_integer("width", 0, "SAE latents; 0 = 64 * scale.")
 flags.DEFINE_integer("k", 3, "Active latents per token (BatchTopK).")
-flags.DEFINE_integer("meta_width", 0, "Meta SAE latents; 0 = round(0.09 * width), the paper's ratio.")
+flags.DEFINE_integer("meta_width", 0, "Meta SAE latents; 0 = round(width * 1800 / 20480), the paper's ratio.")
 flags.DEFINE_integer("meta_k", 2, "Active meta latents per decoder row.")
 flags.DEFINE_float("sigma_sq", 1.0, "Penalty bandwidth σ². Paper: 1.0.")
 flags.DEFINE_enum("penalty_grad", "stop", ["stop", "through"],

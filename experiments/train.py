@@ -56,6 +56,18 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 flags.DEFINE_bool("distributed", False,
                   "Multi-host run with auto-detected peers (TPU pod slices, SLURM): run the same command on "
                   "every host. Alternative to --coordinator_address.")
+# Tracking and validation during training (docs/tracking.md).
+flags.DEFINE_string("log_to", "jsonl", "Trackers, comma-separated, any of jsonl,tensorboard,wandb; metrics.jsonl is "
+                  "always written, tensorboard writes OUT_DIR/tensorboard, wandb OUT_DIR/wandb.")
+flags.DEFINE_string("wandb_project", "metasae-jax", "W&B project (with --log_to wandb).")
+flags.DEFINE_string("wandb_run_name", "", "W&B run name; empty = the --out_dir's name.")
+flags.DEFINE_enum("wandb_mode", "offline", ["offline", "online"],
+                  "W&B mode: offline needs no account or network (upload later with `wandb sync`).")
+flags.DEFINE_integer("eval_every_steps", 0, "Validate joint and solo on a fixed held-out sample every this many "
+                     "steps (and at the end); 0 = never.")
+flags.DEFINE_string("eval_activations", "", "Held-out store for --eval_every_steps; empty = the training store's "
+                    "recorded held-out view.")
+flags.DEFINE_integer("eval_tokens", 4096, "Held-out tokens in the validation sample.")
 flags.mark_flags_as_required(["activations", "out_dir"])
 
 
@@ -73,7 +85,9 @@ def configs_from_flags(**overrides) -> tuple[TrainConfig, RunConfig]:
   run = RunConfig(activations=F.activations, out_dir=F.out_dir, num_tokens=F.num_tokens,
                   skip_first_positions=skip,
                   checkpoint_every_steps=F.checkpoint_every_steps, log_every_steps=F.log_every_steps,
-                  progress=F.progress)
+                  progress=F.progress, log_to=F.log_to, wandb_project=F.wandb_project,
+                  wandb_run_name=F.wandb_run_name, wandb_mode=F.wandb_mode, eval_every_steps=F.eval_every_steps,
+                  eval_activations=F.eval_activations, eval_tokens=F.eval_tokens)
   return config, run
 
 

@@ -348,3 +348,15 @@ def test_lock_names_the_holder_in_process(tmp_path):
   finally:
     held.release()
   lock.DirLock(str(tmp_path / "d"), "store").acquire().release()
+
+
+def test_ctrl_c_in_a_binary_without_a_step_loop_is_one_line(tmp_path):
+  script = ("from experiments import cli\n"
+            "def main(argv):\n"
+            "  raise KeyboardInterrupt\n"
+            "cli.run(main)\n")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, env=ENV,
+                        timeout=120, check=False)
+  assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+  assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+      "interrupted; rerun the same command to resume (finished parts are kept)"]

@@ -113,19 +113,43 @@ def test_saelens_jumprelu_layout_and_numerics(run_dir, tmp_path):
   np.testing.assert_allclose(recon, want_recon, rtol=1e-5, atol=1e-4)
 
 
-def test_batchtopk_without_thresholds_is_refused_unless_approximate(run_dir, tmp_path):
-  with pytest.raises(UserError, match="no calibrated thresholds.*experiments.evaluate"):
-    interop.export_run(run_dir, str(tmp_path / "out"), "saelens")
-  assert not os.path.exists(tmp_path / "out")  # checked before anything is written
-  written = interop.export_run(run_dir, str(tmp_path / "out"), "saelens", allow_approximate=True)
-  assert written["joint"] == [] and "per-token TopK" in written["solo"][0]
-  cfg = json.load(open(tmp_path / "out" / "solo" / "cfg.json"))
+def test_batchtopk_without_thresholds_exports_topk_with_caveat_into_hook_folders(run_dir, tmp_path):
+  written = interop.export_run(run_dir, str(tmp_path / "out"), "saelens")
+  hook = "blocks.3.hook_resid_pre"
+  assert written["joint"] == (str(tmp_path / "out" / "joint" / hook), [])
+  assert written["solo"].path == str(tmp_path / "out" / "solo" / hook)
+  assert "per-token TopK" in written["solo"].caveats[0]
+  cfg = json.load(open(tmp_path / "out" / "solo" / hook / "cfg.json"))
   assert cfg["architecture"] == "topk" and cfg["k"] == K
   x = _x()
-  acts, recon = _saelens_forward(str(tmp_path / "out" / "solo"), x)
+  acts, recon = _saelens_forward(written["solo"].path, x)
   want_acts, want_recon = _ours(_params(2), x, activation="topk")
   np.testing.assert_allclose(acts, want_acts, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(recon, want_recon, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,want", [("smollm2-135m-gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                                       ("gpt2", "gpt2"), ("EleutherAI/pythia-70m", "EleutherAI/pythia-70m")])
+def test_model_name_is_a_hub_id(name, want, tmp_path):
+  hub, meta = interop.model_id(name)
+  assert hub == want
+  assert ("Q4_1" in meta.get("model_quantization", "")) == (name == "smollm2-135m-gguf")
+
+
+def test_local_model_dir_maps_to_its_recorded_hub_id(tmp_path):
+  (tmp_path / "m").mkdir()
+  assert interop.model_id(str(tmp_path / "m")) == (None, {"model_path": str(tmp_path / "m")})
+  (tmp_path / "m" / "config.json").write_text(json.dumps({"_name_or_path": "openai-community/gpt2"}))
+  assert interop.model_id(str(tmp_path / "m"))[0] == "openai-community/gpt2"
+
+
+def test_builtin_model_exports_its_hub_id(tmp_path):
+  cfg = dict(_cfg(), source={"model": "smollm2-135m-gguf", "layer": 15, "site": "resid_pre"})
+  artifact.save_sae(str(tmp_path / "run" / "joint"), _params(0), cfg, threshold_N=_theta())
+  written = interop.export_run(str(tmp_path / "run"), str(tmp_path / "out"), "saelens")
+  assert written["joint"].path.endswith(os.path.join("joint", "blocks.15.hook_resid_pre"))
+  meta = json.load(open(os.path.join(written["joint"].path, "cfg.json")))["metadata"]
+  assert meta["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and "GGUF" in meta["model_quantization"]
 
 
 def test_sparsify_refuses_standardised_sae_and_exports_exact_topk(tmp_path):
@@ -160,10 +184,10 @@ def test_sparsify_refuses_standardised_sae_and_exports_exact_topk(tmp_path):
 def test_real_saelens_round_trip(run_dir, tmp_path):
   sae_lens = pytest.importorskip("sae_lens")
   torch = pytest.importorskip("torch")
-  interop.export_run(run_dir, str(tmp_path / "out"), "saelens", allow_approximate=True)
+  written = interop.export_run(run_dir, str(tmp_path / "out"), "saelens")
   x = _x()
   for name, params, kw in (("joint", _params(0), {"threshold": _theta()}), ("solo", _params(2), {"activation": "topk"})):
-    loaded = sae_lens.SAE.load_from_disk(str(tmp_path / "out" / name))
+    loaded = sae_lens.SAE.load_from_disk(written[name].path)
     with torch.no_grad():
       acts = loaded.encode(torch.from_numpy(x)).numpy()
       recon = loaded(torch.from_numpy(x)).numpy()
@@ -196,10 +220,12 @@ def test_binary_exports_and_refuses_in_one_line(run_dir, tmp_path):
   def run(*flags):
     return subprocess.run([sys.executable, "-m", "experiments.export_sae", f"--run_dir={run_dir}", *flags],
                           cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-  bad = run("--format=saelens", f"--out={tmp_path / 'x'}")
+  bad = run("--format=sparsify", f"--out={tmp_path / 'x'}")
   assert bad.returncode == 1 and "Traceback" not in bad.stderr
   assert bad.stderr.strip().splitlines()[-1].startswith("error: SAE ") and not os.path.exists(tmp_path / "x")
-  ok = run("--format=saelens", f"--out={tmp_path / 'x'}", "--allow_approximate")
+  ok = run("--format=saelens", f"--out={tmp_path / 'x'}")
   assert ok.returncode == 0, ok.stderr
   assert sorted(os.listdir(tmp_path / "x")) == [interop.EXPORT_MARKER, "joint", "solo"]
+  assert os.listdir(tmp_path / "x" / "solo") == ["blocks.3.hook_resid_pre"]
+  assert "approximate" in ok.stdout and str(tmp_path / "x" / "joint" / "blocks.3.hook_resid_pre") in ok.stdout
 

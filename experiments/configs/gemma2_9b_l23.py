@@ -5,7 +5,7 @@ from metasae_jax.workflows.pipeline import Preset
 PRESET = Preset(
     name="gemma2_9b_l23",
     description=("Gemma 2 9B (d 3584), resid_pre of layer 23, FineWeb sample-10BT, context 128, 75M tokens; "
-                 "width 65536, k (L0) 100, meta 9 % of width / k 8, B 4096, 10/5 schedule, 3 x 2 grid."),
+                 "width 65536, k (L0) 100, meta width·1800/20480 / k 8, B 4096, 10/5 schedule, 3 x 2 grid."),
     export=dict(model="google/gemma-2-9b", layer=23, site="resid_pre", corpus="HuggingFaceFW/fineweb:sample-10BT",
                 context_len=128, num_tokens=75_000_000 + 2 * 1_048_576, shard_tokens=1_048_576,
                 batch_size=16, dtype="float16"),

