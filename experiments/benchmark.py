@@ -153,11 +153,12 @@ def steps_lines():
             "torch": benchmarking.torch_steps}[impl]
       load = os.getloadavg()[0]
       lines[impl] = dict(what="steps", data=data, impl=impl, loadavg_at_start=load,
-                         **fn(config, batches, F.warmup, F.steps))
-    for impl, line in lines.items():
-      if "torch" in lines and impl != "torch":
-        line["speedup_vs_torch"] = lines["torch"]["s_per_step"] / line["s_per_step"]
-      _emit(dict(line, shape=_shape(), **_load()))
+                         **fn(config, batches, F.warmup, F.steps), shape=_shape(), **_load())
+      _emit(lines[impl])  # as soon as it is measured; the ratios follow in a summary line
+    if "torch" in lines:
+      _emit({"what": "steps_ratios", "data": data, **{
+          f"speedup_{impl}_vs_torch": lines["torch"]["s_per_step"] / line["s_per_step"]
+          for impl, line in lines.items() if impl != "torch"}})
 
 
 def main(argv):
