@@ -24,8 +24,9 @@ test: install
 demo: install
 	$(PY) -m experiments.demo
 
+# The end-to-end comparison on real activations (exported once into runs/bench), then the step lines.
 bench: install
-	$(PY) -m experiments.benchmark
+	$(PY) -m experiments.benchmark --what end_to_end,steps
 
 clean:
 	rm -rf $(VENV) .pytest_cache

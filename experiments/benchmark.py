@@ -1,8 +1,14 @@
-"""Benchmarks, printing one JSON line per configuration (ratios against the straightforward implementation).
+"""Benchmarks, printing one JSON line per measurement (ratios against the PyTorch baseline).
 
-  python -m experiments.benchmark                       # paper-shaped step times, fast vs naive
-  python -m experiments.benchmark --what end_to_end     # `experiments.train` timed from process start
-  python -m experiments.benchmark --what phi,export     # mean |φ| at 9216 x 1M, exporter vs raw forward
+Real activations (the built-in model's layer 15 over the built-in corpus, exported once into
+--workdir) come first; synthetic stores stay as a second line.
+
+  python -m experiments.benchmark                        # steady-state steps: fast, naive JAX, PyTorch
+  python -m experiments.benchmark --what end_to_end      # `experiments.train` vs PyTorch, from process start
+  python -m experiments.benchmark --what stages          # per-stage breakdown of the fast step
+  python -m experiments.benchmark --what scaling         # width / batch sweep into docs/scaling.png
+  python -m experiments.benchmark --what memory          # compiled step memory, GPT-2 large shape
+  python -m experiments.benchmark --what phi,export      # mean |φ| at 9216 x 1M, exporter vs raw forward
 """
 
 import json
@@ -17,18 +23,29 @@ from absl import flags
 from experiments import cli
 
 F = flags.FLAGS
-flags.DEFINE_list("what", ["steps"], "Any of: steps, end_to_end, phi, export.")
-flags.DEFINE_list("impl", ["fast", "naive"], "Implementations for `steps` and `end_to_end`.")
+flags.DEFINE_list("what", ["steps"], "Any of: steps, end_to_end, stages, scaling, memory, phi, export.")
+flags.DEFINE_list("impl", ["fast", "torch", "naive"], "Implementations for `steps` and `end_to_end`: fast "
+                  "(experiments.train), torch (the PyTorch baseline), naive (straightforward JAX).")
+flags.DEFINE_list("data", ["real", "synthetic"], "Activations for `steps`: real (exported store), synthetic.")
+flags.DEFINE_integer("warmup", 10, "Steps run before timing starts (compilation, first meta phase).")
+flags.DEFINE_integer("real_tokens", 262144, "Tokens to export for the real store (the built-in corpus may "
+                     "hold fewer; then all of it).")
+flags.DEFINE_list("scaling_widths", ["4608", "9216", "18432", "36864"], "Widths for `scaling`.")
+flags.DEFINE_list("scaling_batches", ["1024", "2048", "4096", "8192"], "Batch sizes for `scaling`.")
+flags.DEFINE_integer("scaling_steps", 10, "Timed steps per `scaling` point.")
+flags.DEFINE_string("plot", "docs/scaling.png", "Where `scaling` writes its plot.")
 flags.DEFINE_integer("d_model", 576, "Input width (SmolLM2-135M).")
 flags.DEFINE_integer("width", 9216, "Primary latents (16 x d_model).")
 flags.DEFINE_integer("k", 64, "Active latents per token.")
-flags.DEFINE_integer("meta_width", 830, "Meta latents (~9 % of width).")
+flags.DEFINE_integer("meta_width", 810, "Meta latents (round(9216 · 1800 / 20480) = 810, the paper's ratio).")
 flags.DEFINE_integer("meta_k", 8, "Active meta latents per row.")
 flags.DEFINE_integer("batch_size", 4096, "Tokens per batch.")
-flags.DEFINE_integer("steps", 10, "Timed steps per configuration (a multiple of 10 covers a meta phase).")
+flags.DEFINE_integer("steps", 50, "Timed steps per configuration (a multiple of 10 covers a meta phase).")
 flags.DEFINE_integer("e2e_steps", 50, "Training steps for end_to_end.")
-flags.DEFINE_string("out_dir", "", "Scratch directory for end_to_end (default: a temp dir).")
+flags.DEFINE_string("out_dir", "runs/bench", "Cache for the real store and scratch for end_to_end runs.")
 cli.deprecated_alias("workdir", "out_dir")
+flags.DEFINE_string("store", "", "Use this existing activation store as the real one (no export).")
+cli.internal_flag(flags.DEFINE_string, "_torch_train", "", "run the PyTorch baseline trainer on this store.")
 cli.internal_flag(flags.DEFINE_string, "_naive_train", "", "run the straightforward trainer on this store.")
 cli.internal_flag(flags.DEFINE_string, "_out", "", "output directory for --_naive_train.")
 
@@ -60,35 +77,89 @@ def naive_train(store_path: str, out_dir: str, steps: int) -> None:
   trainer.write_artifacts(state, st, run, steps * config.batch_size)
 
 
-def end_to_end(steps: int) -> dict:
+def _shape() -> dict:
+  return {"d": F.d_model, "n": F.width, "k": F.k, "m": F.meta_width, "meta_k": F.meta_k, "B": F.batch_size}
+
+
+def _load() -> dict:
+  return {"loadavg_1m": os.getloadavg()[0], "cpus": os.cpu_count()}
+
+
+def _real_store_path() -> str:
+  if F.store:
+    return F.store
+  from metasae_jax.workflows import benchmarking
+  return benchmarking.real_store(F.out_dir, F.real_tokens, progress=True).path
+
+
+def _synthetic_store_path(num_tokens: int) -> str:
   from metasae_jax.storage import synthetic
-  work = F.out_dir or tempfile.mkdtemp(prefix="metasae-bench-")
-  store_path = os.path.join(work, "store")
-  if not os.path.exists(os.path.join(store_path, "manifest.json")):
-    synthetic.write_sparse_store(store_path, steps * F.batch_size + 4096, F.d_model, num_features=4 * F.width,
-                                 active=32, shard_tokens=65536)
-  common = ["--width", str(F.width), "--k", str(F.k), "--meta_width", str(F.meta_width),
-            "--meta_k", str(F.meta_k), "--batch_size", str(F.batch_size)]
-  runs = {}
-  commands = (
-      ("fast", [sys.executable, "-m", "experiments.train", "--activations", store_path,
-                "--out_dir", os.path.join(work, f"fast-{time.time_ns()}"),
-                "--num_tokens", str(steps * F.batch_size), "--checkpoint_every_steps", "1000"] + common),
-      ("naive", [sys.executable, "-m", "experiments.benchmark", "--_naive_train", store_path,
-                 "--_out", os.path.join(work, f"naive-{time.time_ns()}"), "--e2e_steps", str(steps)] + [
-                     f"--{k}={v}" for k, v in (("d_model", F.d_model), ("width", F.width), ("k", F.k),
-                                               ("meta_width", F.meta_width), ("meta_k", F.meta_k),
-                                               ("batch_size", F.batch_size))]))
-  for name, cmd in commands:
-    if name not in F.impl:
-      continue
+  path = os.path.join(F.out_dir, f"synthetic-{F.d_model}-{num_tokens}")
+  if not os.path.exists(os.path.join(path, "manifest.json")):
+    synthetic.write_sparse_store(path, num_tokens, F.d_model, num_features=4 * F.width, active=32,
+                                 shard_tokens=65536)
+  return path
+
+
+def _size_flags() -> list:
+  return [f"--{k}={getattr(F, k)}" for k in ("width", "k", "meta_width", "meta_k", "batch_size")]
+
+
+def end_to_end(steps: int) -> dict:
+  """Each implementation as its own process on the real store, timed from process start to exit."""
+  store_path = _real_store_path()
+  stamp = time.time_ns()
+  commands = {
+      "fast": [sys.executable, "-m", "experiments.train", "--activations", store_path,
+               "--out_dir", os.path.join(F.out_dir, f"fast-{stamp}"),
+               "--num_tokens", str(steps * F.batch_size), "--checkpoint_every_steps", "1000"] + _size_flags(),
+      "torch": [sys.executable, "-m", "experiments.benchmark", "--_torch_train", store_path,
+                "--workdir", F.out_dir, f"--e2e_steps={steps}", f"--d_model={F.d_model}"] + _size_flags(),
+      "naive": [sys.executable, "-m", "experiments.benchmark", "--_naive_train", store_path,
+                "--_out", os.path.join(F.out_dir, f"naive-{stamp}"), f"--e2e_steps={steps}",
+                f"--d_model={F.d_model}"] + _size_flags(),
+  }
+  runs, loads, rss = {}, {}, {}
+  for name in F.impl:
+    loads[name] = os.getloadavg()[0]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(commands[name], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not the max over children
     runs[name] = time.perf_counter() - t0
-  out = {"what": "end_to_end", "steps": steps, **{f"{k}_s": v for k, v in runs.items()}}
-  if len(runs) == 2:
-    out["speedup"] = runs["naive"] / runs["fast"]
-  return dict(out, shape={"d": F.d_model, "n": F.width, "k": F.k, "m": F.meta_width, "B": F.batch_size})
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+      raise subprocess.CalledProcessError(proc.returncode, commands[name])
+    rss[name] = usage.ru_maxrss / 1024
+  out = {"what": "end_to_end", "data": "real", "steps": steps, **{f"{k}_s": v for k, v in runs.items()},
+         **{f"{k}_peak_rss_mb": v for k, v in rss.items()},
+         **{f"{k}_loadavg_at_start": v for k, v in loads.items()}}
+  if "torch" in runs:
+    for name in runs:
+      if name != "torch":
+        out[f"speedup_{name}_vs_torch"] = runs["torch"] / runs[name]
+  return dict(out, shape=_shape(), **_load())
+
+
+def steps_lines():
+  """Steady-state step times per implementation on real (then synthetic) batches, ratios against torch."""
+  from metasae_jax.workflows import benchmarking
+  config = _config()
+  count = min(F.warmup + F.steps, 64)
+  for data in F.data:
+    path = _real_store_path() if data == "real" else _synthetic_store_path(count * F.batch_size + 4096)
+    batches = benchmarking.store_batches(path, F.batch_size, count)
+    lines = {}
+    for impl in F.impl:
+      fn = {"fast": benchmarking.train_steps, "naive": benchmarking.naive_steps,
+            "torch": benchmarking.torch_steps}[impl]
+      load = os.getloadavg()[0]
+      lines[impl] = dict(what="steps", data=data, impl=impl, loadavg_at_start=load,
+                         **fn(config, batches, F.warmup, F.steps), shape=_shape(), **_load())
+      _emit(lines[impl])  # as soon as it is measured; the ratios follow in a summary line
+    if "torch" in lines:
+      _emit({"what": "steps_ratios", "data": data, **{
+          f"speedup_{impl}_vs_torch": lines["torch"]["s_per_step"] / line["s_per_step"]
+          for impl, line in lines.items() if impl != "torch"}})
 
 
 def main(argv):
@@ -96,12 +167,41 @@ def main(argv):
   if F._naive_train:
     naive_train(F._naive_train, F._out, F.e2e_steps)
     return
-  if "steps" in F.what:
+  if F._torch_train:
     from metasae_jax.workflows import benchmarking
-    for impl in F.impl:
-      _emit(dict(what="steps", **benchmarking.measure(_config(), impl, F.steps)))
+    benchmarking.torch_train(F._torch_train, _config(), F.e2e_steps)
+    return
+  if "steps" in F.what:
+    steps_lines()
   if "end_to_end" in F.what:
     _emit(end_to_end(F.e2e_steps))
+  if "stages" in F.what:
+    from metasae_jax.workflows import benchmarking
+    from metasae_jax.storage import store
+    from metasae_jax.training import data
+    path = _real_store_path()
+    batches = benchmarking.store_batches(path, F.batch_size, F.warmup + 2)
+    source = data.BatchSource(store.open_store(path), F.batch_size, 1, 1)
+    _emit(dict(what="stages", data="real", **benchmarking.stage_breakdown(
+        _config(), batches, F.warmup, read_batch=source.batch), shape=_shape(), **_load()))
+  if "scaling" in F.what:
+    from metasae_jax.workflows import benchmarking
+    path = _real_store_path()
+    sizes = sorted({F.batch_size, *map(int, F.scaling_batches)})
+    count = min(F.warmup + F.scaling_steps, 24)
+    batches = {b: benchmarking.store_batches(path, b, count) for b in sizes}
+    rows = benchmarking.scaling(_config(), batches, list(map(int, F.scaling_widths)),
+                                list(map(int, F.scaling_batches)), F.warmup, F.scaling_steps)
+    for row in rows:
+      _emit(dict(what="scaling", data="real", **row, **_load()))
+    benchmarking.plot_scaling(rows, F.plot, f"joint + solo step, real activations (d {F.d_model}, k {F.k}); "
+                              f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs")
+  if "memory" in F.what:
+    from metasae_jax.core.config import TrainConfig
+    from metasae_jax.workflows import benchmarking
+    gpt2 = TrainConfig(d_model=1280, width=20480, batch_size=4096)
+    _emit(dict(what="memory", config="gpt2_large d 1280 n 20480 B 4096 joint+solo+meta",
+               **benchmarking.compiled_memory(gpt2)))
   if "phi" in F.what:
     from metasae_jax.workflows import benchmarking
     _emit(dict(what="phi", **benchmarking.benchmark_phi()))

@@ -18,6 +18,12 @@ class SAELoss(NamedTuple):
   fvu: jax.Array
   l0: jax.Array
   since_fired_N: jax.Array  # int32: batches since each latent fired, this (global) batch included
+  # Slow-path events of this step (scalars, float32 so they average like the rest): rows whose
+  # selected entries spilled past their candidate slots, whether the decoder fell back to dense
+  # (too many spilling rows), and whether AuxK ran full width (more dead latents than `dead_cap`).
+  spill_rows: jax.Array = 0.0
+  dense_fallback: jax.Array = 0.0
+  full_auxk: jax.Array = 0.0
 
 
 def _pmean(x, axis_name):
@@ -86,6 +92,11 @@ class _Recon(NamedTuple):
   l0_sum: jax.Array  # active entries in this (local) batch
 
 
+class _Events(NamedTuple):
+  spill_rows: jax.Array  # rows past their slots (this device)
+  dense: jax.Array  # bool: the dense fallback ran
+
+
 def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_name: Optional[str],
                  compute_dtype: str = "float32"):
   """The SAE's reconstruction with gradient: over C slots per token (spilling rows exactly on the side),
@@ -95,11 +106,13 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
   if activation == "batchtopk":
     cand_BxC, idx_BxC = topk.candidates(pre_BxN, k)
     sel = topk.threshold_from_candidates(cand_BxC, pre_BxN, k, axis_name)
+    spill_rows = jnp.sum(sel.spill_B, dtype=jnp.int32)
   else:  # per-token top-k: k slots, the row's k-th value as its threshold; nothing spills
     cand_BxC, idx_BxC = jax.lax.top_k(pre_BxN, k)
     r = min(b, topk.SPILL_ROWS)
     sel = topk.Selection(jnp.min(cand_BxC, axis=1, keepdims=True), jnp.zeros((b,), bool),
                          jnp.arange(r, dtype=jnp.int32), jnp.zeros((r,), bool), jnp.zeros((), bool))
+    spill_rows = jnp.zeros((), jnp.int32)
   thresh = sel.thresh
 
   def sparse_path():
@@ -126,8 +139,8 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
     return _Recon(sae.decode_std(params, acts_BxN, compute_dtype), jnp.sum(on_BxN, axis=0), jnp.sum(on_BxN))
 
   if cand_BxC.shape[1] * SPARSE_MIN_RATIO > n:  # scatters cost ~this much more per element than a matmul
-    return dense_path(), pre_BxN
-  return jax.lax.cond(sel.dense, dense_path, sparse_path), pre_BxN
+    return dense_path(), pre_BxN, _Events(spill_rows, jnp.zeros((), bool))
+  return jax.lax.cond(sel.dense, dense_path, sparse_path), pre_BxN, _Events(spill_rows, sel.dense)
 
 
 def sae_loss(params: dict, x_BxD: jax.Array, since_fired_N: jax.Array, k: int, activation: str, aux_k: int,
@@ -141,7 +154,7 @@ def sae_loss(params: dict, x_BxD: jax.Array, since_fired_N: jax.Array, k: int, a
   counter comes back in the stats.
   """
   xs, mean, std = sae.standardize(x_BxD)
-  rec, pre_BxN = _reconstruct(params, xs, k, activation, axis_name, compute_dtype)
+  rec, pre_BxN, events = _reconstruct(params, xs, k, activation, axis_name, compute_dtype)
   since_N = update_since_fired(since_fired_N, _psum(rec.active_N, axis_name) > 0)
   dead_N = since_N >= dead_after_batches
   mse = jnp.mean((rec.recon_std_BxD - xs) ** 2)
@@ -164,7 +177,11 @@ def sae_loss(params: dict, x_BxD: jax.Array, since_fired_N: jax.Array, k: int, a
   err = _psum(jnp.sum((x - recon) ** 2), axis_name)
   var = _psum(jnp.sum((x - mean_D) ** 2), axis_name)
   l0 = _pmean(rec.l0_sum.astype(jnp.float32) / x.shape[0], axis_name)
-  stats = SAELoss(mse=mse, aux=aux, fvu=err / var, l0=l0, since_fired_N=since_N)
+  n = dead_N.shape[0]
+  full_auxk = jnp.any(dead_N) & (jnp.sum(dead_N) > dead_cap(n)) if dead_cap(n) < n else jnp.any(dead_N)
+  stats = SAELoss(mse=mse, aux=aux, fvu=err / var, l0=l0, since_fired_N=since_N,
+                  spill_rows=_psum(events.spill_rows, axis_name).astype(jnp.float32),
+                  dense_fallback=events.dense.astype(jnp.float32), full_auxk=full_auxk.astype(jnp.float32))
   return mse + aux_coeff * aux, stats
 
 

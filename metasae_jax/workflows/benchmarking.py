@@ -177,3 +177,249 @@ def benchmark_export(config, loaded=None, num_batches: int = 8, rounds: int = 2)
           "export_tokens_per_s": num_tokens / min(export_s),
           "ratio": min(raw_s) / min(export_s),
           "cpu_ratio": min(raw_cpu) / min(export_cpu)}
+
+
+# ---- Real activations: the store, steady-state steps, slow-path events, stages, scaling, memory ----
+
+REAL_LAYER = 15
+REAL_TOKENS = 262144
+EVENT_KEYS = ("spill_rows", "dense_fallback", "full_auxk")
+
+
+def real_store(workdir: str, num_tokens: int = REAL_TOKENS, layer: int = REAL_LAYER, progress: bool = False):
+  """The built-in model's layer-`layer` activations over the built-in corpus, exported once under `workdir`.
+
+  The built-in corpus may hold fewer tokens than asked; the store then holds the whole corpus.
+  """
+  from metasae_jax.lm import export  # pylint: disable=g-import-not-at-top  (torch side)
+  return export.export_activations(export.ExportConfig(
+      out_dir=os.path.join(workdir, f"store-l{layer}"), layer=layer, num_tokens=num_tokens, progress=progress))
+
+
+def store_batches(store_path: str, batch_size: int, count: int, seed: int = 0) -> list:
+  """The trainer's first `count` batches from a store (its shuffle and skip rule), as host arrays."""
+  from metasae_jax.storage import store as store_lib  # pylint: disable=g-import-not-at-top
+  from metasae_jax.training import data  # pylint: disable=g-import-not-at-top
+  source = data.BatchSource(store_lib.open_store(store_path), batch_size, seed, 1)
+  return [source.batch(i) for i in range(count)]
+
+
+def train_steps(config: TrainConfig, batches: list, warmup: int, steps: int) -> dict:
+  """Steady-state seconds per fast step after `warmup` steps, on `batches` cycled, and slow-path events.
+
+  Every step is timed (blocking on its state), so the per-step list shows how the
+  step slows as dead latents and spilling rows appear; metrics are fetched after.
+  """
+  step = jax.jit(train_step, donate_argnums=0)
+  state = init_train_state(config)
+  on_device = [jax.device_put(b) for b in batches]
+  t_compile = time.perf_counter()
+  state, _ = step(state, on_device[0])
+  jax.block_until_ready(state)
+  first = time.perf_counter() - t_compile
+  for i in range(1, warmup):
+    state, _ = step(state, on_device[i % len(on_device)])
+  jax.block_until_ready(state)
+  times, metrics = [], []
+  for i in range(warmup, warmup + steps):
+    t0 = time.perf_counter()
+    state, m = step(state, on_device[i % len(on_device)])
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - t0)
+    metrics.append(m)
+  metrics = jax.device_get(metrics)
+  out = {"first_step_with_compile_s": first, "warmup_steps": warmup, "steps_timed": steps,
+         "s_per_step": float(np.mean(times)), "s_per_step_median": float(np.median(times)),
+         "s_per_step_first10": float(np.mean(times[:10])), "s_per_step_last10": float(np.mean(times[-10:])),
+         "tokens_per_s": config.batch_size / float(np.mean(times))}
+  for sae_name in ("joint", "solo"):
+    if f"{sae_name}/spill_rows" not in metrics[0]:
+      continue
+    for key in EVENT_KEYS:
+      vals = np.array([float(m[f"{sae_name}/{key}"]) for m in metrics])
+      out[f"{sae_name}_{key}_per_step"] = float(vals.mean())
+      out[f"{sae_name}_{key}_max"] = float(vals.max())
+    out[f"{sae_name}_dead_fraction_end"] = float(metrics[-1][f"{sae_name}/dead_fraction"])
+  out["joint_fvu_end"] = float(metrics[-1]["joint/fvu"])
+  return out
+
+
+def naive_steps(config: TrainConfig, batches: list, warmup: int, steps: int) -> dict:
+  """The straightforward JAX step (core.naive), same batches, same timing rule."""
+  state = init_train_state(config)
+  on_device = [jax.device_put(b) for b in batches]
+  for i in range(warmup):
+    state = naive.run_steps(state, [on_device[i % len(on_device)]])
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for i in range(warmup, warmup + steps):
+    state = naive.run_steps(state, [on_device[i % len(on_device)]])
+  jax.block_until_ready(state)
+  return {"warmup_steps": warmup, "steps_timed": steps, "s_per_step": (time.perf_counter() - t0) / steps}
+
+
+def torch_steps(config: TrainConfig, batches: list, warmup: int, steps: int) -> dict:
+  """The PyTorch baseline (lm.torch_baseline), same batches, same timing rule."""
+  from metasae_jax.lm import torch_baseline  # pylint: disable=g-import-not-at-top  (torch side)
+  times = torch_baseline.time_steps(config, batches, warmup, steps)
+  return {"warmup_steps": warmup, "steps_timed": steps, "s_per_step": float(np.mean(times)),
+          "s_per_step_first10": float(np.mean(times[:10])), "s_per_step_last10": float(np.mean(times[-10:]))}
+
+
+def torch_train(store_path: str, config: TrainConfig, steps: int) -> None:
+  """The PyTorch baseline end to end: store → `steps` joint + solo steps (the trainer's batches)."""
+  from metasae_jax.lm import torch_baseline  # pylint: disable=g-import-not-at-top  (torch side)
+  from metasae_jax.storage import store as store_lib  # pylint: disable=g-import-not-at-top
+  from metasae_jax.training import data  # pylint: disable=g-import-not-at-top
+  source = data.BatchSource(store_lib.open_store(store_path), config.batch_size, config.seed, 1)
+  base = torch_baseline.Baseline(config)
+  for i in range(steps):
+    base.step(source.batch(i))
+
+
+def _timed(f, *args, repeats: int = 3) -> float:
+  jax.block_until_ready(f(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def stage_breakdown(config: TrainConfig, batches: list, warmup: int = 20, repeats: int = 3,
+                    read_batch=None) -> dict:
+  """Seconds per stage of one SAE's step, each stage compiled on its own, on a state trained `warmup` steps.
+
+  Stages: host-side batch read, encoder matmul, candidate selection + threshold,
+  sparse decoder with its gradients, AuxK (value + gradient), the penalty's meta
+  forward, one meta phase (amortised over n_primary_steps), the optimiser. The
+  whole fused step is measured too; the pieces need not add up to it exactly.
+  `read_batch(position)` is the host-side data path (store read, gather, device put);
+  the trainer overlaps it with the step on a prefetch thread.
+  """
+  from metasae_jax.core import losses, meta, optimizer, sae, sparse, topk  # pylint: disable=g-import-not-at-top
+  from metasae_jax.core import train_step as ts  # pylint: disable=g-import-not-at-top
+  step = jax.jit(train_step, donate_argnums=0)
+  state = init_train_state(config)
+  for i in range(warmup):
+    state, _ = step(state, jax.device_put(batches[i % len(batches)]))
+  x = jax.device_put(batches[warmup % len(batches)]).astype(jnp.float32)
+  params, since = state.joint.params, state.joint.since_fired
+  xs = sae.standardize(x)[0]
+  k = config.k
+  out = {}
+  if read_batch is not None:
+    reads = []
+    for i in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(jax.device_put(read_batch(i)))
+      reads.append(time.perf_counter() - t0)
+    out["host_data_s"] = min(reads)
+  out["encoder_matmul_s"] = _timed(jax.jit(lambda p, xs: sae.pre_activations(p, xs)), params, xs, repeats=repeats)
+  pre = jax.jit(sae.pre_activations)(params, xs)
+
+  def select(pre):
+    cand, idx = topk.candidates(pre, k)
+    sel = topk.threshold_from_candidates(cand, pre, k)
+    return sel.thresh, cand, idx, sel.spill_B
+
+  out["select_threshold_s"] = _timed(jax.jit(select), pre, repeats=repeats)
+  thresh, cand, idx, spill = jax.jit(select)(pre)
+
+  def dec(p, cand, idx):
+    def f(p):
+      vals = sparse.slot_pre(cand, idx, xs, p["W_enc"], p["b_dec"])
+      vals = jnp.where((cand >= thresh) & (cand > 0), vals, 0.0)
+      return jnp.mean((sparse.decode(vals, idx, p["W_dec"]) + p["b_dec"] - xs) ** 2)
+    return jax.grad(f)(p)
+
+  out["sparse_decoder_and_grads_s"] = _timed(jax.jit(dec), params, cand, idx, repeats=repeats)
+  dead = since >= config.dead_after_batches
+  out["dead_latents"] = int(jnp.sum(dead))
+  residual = jax.random.normal(jax.random.PRNGKey(0), xs.shape) * 0.1
+
+  def aux(p):
+    def f(p):
+      def cols(i):
+        w = p["W_enc"][:, i]
+        return jax.nn.relu(xs @ w - p["b_dec"] @ w + p["b_enc"][i])
+      return losses._auxk(lambda: sae.pre_activations(p, xs), cols, dead, p["W_dec"], residual,  # pylint: disable=protected-access
+                          config.aux_k, config.auxk_detach)
+    return jax.grad(f)(p)
+
+  out["auxk_s"] = _timed(jax.jit(aux), params, repeats=repeats)
+  if config.lambda2 > 0:
+    pen = jax.jit(jax.grad(lambda w, mp: meta.penalty(w, mp, config.meta_k, config.sigma_sq)[0]))
+    out["meta_penalty_s"] = _timed(pen, params["W_dec"], state.meta.params, repeats=repeats)
+    phase = jax.jit(lambda m, w: ts._meta_phase(m, w, config))  # pylint: disable=protected-access
+    out["meta_phase_s"] = _timed(phase, state.meta, params["W_dec"], repeats=repeats)
+    out["meta_phase_amortised_s"] = out["meta_phase_s"] / config.n_primary_steps
+  tx = optimizer.adam(config.lr, config.b1, config.b2)
+  grads = jax.tree.map(jnp.ones_like, params)
+  out["optimizer_s"] = _timed(jax.jit(lambda p, g, o: optimizer.apply(tx, p, g, o)), params, grads,
+                              state.joint.opt_state, repeats=repeats)
+  batch = jax.device_put(batches[0])
+
+  def whole(state):
+    return step(state, batch)[0]
+
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    state = whole(state)
+  jax.block_until_ready(state)
+  out["whole_step_s"] = (time.perf_counter() - t0) / repeats
+  out["saes_per_step"] = 2 if config.baseline else 1
+  return out
+
+
+def compiled_memory(config: TrainConfig) -> dict:
+  """XLA's memory analysis of the compiled joint + solo + meta step (nothing is run or allocated)."""
+  state = jax.eval_shape(lambda: init_train_state(config))
+  batch = jax.ShapeDtypeStruct((config.batch_size, config.d_model), jnp.float16)
+  compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
+  mem = compiled.memory_analysis()
+  mb = lambda v: float(v) / 2**20
+  return {"argument_mb": mb(mem.argument_size_in_bytes), "output_mb": mb(mem.output_size_in_bytes),
+          "temp_mb": mb(mem.temp_size_in_bytes), "alias_mb": mb(mem.alias_size_in_bytes),
+          "generated_code_mb": mb(mem.generated_code_size_in_bytes),
+          "peak_estimate_mb": mb(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                 - mem.alias_size_in_bytes + mem.temp_size_in_bytes)}
+
+
+def scaling(config: TrainConfig, batches_by_size: dict, widths, batch_sizes, warmup: int, steps: int) -> list:
+  """Fast joint + solo step time over widths (at config's batch) and batch sizes (at config's width)."""
+  rows = []
+  for n in widths:
+    c = dataclasses.replace(config, width=n, meta_width=0)
+    rows.append({"sweep": "width", "width": n, "batch_size": c.batch_size,
+                 **train_steps(c, batches_by_size[c.batch_size], warmup, steps)})
+  for b in batch_sizes:
+    c = dataclasses.replace(config, batch_size=b)
+    rows.append({"sweep": "batch", "width": c.width, "batch_size": b,
+                 **train_steps(c, batches_by_size[b], warmup, steps)})
+  return rows
+
+
+def plot_scaling(rows: list, path: str, title: str) -> None:
+  """Step time vs width and vs batch size, side by side, into a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+  for ax, sweep, key in ((axes[0], "width", "width"), (axes[1], "batch", "batch_size")):
+    pts = sorted((r[key], r["s_per_step"]) for r in rows if r["sweep"] == sweep)
+    if not pts:
+      continue
+    xs, ys = zip(*pts)
+    ax.plot(xs, ys, "o-", label="measured")
+    ax.plot(xs, [ys[0] * x / xs[0] for x in xs], "--", color="gray", label="linear from first point")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("width N" if sweep == "width" else "batch B (tokens)")
+    ax.set_ylabel("s per joint + solo step")
+    ax.legend(fontsize=8)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
