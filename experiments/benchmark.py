@@ -1,7 +1,7 @@
 """Benchmarks, printing one JSON line per measurement (ratios against the PyTorch baseline).
 
 Real activations (the built-in model's layer 15 over the built-in corpus, exported once into
---workdir) come first; synthetic stores stay as a second line.
+--out_dir) come first; synthetic stores stay as a second line.
 
   python -m experiments.benchmark                        # steady-state steps: fast, naive JAX, PyTorch
   python -m experiments.benchmark --what end_to_end      # `experiments.train` vs PyTorch, from process start
@@ -37,7 +37,7 @@ flags.DEFINE_string("plot", "docs/scaling.png", "Where `scaling` writes its plot
 flags.DEFINE_integer("d_model", 576, "Input width (SmolLM2-135M).")
 flags.DEFINE_integer("width", 9216, "Primary latents (16 x d_model).")
 flags.DEFINE_integer("k", 64, "Active latents per token.")
-flags.DEFINE_integer("meta_width", 810, "Meta latents (round(9216 · 1800 / 20480) = 810, the paper's ratio).")
+flags.DEFINE_integer("meta_width", 830, "Meta latents (830: the speed issue's paper-shaped job; the training default would be 810).")
 flags.DEFINE_integer("meta_k", 8, "Active meta latents per row.")
 flags.DEFINE_integer("batch_size", 4096, "Tokens per batch.")
 flags.DEFINE_integer("steps", 50, "Timed steps per configuration (a multiple of 10 covers a meta phase).")
@@ -114,7 +114,7 @@ def end_to_end(steps: int) -> dict:
                "--out_dir", os.path.join(F.out_dir, f"fast-{stamp}"),
                "--num_tokens", str(steps * F.batch_size), "--checkpoint_every_steps", "1000"] + _size_flags(),
       "torch": [sys.executable, "-m", "experiments.benchmark", "--_torch_train", store_path,
-                "--workdir", F.out_dir, f"--e2e_steps={steps}", f"--d_model={F.d_model}"] + _size_flags(),
+                "--out_dir", F.out_dir, f"--e2e_steps={steps}", f"--d_model={F.d_model}"] + _size_flags(),
       "naive": [sys.executable, "-m", "experiments.benchmark", "--_naive_train", store_path,
                 "--_out", os.path.join(F.out_dir, f"naive-{stamp}"), f"--e2e_steps={steps}",
                 f"--d_model={F.d_model}"] + _size_flags(),
