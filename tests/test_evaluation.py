@@ -62,7 +62,12 @@ def test_evaluate_run_end_to_end(tmp_path):
   for f in ("report.json", "report.md", "split_candidates.json", "phi_hist.png", "metrics.png",
             "matched_cosine.png"):
     assert os.path.isfile(os.path.join(run, f)), f
-  assert json.load(open(os.path.join(run, "report.json")))["num_tokens"] == 200
+  written = json.load(open(os.path.join(run, "report.json")))
+  assert written["num_tokens"] == 200
+  import hashlib
+  for name in ("joint", "solo"):  # the report records the bytes it describes (thresholds included)
+    with open(os.path.join(run, name, "sae.safetensors"), "rb") as f:
+      assert written["artifact_sha256"][name] == hashlib.sha256(f.read()).hexdigest()
   # Second run uses the thresholds now stored in the artifacts.
   again = evaluation.evaluate_run(dataclasses.replace(cfg, meta_fve_steps=0))
   assert again["joint"]["fvu"] == pytest.approx(report["joint"]["fvu"])

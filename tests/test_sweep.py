@@ -238,3 +238,34 @@ def test_every_training_flag_reaches_the_points_config(stores, tmp_path):
   assert flagged == given and out["train"]["lambda2"] == 0.1 and out["train"]["sigma_sq"] == 2.0
   assert out["train"]["d_model"] == 16
   assert out["run"]["skip_first_positions"] == 2 and out["run"]["num_tokens"] == 128
+
+
+def test_is_evaluated_keys_on_content_not_file_times(tmp_path):
+  """A report describes the weights' bytes: touching them keeps it, changing them asks for a new evaluation."""
+  import json as _json
+  import os as _os
+
+  import numpy as _np
+
+  from metasae_jax.storage import artifact as _artifact
+  from metasae_jax.workflows import sweep as _sweep
+  run = tmp_path / "run"
+  rng = _np.random.default_rng(0)
+
+  def save(name, scale):
+    params = {"W_enc": scale * rng.normal(size=(4, 8)), "b_enc": _np.zeros(8), "W_dec": rng.normal(size=(8, 4)),
+              "b_dec": _np.zeros(4)}
+    _artifact.save_sae(str(run / name), params, {"k": 2, "activation": "batchtopk",
+                                                 "input_norm": "standardize_per_token"})
+
+  for name in _artifact.SAE_NAMES:
+    save(name, 1.0)
+  assert not _sweep.is_evaluated(str(run))  # no report yet
+  digests = {n: _artifact.weights_digest(str(run / n)) for n in _artifact.SAE_NAMES}
+  (run / "report.json").write_text(_json.dumps({"artifact_sha256": digests}))
+  assert _sweep.is_evaluated(str(run))
+  future = _os.path.getmtime(run / "report.json") + 100
+  _os.utime(run / "joint" / _artifact.WEIGHTS, (future, future))  # rewritten with the same bytes
+  assert _sweep.is_evaluated(str(run))
+  save("solo", 2.0)  # retrained: other bytes
+  assert not _sweep.is_evaluated(str(run))

@@ -87,6 +87,10 @@ def write(run_dir: str, report: dict, candidates: list) -> dict:
   """Writes split_candidates.json, report.json and report.md; returns the cleaned report."""
   report = clean(report)
   atomic.write_json(os.path.join(run_dir, "split_candidates.json"), clean(candidates))
+  # The content this report describes (thresholds included): reruns key on it, not on file times.
+  report["artifact_sha256"] = {name: artifact.weights_digest(os.path.join(run_dir, name))
+                               for name in SAE_NAMES
+                               if os.path.exists(os.path.join(run_dir, name, artifact.WEIGHTS))}
   atomic.write_json(os.path.join(run_dir, "report.json"), report)
   atomic.write_text(os.path.join(run_dir, "report.md"), markdown(report))
   return report

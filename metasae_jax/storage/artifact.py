@@ -3,6 +3,7 @@
 Legend: D = d_model, N = width.
 """
 
+import hashlib
 import json
 import os
 from typing import Optional
@@ -87,3 +88,12 @@ def load_sae_files(path: str) -> tuple[dict, dict]:
       raise UserError(f"SAE artifact {path}: {name} has shape {tuple(tensors[name].shape)}, cfg.json "
                       f"implies {shape}. The weights and cfg.json come from different SAEs.")
   return {name: np.asarray(t, np.float32) for name, t in tensors.items()}, cfg
+
+
+def weights_digest(path: str) -> str:
+  """sha256 of an artifact's weights file: what a report or cache records to know it describes these bytes."""
+  h = hashlib.sha256()
+  with open(os.path.join(path, WEIGHTS), "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      h.update(block)
+  return h.hexdigest()

@@ -15,7 +15,6 @@ from metasae_jax.core.config import TrainConfig, default_meta_width
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage import atomic, store
 from metasae_jax.evaluation.evaluate import EvalConfig, evaluate_run
-from metasae_jax.training import curves
 from metasae_jax.training.trainer import RunConfig, recorded_skip_first_positions, train_and_save
 from metasae_jax.workflows import sweep
 
@@ -114,7 +113,6 @@ def train_stage(preset: Preset, train_dir: str, run_dir: str) -> None:
   config = TrainConfig(d_model=d_model, **preset.train)
   _log(f"train: width {config.width}, k {config.k}, λ₂ {config.lambda2}, σ² {config.sigma_sq} → {run_dir}")
   train_and_save(config, _run_config(preset, train_dir, run_dir))
-  curves.plot_training_curves(run_dir)
 
 
 def evaluate_stage(preset: Preset, run_dir: str, held_dir: str) -> dict:

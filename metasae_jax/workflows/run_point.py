@@ -14,7 +14,6 @@ from typing import Optional
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage import atomic
-from metasae_jax.training import curves
 from metasae_jax.training.trainer import RunConfig, train_and_save
 
 STAGES = ("train", "evaluate")
@@ -36,7 +35,6 @@ def run_spec(spec: dict) -> None:
   if spec["stage"] == "train":
     run = RunConfig(**spec["run"])
     metrics = train_and_save(TrainConfig(**spec["train"]), run)
-    curves.plot_training_curves(run.out_dir)
     print(f"done: {run.out_dir}  " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
   elif spec["stage"] == "evaluate":
     # Only evaluation needs scipy/matplotlib-heavy modules; import them when asked.

@@ -142,11 +142,19 @@ def is_trained(run_dir: str) -> bool:
 
 
 def is_evaluated(run_dir: str) -> bool:
-  """A report.json at least as new as the SAE weights it describes (a retrained point is evaluated again)."""
-  report = os.path.join(run_dir, REPORT)
-  weights = [os.path.join(run_dir, s, artifact.WEIGHTS) for s in ("joint", "solo")]
-  return os.path.exists(report) and all(
-      os.path.getmtime(report) >= os.path.getmtime(w) for w in weights if os.path.exists(w))
+  """A report.json that describes the SAE weights on disk now, by content (a retrained point is evaluated
+  again; a rerun that changed no byte is not). Reports without recorded digests fall back to file times."""
+  path = os.path.join(run_dir, REPORT)
+  try:
+    with open(path) as f:
+      recorded = json.load(f).get("artifact_sha256")
+  except (OSError, ValueError, AttributeError):
+    return False
+  present = [s for s in artifact.SAE_NAMES if os.path.exists(os.path.join(run_dir, s, artifact.WEIGHTS))]
+  if isinstance(recorded, dict) and recorded:
+    return all(recorded.get(s) == artifact.weights_digest(os.path.join(run_dir, s)) for s in present)
+  return all(os.path.getmtime(path) >= os.path.getmtime(os.path.join(run_dir, s, artifact.WEIGHTS))
+             for s in present)
 
 
 def _tail(path: str, lines: int = 15) -> str:
