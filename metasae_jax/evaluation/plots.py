@@ -15,7 +15,8 @@ import numpy as np  # noqa: E402
 from metasae_jax.storage import atomic  # noqa: E402
 
 
-def _save(fig, path: str) -> str:
+def save_png(fig, path: str) -> str:
+  """Writes a matplotlib figure as a PNG atomically and closes it."""
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
   plt.close(fig)
@@ -37,7 +38,7 @@ def phi_histograms(stats: dict, path: str) -> str:
   ax.set_ylabel("fraction of pairs")
   ax.set_title("Co-occurrence |φ|")
   ax.legend()
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def cosine_histogram(cosine: np.ndarray, path: str) -> str:
@@ -47,7 +48,7 @@ def cosine_histogram(cosine: np.ndarray, path: str) -> str:
   ax.set_xlabel("decoder cosine of matched joint–solo pair")
   ax.set_ylabel("pairs")
   ax.set_title(f"Matched pairs: median cosine {np.median(cosine) if len(cosine) else float('nan'):.3f}")
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def metric_bars(per_sae: dict, path: str,
@@ -63,7 +64,7 @@ def metric_bars(per_sae: dict, path: str,
     ax.set_title(key, fontsize=9)
     ax.tick_params(labelsize=8)
   fig.tight_layout()
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def write_all(run_dir: str, phi_stats: dict, per_sae: dict, cosine=None) -> list:

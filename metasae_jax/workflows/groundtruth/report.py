@@ -3,7 +3,6 @@
 Legend: n = seeds at one (scenario, λ₂) point; Δ = joint − solo on the same seed (same init, same batches).
 """
 
-import io
 import math
 import os
 
@@ -14,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 import scipy.stats  # noqa: E402
 
+from metasae_jax.evaluation import plots  # noqa: E402
 from metasae_jax.storage import atomic  # noqa: E402
 
 REPORT_JSON = "report.json"
@@ -105,14 +105,6 @@ def aggregate(results: list) -> dict:
   return out
 
 
-def _save(fig, path: str) -> str:
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-  plt.close(fig)
-  atomic.write_bytes(path, buf.getvalue())
-  return path
-
-
 def plot_scenario(name: str, agg: dict, path: str) -> str:
   """Recovery and firing purity vs λ₂ (95 % seed intervals), joint vs solo."""
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -131,7 +123,7 @@ def plot_scenario(name: str, agg: dict, path: str) -> str:
     ax.grid(alpha=0.3)
   axes[0].legend()
   fig.suptitle(f"{name}: {agg['verdict']}")
-  return _save(fig, path)
+  return plots.save_png(fig, path)
 
 
 def _fmt(iv: dict) -> str:
