@@ -131,6 +131,19 @@ def test_page_escapes_tokens_and_round_trips_data(built):
     assert "innerHTML" not in f.read()  # token text goes through textContent only
 
 
+def test_page_replaces_only_its_own_index_html(built, tmp_path):
+  """An index.html the browser did not write is refused byte-for-byte intact; its own earlier page is replaced."""
+  foreign = tmp_path / "site"
+  foreign.mkdir()
+  (foreign / "index.html").write_text("<html>my notes</html>")
+  with pytest.raises(UserError, match="not written by the browser"):
+    page.write(built, str(foreign))
+  assert (foreign / "index.html").read_text() == "<html>my notes</html>"
+  own = tmp_path / "page"
+  first = page.write(built, str(own))
+  assert page.write(built, str(own)) == first and page.GENERATOR in open(first).read()
+
+
 def test_missing_optional_files_and_bad_inputs(run, tmp_path):
   import shutil
   bare = tmp_path / "bare"

@@ -3,10 +3,13 @@
 import json
 import os
 
+from metasae_jax.core.errors import UserError
 from metasae_jax.storage import atomic
 
 ASSETS = os.path.dirname(os.path.abspath(__file__))
 PAGE = "index.html"
+# In every page this module writes; an index.html without it is someone else's file and is never replaced.
+GENERATOR = '<meta name="generator" content="metasae-jax browser">'
 
 
 def _asset(name: str) -> str:
@@ -37,5 +40,11 @@ def write(data: dict, out_dir: str) -> str:
   """Writes out_dir/index.html atomically; returns its path."""
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, PAGE)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+      ours = GENERATOR in f.read(4096)
+    if not ours:
+      raise UserError(f"{path} exists and was not written by the browser; it is left untouched. Pick another "
+                      "--out_dir (the browser replaces only its own earlier page).")
   atomic.write_text(path, render(data))
   return path
