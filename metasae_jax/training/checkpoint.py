@@ -7,6 +7,7 @@ array file) is caught like one that fails outright.
 """
 
 import contextlib
+import gc
 import hashlib
 import os
 import re
@@ -124,6 +125,10 @@ class Checkpointer:
     if not steps:
       return None, {}
     directory = str(self._mgr.directory)
+    with _swallow_unraisable():
+      return self._restore_newest(template, check, steps, directory)
+
+  def _restore_newest(self, template, check, steps, directory):
     for step in reversed(steps):
       try:
         state, cursor = self.restore(template, step)
@@ -146,3 +151,20 @@ class Checkpointer:
     with _orbax_quiet():
       self._mgr.wait_until_finished()
       self._mgr.close()
+
+
+@contextlib.contextmanager
+def _swallow_unraisable():
+  """Keeps a failed restore to its one warning line.
+
+  A damaged array file makes Orbax abandon its read coroutines; when they are collected Python prints
+  "Exception ignored in: <coroutine ...>" and a traceback, at a moment that depends on GC timing. They
+  are collected here, inside the window, with the report of unraisable exceptions silenced.
+  """
+  old = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = old
