@@ -135,6 +135,25 @@ def run(main) -> None:
   app.run(wrapped)
 
 
+def model_flag(recorded, what: str, name: str = "model") -> str:
+  """--model's value: as given; by default the built-in model, refused when `what` records another model.
+
+  `recorded` is the model named in the store's or SAE's source (None/"" if none). Defaulting to the
+  built-in model for activations taken from another model would splice the SAE into the wrong model,
+  so that case is one error naming the fix instead of a silent guess.
+  """
+  holder = flags.FLAGS[name]
+  if holder.present:
+    if recorded and holder.value not in (recorded, "none"):
+      logging.warning("--%s %s differs from the model %s was made from (%s); using --%s as given.",
+                      name, holder.value, what, recorded, name)
+    return holder.value
+  if recorded and recorded != store.BUILTIN_MODEL:
+    raise UserError(f"{what} was made from model {recorded!r}, but --{name} defaults to the built-in "
+                    f"{store.BUILTIN_MODEL!r}. Pass --{name} {recorded} (a local copy of it works too).")
+  return holder.value
+
+
 def recorded_activations(run_dir: str):
   """The store (or view) a training run in `run_dir` recorded in run_config.json; None if it records none."""
   try:

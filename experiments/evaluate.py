@@ -7,7 +7,7 @@ from absl import flags
 
 from experiments import cli
 from metasae_jax.evaluation import evaluate as evaluation
-from metasae_jax.storage import loaded_sae
+from metasae_jax.storage import loaded_sae, store
 
 _D = evaluation.EvalConfig(run_dir="", activations="")
 
@@ -18,8 +18,10 @@ _ACTIVATIONS = flags.DEFINE_string("activations", None,
                                   "trained on (STORE/heldout).")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", _D.num_tokens,
                                    "Evaluation tokens, counted after skipping (0 = the whole store).")
-_MODEL = flags.DEFINE_string("model", _D.model, "Model for ΔCE (default: the store's source.model; "
-                             "'none' skips ΔCE).")
+_MODEL = flags.DEFINE_string("model", store.BUILTIN_MODEL,
+                             "Model for ΔCE: the built-in model by default (an error if the store was "
+                             "exported from another model: pass that one); 'none' skips ΔCE. A store that "
+                             "records no model skips ΔCE unless --model is given.")
 _FIRING = flags.DEFINE_enum("firing", _D.firing, list(loaded_sae.FIRINGS),
                             "threshold: calibrated per-latent θ (calibrated and saved if missing); "
                             "topk: each token's k largest; batchtopk: BatchTopK over each batch.")
@@ -53,17 +55,21 @@ flags.mark_flags_as_required(["run_dir"])
 
 def main(argv):
   del argv
+  activations = cli.evaluation_store(_ACTIVATIONS.value, cli.recorded_activations(_RUN_DIR.value),
+                                     _ALLOW_TRAIN.value, f"the run in {_RUN_DIR.value}")
+  cli.check_store(activations)
+  recorded = store.open_store(activations).source.get("model")
+  model = cli.model_flag(recorded, f"the store {activations}")
   config = evaluation.EvalConfig(
       run_dir=_RUN_DIR.value,
-      activations=cli.evaluation_store(_ACTIVATIONS.value, cli.recorded_activations(_RUN_DIR.value),
-                                       _ALLOW_TRAIN.value, f"the run in {_RUN_DIR.value}"),
+      activations=activations,
       num_tokens=_NUM_TOKENS.value,
-      model=_MODEL.value, firing=_FIRING.value, batch_size=_BATCH_SIZE.value,
+      # A store that records no model (synthetic activations) has none to splice into unless one is named.
+      model=model if (recorded or _MODEL.present) else "", firing=_FIRING.value, batch_size=_BATCH_SIZE.value,
       skip_first_positions=_SKIP.value, ce_contexts=_CE_CONTEXTS.value, ce_batch_contexts=_CE_BATCH.value,
       ce_firing=_CE_FIRING.value, ce_include_first_position=_CE_FIRST.value, meta_fve_steps=_META_STEPS.value,
       split_phi_threshold=_SPLIT_PHI.value, bootstrap_replicates=_BOOT_REPS.value,
       bootstrap_blocks=_BOOT_BLOCKS.value, seed=_SEED.value)
-  cli.check_store(config.activations)
   with cli.writing_into(config.run_dir):
     report = evaluation.evaluate_run(config)
   print(evaluation.markdown(report))

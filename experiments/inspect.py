@@ -22,7 +22,8 @@ flags.DEFINE_enum("sae", "joint", list(artifact.SAE_NAMES), "Which SAE of the ru
 flags.DEFINE_enum("firing", None, list(loaded_sae.FIRINGS),
                   "Firing rule; default: calibrated thresholds when the SAE has them, else per-token top-k.")
 flags.DEFINE_string("prompt", None, "Text to run through the model.")
-flags.DEFINE_string("model", "", "Model (default: the SAE's cfg.json source.model).")
+flags.DEFINE_string("model", models.DEFAULT_MODEL, "Model to run: the built-in model by default (an error if "
+                    "the SAE was trained on another model's activations: pass that one).")
 flags.DEFINE_integer("top", 5, "Latents shown per token.")
 flags.DEFINE_integer("skip_first_positions", 1, "Positions marked as skipped (attention sinks the SAE never saw).")
 flags.mark_flags_as_required(["run_dir", "prompt"])
@@ -45,7 +46,7 @@ def main(argv):
   if "layer" not in source or "site" not in source:
     raise UserError(f"{F.run_dir}/{F.sae}/cfg.json has no source.layer/site; it was not trained on a model's "
                     "activations, so there is no layer to hook.")
-  loaded = models.load_model(F.model or source.get("model", models.DEFAULT_MODEL))
+  loaded = models.load_model(cli.model_flag(source.get("model"), f"the SAE in {F.run_dir}/{F.sae}"))
   ids = loaded.tokenizer(F.prompt, return_tensors="pt").input_ids
   resid = models.capture_residual(loaded.model, ids, int(source["layer"]), source["site"])[0]
   firing = sae.firing_rule(F.firing)

@@ -24,7 +24,8 @@ flags.DEFINE_enum("mode", "add", list(steering.MODES),
 flags.DEFINE_float("alpha", 8.0, "Strength (add) or clamped activation (clamp).")
 flags.DEFINE_string("prompt", None, "Prompt to continue.")
 flags.DEFINE_integer("max_new_tokens", 30, "Tokens to generate (greedy).")
-flags.DEFINE_string("model", "", "Model (default: the SAE's cfg.json source.model).")
+flags.DEFINE_string("model", models.DEFAULT_MODEL, "Model to run: the built-in model by default (an error if "
+                    "the SAE was trained on another model's activations: pass that one).")
 flags.mark_flags_as_required(["run_dir", "latent", "prompt"])
 
 
@@ -34,7 +35,7 @@ def main(argv):
   source = sae.cfg.get("source", {})
   if "layer" not in source or "site" not in source:
     raise UserError(f"{F.run_dir}/{F.sae}/cfg.json has no source.layer/site to hook.")
-  loaded = models.load_model(F.model or source.get("model", models.DEFAULT_MODEL))
+  loaded = models.load_model(cli.model_flag(source.get("model"), f"the SAE in {F.run_dir}/{F.sae}"))
   edit = steering.Edit(F.latent, F.mode, F.alpha)
   common = dict(max_new_tokens=F.max_new_tokens)
   clean = steering.generate(loaded.model, loaded.tokenizer, F.prompt, **common)

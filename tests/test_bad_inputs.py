@@ -191,6 +191,10 @@ ROWS = {
     "--workdir and --out_dir both given (reproduce)": (
         lambda case, world: ("experiments.reproduce", ["--preset=tiny", f"--workdir={case}", f"--out_dir={case}"]),
         "pass only --out_dir", {}, None),
+    "evaluate a store from another model without --model": (
+        lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}",
+                                                       f"--activations={_store(case)}"]),
+        "Pass --model synthetic", {}, None),
     "SAE d_model differs from the store (evaluate)": (
         lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}", "--model=none",
                                                        f"--activations={_store(case, d=D // 2)}"]),

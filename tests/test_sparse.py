@@ -83,3 +83,26 @@ def test_sae_loss_gradient_equals_dense_formula_for_slots_spills_and_fallback(mo
       np.testing.assert_allclose(got[name], want[name], atol=2e-6, err_msg=f"{name} {seen[-1]}")
   # Slots only; slots plus an exactly handled spilling row; the dense fallback.
   assert seen[0] == (0, False) and seen[1][0] >= 1 and not seen[1][1] and seen[2][1]
+
+
+def test_column_pre_gradient_equals_autodiff_of_the_encoder_formula():
+  """column_pre takes its values from the gradient-free pass; its gradient must be that of the formula."""
+  rng = jax.random.split(jax.random.PRNGKey(3), 5)
+  xs = jax.random.normal(rng[0], (12, 6))
+  w = jax.random.normal(rng[1], (6, 10))
+  b_dec = jax.random.normal(rng[2], (6,))  # nonzero: its term in dW_enc is what a naive version forgets
+  b_enc = jax.random.normal(rng[3], (10,)) * 0.1
+  g = jax.random.normal(rng[4], (12, 10))
+
+  def formula(w, b_dec, b_enc):
+    return jnp.sum(jax.nn.relu(xs @ w - b_dec @ w + b_enc) * g)
+
+  def ours(w, b_dec, b_enc):
+    pre = jax.lax.stop_gradient(jax.nn.relu(xs @ w - b_dec @ w + b_enc))
+    return jnp.sum(sparse.column_pre(pre, xs, w, b_dec, b_enc) * g)
+
+  np.testing.assert_allclose(ours(w, b_dec, b_enc), formula(w, b_dec, b_enc), rtol=1e-6)
+  for a, b in zip(jax.grad(ours, argnums=(0, 1, 2))(w, b_dec, b_enc),
+                  jax.grad(formula, argnums=(0, 1, 2))(w, b_dec, b_enc)):
+    assert float(jnp.max(jnp.abs(b))) > 0
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -77,10 +77,10 @@ def test_no_aux_loss_without_dead_latents():
   np.testing.assert_allclose(loss, stats.mse)
 
 
-@pytest.mark.parametrize("n_dead", [5, 300, 1500])
+@pytest.mark.parametrize("n_dead", [5, 300, 1200, 1500, 1800])
 def test_auxk_gathered_path_equals_full_width(n_dead):
-  n = 2048  # dead_cap(2048) = 1024: 5 and 300 dead take the gathered path, 1500 the full one
-  assert losses.dead_cap(n) == 1024
+  n = 2048  # buckets 1024 (5, 300 dead), 1536 (1200, 1500) and the full width 2048 (1800)
+  assert losses.dead_cap(n) == 1024 and losses.auxk_buckets(n) == (1024, 1536, 2048)
   rng = jax.random.split(jax.random.PRNGKey(n_dead), 4)
   pre = jax.nn.relu(jax.random.normal(rng[0], (16, n)))
   w = jax.random.normal(rng[1], (n, 8))

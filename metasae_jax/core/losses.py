@@ -40,44 +40,60 @@ def auxk_loss(pre_BxN: jax.Array, dead_N: jax.Array, w_dec_NxD: jax.Array, resid
 
   `detach=False` is the paper's reference (the residual target keeps its
   gradient, so AuxK also trains the main reconstruction); True is OpenAI's TopK
-  recipe (the target is a constant).
+  recipe (the target is a constant). Differentiable in all four arrays.
   """
-  return _auxk(lambda: pre_BxN, lambda idx_M: pre_BxN[:, idx_M], dead_N, w_dec_NxD, residual_BxD, aux_k,
-               detach)
+  return _auxk(pre_BxN, lambda idx_M: pre_BxN if idx_M is None else pre_BxN[:, idx_M], dead_N, w_dec_NxD,
+               residual_BxD, aux_k, detach)
 
 
-def _auxk(pre_all, pre_columns, dead_N, w_dec_NxD, residual_BxD, aux_k, detach, compute_dtype="float32"):
-  """AuxK given functions for the pre-activations of all latents or of chosen columns.
+def _auxk(pre_BxN, pre_columns, dead_N, w_dec_NxD, residual_BxD, aux_k, detach, compute_dtype="float32"):
+  """AuxK over the dead latents' columns only, in a width bucket just above their count.
 
-  Usually few latents are dead, so when at most `dead_cap(N)` are, only their
-  M = cap columns are computed and decoded (B x M x D instead of B x N x D);
-  with more dead latents the full-width path runs. Both are exact.
+  `pre_BxN` gives the values (the selection takes no gradient); `pre_columns(idx_M)`
+  gives the same values of the chosen columns with their gradient (idx_M None =
+  all columns). The dead latents are gathered into the smallest of the static
+  widths `auxk_buckets(N)` that holds them (padded with live columns, masked out),
+  so the cost follows the dead count, not N; at the largest bucket no gather runs.
+  Exact either way: the same top aux_k dead entries per token, the same gradient.
   """
   n = dead_N.shape[0]
   target_BxD = jax.lax.stop_gradient(residual_BxD) if detach else residual_BxD
-  cap = dead_cap(n)
+  pre_BxN = jax.lax.stop_gradient(pre_BxN)
 
-  def full():
-    # Live latents are zeroed, so when fewer than aux_k latents are dead the extra
-    # picks are zeros and contribute nothing: the reference's min(aux_k, #dead).
-    masked_BxN = jnp.where(dead_N, pre_all(), 0.0)
-    aux_BxN = topk.topk_per_token(masked_BxN, min(aux_k, n))
-    return jnp.mean((sae.matmul(aux_BxN, w_dec_NxD, compute_dtype) - target_BxD) ** 2)
+  def at_width(m):
+    def run():
+      if m >= n:
+        idx_M, dead_M, w_MxD, values = None, dead_N, w_dec_NxD, pre_BxN
+      else:
+        _, idx_M = jax.lax.top_k(dead_N.astype(jnp.float32), m)  # every dead latent, padded with live ones
+        dead_M, w_MxD, values = dead_N[idx_M], w_dec_NxD[idx_M], pre_BxN[:, idx_M]
+      # Live latents are zeroed, so when fewer than aux_k latents are dead the extra picks are
+      # zeros and contribute nothing: the reference's min(aux_k, #dead).
+      masked_BxM = jnp.where(dead_M, values, 0.0)
+      kth_Bx1 = jnp.min(jax.lax.top_k(masked_BxM, min(aux_k, m))[0], axis=1, keepdims=True)
+      aux_BxM = jnp.where((masked_BxM >= kth_Bx1) & (masked_BxM > 0), pre_columns(idx_M), 0.0)
+      return jnp.mean((sae.matmul(aux_BxM, w_MxD, compute_dtype) - target_BxD) ** 2)
+    return run
 
-  def capped():
-    _, idx_M = jax.lax.top_k(dead_N.astype(jnp.float32), cap)  # every dead latent, padded with live ones
-    masked_BxM = jnp.where(dead_N[idx_M], pre_columns(idx_M), 0.0)
-    aux_BxM = topk.topk_per_token(masked_BxM, min(aux_k, cap))
-    return jnp.mean((sae.matmul(aux_BxM, w_dec_NxD[idx_M], compute_dtype) - target_BxD) ** 2)
-
-  if cap >= n:
-    return full()
-  return jax.lax.cond(jnp.sum(dead_N) <= cap, capped, full)
+  widths = auxk_buckets(n)
+  if len(widths) == 1:
+    return at_width(widths[0])()
+  which = jnp.searchsorted(jnp.asarray(widths), jnp.sum(dead_N, dtype=jnp.int32))
+  return jax.lax.switch(jnp.minimum(which, len(widths) - 1), [at_width(m) for m in widths])
 
 
 def dead_cap(n: int) -> int:
-  """How many dead latents the gathered AuxK path handles (static)."""
+  """The smallest AuxK width bucket (static): up to this many dead latents AuxK is cheapest."""
   return min(n, max(1024, n // 8))
+
+
+def auxk_buckets(n: int) -> tuple:
+  """Static AuxK widths: dead_cap(N), then N/4, N/2, 3N/4 where larger, then N itself.
+
+  Each is one compiled branch; the step runs the smallest that holds the dead latents.
+  """
+  cap = dead_cap(n)
+  return tuple(sorted({cap, n} | {m for m in (n // 4, n // 2, 3 * n // 4) if cap < m < n}))
 
 
 # The slot path pays off only when slots per token are a small fraction of the
@@ -160,13 +176,15 @@ def sae_loss(params: dict, x_BxD: jax.Array, since_fired_N: jax.Array, k: int, a
   mse = jnp.mean((rec.recon_std_BxD - xs) ** 2)
   residual = xs - rec.recon_std_BxD
 
-  def pre_columns(idx_M):  # with gradient, and sparse in W_enc
-    w = params["W_enc"][:, idx_M]
-    return jax.nn.relu(sae.matmul(xs, w, compute_dtype) - params["b_dec"] @ w + params["b_enc"][idx_M])
+  def pre_columns(idx_M):  # the encoder pass's values, with their gradient (dense over the chosen columns)
+    if idx_M is None:
+      return sparse.column_pre(pre_BxN, xs, params["W_enc"], params["b_dec"], params["b_enc"], compute_dtype)
+    return sparse.column_pre(pre_BxN[:, idx_M], xs, params["W_enc"][:, idx_M], params["b_dec"],
+                             params["b_enc"][idx_M], compute_dtype)
 
   aux = jax.lax.cond(jnp.any(dead_N),
-                     lambda: _auxk(lambda: sae.pre_activations(params, xs, compute_dtype), pre_columns, dead_N,
-                                   params["W_dec"], residual, aux_k, auxk_detach, compute_dtype),
+                     lambda: _auxk(pre_BxN, pre_columns, dead_N, params["W_dec"], residual, aux_k, auxk_detach,
+                                   compute_dtype),
                      # zeros_like, not zeros: under shard_map both branches must vary over the axis alike.
                      lambda: jnp.zeros_like(mse))
   x = jax.lax.stop_gradient(x_BxD)

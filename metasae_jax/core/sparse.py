@@ -11,8 +11,12 @@ gradients ~175 ms vs ~260 ms. Exact: every selected entry is in a slot, or the
 caller falls back to the dense path.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from metasae_jax.core import sae
 
 # Rows per chunk when gathering decoder rows for the slot-value gradient.
 _CHUNK = 64
@@ -86,3 +90,32 @@ def _slot_pre_bwd(res, g_BxC):
 
 
 slot_pre.defvjp(_slot_pre_fwd, _slot_pre_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def column_pre(pre_BxM: jax.Array, xs_BxD: jax.Array, w_enc_DxM: jax.Array, b_dec_D: jax.Array,
+               b_enc_M: jax.Array, compute_dtype: str = "float32") -> jax.Array:
+  """ReLU((xs - b_dec) W_enc + b_enc) of some columns, given their values; differentiable in the weights.
+
+  The values come from the dense, gradient-free encoder pass, so AuxK does not
+  compute them a second time; this op only supplies their gradient: through the
+  ReLU, dW_enc = (xs - b_dec)^T g, db_dec = -W_enc Σ_b g, db_enc = Σ_b g.
+  """
+  del xs_BxD, w_enc_DxM, b_dec_D, b_enc_M, compute_dtype
+  return pre_BxM
+
+
+def _column_pre_fwd(pre, xs, w_enc, b_dec, b_enc, compute_dtype):
+  del b_enc
+  return pre, (pre > 0, xs, w_enc, b_dec)
+
+
+def _column_pre_bwd(compute_dtype, res, g_BxM):
+  on, xs, w_enc, b_dec = res
+  g = jnp.where(on, g_BxM, 0.0)
+  col_sum_M = jnp.sum(g, axis=0)
+  d_w = sae.matmul((xs - b_dec).T, g, compute_dtype)
+  return None, None, d_w, -(w_enc @ col_sum_M), col_sum_M
+
+
+column_pre.defvjp(_column_pre_fwd, _column_pre_bwd)

@@ -52,6 +52,11 @@ def _builtin_pieces() -> Iterator[Piece]:
     doc = _module_docstring(stdlib, name)
     if doc:
       yield doc, True
+  # Then the docstrings of each pure-Python module's public classes and functions, after every
+  # module docstring, so that stores exported before this part existed keep their contexts.
+  for name in sorted(sys.stdlib_module_names):
+    if not name.startswith("_"):
+      yield from _member_docstrings(stdlib, name)
 
 
 def _module_docstring(stdlib: str, name: str) -> str:
@@ -74,6 +79,27 @@ def _module_docstring(stdlib: str, name: str) -> str:
     return getattr(importlib.import_module(name), "__doc__", None) or ""
   except ImportError:
     return ""
+
+
+def _member_docstrings(stdlib: str, name: str) -> Iterator[Piece]:
+  """One piece per module: its public classes' and functions' docstrings in source order."""
+  for path in (os.path.join(stdlib, name + ".py"), os.path.join(stdlib, name, "__init__.py")):
+    if os.path.isfile(path):
+      try:
+        with open(path, encoding="utf-8") as f:
+          tree = ast.parse(f.read())
+      except (SyntaxError, UnicodeDecodeError, OSError):
+        return
+      docs = []
+      for node in ast.walk(tree):
+        if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and not node.name.startswith("_")):
+          doc = ast.get_docstring(node)
+          if doc:
+            docs.append((node.lineno, f"{node.name}: {doc}"))
+      if docs:
+        yield "\n\n".join(doc for _, doc in sorted(docs)), True
+      return
 
 
 def _txt_pieces(path: str) -> Iterator[Piece]:

