@@ -82,6 +82,19 @@ def _auxk(pre_BxN, pre_columns, dead_N, w_dec_NxD, residual_BxD, aux_k, detach, 
   return jax.lax.switch(jnp.minimum(which, len(widths) - 1), [at_width(m) for m in widths])
 
 
+def sae_auxk(params: dict, xs_BxD: jax.Array, pre_BxN: jax.Array, dead_N: jax.Array, residual_BxD: jax.Array,
+             aux_k: int, detach: bool = False, compute_dtype: str = "float32") -> jax.Array:
+  """AuxK of an SAE, differentiable in its params, reusing the encoder pass's values `pre_BxN`."""
+
+  def pre_columns(idx_M):  # the values again, with their gradient (dense over the chosen columns)
+    if idx_M is None:
+      return sparse.column_pre(pre_BxN, xs_BxD, params["W_enc"], params["b_dec"], params["b_enc"], compute_dtype)
+    return sparse.column_pre(pre_BxN[:, idx_M], xs_BxD, params["W_enc"][:, idx_M], params["b_dec"],
+                             params["b_enc"][idx_M], compute_dtype)
+
+  return _auxk(pre_BxN, pre_columns, dead_N, params["W_dec"], residual_BxD, aux_k, detach, compute_dtype)
+
+
 def dead_cap(n: int) -> int:
   """The smallest AuxK width bucket (static): up to this many dead latents AuxK is cheapest."""
   return min(n, max(1024, n // 8))
@@ -115,8 +128,9 @@ class _Events(NamedTuple):
 
 def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_name: Optional[str],
                  compute_dtype: str = "float32"):
-  """The SAE's reconstruction with gradient: over C slots per token (spilling rows exactly on the side),
-  dense when many rows spill or the slots are not a small fraction of the width."""
+  """The SAE's reconstruction with gradient: over the active pairs of the C slots per token (spilling
+  rows exactly on the side), dense when many rows spill, the pair list overflows, or the slots are not
+  a small fraction of the width."""
   pre_BxN = jax.lax.stop_gradient(sae.pre_activations(params, xs_BxD, compute_dtype))
   b, n = pre_BxN.shape
   if activation == "batchtopk":
@@ -130,14 +144,24 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
                          jnp.arange(r, dtype=jnp.int32), jnp.zeros((r,), bool), jnp.zeros((), bool))
     spill_rows = jnp.zeros((), jnp.int32)
   thresh = sel.thresh
+  c = cand_BxC.shape[1]
+  if c * SPARSE_MIN_RATIO > n:  # scatters cost ~this much more per element than a matmul
+    return _dense_recon(params, xs_BxD, pre_BxN, thresh, compute_dtype), pre_BxN, _Events(
+        spill_rows, jnp.zeros((), bool))
+  on_BxC = (cand_BxC >= thresh) & (cand_BxC > 0) & ~sel.spill_B[:, None]
+  # Room for the k*B active pairs of the (local) batch with headroom; BatchTopK's k*B is global, so
+  # a device can hold more, and ties can add a few: past the buffer the dense path runs, exactly.
+  pairs = sparse.compact(on_BxC, idx_BxC, sparse.pair_buffer(b * c, k * b))
+  dense = sel.dense | (pairs.count > pairs.src_P.shape[0])
+  if axis_name is not None:
+    dense = jax.lax.psum(dense.astype(jnp.int32), axis_name) > 0
 
   def sparse_path():
-    pre_slots = sparse.slot_pre(cand_BxC, idx_BxC, xs_BxD, params["W_enc"], params["b_dec"])
-    on_slot = (cand_BxC >= thresh) & (cand_BxC > 0) & ~sel.spill_B[:, None]
-    vals_BxC = jnp.where(on_slot, pre_slots, 0.0)
-    recon = sparse.decode(vals_BxC, idx_BxC, params["W_dec"])
-    on_BxC = (vals_BxC > 0).astype(jnp.int32)
-    active_N = jnp.zeros((n,), jnp.int32).at[idx_BxC.reshape(-1)].add(on_BxC.reshape(-1))
+    pre_P = jnp.where(pairs.valid_P, cand_BxC.reshape(-1)[pairs.src_P], 0.0)
+    vals_P = jnp.where(pairs.valid_P, sparse.pair_pre(pre_P, pairs.tok_P, pairs.lat_P, xs_BxD, params["W_enc"],
+                                                      params["b_dec"]), 0.0)
+    recon = sparse.decode(vals_P, pairs.tok_P, pairs.lat_P, params["W_dec"], b)
+    active_N = jnp.zeros((n,), jnp.int32).at[pairs.lat_P].add(pairs.valid_P.astype(jnp.int32))
     # Spilling rows (more selected entries than slots) are decoded densely, exactly.
     pre_RxN = sae.pre_activations(params, xs_BxD[sel.spill_idx_R], compute_dtype)
     keep_R = sel.spill_mask_R[:, None]
@@ -145,18 +169,18 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
     acts_RxN = jnp.where((pre_RxN >= pre_thresh) & (pre_RxN > 0) & keep_R, pre_RxN, 0.0)
     recon = recon.at[sel.spill_idx_R].add(sae.matmul(acts_RxN, params["W_dec"], compute_dtype))
     on_RxN = (acts_RxN > 0).astype(jnp.int32)
-    return _Recon(recon + params["b_dec"], active_N + jnp.sum(on_RxN, axis=0),
-                  jnp.sum(on_BxC) + jnp.sum(on_RxN))
+    return _Recon(recon + params["b_dec"], active_N + jnp.sum(on_RxN, axis=0), pairs.count + jnp.sum(on_RxN))
 
-  def dense_path():
-    pre = sae.pre_activations(params, xs_BxD, compute_dtype)
-    acts_BxN = jnp.where((pre >= thresh) & (pre > 0), pre, 0.0)
-    on_BxN = (acts_BxN > 0).astype(jnp.int32)
-    return _Recon(sae.decode_std(params, acts_BxN, compute_dtype), jnp.sum(on_BxN, axis=0), jnp.sum(on_BxN))
+  return (jax.lax.cond(dense, lambda: _dense_recon(params, xs_BxD, pre_BxN, thresh, compute_dtype), sparse_path),
+          pre_BxN, _Events(spill_rows, dense))
 
-  if cand_BxC.shape[1] * SPARSE_MIN_RATIO > n:  # scatters cost ~this much more per element than a matmul
-    return dense_path(), pre_BxN, _Events(spill_rows, jnp.zeros((), bool))
-  return jax.lax.cond(sel.dense, dense_path, sparse_path), pre_BxN, _Events(spill_rows, sel.dense)
+
+def _dense_recon(params, xs_BxD, pre_BxN, thresh, compute_dtype) -> _Recon:
+  """The reconstruction as dense matmuls; the encoder's values come from its gradient-free pass."""
+  pre = sparse.column_pre(pre_BxN, xs_BxD, params["W_enc"], params["b_dec"], params["b_enc"], compute_dtype)
+  acts_BxN = jnp.where((pre_BxN >= thresh) & (pre_BxN > 0), pre, 0.0)
+  on_BxN = (acts_BxN > 0).astype(jnp.int32)
+  return _Recon(sae.decode_std(params, acts_BxN, compute_dtype), jnp.sum(on_BxN, axis=0), jnp.sum(on_BxN))
 
 
 def sae_loss(params: dict, x_BxD: jax.Array, since_fired_N: jax.Array, k: int, activation: str, aux_k: int,
@@ -176,15 +200,8 @@ def sae_loss(params: dict, x_BxD: jax.Array, since_fired_N: jax.Array, k: int, a
   mse = jnp.mean((rec.recon_std_BxD - xs) ** 2)
   residual = xs - rec.recon_std_BxD
 
-  def pre_columns(idx_M):  # the encoder pass's values, with their gradient (dense over the chosen columns)
-    if idx_M is None:
-      return sparse.column_pre(pre_BxN, xs, params["W_enc"], params["b_dec"], params["b_enc"], compute_dtype)
-    return sparse.column_pre(pre_BxN[:, idx_M], xs, params["W_enc"][:, idx_M], params["b_dec"],
-                             params["b_enc"][idx_M], compute_dtype)
-
   aux = jax.lax.cond(jnp.any(dead_N),
-                     lambda: _auxk(pre_BxN, pre_columns, dead_N, params["W_dec"], residual, aux_k, auxk_detach,
-                                   compute_dtype),
+                     lambda: sae_auxk(params, xs, pre_BxN, dead_N, residual, aux_k, auxk_detach, compute_dtype),
                      # zeros_like, not zeros: under shard_map both branches must vary over the axis alike.
                      lambda: jnp.zeros_like(mse))
   x = jax.lax.stop_gradient(x_BxD)

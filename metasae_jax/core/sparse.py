@@ -1,95 +1,132 @@
-"""Sparse forward/backward of the primary SAE: only the C candidate slots per token touch W.
+"""Sparse forward/backward of the primary SAE: only the active (token, latent) pairs touch W.
 
-Legend: B = batch, D = d_model, N = latents, C = candidate slots per token (>= its active latents).
+Legend: B = batch, D = d_model, N = latents, C = candidate slots per token, P = pair buffer length.
 BatchTopK leaves ~k of N latents active per token, yet a dense decoder and its
 backward cost three B x N x D matmuls. Here the selection is made once from the
-(gradient-free) dense pre-activations, each token keeps its top C (value, index)
-slots, and the decoder, its input gradient and both weight gradients loop over
-the C slots: a gather (or scatter-add) of B rows per slot. Measured on the
-2-core CPU at d 576, n 9216, B 4096, C 128: decode 36 ms vs 275 ms dense, weight
-gradients ~175 ms vs ~260 ms. Exact: every selected entry is in a slot, or the
-caller falls back to the dense path.
+(gradient-free) dense pre-activations; its active entries, at most k*B of the
+B*C candidate slots, are listed token-major in a fixed-length buffer of P
+(token, latent) pairs, and the decoder, its value gradient and both weight
+gradients loop over that list in chunks: a gather (or scatter-add) of one
+D-row per pair. Listing only the active pairs does half the work of looping
+over every slot (C = 2k). Measured on 2 CPU cores (AMD EPYC) at d 576, n 9216,
+B 4096: a weight gradient 0.17 s over pairs vs 0.41 s over slots and 0.35 s as
+a dense matmul. Exact: every active entry is in the list, or the caller falls
+back to the dense path.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from metasae_jax.core import sae
 
-# Rows per chunk when gathering decoder rows for the slot-value gradient.
-_CHUNK = 64
+# Pairs per iteration of the pair loops (one gather/scatter of this many D-rows).
+PAIR_CHUNK = 2048
 
 
-def _scatter_rows(vals_BxC, idx_BxC, rows_BxD, n):
-  """Σ_b,c vals[b, c] · rows[b] added into row idx[b, c] of an [N, D] matrix."""
-
-  def body(c, acc_NxD):
-    return acc_NxD.at[idx_BxC[:, c]].add(vals_BxC[:, c, None] * rows_BxD)
-
-  return jax.lax.fori_loop(0, vals_BxC.shape[1], body, jnp.zeros((n, rows_BxD.shape[1]), rows_BxD.dtype))
+def pair_buffer(num_slots: int, expected: int) -> int:
+  """Buffer length P for `expected` active pairs among `num_slots` slots: 1.25x headroom, whole chunks."""
+  want = min(num_slots, expected + expected // 4)
+  chunk = min(PAIR_CHUNK, want)
+  return -(-want // chunk) * chunk
 
 
-def _gather_dot(g_BxD, idx_BxC, w_NxD):
-  """out[b, c] = g[b] · w[idx[b, c]], in row chunks so the gathered block stays in cache."""
-  b, c = idx_BxC.shape
-  chunk = _CHUNK if b % _CHUNK == 0 else b
-  gg = g_BxD.reshape(b // chunk, chunk, -1)
-  ii = idx_BxC.reshape(b // chunk, chunk, c)
-  out = jax.lax.map(lambda a: jnp.einsum("bd,bcd->bc", a[0], w_NxD[a[1]]), (gg, ii))
-  return out.reshape(b, c)
+class Pairs(NamedTuple):
+  """Active entries of a [B, C] slot array, token-major; entries at and past `count` are padding."""
+  src_P: jax.Array  # int32: flat slot index (b * C + c)
+  tok_P: jax.Array  # int32: token row b
+  lat_P: jax.Array  # int32: latent id at that slot
+  valid_P: jax.Array  # bool: a real pair (index < count)
+  count: jax.Array  # int32: active slots; more than P means the list overflowed
 
 
-@jax.custom_vjp
-def decode(vals_BxC: jax.Array, idx_BxC: jax.Array, w_NxD: jax.Array) -> jax.Array:
-  """Σ_c vals[b, c] · w[idx[b, c]]: the decoder without b_dec."""
-
-  def body(c, acc_BxD):
-    return acc_BxD + vals_BxC[:, c, None] * w_NxD[idx_BxC[:, c]]
-
-  return jax.lax.fori_loop(0, vals_BxC.shape[1], body,
-                           jnp.zeros((vals_BxC.shape[0], w_NxD.shape[1]), w_NxD.dtype))
-
-
-def _decode_fwd(vals, idx, w):
-  return decode(vals, idx, w), (vals, idx, w)
+def compact(on_BxC: jax.Array, idx_BxC: jax.Array, p: int) -> Pairs:
+  """Lists the active slots in order (a cumsum and one scatter of B*C indices)."""
+  b, c = on_BxC.shape
+  on = on_BxC.reshape(-1)
+  count = jnp.sum(on, dtype=jnp.int32)
+  dst = jnp.where(on, jnp.cumsum(on, dtype=jnp.int32) - 1, p)
+  src = jnp.zeros((p,), jnp.int32).at[dst].set(jnp.arange(b * c, dtype=jnp.int32), mode="drop")
+  return Pairs(src, src // c, idx_BxC.reshape(-1)[src], jnp.arange(p) < count, count)
 
 
-def _decode_bwd(res, g_BxD):
-  vals, idx, w = res
-  return _gather_dot(g_BxD, idx, w), None, _scatter_rows(vals, idx, g_BxD, w.shape[0])
+def _chunks(p: int) -> int:
+  return min(PAIR_CHUNK, p)
+
+
+def _pair_scatter(vals_P, lat_P, tok_P, rows_BxD, n):
+  """Σ_p vals[p] · rows[tok[p]] added into row lat[p] of an [N, D] matrix."""
+  ch = _chunks(vals_P.shape[0])
+
+  def body(i, acc_NxD):
+    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * ch, ch)
+    return acc_NxD.at[sl(lat_P)].add(sl(vals_P)[:, None] * rows_BxD[sl(tok_P)])
+
+  return jax.lax.fori_loop(0, vals_P.shape[0] // ch, body, jnp.zeros((n, rows_BxD.shape[1]), rows_BxD.dtype))
+
+
+def _pair_dot(g_BxD, tok_P, lat_P, w_NxD):
+  """out[p] = g[tok[p]] · w[lat[p]], a chunk at a time so the gathered rows stay in cache."""
+  p = tok_P.shape[0]
+  ch = _chunks(p)
+  out = jax.lax.map(lambda a: jnp.sum(g_BxD[a[0]] * w_NxD[a[1]], axis=-1),
+                    (tok_P.reshape(p // ch, ch), lat_P.reshape(p // ch, ch)))
+  return out.reshape(p)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def decode(vals_P: jax.Array, tok_P: jax.Array, lat_P: jax.Array, w_NxD: jax.Array, b: int) -> jax.Array:
+  """Σ_p vals[p] · w[lat[p]] into row tok[p] of a [B, D] matrix: the decoder without b_dec."""
+  ch = _chunks(vals_P.shape[0])
+
+  def body(i, acc_BxD):
+    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * ch, ch)
+    return acc_BxD.at[sl(tok_P)].add(sl(vals_P)[:, None] * w_NxD[sl(lat_P)], indices_are_sorted=True)
+
+  return jax.lax.fori_loop(0, vals_P.shape[0] // ch, body, jnp.zeros((b, w_NxD.shape[1]), w_NxD.dtype))
+
+
+def _decode_fwd(vals, tok, lat, w, b):
+  return decode(vals, tok, lat, w, b), (vals, tok, lat, w)
+
+
+def _decode_bwd(b, res, g_BxD):
+  del b
+  vals, tok, lat, w = res
+  return _pair_dot(g_BxD, tok, lat, w), None, None, _pair_scatter(vals, lat, tok, g_BxD, w.shape[0])
 
 
 decode.defvjp(_decode_fwd, _decode_bwd)
 
 
 @jax.custom_vjp
-def slot_pre(pre_BxC: jax.Array, idx_BxC: jax.Array, xs_BxD: jax.Array, w_enc_DxN: jax.Array,
+def pair_pre(pre_P: jax.Array, tok_P: jax.Array, lat_P: jax.Array, xs_BxD: jax.Array, w_enc_DxN: jax.Array,
              b_dec_D: jax.Array) -> jax.Array:
-  """The pre-activations (xs - b_dec) W_enc at the slots, given their values; differentiable in W_enc, b_dec.
+  """The pre-activations (xs - b_dec) W_enc at the pairs, given their values; differentiable in W_enc, b_dec.
 
   The values come from the dense, gradient-free encoder pass that chose the
-  slots; this op only supplies the sparse gradient: dW_enc[:, i] gets
-  (xs_b - b_dec) · g[b, c] for each slot holding i, and b_dec gets -W_enc Σ g.
+  pairs; this op only supplies the sparse gradient: dW_enc[:, i] gets
+  (xs_b - b_dec) · g[p] for each pair (b, i), and b_dec gets -W_enc Σ g.
   """
-  del idx_BxC, xs_BxD, w_enc_DxN, b_dec_D
-  return pre_BxC
+  del tok_P, lat_P, xs_BxD, w_enc_DxN, b_dec_D
+  return pre_P
 
 
-def _slot_pre_fwd(pre, idx, xs, w_enc, b_dec):
-  return pre, (idx, xs, w_enc, b_dec)
+def _pair_pre_fwd(pre, tok, lat, xs, w_enc, b_dec):
+  return pre, (tok, lat, xs, w_enc, b_dec)
 
 
-def _slot_pre_bwd(res, g_BxC):
-  idx, xs, w_enc, b_dec = res
+def _pair_pre_bwd(res, g_P):
+  tok, lat, xs, w_enc, b_dec = res
   n = w_enc.shape[1]
-  d_w_enc = _scatter_rows(g_BxC, idx, xs - b_dec, n).T
-  col_sum_N = jnp.zeros((n,), g_BxC.dtype).at[idx.reshape(-1)].add(g_BxC.reshape(-1))
-  return None, None, None, d_w_enc, -(w_enc @ col_sum_N)
+  d_w_enc = _pair_scatter(g_P, lat, tok, xs - b_dec, n).T
+  col_sum_N = jnp.zeros((n,), g_P.dtype).at[lat].add(g_P)
+  return None, None, None, None, d_w_enc, -(w_enc @ col_sum_N)
 
 
-slot_pre.defvjp(_slot_pre_fwd, _slot_pre_bwd)
+pair_pre.defvjp(_pair_pre_fwd, _pair_pre_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

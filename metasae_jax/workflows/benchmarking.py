@@ -328,10 +328,14 @@ def stage_breakdown(config: TrainConfig, batches: list, warmup: int = 20, repeat
   thresh, cand, idx, spill = jax.jit(select)(pre)
 
   def dec(p, cand, idx):
+    b = cand.shape[0]
+    pairs = sparse.compact((cand >= thresh) & (cand > 0), idx, sparse.pair_buffer(cand.size, k * b))
+    pre_P = jnp.where(pairs.valid_P, cand.reshape(-1)[pairs.src_P], 0.0)
+
     def f(p):
-      vals = sparse.slot_pre(cand, idx, xs, p["W_enc"], p["b_dec"])
-      vals = jnp.where((cand >= thresh) & (cand > 0), vals, 0.0)
-      return jnp.mean((sparse.decode(vals, idx, p["W_dec"]) + p["b_dec"] - xs) ** 2)
+      vals = jnp.where(pairs.valid_P, sparse.pair_pre(pre_P, pairs.tok_P, pairs.lat_P, xs, p["W_enc"], p["b_dec"]),
+                       0.0)
+      return jnp.mean((sparse.decode(vals, pairs.tok_P, pairs.lat_P, p["W_dec"], b) + p["b_dec"] - xs) ** 2)
     return jax.grad(f)(p)
 
   out["sparse_decoder_and_grads_s"] = _timed(jax.jit(dec), params, cand, idx, repeats=repeats)
@@ -339,16 +343,10 @@ def stage_breakdown(config: TrainConfig, batches: list, warmup: int = 20, repeat
   out["dead_latents"] = int(jnp.sum(dead))
   residual = jax.random.normal(jax.random.PRNGKey(0), xs.shape) * 0.1
 
-  def aux(p):
-    def f(p):
-      def cols(i):
-        w = p["W_enc"][:, i]
-        return jax.nn.relu(xs @ w - p["b_dec"] @ w + p["b_enc"][i])
-      return losses._auxk(lambda: sae.pre_activations(p, xs), cols, dead, p["W_dec"], residual,  # pylint: disable=protected-access
-                          config.aux_k, config.auxk_detach)
-    return jax.grad(f)(p)
+  def aux(p, pre):
+    return jax.grad(lambda p: losses.sae_auxk(p, xs, pre, dead, residual, config.aux_k, config.auxk_detach))(p)
 
-  out["auxk_s"] = _timed(jax.jit(aux), params, repeats=repeats)
+  out["auxk_s"] = _timed(jax.jit(aux), params, pre, repeats=repeats)
   if config.lambda2 > 0:
     pen = jax.jit(jax.grad(lambda w, mp: meta.penalty(w, mp, config.meta_k, config.sigma_sq)[0]))
     out["meta_penalty_s"] = _timed(pen, params["W_dec"], state.meta.params, repeats=repeats)
