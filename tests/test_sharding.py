@@ -94,8 +94,9 @@ def test_pmap_and_shard_map_steps_equal_global_jit():
     from metasae_jax.core.train_step import init_train_state, train_step
 
     n = jax.device_count()
-    # dead_after_batches=1 makes latents dead from step 2 on, so AuxK runs under the axis too.
-    cfg = TrainConfig(d_model=16, width=64, k=4, meta_width=6, meta_k=2, batch_size=64,
+    # dead_after_batches=1 makes latents dead from step 2 on, so AuxK runs under the axis too; width 1280
+    # takes the sparse pair path (slots * SPARSE_MIN_RATIO <= width), whose loops carry per-device values.
+    cfg = TrainConfig(d_model=16, width=1280, k=4, meta_width=6, meta_k=2, batch_size=64,
                       n_primary_steps=2, n_meta_steps=2, lr=1e-3, dead_after_batches=1)
     x_TxBxD = synthetic.sparse_activations(5 * 64, 16, num_features=48).reshape(5, 64, 16)
     init = init_train_state(cfg)
@@ -123,8 +124,11 @@ def test_pmap_and_shard_map_steps_equal_global_jit():
     for x_BxD in x_TxBxD:
       sharded, s_metrics = sstep(sharded, jax.device_put(x_BxD, rows))
 
+    # Slow-path event counts say how a device computed its share (a device's pair list can overflow
+    # where the single device's does not); every value metric must agree.
+    values = [k for k in ref_metrics if not k.endswith("dense_fallback")]
     metric_diff = max(max(abs(float(ref_metrics[k]) - float(p_metrics[k][0])),
-                          abs(float(ref_metrics[k]) - float(s_metrics[k]))) for k in ref_metrics)
+                          abs(float(ref_metrics[k]) - float(s_metrics[k]))) for k in values)
     pmap_replicas = max(diff(pmapped, jax.tree.map(lambda a: a[i], stacked)) for i in range(n))
 
     pre_BxN = np.random.default_rng(0).uniform(size=(32, 256)).astype(np.float32)

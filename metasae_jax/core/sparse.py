@@ -64,7 +64,9 @@ def _pair_scatter(vals_P, lat_P, tok_P, rows_BxD, n):
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * ch, ch)
     return acc_NxD.at[sl(lat_P)].add(sl(vals_P)[:, None] * rows_BxD[sl(tok_P)])
 
-  return jax.lax.fori_loop(0, vals_P.shape[0] // ch, body, jnp.zeros((n, rows_BxD.shape[1]), rows_BxD.dtype))
+  # zeros_like(vals): under shard_map the carry must vary over the axis as the pairs do.
+  return jax.lax.fori_loop(0, vals_P.shape[0] // ch, body,
+                           jnp.zeros_like(vals_P, shape=(n, rows_BxD.shape[1]), dtype=rows_BxD.dtype))
 
 
 def _pair_dot(g_BxD, tok_P, lat_P, w_NxD):
@@ -85,7 +87,8 @@ def decode(vals_P: jax.Array, tok_P: jax.Array, lat_P: jax.Array, w_NxD: jax.Arr
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * ch, ch)
     return acc_BxD.at[sl(tok_P)].add(sl(vals_P)[:, None] * w_NxD[sl(lat_P)], indices_are_sorted=True)
 
-  return jax.lax.fori_loop(0, vals_P.shape[0] // ch, body, jnp.zeros((b, w_NxD.shape[1]), w_NxD.dtype))
+  return jax.lax.fori_loop(0, vals_P.shape[0] // ch, body,
+                           jnp.zeros_like(vals_P, shape=(b, w_NxD.shape[1]), dtype=w_NxD.dtype))
 
 
 def _decode_fwd(vals, tok, lat, w, b):
