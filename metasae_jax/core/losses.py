@@ -101,12 +101,13 @@ def dead_cap(n: int) -> int:
 
 
 def auxk_buckets(n: int) -> tuple:
-  """Static AuxK widths: dead_cap(N), then N/4, N/2, 3N/4 where larger, then N itself.
+  """Static AuxK widths: dead_cap(N), then the multiples of N/8 above it, up to N itself.
 
-  Each is one compiled branch; the step runs the smallest that holds the dead latents.
+  Each is one compiled branch; the step runs the smallest that holds the dead latents
+  (on real activations 45-60 % of the latents count as dead early in training).
   """
   cap = dead_cap(n)
-  return tuple(sorted({cap, n} | {m for m in (n // 4, n // 2, 3 * n // 4) if cap < m < n}))
+  return tuple(sorted({cap, n} | {j * n // 8 for j in range(2, 8) if cap < j * n // 8 < n}))
 
 
 # The slot path pays off only when slots per token are a small fraction of the
