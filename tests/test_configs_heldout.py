@@ -189,7 +189,9 @@ def test_readme_workflow_runs_and_never_evaluates_on_training_tokens(tmp_path, m
   tiny = {"export_activations": [f"--model={model_dir}", f"--corpus={text_file}", "--layer=1", f"--context_len={C}",
                                  "--num_tokens=640", "--shard_tokens=128", "--noprogress"],
           "train": ["--width=64", "--k=4", "--meta_k=2", "--batch_size=64", "--noprogress"],
-          "evaluate": ["--meta_fve_steps=0", "--bootstrap_replicates=0", "--batch_size=64", "--ce_contexts=2"],
+          # The tiny model stands in for the built-in one, so evaluate is told which model made the store.
+          "evaluate": [f"--model={model_dir}", "--meta_fve_steps=0", "--bootstrap_replicates=0", "--batch_size=64",
+                       "--ce_contexts=2"],
           "sweep": ["--lambda2=0,0.3", "--width=64", "--k=4", "--meta_k=2", "--batch_size=64", "--parallel=1",
                     "--eval_meta_fve_steps=0", "--noprogress"],
           "browse": ["--num_latents=4", "--num_tokens=256", "--batch_size=64"]}
