@@ -20,7 +20,8 @@ class SAELoss(NamedTuple):
   since_fired_N: jax.Array  # int32: batches since each latent fired, this (global) batch included
   # Slow-path events of this step (scalars, float32 so they average like the rest): rows whose
   # selected entries spilled past their candidate slots, whether the decoder fell back to dense
-  # (too many spilling rows), and whether AuxK ran full width (more dead latents than `dead_cap`).
+  # (too many spilling rows or a full pair list), and whether AuxK ran in a bucket wider than its
+  # smallest (more dead latents than `dead_cap`).
   spill_rows: jax.Array = 0.0
   dense_fallback: jax.Array = 0.0
   full_auxk: jax.Array = 0.0
