@@ -3,7 +3,7 @@
 Legend: B = batch, D = d_model, N = latents.
 Real activations overflow the fast paths: some tokens put many more than k
 large pre-activations in one row (more than its C candidate slots: a spilling
-row; more than `topk.SPILL_ROWS` of them and the step falls back to dense), and
+row; more than the largest of `topk.spill_buckets` and the step falls back to dense), and
 most latents can be dead (AuxK beyond `losses.dead_cap` runs at full width).
 Each case is checked against `core/naive.py` for both AuxK variants, and the
 path it takes is asserted, so the test cannot drift onto the fast path.
@@ -77,18 +77,35 @@ CASES = {
     "spilling rows on the side, most dead": (3, 0.9, "side", "full"),
     "dense fallback, most dead": (topk.SPILL_ROWS + 4, 0.9, "dense", "full"),
     "dense fallback, few dead": (topk.SPILL_ROWS + 4, 0.05, "dense", "capped"),
+    # With spill allowances up to B/2 (16, 64, 128 rows), the same rows take the 64-row bucket.
+    "spilling rows in a wider bucket, most dead": (topk.SPILL_ROWS + 4, 0.9, "bucket", "full"),
 }
+
+
+@pytest.fixture
+def spill_fraction(monkeypatch):
+  """Sets topk.MAX_SPILL_FRACTION for one test; jit caches are cleared as the traced constants change."""
+  def set_fraction(fraction):
+    monkeypatch.setattr(topk, "MAX_SPILL_FRACTION", fraction)
+    jax.clear_caches()
+  yield set_fraction
+  jax.clear_caches()
 
 
 @pytest.mark.parametrize("detach", [False, True], ids=["reference", "detached"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_fast_loss_equals_naive_on_slow_paths(case, detach):
+def test_fast_loss_equals_naive_on_slow_paths(case, detach, spill_fraction):
   crowded, dead_fraction, spill_path, aux_path = CASES[case]
+  if spill_path == "bucket":
+    spill_fraction(2)
+  widths = topk.spill_buckets(B)
+  assert widths == ((16, 64, 128) if spill_path == "bucket" else (16,)), widths
   params, x, since = _inputs(crowded, dead_fraction)
   num_spill, dense, num_dead = _path(params, x, since)
-  assert {"slots": num_spill == 0 and not dense,
-          "side": 0 < num_spill <= topk.SPILL_ROWS and not dense,
-          "dense": num_spill > topk.SPILL_ROWS and dense}[spill_path], (num_spill, dense)
+  assert {"slots": lambda: num_spill == 0 and not dense,
+          "side": lambda: 0 < num_spill <= widths[0] and not dense,
+          "bucket": lambda: widths[0] < num_spill <= widths[1] and not dense,
+          "dense": lambda: num_spill > widths[-1] and dense}[spill_path](), (num_spill, dense)
   cap = losses.dead_cap(N)
   assert (0 < num_dead <= cap) if aux_path == "capped" else (num_dead > cap), (num_dead, cap)
 

@@ -49,11 +49,15 @@ def _expected(params, x, since_N):
   spill = int(np.sum(top_c[:, 0] >= cand_thresh))
   fired = ((pre >= thresh) & (pre > 0)).any(0)
   dead = np.where(fired, 0, since_N + 1) >= 5
-  return spill, float(spill > topk.SPILL_ROWS), float(dead.sum() > losses.dead_cap(N))
+  return spill, float(spill > topk.spill_buckets(B)[-1]), float(dead.sum() > losses.dead_cap(N))
 
 
-@pytest.mark.parametrize("aligned_rows,since", [(0, 0), (5, 0), (5, 10), (24, 10)])
-def test_event_counts_match_brute_force(aligned_rows, since):
+@pytest.mark.parametrize("aligned_rows,since,fraction", [(0, 0, 8), (5, 0, 8), (5, 10, 8), (24, 10, 8),
+                                                          (24, 10, B + 1)])
+def test_event_counts_match_brute_force(aligned_rows, since, fraction, monkeypatch):
+  # fraction 8: spill allowances (16, 64, 128), so 24 rows take the 64-row bucket; B + 1: only 16, they go dense.
+  monkeypatch.setattr(topk, "MAX_SPILL_FRACTION", fraction)
+  assert topk.spill_buckets(B) == ((16, 64, 128) if fraction == 8 else (16,))
   params, x = _problem(aligned_rows)
   since_N = np.full((N,), since, np.int32)
   _, stats = jax.jit(lambda p, x, s: losses.sae_loss(p, x, s, K, "batchtopk", 16, 1 / 32))(
@@ -64,8 +68,10 @@ def test_event_counts_match_brute_force(aligned_rows, since):
   assert float(stats.spill_rows) == spill
   assert float(stats.dense_fallback) == dense
   assert float(stats.full_auxk) == full
-  if aligned_rows == 0 or aligned_rows > topk.SPILL_ROWS:  # both sides of the fallback are exercised
+  if aligned_rows == 0 or aligned_rows > topk.spill_buckets(B)[-1]:  # both sides of the fallback are exercised
     assert dense == float(aligned_rows > 0)
+  if aligned_rows > topk.SPILL_ROWS:
+    assert dense == float(fraction > B)
 
 
 @pytest.mark.parametrize("since,full", [(0, 0.0), (10, 1.0)])

@@ -144,9 +144,10 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
     spill_rows = jnp.sum(sel.spill_B, dtype=jnp.int32)
   else:  # per-token top-k: k slots, the row's k-th value as its threshold; nothing spills
     cand_BxC, idx_BxC = jax.lax.top_k(pre_BxN, k)
-    r = min(b, topk.SPILL_ROWS)
+    r = topk.spill_buckets(b)[-1]
     sel = topk.Selection(jnp.min(cand_BxC, axis=1, keepdims=True), jnp.zeros((b,), bool),
-                         jnp.arange(r, dtype=jnp.int32), jnp.zeros((r,), bool), jnp.zeros((), bool))
+                         jnp.arange(r, dtype=jnp.int32), jnp.zeros((r,), bool), jnp.zeros((), bool),
+                         jnp.zeros((), jnp.int32))
     spill_rows = jnp.zeros((), jnp.int32)
   thresh = sel.thresh
   c = cand_BxC.shape[1]
@@ -167,14 +168,25 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
                                                       params["b_dec"]), 0.0)
     recon = sparse.decode(vals_P, pairs.tok_P, pairs.lat_P, params["W_dec"], b)
     active_N = jnp.zeros((n,), jnp.int32).at[pairs.lat_P].add(pairs.valid_P.astype(jnp.int32))
-    # Spilling rows (more selected entries than slots) are decoded densely, exactly.
-    pre_RxN = sae.pre_activations(params, xs_BxD[sel.spill_idx_R], compute_dtype)
-    keep_R = sel.spill_mask_R[:, None]
-    pre_thresh = thresh if jnp.ndim(thresh) == 0 else thresh[sel.spill_idx_R]
-    acts_RxN = jnp.where((pre_RxN >= pre_thresh) & (pre_RxN > 0) & keep_R, pre_RxN, 0.0)
-    recon = recon.at[sel.spill_idx_R].add(sae.matmul(acts_RxN, params["W_dec"], compute_dtype))
-    on_RxN = (acts_RxN > 0).astype(jnp.int32)
-    return _Recon(recon + params["b_dec"], active_N + jnp.sum(on_RxN, axis=0), pairs.count + jnp.sum(on_RxN))
+    # Spilling rows (more selected entries than slots) are decoded densely, exactly, at the
+    # smallest spill-bucket width that holds them (the same bucket the threshold used).
+    def spill_rows_at(w):
+      def run():
+        idx_W, keep_W = sel.spill_idx_R[:w], sel.spill_mask_R[:w, None]
+        vals_WxN = pre_BxN[idx_W]  # the encoder pass's values; column_pre adds their gradient
+        pre_WxN = sparse.column_pre(vals_WxN, xs_BxD[idx_W], params["W_enc"], params["b_dec"], params["b_enc"],
+                                    compute_dtype)
+        pre_thresh = thresh if jnp.ndim(thresh) == 0 else thresh[idx_W]
+        acts_WxN = jnp.where((vals_WxN >= pre_thresh) & (vals_WxN > 0) & keep_W, pre_WxN, 0.0)
+        on_WxN = (acts_WxN > 0).astype(jnp.int32)
+        return (recon.at[idx_W].add(sae.matmul(acts_WxN, params["W_dec"], compute_dtype)),
+                active_N + jnp.sum(on_WxN, axis=0), pairs.count + jnp.sum(on_WxN))
+      return run
+
+    widths = topk.spill_buckets(b)
+    out, active, l0 = (spill_rows_at(widths[0])() if len(widths) == 1 else
+                       jax.lax.switch(sel.bucket, [spill_rows_at(w) for w in widths]))
+    return _Recon(out + params["b_dec"], active, l0)
 
   return (jax.lax.cond(dense, lambda: _dense_recon(params, xs_BxD, pre_BxN, thresh, compute_dtype), sparse_path),
           pre_BxN, _Events(spill_rows, dense))

@@ -55,17 +55,37 @@ def num_candidates(n: int, k: int) -> int:
 
 
 # Rows per device whose selected entries may exceed their C slots ("spill rows")
-# that are handled exactly on the side; with more, callers fall back to dense.
+# that are handled exactly on the side, at the smallest allowance; larger ones grow
+# with the batch (see `spill_buckets`); past the largest, callers fall back to dense.
 SPILL_ROWS = 16
+# The largest spill allowance is this fraction of the (local) batch's rows.
+MAX_SPILL_FRACTION = 8
+
+
+def spill_buckets(b: int) -> tuple:
+  """Static spill-row allowances for a (local) batch of b rows: SPILL_ROWS, then 4x it doubling up to b/8.
+
+  Each is one compiled branch; a step uses the smallest that holds its spilling
+  rows. On real activations the count grows with the width and the batch
+  (141-377 of 4096 rows at N 18432-36864), far past a fixed 16, and the dense
+  fallback then costs a B x N x D product per matmul; a bucket costs r/B of it.
+  """
+  r = min(b, SPILL_ROWS)
+  out, w = [r], 4 * r
+  while 0 < w <= b // MAX_SPILL_FRACTION:
+    out.append(w)
+    w *= 2
+  return tuple(out)
 
 
 class Selection(NamedTuple):
   """BatchTopK's global threshold and which rows spill past their C candidate slots."""
   thresh: jax.Array  # scalar
   spill_B: jax.Array  # bool: all C candidates of this row are selected, it may have more
-  spill_idx_R: jax.Array  # int32: up to SPILL_ROWS spilling rows (padded with other rows)
+  spill_idx_R: jax.Array  # int32: R = spill_buckets(B)[-1] rows, the spilling ones first (padded with others)
   spill_mask_R: jax.Array  # bool: which of spill_idx_R really spill
-  dense: jax.Array  # bool scalar: more spilling rows than SPILL_ROWS (on some device)
+  dense: jax.Array  # bool scalar: more spilling rows than the largest bucket (on some device)
+  bucket: jax.Array = 0  # int32 scalar: the smallest of spill_buckets(B) holding every device's spilling rows
 
 
 def threshold_from_candidates(cand_BxC: jax.Array, pre_BxN: jax.Array, k: int,
@@ -76,38 +96,43 @@ def threshold_from_candidates(cand_BxC: jax.Array, pre_BxN: jax.Array, k: int,
   some row had all C of its candidates selected (it might have had more). Those
   few rows enter whole: the threshold is then taken over the other rows'
   candidates plus every entry of the spilling rows, which holds every entry that
-  can reach it. Only with more than SPILL_ROWS spilling rows does the count run
-  over the full matrix. Under `axis_name` every device gets the global threshold.
+  can reach it (gathered at the smallest `spill_buckets` width that holds them).
+  Only past the largest bucket does the count run over the full matrix. Under
+  `axis_name` every device gets the global threshold and takes the same branch.
   """
   pre_BxN = jax.lax.stop_gradient(pre_BxN)
   b, n = pre_BxN.shape
   keep = k * (b if axis_name is None else b * jax.lax.psum(1, axis_name))
-  c, r = cand_BxC.shape[1], min(b, SPILL_ROWS)
+  widths = spill_buckets(b)
+  c, r = cand_BxC.shape[1], widths[-1]
   thresh = kth_largest(cand_BxC, keep, axis_name)
   if c == n:  # candidates are the whole matrix: exact, and no row can hold more
     none_B = jnp.zeros((b,), bool)
-    return Selection(thresh, none_B, jnp.arange(r, dtype=jnp.int32), none_B[:r], jnp.zeros((), bool))
+    return Selection(thresh, none_B, jnp.arange(r, dtype=jnp.int32), none_B[:r], jnp.zeros((), bool),
+                     jnp.zeros((), jnp.int32))
   # The row's C-th candidate is its minimum; a reduction, because slicing a top_k
   # result ([:, -1]) makes XLA:CPU lower the top_k as a full sort (~8x slower).
   spill_B = jnp.min(cand_BxC, axis=1) >= thresh
   num_spill = jnp.sum(spill_B, dtype=jnp.int32)
-  many = num_spill > r
-  anyspill = num_spill > 0
   if axis_name is not None:
-    many = jax.lax.psum(many.astype(jnp.int32), axis_name) > 0
-    anyspill = jax.lax.psum(anyspill.astype(jnp.int32), axis_name) > 0
+    num_spill = jax.lax.pmax(num_spill, axis_name)  # every device takes the branch the fullest one needs
+  bucket = jnp.searchsorted(jnp.asarray(widths, jnp.int32), num_spill).astype(jnp.int32)  # len = too many
+  many = bucket >= len(widths)
+  bucket = jnp.minimum(bucket, len(widths) - 1)
   _, spill_idx_R = jax.lax.top_k(spill_B.astype(jnp.float32), r)
   spill_mask_R = spill_B[spill_idx_R]
 
-  def with_spill_rows():
-    rows_RxN = jnp.where(spill_mask_R[:, None], pre_BxN[spill_idx_R], 0.0)
-    others = jnp.where(spill_B[:, None], 0.0, cand_BxC)
-    return kth_largest(jnp.concatenate([others.reshape(-1), rows_RxN.reshape(-1)]), keep, axis_name)
+  def with_spill_rows(w):
+    def run():
+      rows_WxN = jnp.where(spill_mask_R[:w, None], pre_BxN[spill_idx_R[:w]], 0.0)
+      others = jnp.where(spill_B[:, None], 0.0, cand_BxC)
+      return kth_largest(jnp.concatenate([others.reshape(-1), rows_WxN.reshape(-1)]), keep, axis_name)
+    return run
 
-  branch = jnp.where(many, 2, jnp.where(anyspill, 1, 0))
-  thresh = jax.lax.switch(branch, [lambda: thresh, with_spill_rows,
-                                   lambda: kth_largest(pre_BxN, keep, axis_name)])
-  return Selection(thresh, spill_B, spill_idx_R.astype(jnp.int32), spill_mask_R, many)
+  branch = jnp.where(many, len(widths) + 1, jnp.where(num_spill > 0, bucket + 1, 0))
+  thresh = jax.lax.switch(branch, [lambda: thresh] + [with_spill_rows(w) for w in widths]
+                          + [lambda: kth_largest(pre_BxN, keep, axis_name)])
+  return Selection(thresh, spill_B, spill_idx_R.astype(jnp.int32), spill_mask_R, many, bucket)
 
 
 def batchtopk_threshold(pre_BxN: jax.Array, k: int, axis_name: Optional[str] = None) -> jax.Array:
