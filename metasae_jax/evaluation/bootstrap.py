@@ -5,7 +5,8 @@ P = latent pairs that co-occur on some token, R = bootstrap replicates.
 Assumption: contexts are independent draws from the corpus, tokens inside a context are not; so the
 unit resampled is a block of whole consecutive contexts, drawn G times with replacement, and the same
 draw weights joint and solo (they see the same tokens: a paired comparison). The interval is the
-percentile interval of the replicate statistic.
+BCa interval of the replicate statistic (bias- and skew-corrected percentiles; the acceleration comes
+from leaving one block out at a time), as mean |φ|'s replicates sit off-centre of its point estimate.
 What is recomputed per replicate: every statistic exactly, from per-block sufficient statistics
 (no second pass over the data). Reconstruction: per block token count, squared errors (raw and
 standardised), Σx and Σ|x|². φ: per block latent counts N1 and co-occurrence counts N11 of the pairs
@@ -20,6 +21,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import scipy.sparse as sp
+from scipy import special
 
 from metasae_jax.core.errors import UserError
 from metasae_jax.evaluation.firings import Firings
@@ -35,7 +37,7 @@ class BootstrapConfig:
   num_blocks: int = 64
   """Blocks of whole consecutive contexts the held-out set is cut into (fewer if it has fewer contexts)."""
   level: float = 0.95
-  """Coverage of the percentile interval."""
+  """Coverage of the interval (BCa; percentile where the jackknife cannot be formed)."""
   max_pair_entries: int = 20_000_000
   """Budget of per-block co-occurrence entries (~Σ_t k_t²/2) for the φ bootstrap (~24 B each, and
   each replicate touches every one)."""
@@ -196,15 +198,45 @@ def _pct(a, b):
     return (np.asarray(a) - np.asarray(b)) / np.abs(b) * 100.0
 
 
-def interval(point: float, reps_R: np.ndarray, level: float) -> dict:
-  """Percentile interval of the replicates around the point estimate."""
+def interval(point: float, reps_R: np.ndarray, level: float, jack_G: Optional[np.ndarray] = None) -> dict:
+  """Bootstrap interval of the replicates around the point estimate: BCa with jackknife values, else percentile.
+
+  BCa (Efron 1987) moves the percentile interval's ends by the replicates' median bias
+  z0 (from the share of replicates below the point) and the acceleration a (the skewness of
+  the leave-one-block-out values `jack_G`). Mean |φ| needs it: |φ| of noisy counts is biased
+  upwards, and resampling adds noise, so the replicates sit off-centre of the point estimate
+  and the plain percentile interval is lopsided around it. `bias` is mean(replicates) - point.
+  """
   reps = np.asarray(reps_R, np.float64)
   reps = reps[np.isfinite(reps)]
   if not len(reps) or not np.isfinite(point):
-    return {"estimate": point, "low": None, "high": None, "se": None}
-  lo, hi = np.percentile(reps, [50 * (1 - level), 50 * (1 + level)])
+    return {"estimate": point, "low": None, "high": None, "se": None, "bias": None, "method": None}
+  q_lo, q_hi = 50 * (1 - level), 50 * (1 + level)
+  method = "percentile"
+  jack = None if jack_G is None else np.asarray(jack_G, np.float64)
+  below = (np.sum(reps < point) + 0.5 * np.sum(reps == point)) / len(reps)
+  if jack is not None and np.all(np.isfinite(jack)) and len(jack) > 2 and 0 < below < 1:
+    z0 = special.ndtri(below)
+    dev = jack.mean() - jack
+    denom = 6.0 * np.sum(dev ** 2) ** 1.5
+    a = float(np.sum(dev ** 3) / denom) if denom > 0 else 0.0
+    ends = []
+    for z in special.ndtri(np.array([(1 - level) / 2, (1 + level) / 2])):
+      ends.append(100 * special.ndtr(z0 + (z0 + z) / (1 - a * (z0 + z))))
+    q_lo, q_hi = ends
+    method = "BCa"
+  lo, hi = np.percentile(reps, [q_lo, q_hi])
   return {"estimate": float(point), "low": float(lo), "high": float(hi),
-          "se": float(np.std(reps, ddof=1)) if len(reps) > 1 else None}
+          "se": float(np.std(reps, ddof=1)) if len(reps) > 1 else None,
+          "bias": float(np.mean(reps) - point), "method": method}
+
+
+def jackknife_weights(observed_G: np.ndarray, num_blocks: int) -> np.ndarray:
+  """Rows of block weights leaving one observed block out each (unobserved blocks weigh 0)."""
+  w = np.zeros((len(observed_G), num_blocks))
+  w[:, observed_G] = 1.0
+  w[np.arange(len(observed_G)), observed_G] = 0.0
+  return w
 
 
 def block_weights(num_blocks: int, replicates: int, seed: int) -> np.ndarray:
@@ -223,15 +255,17 @@ def compare(rec_joint: ReconBlocks, rec_solo: ReconBlocks, phi_joint: Optional[P
     return {"skipped": "fewer than 2 blocks of contexts"}
   w_full = np.zeros((cfg.replicates, layout.num_blocks))
   w_full[:, observed] = block_weights(g, cfg.replicates, cfg.seed)
-  out = {"method": ("percentile bootstrap over blocks of whole consecutive contexts, drawn with replacement, "
-                    "same draw for joint and solo"),
+  w_jack = jackknife_weights(observed, layout.num_blocks)
+  out = {"method": ("BCa bootstrap over blocks of whole consecutive contexts, drawn with replacement, "
+                    "same draw for joint and solo (acceleration from the leave-one-block-out jackknife)"),
          "replicates": cfg.replicates, "level": cfg.level, "num_blocks": g,
          "contexts_per_block": layout.contexts_per_block}
   # Both over all evaluation positions, as the headline fvu and mse are.
   for key in ("fvu", "mse"):
     pj, ps = rec_joint.metrics()[key], rec_solo.metrics()[key]
     rj, rs = rec_joint.metrics(w_full)[key], rec_solo.metrics(w_full)[key]
-    out[f"{key}_pct"] = interval(float(_pct(pj, ps)), _pct(rj, rs), cfg.level)
+    jj, js = rec_joint.metrics(w_jack)[key], rec_solo.metrics(w_jack)[key]
+    out[f"{key}_pct"] = interval(float(_pct(pj, ps)), _pct(rj, rs), cfg.level, _pct(jj, js))
   if phi_joint is not None and phi_solo is not None:
     gp = min(len(phi_joint.tokens_G), len(phi_solo.tokens_G))
     obs_p = observed[observed < gp]
@@ -241,7 +275,9 @@ def compare(rec_joint: ReconBlocks, rec_solo: ReconBlocks, phi_joint: Optional[P
     pj, ps = trim(phi_joint), trim(phi_solo)
     ones = np.ones((1, gp))
     point = float(_pct(mean_abs_phi(pj, ones)[0], mean_abs_phi(ps, ones)[0]))
-    out["mean_abs_phi_pct"] = interval(point, _pct(mean_abs_phi(pj, w_p), mean_abs_phi(ps, w_p)), cfg.level)
+    w_pj = jackknife_weights(obs_p, gp)
+    out["mean_abs_phi_pct"] = interval(point, _pct(mean_abs_phi(pj, w_p), mean_abs_phi(ps, w_p)), cfg.level,
+                                       _pct(mean_abs_phi(pj, w_pj), mean_abs_phi(ps, w_pj)))
     out["mean_abs_phi_num_tokens"] = int(pj.tokens_G.sum())
     out["mean_abs_phi_num_blocks"] = len(obs_p)
   return out

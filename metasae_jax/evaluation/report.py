@@ -107,7 +107,10 @@ def _fmt(v) -> str:
 def _interval(iv: dict) -> str:
   if not isinstance(iv, dict) or iv.get("low") is None:
     return "–"
-  return f"{iv['estimate']:+.3g} %, interval [{iv['low']:+.3g} %, {iv['high']:+.3g} %], SE {iv['se']:.3g}"
+  text = f"{iv['estimate']:+.3g} %, interval [{iv['low']:+.3g} %, {iv['high']:+.3g} %], SE {iv['se']:.3g}"
+  if iv.get("bias") is not None:  # reports written before the BCa change have neither
+    text += f", replicate bias {iv['bias']:+.2g} ({iv['method']})"
+  return text
 
 
 def markdown(report: dict) -> str:
