@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from metasae_jax.core import sae, sparse, topk
+from metasae_jax.core import native, sae, sparse, topk
 
 
 class SAELoss(NamedTuple):
@@ -71,7 +71,7 @@ def _auxk(pre_BxN, pre_columns, dead_N, w_dec_NxD, residual_BxD, aux_k, detach, 
       # Live latents are zeroed, so when fewer than aux_k latents are dead the extra picks are
       # zeros and contribute nothing: the reference's min(aux_k, #dead).
       masked_BxM = jnp.where(dead_M, values, 0.0)
-      kth_Bx1 = jnp.min(jax.lax.top_k(masked_BxM, min(aux_k, m))[0], axis=1, keepdims=True)
+      kth_Bx1 = native.row_kth(masked_BxM, min(aux_k, m))[:, None]  # each token's aux_k-th largest
       aux_BxM = jnp.where((masked_BxM >= kth_Bx1) & (masked_BxM > 0), pre_columns(idx_M), 0.0)
       return jnp.mean((sae.matmul(aux_BxM, w_MxD, compute_dtype) - target_BxD) ** 2)
     return run
