@@ -39,6 +39,34 @@ def test_row_kth_equals_top_k(name):
     assert np.isnan(np.asarray(got)[~ok]).all()
 
 
+@pytest.mark.parametrize("name", sorted(_cases()))
+def test_row_top_k_equals_lax_top_k(name):
+  """Values and indices, order included (ties by ascending index), so candidate slots are unchanged."""
+  x = jnp.asarray(_cases()[name])
+  m = x.shape[1]
+  for k in sorted({1, 2, 7, m // 2, m - 1, m}):
+    vals, idx = jax.jit(lambda v, k=k: native.row_top_k(v, k))(x)
+    want_v, want_i = jax.lax.top_k(x, k)
+    ok = ~np.isnan(np.asarray(x)).any(1)  # NaN rows: NaN values (lax.top_k would also put the NaN first)
+    np.testing.assert_array_equal(np.asarray(vals)[ok], np.asarray(want_v)[ok], err_msg=f"{name} k={k}")
+    np.testing.assert_array_equal(np.asarray(idx)[ok], np.asarray(want_i)[ok], err_msg=f"{name} k={k}")
+    assert np.isnan(np.asarray(vals)[~ok]).all()
+
+
+def test_wide_rows_take_the_sampled_path_exactly():
+  """Rows of >= 2048 with k < cols/4 go through the sampled estimate; rows built so that the estimate
+  keeps fewer than k entries (a few huge values in the sample's places) must still be exact."""
+  rng = np.random.default_rng(5)
+  x = np.maximum(rng.normal(size=(96, 4096)), 0).astype(np.float32)
+  x[:32, ::4] = 100.0 + rng.random((32, 1024))  # every sampled place is huge: the estimate is too high
+  x[32:64] = np.round(x[32:64] * 2) / 2  # heavy ties
+  x = jnp.asarray(x)
+  for k in (1, 64, 512, 1000):
+    np.testing.assert_array_equal(jax.jit(lambda v, k=k: native.row_kth(v, k))(x), native.row_kth_reference(x, k))
+    for got, want in zip(jax.jit(lambda v, k=k: native.row_top_k(v, k))(x), jax.lax.top_k(x, k)):
+      np.testing.assert_array_equal(got, want)
+
+
 def test_row_kth_under_vmap_switch_and_grad():
   x = jnp.asarray(np.random.default_rng(1).random((4, 100, 64)), jnp.float32)
   got = jax.jit(jax.vmap(lambda v: native.row_kth(v, 10)))(x)

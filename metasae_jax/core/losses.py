@@ -143,7 +143,7 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
     sel = topk.threshold_from_candidates(cand_BxC, pre_BxN, k, axis_name)
     spill_rows = jnp.sum(sel.spill_B, dtype=jnp.int32)
   else:  # per-token top-k: k slots, the row's k-th value as its threshold; nothing spills
-    cand_BxC, idx_BxC = jax.lax.top_k(pre_BxN, k)
+    cand_BxC, idx_BxC = native.row_top_k(pre_BxN, k)
     r = topk.spill_buckets(b)[-1]
     sel = topk.Selection(jnp.min(cand_BxC, axis=1, keepdims=True), jnp.zeros((b,), bool),
                          jnp.arange(r, dtype=jnp.int32), jnp.zeros((r,), bool), jnp.zeros((), bool),

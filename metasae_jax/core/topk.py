@@ -48,7 +48,7 @@ def kth_largest(values: jax.Array, kth: int, axis_name: Optional[str] = None) ->
 
 def candidates(pre_BxN: jax.Array, k: int):
   """Each row's top C = num_candidates(N, k) pre-activations and their latent ids (no gradient)."""
-  return jax.lax.top_k(jax.lax.stop_gradient(pre_BxN), num_candidates(pre_BxN.shape[-1], k))
+  return native.row_top_k(pre_BxN, num_candidates(pre_BxN.shape[-1], k))
 
 
 def num_candidates(n: int, k: int) -> int:

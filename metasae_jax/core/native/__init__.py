@@ -1,10 +1,11 @@
 """Native CPU kernels as XLA FFI custom calls, built from source on first use; lax fallbacks elsewhere.
 
 `row_kth(x, k)` is each row's k-th largest value: what AuxK and per-token TopK
-need from a top_k (their thresholds). On CPU it runs `row_kth.cc` (linear-time
-selection over the positive entries, rows over threads: ~7x faster than
-XLA:CPU's single-core top_k at AuxK's shape, 4096 x 4608, k 512); on GPU/TPU,
-or when the kernel cannot be built, it is min(top_k(x, k)). Same value either way.
+need from a top_k (their thresholds). `row_top_k(x, k)` is lax.top_k(x, k) itself
+(the candidates of BatchTopK). On CPU they run `row_kth.cc` (linear-time selection
+over the positive entries, rows over threads: ~10x faster than XLA:CPU's
+single-core top_k at AuxK's shape, 4096 x 5760, k 512); on GPU/TPU, or when the
+kernel cannot be built, lax.top_k. Same values either way.
 
 The kernel is compiled once per (source, jaxlib) with the C++ compiler (`$CXX`,
 else `c++`) into `$METASAE_JAX_CACHE` (default ~/.cache/metasae-jax); `make install`
@@ -26,6 +27,7 @@ import numpy as np
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "row_kth.cc")
 _TARGET = "metasae_row_kth"
+_TARGET_TOP_K = "metasae_row_top_k"
 
 
 def cache_dir() -> str:
@@ -69,6 +71,7 @@ def available() -> bool:
     import ctypes  # pylint: disable=g-import-not-at-top
     lib = ctypes.cdll.LoadLibrary(build())
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.MetasaeRowKth), platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_TOP_K, jax.ffi.pycapsule(lib.MetasaeRowTopK), platform="cpu")
     return True
   except (OSError, RuntimeError, AttributeError) as e:
     logging.warning("metasae-jax: native row_kth kernel unavailable, using lax.top_k instead (slower on CPU): %s", e)
@@ -106,3 +109,24 @@ def row_kth(x: jax.Array, k: int, native: Optional[bool] = None) -> jax.Array:
     return call(v, k=np.int64(k), threads=np.int64(_threads())) + jnp.zeros_like(v[..., 0])
 
   return jax.lax.platform_dependent(x, cpu=on_cpu, default=lambda v: row_kth_reference(v, k))
+
+
+def row_top_k(x: jax.Array, k: int, native: Optional[bool] = None) -> tuple:
+  """lax.top_k(x, k) without gradient: the same values and indices, in the same order (values
+  descending, ties by ascending index). On CPU the kernel selects in linear time over threads.
+  """
+  x = jax.lax.stop_gradient(x)
+  if not 1 <= k <= x.shape[-1]:
+    raise ValueError(f"row_top_k needs 1 <= k <= {x.shape[-1]}, got {k}")
+  if native is False or x.dtype != jnp.float32 or not available():
+    return tuple(jax.lax.top_k(x, k))
+
+  def on_cpu(v):
+    shape = v.shape[:-1] + (k,)
+    call = jax.ffi.ffi_call(_TARGET_TOP_K, (jax.ShapeDtypeStruct(shape, v.dtype),
+                                            jax.ShapeDtypeStruct(shape, jnp.int32)), vmap_method="broadcast_all")
+    vals, idx = call(v, k=np.int64(k), threads=np.int64(_threads()))
+    vary = jnp.zeros_like(v[..., :1])  # see row_kth: the result varies over mesh axes as v does
+    return vals + vary, idx + vary.astype(jnp.int32)
+
+  return jax.lax.platform_dependent(x, cpu=on_cpu, default=lambda v: tuple(jax.lax.top_k(v, k)))

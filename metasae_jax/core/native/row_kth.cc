@@ -1,4 +1,6 @@
-// The k-th largest value of each row of a float32 matrix, as an XLA FFI custom call (CPU).
+// Row selections of a float32 matrix as XLA FFI custom calls (CPU): each row's k-th
+// largest value (MetasaeRowKth) and each row's top k values with their indices
+// (MetasaeRowTopK, identical to lax.top_k's output).
 //
 // What AuxK and per-token TopK need from a top_k is only each row's k-th largest
 // value (the threshold), not the sorted top k. XLA:CPU's top_k partially sorts
@@ -12,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -20,32 +23,57 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-void KthRows(const float* x, float* out, int64_t cols, int64_t k, int64_t row_begin, int64_t row_end) {
-  std::vector<float> buf(cols);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const float* row = x + r * cols;
-    // Positive entries first: after a ReLU or a mask most entries are zero, and the
-    // k-th largest is among the positive ones whenever there are at least k of them.
-    int64_t pos = 0;
-    bool nan = false;
+// The k-th largest of one row; buf holds cols floats of scratch.
+//
+// A strided sample of ~1024 entries gives an estimate below the k-th largest (the
+// sample's value at about twice k's share of it); one branch-free pass keeps the
+// entries at or above it, and nth_element runs on those few (~2k) instead of the
+// row. Exact whatever the estimate: if at least k entries reach it, the k-th largest
+// does too, so it is among them; otherwise the whole row is selected from.
+float KthOfRow(const float* row, int64_t cols, int64_t k, float* buf) {
+  bool nan = false;
+  if (cols >= 2048 && 4 * k < cols) {
+    const int64_t step = cols / 1024;
+    int64_t s = 0;
+    for (int64_t c = 0; c < cols; c += step) buf[s++] = row[c];
+    const int64_t rank = std::min<int64_t>(s, 2 * k * s / cols + 16);
+    std::nth_element(buf, buf + (rank - 1), buf + s, std::greater<float>());
+    const float est = buf[rank - 1];
+    int64_t kept = 0;
     for (int64_t c = 0; c < cols; ++c) {
       float v = row[c];
       nan |= std::isnan(v);
-      buf[pos] = v;
-      pos += v > 0.0f;
+      buf[kept] = v;
+      kept += v >= est;
     }
-    if (nan) {
-      out[r] = NAN;
-      continue;
+    if (nan) return NAN;
+    if (kept >= k) {
+      std::nth_element(buf, buf + (k - 1), buf + kept, std::greater<float>());
+      return buf[k - 1];
     }
-    int64_t len = pos;
-    if (pos < k) {  // fewer than k positive: the k-th largest is among the rest
-      std::copy(row, row + cols, buf.begin());
-      len = cols;
-    }
-    std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.begin() + len, std::greater<float>());
-    out[r] = buf[k - 1];
   }
+  // Positive entries first: after a ReLU or a mask most entries are zero, and the
+  // k-th largest is among the positive ones whenever there are at least k of them.
+  int64_t pos = 0;
+  for (int64_t c = 0; c < cols; ++c) {
+    float v = row[c];
+    nan |= std::isnan(v);
+    buf[pos] = v;
+    pos += v > 0.0f;
+  }
+  if (nan) return NAN;
+  int64_t len = pos;
+  if (pos < k) {  // fewer than k positive: the k-th largest is among the rest
+    std::copy(row, row + cols, buf);
+    len = cols;
+  }
+  std::nth_element(buf, buf + (k - 1), buf + len, std::greater<float>());
+  return buf[k - 1];
+}
+
+void KthRows(const float* x, float* out, int64_t cols, int64_t k, int64_t row_begin, int64_t row_end) {
+  std::vector<float> buf(cols);
+  for (int64_t r = row_begin; r < row_end; ++r) out[r] = KthOfRow(x + r * cols, cols, k, buf.data());
 }
 
 ffi::Error RowKthImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out, int64_t k, int64_t threads) {
@@ -69,7 +97,77 @@ ffi::Error RowKthImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out, 
   return ffi::Error::Success();
 }
 
+// Each row's top k (value, index) pairs in lax.top_k's order: values descending, equal
+// values by ascending index. The k-th largest value t comes from KthRows' selection;
+// then one pass takes the entries above t and, in index order, as many equal to t as
+// fill k (exactly the pairs lax.top_k picks), and only those k are sorted. A row
+// holding a NaN gets NaN values and indices 0..k-1.
+void TopKRows(const float* x, float* out_v, int32_t* out_i, int64_t cols, int64_t k, int64_t row_begin,
+              int64_t row_end) {
+  std::vector<std::pair<float, int32_t>> top(k);
+  std::vector<float> buf(cols);
+  auto before = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const float* row = x + r * cols;
+    float* v = out_v + r * k;
+    int32_t* idx = out_i + r * k;
+    const float t = KthOfRow(row, cols, k, buf.data());
+    if (std::isnan(t)) {
+      for (int64_t j = 0; j < k; ++j) {
+        v[j] = NAN;
+        idx[j] = static_cast<int32_t>(j);
+      }
+      continue;
+    }
+    int64_t above = 0;
+    for (int64_t c = 0; c < cols; ++c) above += row[c] > t;
+    int64_t n = 0, ties = k - above;
+    for (int64_t c = 0; c < cols && n < k; ++c) {
+      float val = row[c];
+      if (val > t || (val == t && ties-- > 0)) top[n++] = {val, static_cast<int32_t>(c)};
+    }
+    std::sort(top.begin(), top.begin() + k, before);
+    for (int64_t j = 0; j < k; ++j) {
+      v[j] = top[j].first;
+      idx[j] = top[j].second;
+    }
+  }
+}
+
+ffi::Error RowTopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
+                       ffi::ResultBuffer<ffi::S32> indices, int64_t k, int64_t threads) {
+  auto dims = x.dimensions();
+  if (dims.size() < 1) return ffi::Error::InvalidArgument("row_top_k needs an array of rank >= 1");
+  const int64_t cols = dims.back();
+  if (k < 1 || k > cols) return ffi::Error::InvalidArgument("row_top_k needs 1 <= k <= the row length");
+  const int64_t rows = static_cast<int64_t>(x.element_count()) / cols;
+  const float* in = x.typed_data();
+  float* v = values->typed_data();
+  int32_t* idx = indices->typed_data();
+  int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, rows / 64));
+  if (t == 1) {
+    TopKRows(in, v, idx, cols, k, 0, rows);
+    return ffi::Error::Success();
+  }
+  std::vector<std::thread> pool;
+  for (int64_t i = 0; i < t; ++i) {
+    pool.emplace_back(TopKRows, in, v, idx, cols, k, rows * i / t, rows * (i + 1) / t);
+  }
+  for (auto& th : pool) th.join();
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MetasaeRowTopK, RowTopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MetasaeRowKth, RowKthImpl,
                               ffi::Ffi::Bind()
