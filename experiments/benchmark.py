@@ -82,7 +82,8 @@ def _shape() -> dict:
 
 
 def _load() -> dict:
-  return {"loadavg_1m": os.getloadavg()[0], "cpus": os.cpu_count()}
+  from metasae_jax.core import native
+  return {"loadavg_1m": os.getloadavg()[0], "cpus": os.cpu_count(), "native_kernel": native.available()}
 
 
 def _real_store_path() -> str:
