@@ -3,6 +3,7 @@
 import _thread
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -116,7 +117,9 @@ def test_interrupted_run_resumes_without_repeating_calls(world, server, tmp_path
   run = str(tmp_path / "run")
   util.make_run(run)
   server.requests.clear()
-  server.on_request = lambda n: _thread.interrupt_main() if n == total // 2 else None  # Ctrl-C mid-way
+  # Ctrl-C mid-way: a real SIGINT to this process (it wakes the main thread's wait, as a terminal's does;
+  # _thread.interrupt_main only sets a flag, and once in a fresh-clone run under load it never raised).
+  server.on_request = lambda n: os.kill(os.getpid(), signal.SIGINT) if n == total // 2 else None
   with pytest.raises(KeyboardInterrupt):
     run_autointerp(_cfg(run, store, server.base_url, concurrency=4))
   first = len(server.requests)
