@@ -1,6 +1,5 @@
 """Concurrent LLM requests against a real local HTTP server: overlap, equal results, retries, resume, detection."""
 
-import _thread
 import json
 import os
 import signal
