@@ -105,7 +105,7 @@ def test_pipeline_results_do_not_depend_on_concurrency(world, server, tmp_path):
   assert len({lat["explanation"] for lat in lats}) == 2 and all(lat["scored"] for lat in lats)
 
 
-def test_interrupted_run_resumes_without_repeating_calls(world, server, tmp_path):
+def test_interrupted_run_resumes_without_repeating_calls(world, server, tmp_path, request):
   store = str(world / "store")
   ref_run = str(tmp_path / "ref")
   util.make_run(ref_run)
@@ -116,8 +116,11 @@ def test_interrupted_run_resumes_without_repeating_calls(world, server, tmp_path
   run = str(tmp_path / "run")
   util.make_run(run)
   server.requests.clear()
-  # Ctrl-C mid-way: a real SIGINT to this process (it wakes the main thread's wait, as a terminal's does;
-  # _thread.interrupt_main only sets a flag, and once in a fresh-clone run under load it never raised).
+  # Ctrl-C mid-way: a real SIGINT to this process. Python's own handler is installed for the test: a
+  # process started in the background by a shell without job control inherits SIGINT ignored, and then
+  # neither a signal nor _thread.interrupt_main raises anything (seen when `make test` ran as `cmd &`).
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
   server.on_request = lambda n: os.kill(os.getpid(), signal.SIGINT) if n == total // 2 else None
   with pytest.raises(KeyboardInterrupt):
     run_autointerp(_cfg(run, store, server.base_url, concurrency=4))
