@@ -77,8 +77,6 @@ def _auxk(pre_BxN, pre_columns, dead_N, w_dec_NxD, residual_BxD, aux_k, detach, 
     return run
 
   widths = auxk_buckets(n)
-  if len(widths) == 1:
-    return at_width(widths[0])()
   which = jnp.searchsorted(jnp.asarray(widths), jnp.sum(dead_N, dtype=jnp.int32))
   return jax.lax.switch(jnp.minimum(which, len(widths) - 1), [at_width(m) for m in widths])
 
@@ -183,9 +181,8 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
                 active_N + jnp.sum(on_WxN, axis=0), pairs.count + jnp.sum(on_WxN))
       return run
 
-    widths = topk.spill_buckets(b)
-    out, active, l0 = (spill_rows_at(widths[0])() if len(widths) == 1 else
-                       jax.lax.switch(sel.bucket, [spill_rows_at(w) for w in widths]))
+    # (lax.switch calls a lone branch directly: no conditional when there is one bucket)
+    out, active, l0 = jax.lax.switch(sel.bucket, [spill_rows_at(w) for w in topk.spill_buckets(b)])
     return _Recon(out + params["b_dec"], active, l0)
 
   return (jax.lax.cond(dense, lambda: _dense_recon(params, xs_BxD, pre_BxN, thresh, compute_dtype), sparse_path),

@@ -87,7 +87,7 @@ class Selection(NamedTuple):
   spill_idx_R: jax.Array  # int32: R = spill_buckets(B)[-1] rows, the spilling ones first (padded with others)
   spill_mask_R: jax.Array  # bool: which of spill_idx_R really spill
   dense: jax.Array  # bool scalar: more spilling rows than the largest bucket (on some device)
-  bucket: jax.Array = 0  # int32 scalar: the smallest of spill_buckets(B) holding every device's spilling rows
+  bucket: jax.Array  # int32 scalar: the smallest of spill_buckets(B) holding every device's spilling rows
 
 
 def threshold_from_candidates(cand_BxC: jax.Array, pre_BxN: jax.Array, k: int,

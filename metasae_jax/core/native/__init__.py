@@ -91,42 +91,41 @@ def row_kth_reference(x: jax.Array, k: int) -> jax.Array:
   return jnp.min(jax.lax.top_k(x, k)[0], axis=-1)
 
 
+def _select(x: jax.Array, k: int, native: Optional[bool], target: str, fallback, results):
+  """Runs `target` on x's rows on CPU (when built and not turned off), else `fallback(x)`; no gradient.
+
+  `results(batch_shape)` gives the custom call's output shapes and dtypes.
+  """
+  x = jax.lax.stop_gradient(x)
+  if not 1 <= k <= x.shape[-1]:
+    raise ValueError(f"{target} needs 1 <= k <= {x.shape[-1]}, got {k}")
+  if native is False or x.dtype != jnp.float32 or not available():
+    return fallback(x)
+
+  def on_cpu(v):
+    out = jax.ffi.ffi_call(target, results(v.shape[:-1]), vmap_method="broadcast_all")(
+        v, k=np.int64(k), threads=np.int64(_threads()))
+    # + a zero derived from v: under shard_map the results must vary over the mesh axes as v does
+    # (the custom call's outputs carry no such type), or the two platform branches would differ.
+    vary = jnp.zeros_like(v, shape=())
+    return jax.tree.map(lambda o: o + vary.astype(o.dtype), out)
+
+  return jax.lax.platform_dependent(x, cpu=on_cpu, default=fallback)
+
+
 def row_kth(x: jax.Array, k: int, native: Optional[bool] = None) -> jax.Array:
   """The k-th largest value of each row (last axis) of a float32 array, without gradient.
 
   `native` None: the kernel on CPU when available, else the reference; False: always the reference.
   """
-  x = jax.lax.stop_gradient(x)
-  if not 1 <= k <= x.shape[-1]:
-    raise ValueError(f"row_kth needs 1 <= k <= {x.shape[-1]}, got {k}")
-  if native is False or x.dtype != jnp.float32 or not available():
-    return row_kth_reference(x, k)
-
-  def on_cpu(v):
-    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(v.shape[:-1], v.dtype), vmap_method="broadcast_all")
-    # + zeros_like(v): under shard_map the result must vary over the mesh axes as v does (the
-    # custom call's output carries no such type), or the two platform branches would differ.
-    return call(v, k=np.int64(k), threads=np.int64(_threads())) + jnp.zeros_like(v[..., 0])
-
-  return jax.lax.platform_dependent(x, cpu=on_cpu, default=lambda v: row_kth_reference(v, k))
+  return _select(x, k, native, _TARGET, lambda v: row_kth_reference(v, k),
+                 lambda batch: jax.ShapeDtypeStruct(batch, jnp.float32))
 
 
 def row_top_k(x: jax.Array, k: int, native: Optional[bool] = None) -> tuple:
   """lax.top_k(x, k) without gradient: the same values and indices, in the same order (values
   descending, ties by ascending index). On CPU the kernel selects in linear time over threads.
   """
-  x = jax.lax.stop_gradient(x)
-  if not 1 <= k <= x.shape[-1]:
-    raise ValueError(f"row_top_k needs 1 <= k <= {x.shape[-1]}, got {k}")
-  if native is False or x.dtype != jnp.float32 or not available():
-    return tuple(jax.lax.top_k(x, k))
-
-  def on_cpu(v):
-    shape = v.shape[:-1] + (k,)
-    call = jax.ffi.ffi_call(_TARGET_TOP_K, (jax.ShapeDtypeStruct(shape, v.dtype),
-                                            jax.ShapeDtypeStruct(shape, jnp.int32)), vmap_method="broadcast_all")
-    vals, idx = call(v, k=np.int64(k), threads=np.int64(_threads()))
-    vary = jnp.zeros_like(v[..., :1])  # see row_kth: the result varies over mesh axes as v does
-    return vals + vary, idx + vary.astype(jnp.int32)
-
-  return jax.lax.platform_dependent(x, cpu=on_cpu, default=lambda v: tuple(jax.lax.top_k(v, k)))
+  return _select(x, k, native, _TARGET_TOP_K, lambda v: tuple(jax.lax.top_k(v, k)),
+                 lambda batch: (jax.ShapeDtypeStruct(batch + (k,), jnp.float32),
+                                jax.ShapeDtypeStruct(batch + (k,), jnp.int32)))

@@ -4,8 +4,8 @@
 //
 // What AuxK and per-token TopK need from a top_k is only each row's k-th largest
 // value (the threshold), not the sorted top k. XLA:CPU's top_k partially sorts
-// every row on one core; here each row's positive entries are copied out and
-// std::nth_element finds the k-th largest in linear time, rows split over threads.
+// every row on one core; here std::nth_element finds the k-th largest in linear
+// time among the few entries a sampled estimate keeps (KthOfRow), rows split over threads.
 // The result equals min(top_k(x, k).values) exactly (the k-th largest value does
 // not depend on how ties are broken). A row holding a NaN gets NaN.
 
@@ -76,24 +76,36 @@ void KthRows(const float* x, float* out, int64_t cols, int64_t k, int64_t row_be
   for (int64_t r = row_begin; r < row_end; ++r) out[r] = KthOfRow(x + r * cols, cols, k, buf.data());
 }
 
-ffi::Error RowKthImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out, int64_t k, int64_t threads) {
+// Rows and row length of x for a selection of k per row, or the error to return.
+ffi::Error RowShape(ffi::Buffer<ffi::F32> x, int64_t k, int64_t* rows, int64_t* cols) {
   auto dims = x.dimensions();
-  if (dims.size() < 1) return ffi::Error::InvalidArgument("row_kth needs an array of rank >= 1");
-  const int64_t cols = dims.back();
-  if (k < 1 || k > cols) return ffi::Error::InvalidArgument("row_kth needs 1 <= k <= the row length");
-  const int64_t rows = cols == 0 ? 0 : static_cast<int64_t>(x.element_count()) / cols;
-  const float* in = x.typed_data();
-  float* res = out->typed_data();
-  int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, rows / 64));
+  if (dims.size() < 1) return ffi::Error::InvalidArgument("row selection needs an array of rank >= 1");
+  *cols = dims.back();
+  if (k < 1 || k > *cols) return ffi::Error::InvalidArgument("row selection needs 1 <= k <= the row length");
+  *rows = static_cast<int64_t>(x.element_count()) / *cols;
+  return ffi::Error::Success();
+}
+
+// Calls fn(row_begin, row_end) over contiguous row ranges, on up to `threads` threads (64+ rows each).
+template <typename Fn>
+void ForRowRanges(int64_t rows, int64_t threads, Fn fn) {
+  const int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, rows / 64));
   if (t == 1) {
-    KthRows(in, res, cols, k, 0, rows);
-    return ffi::Error::Success();
+    fn(0, rows);
+    return;
   }
   std::vector<std::thread> pool;
-  for (int64_t i = 0; i < t; ++i) {
-    pool.emplace_back(KthRows, in, res, cols, k, rows * i / t, rows * (i + 1) / t);
-  }
+  for (int64_t i = 0; i < t; ++i) pool.emplace_back(fn, rows * i / t, rows * (i + 1) / t);
   for (auto& th : pool) th.join();
+}
+
+ffi::Error RowKthImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out, int64_t k, int64_t threads) {
+  int64_t rows, cols;
+  ffi::Error shape = RowShape(x, k, &rows, &cols);
+  if (shape.failure()) return shape;
+  const float* in = x.typed_data();
+  float* res = out->typed_data();
+  ForRowRanges(rows, threads, [=](int64_t begin, int64_t end) { KthRows(in, res, cols, k, begin, end); });
   return ffi::Error::Success();
 }
 
@@ -138,24 +150,13 @@ void TopKRows(const float* x, float* out_v, int32_t* out_i, int64_t cols, int64_
 
 ffi::Error RowTopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
                        ffi::ResultBuffer<ffi::S32> indices, int64_t k, int64_t threads) {
-  auto dims = x.dimensions();
-  if (dims.size() < 1) return ffi::Error::InvalidArgument("row_top_k needs an array of rank >= 1");
-  const int64_t cols = dims.back();
-  if (k < 1 || k > cols) return ffi::Error::InvalidArgument("row_top_k needs 1 <= k <= the row length");
-  const int64_t rows = static_cast<int64_t>(x.element_count()) / cols;
+  int64_t rows, cols;
+  ffi::Error shape = RowShape(x, k, &rows, &cols);
+  if (shape.failure()) return shape;
   const float* in = x.typed_data();
   float* v = values->typed_data();
   int32_t* idx = indices->typed_data();
-  int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, rows / 64));
-  if (t == 1) {
-    TopKRows(in, v, idx, cols, k, 0, rows);
-    return ffi::Error::Success();
-  }
-  std::vector<std::thread> pool;
-  for (int64_t i = 0; i < t; ++i) {
-    pool.emplace_back(TopKRows, in, v, idx, cols, k, rows * i / t, rows * (i + 1) / t);
-  }
-  for (auto& th : pool) th.join();
+  ForRowRanges(rows, threads, [=](int64_t begin, int64_t end) { TopKRows(in, v, idx, cols, k, begin, end); });
   return ffi::Error::Success();
 }
 
