@@ -1,6 +1,6 @@
-"""The native row_kth kernel (XLA FFI, CPU) against lax.top_k, and that the loss really uses it.
+"""The native kernels (XLA FFI, CPU) against lax.top_k, numpy and XLA's dense forms; the loss really uses them.
 
-Legend: B = rows, M = row length.
+Legend: B = rows (tokens), M = row length, K = slots per token, N = latents, D = row width.
 """
 
 import jax
@@ -83,6 +83,75 @@ def test_auxk_loss_lowers_to_the_kernel_on_cpu():
   rng = np.random.default_rng(2)
   args = (jnp.asarray(rng.random((b, n)), jnp.float32), jnp.asarray(rng.random(n) < 0.5),
           jnp.asarray(rng.normal(size=(n, d)), jnp.float32), jnp.asarray(rng.normal(size=(b, d)), jnp.float32))
-  hlo = jax.jit(lambda *a: losses.auxk_loss(*a, aux_k=16)).lower(*args).as_text()
-  assert "metasae_row_kth" in hlo
+  hlo = jax.jit(jax.value_and_grad(lambda *a: losses.auxk_loss(*a, aux_k=16), argnums=(0, 2))).lower(*args).as_text()
+  for target in ("metasae_row_top_k", "metasae_slot_gather_sum", "metasae_slot_gather_dot",
+                 "metasae_slot_scatter_outer"):
+    assert target in hlo, target
   assert "metasae_row_kth" not in jax.jit(lambda v: native.row_kth(v, 3, native=False)).lower(args[0]).as_text()
+
+
+def test_unsorted_top_k_is_the_same_set_in_index_order():
+  x = jnp.asarray(_cases()["ties"])  # ties: which of the equal values are taken must still match top_k
+  for k in (1, 7, 25, 50):
+    vals, idx = jax.jit(lambda v, k=k: native.row_top_k(v, k, sorted=False))(x)
+    want_v, want_i = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(np.asarray(idx), np.sort(np.asarray(want_i), axis=1))
+    np.testing.assert_array_equal(np.asarray(vals), np.take_along_axis(np.asarray(x), np.asarray(idx), 1))
+
+
+def _slot_problem(b, k, n, d, seed=0, duplicates=False):
+  rng = np.random.default_rng(seed)
+  if duplicates:  # any indices, repeats within a row included (the kernels must add them up)
+    idx = rng.integers(0, n, size=(b, k))
+  else:
+    idx = np.stack([rng.choice(n, k, replace=False) for _ in range(b)])
+  vals = rng.normal(size=(b, k)).astype(np.float32)
+  vals[rng.random((b, k)) < 0.3] = 0.0  # zero slots are skipped by the kernels
+  w = rng.normal(size=(n, d)).astype(np.float32)
+  g = rng.normal(size=(b, d)).astype(np.float32)
+  return vals, idx.astype(np.int32), w, g
+
+
+# d: a multiple of the 64-float block, a block plus a tail, and shorter than one block.
+@pytest.mark.parametrize("b,k,n,d,dup", [(33, 7, 50, 128, False), (100, 16, 40, 200, True), (5, 3, 9, 5, True),
+                                         (70, 64, 300, 576, False)])
+def test_slot_products_match_numpy(b, k, n, d, dup):
+  vals, idx, w, g = _slot_problem(b, k, n, d, duplicates=dup)
+  dense = np.zeros((b, n), np.float64)
+  np.add.at(dense, (np.arange(b)[:, None], idx), vals)
+  args = [jnp.asarray(a) for a in (vals, idx, w, g)]
+  got_sum = jax.jit(native.slot_gather_sum)(*args[:3])
+  got_dot = jax.jit(native.slot_gather_dot)(args[3], args[1], args[2])
+  got_out, got_sums = jax.jit(lambda v, i, r: native.slot_scatter_outer(v, i, r, n))(args[0], args[1], args[3])
+  np.testing.assert_allclose(got_sum, dense @ w, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got_dot, np.einsum("bd,bkd->bk", g, w[idx]), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got_out, dense.T @ g, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got_sums, dense.sum(0), rtol=1e-5, atol=1e-5)
+  # The XLA fallbacks agree too (what GPU/TPU run).
+  np.testing.assert_allclose(native.slot_gather_sum(*args[:3], native=False), dense @ w, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(native.slot_scatter_outer(args[0], args[1], args[3], n, native=False)[0], dense.T @ g,
+                             rtol=1e-5, atol=1e-4)
+
+
+def test_slot_index_out_of_range_is_an_error():
+  vals, idx, w, _ = _slot_problem(8, 4, 10, 16)
+  idx[3, 2] = 10
+  with pytest.raises(Exception, match="slot index outside"):
+    jax.block_until_ready(jax.jit(native.slot_gather_sum)(jnp.asarray(vals), jnp.asarray(idx), jnp.asarray(w)))
+
+
+def test_slot_products_under_vmap_and_in_grad():
+  """vmap (seeds stacked) runs the kernel per member; slot_decode's gradient equals the dense product's."""
+  from metasae_jax.core import sparse  # pylint: disable=g-import-not-at-top
+  probs = [_slot_problem(16, 5, 30, 70, seed=s) for s in range(3)]
+  vals, idx, w, g = (jnp.asarray(np.stack(a)) for a in zip(*probs))
+  got = jax.jit(jax.vmap(native.slot_gather_sum))(vals, idx, w)
+  np.testing.assert_allclose(got, jax.vmap(lambda v, i, w: native.slot_gather_sum(v, i, w, native=False))(
+      vals, idx, w), rtol=1e-5, atol=1e-5)
+
+  def dense_loss(v, w, i):
+    return jnp.sum(jnp.sin(native._slots_dense(v, i, w.shape[0]) @ w))  # pylint: disable=protected-access
+  slot_loss = lambda v, w, i: jnp.sum(jnp.sin(sparse.slot_decode(v, i, w)))
+  for a, e in zip(jax.jit(jax.grad(slot_loss, argnums=(0, 1)))(vals[0], w[0], idx[0]),
+                  jax.grad(dense_loss, argnums=(0, 1))(vals[0], w[0], idx[0])):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,7 @@ Legend: B = batch, D = d_model, N = latents.
 Real activations overflow the fast paths: some tokens put many more than k
 large pre-activations in one row (more than its C candidate slots: a spilling
 row; more than the largest of `topk.spill_buckets` and the step falls back to dense), and
-most latents can be dead (AuxK beyond `losses.dead_cap` runs at full width).
+most latents can be dead (AuxK's slots are then all dead latents, none zero-padded).
 Each case is checked against `core/naive.py` for both AuxK variants, and the
 path it takes is asserted, so the test cannot drift onto the fast path.
 """
@@ -72,11 +72,11 @@ def _path(params, x, since):
 
 
 CASES = {
-    # name: (crowded rows, fraction of latents idle long enough to be dead, expected path)
-    "slots, few dead": (0, 0.05, "slots", "capped"),
+    # name: (crowded rows, fraction of latents idle long enough to be dead, expected paths)
+    "slots, few dead": (0, 0.05, "slots", "padded"),
     "spilling rows on the side, most dead": (3, 0.9, "side", "full"),
     "dense fallback, most dead": (topk.SPILL_ROWS + 4, 0.9, "dense", "full"),
-    "dense fallback, few dead": (topk.SPILL_ROWS + 4, 0.05, "dense", "capped"),
+    "dense fallback, few dead": (topk.SPILL_ROWS + 4, 0.05, "dense", "padded"),
     # With spill allowances up to B/2 (16, 64, 128 rows), the same rows take the 64-row bucket.
     "spilling rows in a wider bucket, most dead": (topk.SPILL_ROWS + 4, 0.9, "bucket", "full"),
 }
@@ -106,8 +106,8 @@ def test_fast_loss_equals_naive_on_slow_paths(case, detach, spill_fraction):
           "side": lambda: 0 < num_spill <= widths[0] and not dense,
           "bucket": lambda: widths[0] < num_spill <= widths[1] and not dense,
           "dense": lambda: num_spill > widths[-1] and dense}[spill_path](), (num_spill, dense)
-  cap = losses.dead_cap(N)
-  assert (0 < num_dead <= cap) if aux_path == "capped" else (num_dead > cap), (num_dead, cap)
+  # padded: fewer dead latents than aux_k, so some AuxK slots hold zeros; full: every slot a dead latent.
+  assert (0 < num_dead < CFG.aux_k) if aux_path == "padded" else (num_dead > CFG.aux_k), (num_dead, CFG.aux_k)
 
   (loss, since_fast), g_fast = _fast(params, x, since, detach)
   (want, since_slow), g_slow = _slow(params, x, since, detach)

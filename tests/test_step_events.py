@@ -1,4 +1,4 @@
-"""The slow-path event counts of a step (spilling rows, dense fallback, full-width AuxK) against numpy.
+"""The slow-path event counts of a step (spilling rows, dense fallback) against numpy.
 
 Legend: B = batch, D = d_model, N = latents, C = candidate slots per row.
 """
@@ -34,7 +34,7 @@ def _problem(aligned_rows: int, seed: int = 0):
   return params, x.astype(np.float32)
 
 
-def _expected(params, x, since_N):
+def _expected(params, x):
   """Brute force by full sorts on the float32 pre-activations.
 
   A row takes the spill path when its C-th largest reaches the (K*B)-th largest
@@ -42,14 +42,11 @@ def _expected(params, x, since_N):
   the exact one): it may hold more selected entries than slots.
   """
   pre = np.asarray(sae.pre_activations(params, sae.standardize(jnp.asarray(x))[0]))
-  thresh = np.sort(pre.reshape(-1))[-K * B]
   c = topk.num_candidates(N, K)
   top_c = np.sort(pre, axis=1)[:, -c:]
   cand_thresh = np.sort(top_c.reshape(-1))[-K * B]
   spill = int(np.sum(top_c[:, 0] >= cand_thresh))
-  fired = ((pre >= thresh) & (pre > 0)).any(0)
-  dead = np.where(fired, 0, since_N + 1) >= 5
-  return spill, float(spill > topk.spill_buckets(B)[-1]), float(dead.sum() > losses.dead_cap(N))
+  return spill, float(spill > topk.spill_buckets(B)[-1])
 
 
 @pytest.mark.parametrize("aligned_rows,since,fraction", [(0, 0, 8), (5, 0, 8), (5, 10, 8), (24, 10, 8),
@@ -62,27 +59,15 @@ def test_event_counts_match_brute_force(aligned_rows, since, fraction, monkeypat
   since_N = np.full((N,), since, np.int32)
   _, stats = jax.jit(lambda p, x, s: losses.sae_loss(p, x, s, K, "batchtopk", 16, 1 / 32))(
       params, jnp.asarray(x), jnp.asarray(since_N))
-  spill, dense, full = _expected(params, x, since_N)
+  spill, dense = _expected(params, x)
   if aligned_rows:
     assert spill >= aligned_rows // 2  # the construction really makes rows spill
   assert float(stats.spill_rows) == spill
   assert float(stats.dense_fallback) == dense
-  assert float(stats.full_auxk) == full
   if aligned_rows == 0 or aligned_rows > topk.spill_buckets(B)[-1]:  # both sides of the fallback are exercised
     assert dense == float(aligned_rows > 0)
   if aligned_rows > topk.SPILL_ROWS:
     assert dense == float(fraction > B)
-
-
-@pytest.mark.parametrize("since,full", [(0, 0.0), (10, 1.0)])
-def test_full_auxk_below_the_cap_width(since, full):
-  """At N <= dead_cap(N) AuxK always runs full width once any latent is dead."""
-  n = 64
-  params = sae.init_params(jax.random.PRNGKey(0), D, n)
-  x = jax.random.normal(jax.random.PRNGKey(1), (16, D))
-  _, stats = losses.sae_loss(params, x, jnp.full((n,), since, jnp.int32), 2, "batchtopk", 16, 1 / 32)
-  assert float(stats.full_auxk) == full
-  assert float(stats.dense_fallback) == 0.0
 
 
 def test_train_step_reports_events_per_sae():
@@ -91,8 +76,6 @@ def test_train_step_reports_events_per_sae():
   x = jax.random.normal(jax.random.PRNGKey(1), (32, D))
   _, metrics = jax.jit(train_step)(state, x)
   for name in ("joint", "solo"):
-    for key in ("spill_rows", "dense_fallback", "full_auxk"):
+    for key in ("spill_rows", "dense_fallback"):
       v = float(metrics[f"{name}/{key}"])
       assert 0.0 <= v <= (32 if key == "spill_rows" else 1.0)
-  # Nothing is dead at the first step, so AuxK cannot have run at all.
-  assert float(metrics["joint/full_auxk"]) == 0.0

@@ -19,12 +19,10 @@ class SAELoss(NamedTuple):
   l0: jax.Array
   since_fired_N: jax.Array  # int32: batches since each latent fired, this (global) batch included
   # Slow-path events of this step (scalars, float32 so they average like the rest): rows whose
-  # selected entries spilled past their candidate slots, whether the decoder fell back to dense
-  # (too many spilling rows or a full pair list), and whether AuxK ran in a bucket wider than its
-  # smallest (more dead latents than `dead_cap`).
+  # selected entries spilled past their candidate slots, and whether the decoder fell back to dense
+  # (too many spilling rows or a full pair list).
   spill_rows: jax.Array = 0.0
   dense_fallback: jax.Array = 0.0
-  full_auxk: jax.Array = 0.0
 
 
 def _pmean(x, axis_name):
@@ -43,73 +41,38 @@ def auxk_loss(pre_BxN: jax.Array, dead_N: jax.Array, w_dec_NxD: jax.Array, resid
   gradient, so AuxK also trains the main reconstruction); True is OpenAI's TopK
   recipe (the target is a constant). Differentiable in all four arrays.
   """
-  return _auxk(pre_BxN, lambda idx_M: pre_BxN if idx_M is None else pre_BxN[:, idx_M], dead_N, w_dec_NxD,
+  return _auxk(pre_BxN, lambda idx_BxK: jnp.take_along_axis(pre_BxN, idx_BxK, axis=1), dead_N, w_dec_NxD,
                residual_BxD, aux_k, detach)
 
 
-def _auxk(pre_BxN, pre_columns, dead_N, w_dec_NxD, residual_BxD, aux_k, detach, compute_dtype="float32"):
-  """AuxK over the dead latents' columns only, in a width bucket just above their count.
+def _auxk(pre_BxN, slot_values, dead_N, w_dec_NxD, residual_BxD, aux_k, detach, compute_dtype="float32"):
+  """AuxK over each token's top aux_k dead latents as K = min(aux_k, N) slots per token.
 
-  `pre_BxN` gives the values (the selection takes no gradient); `pre_columns(idx_M)`
-  gives the same values of the chosen columns with their gradient (idx_M None =
-  all columns). The dead latents are gathered into the smallest of the static
-  widths `auxk_buckets(N)` that holds them (padded with live columns, masked out),
-  so the cost follows the dead count, not N; at the largest bucket no gather runs.
-  Exact either way: the same top aux_k dead entries per token, the same gradient.
+  `pre_BxN` gives the values (the selection takes no gradient); `slot_values(idx_BxK)`
+  gives the same values at the chosen slots with their gradient. The decoder and
+  all gradients run over the B*K slots (`sparse.slot_decode`; native kernels on
+  CPU), not over B x N or B x (dead) matrices, so the cost does not grow with the
+  dead count. Live latents are zeroed before the selection, so when fewer than K
+  latents are dead the extra slots hold zeros and contribute nothing: the
+  reference's min(aux_k, #dead).
   """
   n = dead_N.shape[0]
   target_BxD = jax.lax.stop_gradient(residual_BxD) if detach else residual_BxD
-  pre_BxN = jax.lax.stop_gradient(pre_BxN)
-
-  def at_width(m):
-    def run():
-      if m >= n:
-        idx_M, dead_M, w_MxD, values = None, dead_N, w_dec_NxD, pre_BxN
-      else:
-        _, idx_M = jax.lax.top_k(dead_N.astype(jnp.float32), m)  # every dead latent, padded with live ones
-        dead_M, w_MxD, values = dead_N[idx_M], w_dec_NxD[idx_M], pre_BxN[:, idx_M]
-      # Live latents are zeroed, so when fewer than aux_k latents are dead the extra picks are
-      # zeros and contribute nothing: the reference's min(aux_k, #dead).
-      masked_BxM = jnp.where(dead_M, values, 0.0)
-      kth_Bx1 = native.row_kth(masked_BxM, min(aux_k, m))[:, None]  # each token's aux_k-th largest
-      aux_BxM = jnp.where((masked_BxM >= kth_Bx1) & (masked_BxM > 0), pre_columns(idx_M), 0.0)
-      return jnp.mean((sae.matmul(aux_BxM, w_MxD, compute_dtype) - target_BxD) ** 2)
-    return run
-
-  widths = auxk_buckets(n)
-  which = jnp.searchsorted(jnp.asarray(widths), jnp.sum(dead_N, dtype=jnp.int32))
-  return jax.lax.switch(jnp.minimum(which, len(widths) - 1), [at_width(m) for m in widths])
+  masked_BxN = jnp.where(dead_N, jax.lax.stop_gradient(pre_BxN), 0.0)
+  top_BxK, idx_BxK = native.row_top_k(masked_BxN, min(aux_k, n), sorted=False)
+  vals_BxK = jnp.where(top_BxK > 0, slot_values(idx_BxK), 0.0)
+  return jnp.mean((sparse.slot_decode(vals_BxK, idx_BxK, w_dec_NxD, compute_dtype) - target_BxD) ** 2)
 
 
 def sae_auxk(params: dict, xs_BxD: jax.Array, pre_BxN: jax.Array, dead_N: jax.Array, residual_BxD: jax.Array,
              aux_k: int, detach: bool = False, compute_dtype: str = "float32") -> jax.Array:
   """AuxK of an SAE, differentiable in its params, reusing the encoder pass's values `pre_BxN`."""
 
-  def pre_columns(idx_M):  # the values again, with their gradient (dense over the chosen columns)
-    if idx_M is None:
-      return sparse.column_pre(pre_BxN, xs_BxD, params["W_enc"], params["b_dec"], params["b_enc"], compute_dtype)
-    return sparse.column_pre(pre_BxN[:, idx_M], xs_BxD, params["W_enc"][:, idx_M], params["b_dec"],
-                             params["b_enc"][idx_M], compute_dtype)
+  def slot_values(idx_BxK):  # the values again, with their (slot-sparse) gradient
+    return sparse.slot_pre(jnp.take_along_axis(pre_BxN, idx_BxK, axis=1), idx_BxK, xs_BxD, params["W_enc"],
+                           params["b_dec"], params["b_enc"], compute_dtype)
 
-  return _auxk(pre_BxN, pre_columns, dead_N, params["W_dec"], residual_BxD, aux_k, detach, compute_dtype)
-
-
-def dead_cap(n: int) -> int:
-  """The smallest AuxK width bucket (static): up to this many dead latents AuxK is cheapest."""
-  return min(n, max(1024, n // 8))
-
-
-def auxk_buckets(n: int) -> tuple:
-  """Static AuxK widths: dead_cap(N), the multiples of N/8 above it up to 5N/8, then N itself.
-
-  Each is one compiled branch; the step runs the smallest that holds the dead latents
-  (on real activations 45-60 % of the latents count as dead early in training). Gathering
-  the columns has its own cost: measured at d 576, N 9216, B 4096 on 2 cores (value and
-  gradient), 1000 dead: 0.56 s gathered vs 1.82 s full width; 4000: 1.82 vs 1.98; at
-  3N/4 the gathered path was already slower than the full one, so no bucket lies there.
-  """
-  cap = dead_cap(n)
-  return tuple(sorted({cap, n} | {j * n // 8 for j in range(2, 6) if cap < j * n // 8 < n}))
+  return _auxk(pre_BxN, slot_values, dead_N, params["W_dec"], residual_BxD, aux_k, detach, compute_dtype)
 
 
 # The slot path pays off only when slots per token are a small fraction of the
@@ -226,11 +189,9 @@ def sae_loss(params: dict, x_BxD: jax.Array, since_fired_N: jax.Array, k: int, a
   err = _psum(jnp.sum((x - recon) ** 2), axis_name)
   var = _psum(jnp.sum((x - mean_D) ** 2), axis_name)
   l0 = _pmean(rec.l0_sum.astype(jnp.float32) / x.shape[0], axis_name)
-  n = dead_N.shape[0]
-  full_auxk = jnp.any(dead_N) & (jnp.sum(dead_N) > dead_cap(n)) if dead_cap(n) < n else jnp.any(dead_N)
   stats = SAELoss(mse=mse, aux=aux, fvu=err / var, l0=l0, since_fired_N=since_N,
                   spill_rows=_psum(events.spill_rows, axis_name).astype(jnp.float32),
-                  dense_fallback=events.dense.astype(jnp.float32), full_auxk=full_auxk.astype(jnp.float32))
+                  dense_fallback=events.dense.astype(jnp.float32))
   return mse + aux_coeff * aux, stats
 
 

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metasae_jax.core import sae
+from metasae_jax.core import native, sae
 
 # Pairs per iteration of the pair loops (one gather/scatter of this many D-rows).
 PAIR_CHUNK = 2048
@@ -159,3 +159,62 @@ def _column_pre_bwd(compute_dtype, res, g_BxM):
 
 
 column_pre.defvjp(_column_pre_fwd, _column_pre_bwd)
+
+
+# Slots: K (latent, value) entries per token in [B, K] arrays, e.g. AuxK's top aux_k dead latents
+# (2M slots at the paper's shape, so the products run in the native kernels, not in XLA loops).
+
+
+def _slot_ops(compute_dtype: str) -> dict:
+  """The native slot products in float32, or their dense XLA forms with `compute_dtype` inputs."""
+  return dict(native=None if compute_dtype == "float32" else False,
+              matmul=lambda a, b: sae.matmul(a, b, compute_dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def slot_decode(vals_BxK: jax.Array, idx_BxK: jax.Array, w_NxD: jax.Array, compute_dtype: str = "float32"):
+  """Σ_j vals[b, j] · w[idx[b, j]] per token, [B, D]: a decoder without b_dec over the slots."""
+  return native.slot_gather_sum(vals_BxK, idx_BxK, w_NxD, **_slot_ops(compute_dtype))
+
+
+def _slot_decode_fwd(vals, idx, w, compute_dtype):
+  return slot_decode(vals, idx, w, compute_dtype), (vals, idx, w)
+
+
+def _slot_decode_bwd(compute_dtype, res, g_BxD):
+  vals, idx, w = res
+  ops = _slot_ops(compute_dtype)
+  d_w, _ = native.slot_scatter_outer(vals, idx, g_BxD, w.shape[0], **ops)
+  return native.slot_gather_dot(g_BxD, idx, w, **ops), None, d_w
+
+
+slot_decode.defvjp(_slot_decode_fwd, _slot_decode_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def slot_pre(pre_BxK: jax.Array, idx_BxK: jax.Array, xs_BxD: jax.Array, w_enc_DxN: jax.Array, b_dec_D: jax.Array,
+             b_enc_N: jax.Array, compute_dtype: str = "float32") -> jax.Array:
+  """ReLU((xs - b_dec) W_enc + b_enc) at the slots, given their values; differentiable in the weights.
+
+  Like `column_pre` for slots: the values come from the gradient-free encoder
+  pass; this op supplies their gradient through the ReLU: dW_enc[:, i] gets
+  (xs_b - b_dec) g[b, j] for each slot (b, j) of latent i, db_enc[i] the sum of
+  those g, db_dec = -W_enc db_enc.
+  """
+  del idx_BxK, xs_BxD, w_enc_DxN, b_dec_D, b_enc_N, compute_dtype
+  return pre_BxK
+
+
+def _slot_pre_fwd(pre, idx, xs, w_enc, b_dec, b_enc, compute_dtype):
+  del b_enc
+  return pre, (pre > 0, idx, xs, w_enc, b_dec)
+
+
+def _slot_pre_bwd(compute_dtype, res, g_BxK):
+  on, idx, xs, w_enc, b_dec = res
+  g = jnp.where(on, g_BxK, 0.0)
+  d_w_NxD, col_sum_N = native.slot_scatter_outer(g, idx, xs - b_dec, w_enc.shape[1], **_slot_ops(compute_dtype))
+  return None, None, None, d_w_NxD.T, -(w_enc @ col_sum_N), col_sum_N
+
+
+slot_pre.defvjp(_slot_pre_fwd, _slot_pre_bwd)

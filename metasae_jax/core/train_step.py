@@ -79,7 +79,7 @@ def _vary(tree, axis_name):
 def _sae_metrics(prefix: str, loss, stats: losses.SAELoss, since_fired, config) -> dict:
   return {f"{prefix}/loss": loss, f"{prefix}/mse": stats.mse, f"{prefix}/aux": stats.aux,
           f"{prefix}/fvu": stats.fvu, f"{prefix}/l0": stats.l0, f"{prefix}/spill_rows": stats.spill_rows,
-          f"{prefix}/dense_fallback": stats.dense_fallback, f"{prefix}/full_auxk": stats.full_auxk,
+          f"{prefix}/dense_fallback": stats.dense_fallback,
           f"{prefix}/dead_fraction": jnp.mean((since_fired >= config.dead_after_batches).astype(jnp.float32))}
 
 

@@ -183,7 +183,7 @@ def benchmark_export(config, loaded=None, num_batches: int = 8, rounds: int = 2)
 
 REAL_LAYER = 15
 REAL_TOKENS = 262144
-EVENT_KEYS = ("spill_rows", "dense_fallback", "full_auxk")
+EVENT_KEYS = ("spill_rows", "dense_fallback")
 
 
 def real_store(workdir: str, num_tokens: int = REAL_TOKENS, layer: int = REAL_LAYER, progress: bool = False):

@@ -1,22 +1,29 @@
-"""Native CPU kernels as XLA FFI custom calls, built from source on first use; lax fallbacks elsewhere.
+"""Native CPU kernels as XLA FFI custom calls, built from source on first use; XLA fallbacks elsewhere.
 
-`row_kth(x, k)` is each row's k-th largest value: what AuxK and per-token TopK
-need from a top_k (their thresholds). `row_top_k(x, k)` is lax.top_k(x, k) itself
-(the candidates of BatchTopK). On CPU they run `row_kth.cc` (linear-time selection
-over the positive entries, rows over threads: ~10x faster than XLA:CPU's
-single-core top_k at AuxK's shape, 4096 x 5760, k 512); on GPU/TPU, or when the
-kernel cannot be built, lax.top_k. Same values either way.
+Selections (`row_kth.cc`): `row_kth(x, k)` is each row's k-th largest value (the
+threshold of per-token TopK); `row_top_k(x, k)` is lax.top_k(x, k) itself (the
+candidates of BatchTopK, AuxK's dead latents). Linear-time selection over the
+positive entries, rows over threads: ~10x faster than XLA:CPU's single-core top_k
+at AuxK's shape.
 
-The kernel is compiled once per (source, jaxlib) with the C++ compiler (`$CXX`,
-else `c++`) into `$METASAE_JAX_CACHE` (default ~/.cache/metasae-jax); `make install`
-builds it. METASAE_JAX_NATIVE=0 turns it off. Without a compiler a warning says
-so once and the fallback runs.
+Slot products (`slots.cc`), for K (latent, value) slots per token:
+`slot_gather_sum` (a decoder over the slots), `slot_gather_dot` (its value
+gradient) and `slot_scatter_outer` (a weight gradient and the per-latent value
+sums). 2*B*K*D work each instead of a dense matmul's 2*B*N*D.
+
+On GPU/TPU, or when the kernels cannot be built, the same results come from XLA
+(lax.top_k; dense matmuls for the slot products). The library is compiled once
+per (sources, jaxlib, CPU) with the C++ compiler (`$CXX`, else `c++`;
+`-march=native`) into `$METASAE_JAX_CACHE` (default ~/.cache/metasae-jax); `make
+install` builds it. METASAE_JAX_NATIVE=0 turns it off. Without a compiler a
+warning says so once and the fallbacks run.
 """
 
 import functools
 import hashlib
 import logging
 import os
+import platform
 import subprocess
 import tempfile
 from typing import Optional
@@ -25,20 +32,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "row_kth.cc")
-_TARGET = "metasae_row_kth"
-_TARGET_TOP_K = "metasae_row_top_k"
+_SOURCES = tuple(os.path.join(os.path.dirname(__file__), f) for f in ("row_kth.cc", "slots.cc"))
+# FFI target name -> symbol in the library.
+_TARGETS = {"metasae_row_kth": "MetasaeRowKth", "metasae_row_top_k": "MetasaeRowTopK",
+            "metasae_slot_gather_sum": "MetasaeSlotGatherSum", "metasae_slot_gather_dot": "MetasaeSlotGatherDot",
+            "metasae_slot_scatter_outer": "MetasaeSlotScatterOuter"}
 
 
 def cache_dir() -> str:
   return os.environ.get("METASAE_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "metasae-jax")
 
 
+def _cpu_flags() -> bytes:
+  """What -march=native compiles for: the CPU's feature flags (a shared cache serves each CPU its own build)."""
+  try:
+    with open("/proc/cpuinfo", "rb") as f:
+      return next((line for line in f if line.startswith((b"flags", b"Features"))), b"")
+  except OSError:
+    return b""
+
+
 def _library_path() -> str:
   import jaxlib  # pylint: disable=g-import-not-at-top
-  with open(_SOURCE, "rb") as f:
-    key = hashlib.sha256(f.read() + jaxlib.__version__.encode()).hexdigest()[:16]
-  return os.path.join(cache_dir(), f"row_kth-{key}.so")
+  h = hashlib.sha256(jaxlib.__version__.encode() + platform.machine().encode() + _cpu_flags())
+  for src in _SOURCES:
+    with open(src, "rb") as f:
+      h.update(f.read())
+  return os.path.join(cache_dir(), f"kernels-{h.hexdigest()[:16]}.so")
 
 
 def build() -> str:
@@ -49,8 +69,8 @@ def build() -> str:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
-  cmd = [os.environ.get("CXX", "c++"), "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
-         "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp, "-lpthread"]
+  cmd = [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+         "-I", jax.ffi.include_dir(), *_SOURCES, "-o", tmp, "-lpthread"]
   try:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     os.replace(tmp, path)
@@ -58,7 +78,7 @@ def build() -> str:
     if os.path.exists(tmp):
       os.remove(tmp)
     detail = getattr(e, "stderr", "") or str(e)
-    raise RuntimeError(f"building {_SOURCE} failed ({' '.join(cmd[:1])}): {detail.strip()[-500:]}") from e
+    raise RuntimeError(f"building {', '.join(_SOURCES)} failed ({' '.join(cmd[:1])}): {detail.strip()[-500:]}") from e
   return path
 
 
@@ -70,11 +90,12 @@ def available() -> bool:
   try:
     import ctypes  # pylint: disable=g-import-not-at-top
     lib = ctypes.cdll.LoadLibrary(build())
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.MetasaeRowKth), platform="cpu")
-    jax.ffi.register_ffi_target(_TARGET_TOP_K, jax.ffi.pycapsule(lib.MetasaeRowTopK), platform="cpu")
+    for target, symbol in _TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return True
   except (OSError, RuntimeError, AttributeError) as e:
-    logging.warning("metasae-jax: native row_kth kernel unavailable, using lax.top_k instead (slower on CPU): %s", e)
+    logging.warning("metasae-jax: native kernels unavailable, using XLA's top_k and dense matmuls instead "
+                    "(slower on CPU): %s", e)
     return False
 
 
@@ -91,26 +112,31 @@ def row_kth_reference(x: jax.Array, k: int) -> jax.Array:
   return jnp.min(jax.lax.top_k(x, k)[0], axis=-1)
 
 
-def _select(x: jax.Array, k: int, native: Optional[bool], target: str, fallback, results):
-  """Runs `target` on x's rows on CPU (when built and not turned off), else `fallback(x)`; no gradient.
+def _call(target: str, args: tuple, native: Optional[bool], fallback, results, vmap_method: str, **attrs):
+  """Runs the custom call `target` on CPU (when built, not turned off, and every float argument is
+  float32), else `fallback(*args)`. No gradient: callers define it (custom_vjp) where needed.
 
-  `results(batch_shape)` gives the custom call's output shapes and dtypes.
+  `results` gives the custom call's output shapes and dtypes.
   """
-  x = jax.lax.stop_gradient(x)
-  if not 1 <= k <= x.shape[-1]:
-    raise ValueError(f"{target} needs 1 <= k <= {x.shape[-1]}, got {k}")
-  if native is False or x.dtype != jnp.float32 or not available():
-    return fallback(x)
+  args = tuple(jax.lax.stop_gradient(a) for a in args)
+  floats_ok = all(a.dtype == jnp.float32 for a in args if jnp.issubdtype(a.dtype, jnp.floating))
+  if native is False or not floats_ok or not available():
+    return fallback(*args)
 
-  def on_cpu(v):
-    out = jax.ffi.ffi_call(target, results(v.shape[:-1]), vmap_method="broadcast_all")(
-        v, k=np.int64(k), threads=np.int64(_threads()))
-    # + a zero derived from v: under shard_map the results must vary over the mesh axes as v does
-    # (the custom call's outputs carry no such type), or the two platform branches would differ.
-    vary = jnp.zeros_like(v, shape=())
+  def on_cpu(*vs):
+    out = jax.ffi.ffi_call(target, results, vmap_method=vmap_method)(
+        *vs, threads=np.int64(_threads()), **{k: np.int64(v) for k, v in attrs.items()})
+    # + a zero derived from the first argument: under shard_map the results must vary over the mesh
+    # axes as the inputs do (the custom call's outputs carry no such type), or the branches would differ.
+    vary = jnp.zeros_like(vs[0], shape=(), dtype=jnp.float32)
     return jax.tree.map(lambda o: o + vary.astype(o.dtype), out)
 
-  return jax.lax.platform_dependent(x, cpu=on_cpu, default=fallback)
+  return jax.lax.platform_dependent(*args, cpu=on_cpu, default=fallback)
+
+
+def _check_k(x, k, what):
+  if not 1 <= k <= x.shape[-1]:
+    raise ValueError(f"{what} needs 1 <= k <= {x.shape[-1]}, got {k}")
 
 
 def row_kth(x: jax.Array, k: int, native: Optional[bool] = None) -> jax.Array:
@@ -118,14 +144,69 @@ def row_kth(x: jax.Array, k: int, native: Optional[bool] = None) -> jax.Array:
 
   `native` None: the kernel on CPU when available, else the reference; False: always the reference.
   """
-  return _select(x, k, native, _TARGET, lambda v: row_kth_reference(v, k),
-                 lambda batch: jax.ShapeDtypeStruct(batch, jnp.float32))
+  _check_k(x, k, "row_kth")
+  return _call("metasae_row_kth", (x,), native, lambda v: row_kth_reference(v, k),
+               jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32), "broadcast_all", k=k)
 
 
-def row_top_k(x: jax.Array, k: int, native: Optional[bool] = None) -> tuple:
+def row_top_k(x: jax.Array, k: int, native: Optional[bool] = None, sorted: bool = True) -> tuple:  # pylint: disable=redefined-builtin
   """lax.top_k(x, k) without gradient: the same values and indices, in the same order (values
   descending, ties by ascending index). On CPU the kernel selects in linear time over threads.
+
+  `sorted=False` leaves the k chosen entries in an unspecified order (the kernel: ascending index;
+  the fallback: top_k's), which saves sorting them when only the set matters.
   """
-  return _select(x, k, native, _TARGET_TOP_K, lambda v: tuple(jax.lax.top_k(v, k)),
-                 lambda batch: (jax.ShapeDtypeStruct(batch + (k,), jnp.float32),
-                                jax.ShapeDtypeStruct(batch + (k,), jnp.int32)))
+  _check_k(x, k, "row_top_k")
+  batch = x.shape[:-1]
+  return _call("metasae_row_top_k", (x,), native, lambda v: tuple(jax.lax.top_k(v, k)),
+               (jax.ShapeDtypeStruct(batch + (k,), jnp.float32), jax.ShapeDtypeStruct(batch + (k,), jnp.int32)),
+               "broadcast_all", k=k, sorted=int(sorted))
+
+
+def _slots_dense(vals_BxK: jax.Array, idx_BxK: jax.Array, n: int) -> jax.Array:
+  """The slots as a dense [B, N] matrix (duplicate slots add up)."""
+  b = vals_BxK.shape[0]
+  return jnp.zeros((b, n), vals_BxK.dtype).at[jnp.arange(b)[:, None], idx_BxK].add(vals_BxK)
+
+
+def _check_slots(vals_BxK, idx_BxK, what):
+  if vals_BxK.ndim != 2 or vals_BxK.shape != idx_BxK.shape:
+    raise ValueError(f"{what} needs [B, K] values and indices of one shape, got {vals_BxK.shape} and "
+                     f"{idx_BxK.shape}")
+
+
+# The slot products take `matmul(a, b)` for their fallbacks (e.g. with low-precision inputs).
+
+
+def slot_gather_sum(vals_BxK: jax.Array, idx_BxK: jax.Array, w_NxD: jax.Array, native: Optional[bool] = None,
+                    matmul=jnp.matmul) -> jax.Array:
+  """out[b] = Σ_j vals[b, j] · w[idx[b, j]]: a decoder over K slots per token, [B, D]. No gradient."""
+  _check_slots(vals_BxK, idx_BxK, "slot_gather_sum")
+  return _call("metasae_slot_gather_sum", (vals_BxK, idx_BxK, w_NxD), native,
+               lambda v, i, w: matmul(_slots_dense(v, i, w.shape[0]), w),
+               jax.ShapeDtypeStruct((vals_BxK.shape[0], w_NxD.shape[1]), jnp.float32), "sequential")
+
+
+def slot_gather_dot(g_BxD: jax.Array, idx_BxK: jax.Array, w_NxD: jax.Array, native: Optional[bool] = None,
+                    matmul=jnp.matmul) -> jax.Array:
+  """out[b, j] = g[b] · w[idx[b, j]]: the value gradient of `slot_gather_sum`, [B, K]. No gradient."""
+  _check_slots(idx_BxK, idx_BxK, "slot_gather_dot")
+  return _call("metasae_slot_gather_dot", (g_BxD, idx_BxK, w_NxD), native,
+               lambda g, i, w: jnp.take_along_axis(matmul(g, w.T), i, axis=1),
+               jax.ShapeDtypeStruct(idx_BxK.shape, jnp.float32), "sequential")
+
+
+def slot_scatter_outer(vals_BxK: jax.Array, idx_BxK: jax.Array, rows_BxD: jax.Array, n: int,
+                       native: Optional[bool] = None, matmul=jnp.matmul) -> tuple:
+  """(Σ over slots of vals[b, j] · rows[b] into row idx[b, j] of [N, D], Σ of vals per latent [N]):
+  the weight gradient of `slot_gather_sum` (rows = the output's gradient) or of an encoder over the
+  slots (rows = its inputs, vals = the values' gradient). No gradient."""
+  _check_slots(vals_BxK, idx_BxK, "slot_scatter_outer")
+
+  def dense(v, i, r):
+    a = _slots_dense(v, i, n)
+    return matmul(a.T, r), jnp.sum(a, axis=0)
+
+  return _call("metasae_slot_scatter_outer", (vals_BxK, idx_BxK, rows_BxD), native, dense,
+               (jax.ShapeDtypeStruct((n, rows_BxD.shape[1]), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32)),
+               "sequential")

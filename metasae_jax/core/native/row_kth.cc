@@ -112,10 +112,11 @@ ffi::Error RowKthImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out, 
 // Each row's top k (value, index) pairs in lax.top_k's order: values descending, equal
 // values by ascending index. The k-th largest value t comes from KthRows' selection;
 // then one pass takes the entries above t and, in index order, as many equal to t as
-// fill k (exactly the pairs lax.top_k picks), and only those k are sorted. A row
+// fill k (exactly the pairs lax.top_k picks), and only those k are sorted (unless
+// `sorted` is false: then they stay in ascending index order). A row
 // holding a NaN gets NaN values and indices 0..k-1.
-void TopKRows(const float* x, float* out_v, int32_t* out_i, int64_t cols, int64_t k, int64_t row_begin,
-              int64_t row_end) {
+void TopKRows(const float* x, float* out_v, int32_t* out_i, int64_t cols, int64_t k, bool sorted,
+              int64_t row_begin, int64_t row_end) {
   std::vector<std::pair<float, int32_t>> top(k);
   std::vector<float> buf(cols);
   auto before = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
@@ -140,7 +141,7 @@ void TopKRows(const float* x, float* out_v, int32_t* out_i, int64_t cols, int64_
       float val = row[c];
       if (val > t || (val == t && ties-- > 0)) top[n++] = {val, static_cast<int32_t>(c)};
     }
-    std::sort(top.begin(), top.begin() + k, before);
+    if (sorted) std::sort(top.begin(), top.begin() + k, before);
     for (int64_t j = 0; j < k; ++j) {
       v[j] = top[j].first;
       idx[j] = top[j].second;
@@ -149,14 +150,15 @@ void TopKRows(const float* x, float* out_v, int32_t* out_i, int64_t cols, int64_
 }
 
 ffi::Error RowTopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
-                       ffi::ResultBuffer<ffi::S32> indices, int64_t k, int64_t threads) {
+                       ffi::ResultBuffer<ffi::S32> indices, int64_t k, int64_t sorted, int64_t threads) {
   int64_t rows, cols;
   ffi::Error shape = RowShape(x, k, &rows, &cols);
   if (shape.failure()) return shape;
   const float* in = x.typed_data();
   float* v = values->typed_data();
   int32_t* idx = indices->typed_data();
-  ForRowRanges(rows, threads, [=](int64_t begin, int64_t end) { TopKRows(in, v, idx, cols, k, begin, end); });
+  ForRowRanges(rows, threads,
+               [=](int64_t begin, int64_t end) { TopKRows(in, v, idx, cols, k, sorted != 0, begin, end); });
   return ffi::Error::Success();
 }
 
@@ -168,6 +170,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MetasaeRowTopK, RowTopKImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("k")
+                                  .Attr<int64_t>("sorted")
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MetasaeRowKth, RowKthImpl,
