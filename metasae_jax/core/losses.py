@@ -94,9 +94,9 @@ class _Events(NamedTuple):
 
 def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_name: Optional[str],
                  compute_dtype: str = "float32"):
-  """The SAE's reconstruction with gradient: over the active pairs of the C slots per token (spilling
-  rows exactly on the side), dense when many rows spill, the pair list overflows, or the slots are not
-  a small fraction of the width."""
+  """The SAE's reconstruction with gradient: over the C candidate slots per token (`sparse.slot_decode`;
+  spilling rows exactly on the side), dense when more rows spill than the largest allowance or the slots
+  are not a small fraction of the width."""
   pre_BxN = jax.lax.stop_gradient(sae.pre_activations(params, xs_BxD, compute_dtype))
   b, n = pre_BxN.shape
   if activation == "batchtopk":
@@ -104,7 +104,7 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
     sel = topk.threshold_from_candidates(cand_BxC, pre_BxN, k, axis_name)
     spill_rows = jnp.sum(sel.spill_B, dtype=jnp.int32)
   else:  # per-token top-k: k slots, the row's k-th value as its threshold; nothing spills
-    cand_BxC, idx_BxC = native.row_top_k(pre_BxN, k)
+    cand_BxC, idx_BxC = native.row_top_k(pre_BxN, k, sorted=False)
     r = topk.spill_buckets(b)[-1]
     sel = topk.Selection(jnp.min(cand_BxC, axis=1, keepdims=True), jnp.zeros((b,), bool),
                          jnp.arange(r, dtype=jnp.int32), jnp.zeros((r,), bool), jnp.zeros((), bool),
@@ -116,19 +116,17 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
     return _dense_recon(params, xs_BxD, pre_BxN, thresh, compute_dtype), pre_BxN, _Events(
         spill_rows, jnp.zeros((), bool))
   on_BxC = (cand_BxC >= thresh) & (cand_BxC > 0) & ~sel.spill_B[:, None]
-  # Room for the k*B active pairs of the (local) batch with headroom; BatchTopK's k*B is global, so
-  # a device can hold more, and ties can add a few: past the buffer the dense path runs, exactly.
-  pairs = sparse.compact(on_BxC, idx_BxC, sparse.pair_buffer(b * c, k * b))
-  dense = sel.dense | (pairs.count > pairs.src_P.shape[0])
+  dense = sel.dense
   if axis_name is not None:
     dense = jax.lax.psum(dense.astype(jnp.int32), axis_name) > 0
 
   def sparse_path():
-    pre_P = jnp.where(pairs.valid_P, cand_BxC.reshape(-1)[pairs.src_P], 0.0)
-    vals_P = jnp.where(pairs.valid_P, sparse.pair_pre(pre_P, pairs.tok_P, pairs.lat_P, xs_BxD, params["W_enc"],
-                                                      params["b_dec"]), 0.0)
-    recon = sparse.decode(vals_P, pairs.tok_P, pairs.lat_P, params["W_dec"], b)
-    active_N = jnp.zeros((n,), jnp.int32).at[pairs.lat_P].add(pairs.valid_P.astype(jnp.int32))
+    # The C slots per token, inactive ones zeroed (the kernels skip them): ~k of them per token.
+    vals_BxC = jnp.where(on_BxC, sparse.slot_pre(cand_BxC, idx_BxC, xs_BxD, params["W_enc"], params["b_dec"],
+                                                 params["b_enc"], compute_dtype), 0.0)
+    recon = sparse.slot_decode(vals_BxC, idx_BxC, params["W_dec"], compute_dtype)
+    active_N = jnp.zeros((n,), jnp.int32).at[idx_BxC].add(on_BxC.astype(jnp.int32))
+    count = jnp.sum(on_BxC, dtype=jnp.int32)
     # Spilling rows (more selected entries than slots) are decoded densely, exactly, at the
     # smallest spill-bucket width that holds them (the same bucket the threshold used).
     def spill_rows_at(w):
@@ -141,7 +139,7 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
         acts_WxN = jnp.where((vals_WxN >= pre_thresh) & (vals_WxN > 0) & keep_W, pre_WxN, 0.0)
         on_WxN = (acts_WxN > 0).astype(jnp.int32)
         return (recon.at[idx_W].add(sae.matmul(acts_WxN, params["W_dec"], compute_dtype)),
-                active_N + jnp.sum(on_WxN, axis=0), pairs.count + jnp.sum(on_WxN))
+                active_N + jnp.sum(on_WxN, axis=0), count + jnp.sum(on_WxN))
       return run
 
     # (lax.switch calls a lone branch directly: no conditional when there is one bucket)

@@ -1,135 +1,26 @@
-"""Sparse forward/backward of the primary SAE: only the active (token, latent) pairs touch W.
+"""Sparse forward/backward of an SAE: only the selected (token, latent) entries touch the weights.
 
-Legend: B = batch, D = d_model, N = latents, C = candidate slots per token, P = pair buffer length.
-BatchTopK leaves ~k of N latents active per token, yet a dense decoder and its
-backward cost three B x N x D matmuls. Here the selection is made once from the
-(gradient-free) dense pre-activations; its active entries, at most k*B of the
-B*C candidate slots, are listed token-major in a fixed-length buffer of P
-(token, latent) pairs, and the decoder, its value gradient and both weight
-gradients loop over that list in chunks: a gather (or scatter-add) of one
-D-row per pair. Listing only the active pairs does half the work of looping
-over every slot (C = 2k). Measured on 2 CPU cores (AMD EPYC) at d 576, n 9216,
-B 4096: a weight gradient 0.17 s over pairs vs 0.41 s over slots and 0.35 s as
-a dense matmul. Exact: every active entry is in the list, or the caller falls
-back to the dense path.
+Legend: B = batch, D = d_model, N = latents, K = slots per token, M = some columns.
+BatchTopK leaves ~k of N latents active per token, and AuxK reads aux_k dead
+latents per token, yet a dense decoder and its backward cost three B x N x D
+matmuls. Here the selection is made once from the (gradient-free) dense
+pre-activations and handed over as K slots per token ([B, K] latent ids and
+values, unused slots zero): the BatchTopK candidates (K = C = 2k) or AuxK's
+picks (K = aux_k). The decoder, its value gradient and both weight gradients
+then cost 2*B*K*D each (`native.slot_*`: C++ kernels on CPU that skip zero
+slots; dense XLA products elsewhere). Measured on 2 CPU cores (AMD EPYC) at d
+576, n 9216, B 4096, K 512: decoder 0.11 s, value gradient 0.10 s, a weight
+gradient 0.13-0.15 s, against 0.5-0.7 s each as dense matmuls.
+`column_pre` supplies the gradient of dense columns (spilling rows, the dense
+fallback).
 """
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from metasae_jax.core import native, sae
-
-# Pairs per iteration of the pair loops (one gather/scatter of this many D-rows).
-PAIR_CHUNK = 2048
-
-
-def pair_buffer(num_slots: int, expected: int) -> int:
-  """Buffer length P for `expected` active pairs among `num_slots` slots: 1.25x headroom, whole chunks."""
-  want = min(num_slots, expected + expected // 4)
-  chunk = min(PAIR_CHUNK, want)
-  return -(-want // chunk) * chunk
-
-
-class Pairs(NamedTuple):
-  """Active entries of a [B, C] slot array, token-major; entries at and past `count` are padding."""
-  src_P: jax.Array  # int32: flat slot index (b * C + c)
-  tok_P: jax.Array  # int32: token row b
-  lat_P: jax.Array  # int32: latent id at that slot
-  valid_P: jax.Array  # bool: a real pair (index < count)
-  count: jax.Array  # int32: active slots; more than P means the list overflowed
-
-
-def compact(on_BxC: jax.Array, idx_BxC: jax.Array, p: int) -> Pairs:
-  """Lists the active slots in order (a cumsum and one scatter of B*C indices)."""
-  b, c = on_BxC.shape
-  on = on_BxC.reshape(-1)
-  count = jnp.sum(on, dtype=jnp.int32)
-  dst = jnp.where(on, jnp.cumsum(on, dtype=jnp.int32) - 1, p)
-  src = jnp.zeros((p,), jnp.int32).at[dst].set(jnp.arange(b * c, dtype=jnp.int32), mode="drop")
-  return Pairs(src, src // c, idx_BxC.reshape(-1)[src], jnp.arange(p) < count, count)
-
-
-def _chunks(p: int) -> int:
-  return min(PAIR_CHUNK, p)
-
-
-def _pair_scatter(vals_P, lat_P, tok_P, rows_BxD, n):
-  """Σ_p vals[p] · rows[tok[p]] added into row lat[p] of an [N, D] matrix."""
-  ch = _chunks(vals_P.shape[0])
-
-  def body(i, acc_NxD):
-    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * ch, ch)
-    return acc_NxD.at[sl(lat_P)].add(sl(vals_P)[:, None] * rows_BxD[sl(tok_P)])
-
-  # zeros_like(vals): under shard_map the carry must vary over the axis as the pairs do.
-  return jax.lax.fori_loop(0, vals_P.shape[0] // ch, body,
-                           jnp.zeros_like(vals_P, shape=(n, rows_BxD.shape[1]), dtype=rows_BxD.dtype))
-
-
-def _pair_dot(g_BxD, tok_P, lat_P, w_NxD):
-  """out[p] = g[tok[p]] · w[lat[p]], a chunk at a time so the gathered rows stay in cache."""
-  p = tok_P.shape[0]
-  ch = _chunks(p)
-  out = jax.lax.map(lambda a: jnp.sum(g_BxD[a[0]] * w_NxD[a[1]], axis=-1),
-                    (tok_P.reshape(p // ch, ch), lat_P.reshape(p // ch, ch)))
-  return out.reshape(p)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def decode(vals_P: jax.Array, tok_P: jax.Array, lat_P: jax.Array, w_NxD: jax.Array, b: int) -> jax.Array:
-  """Σ_p vals[p] · w[lat[p]] into row tok[p] of a [B, D] matrix: the decoder without b_dec."""
-  ch = _chunks(vals_P.shape[0])
-
-  def body(i, acc_BxD):
-    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * ch, ch)
-    return acc_BxD.at[sl(tok_P)].add(sl(vals_P)[:, None] * w_NxD[sl(lat_P)], indices_are_sorted=True)
-
-  return jax.lax.fori_loop(0, vals_P.shape[0] // ch, body,
-                           jnp.zeros_like(vals_P, shape=(b, w_NxD.shape[1]), dtype=w_NxD.dtype))
-
-
-def _decode_fwd(vals, tok, lat, w, b):
-  return decode(vals, tok, lat, w, b), (vals, tok, lat, w)
-
-
-def _decode_bwd(b, res, g_BxD):
-  del b
-  vals, tok, lat, w = res
-  return _pair_dot(g_BxD, tok, lat, w), None, None, _pair_scatter(vals, lat, tok, g_BxD, w.shape[0])
-
-
-decode.defvjp(_decode_fwd, _decode_bwd)
-
-
-@jax.custom_vjp
-def pair_pre(pre_P: jax.Array, tok_P: jax.Array, lat_P: jax.Array, xs_BxD: jax.Array, w_enc_DxN: jax.Array,
-             b_dec_D: jax.Array) -> jax.Array:
-  """The pre-activations (xs - b_dec) W_enc at the pairs, given their values; differentiable in W_enc, b_dec.
-
-  The values come from the dense, gradient-free encoder pass that chose the
-  pairs; this op only supplies the sparse gradient: dW_enc[:, i] gets
-  (xs_b - b_dec) · g[p] for each pair (b, i), and b_dec gets -W_enc Σ g.
-  """
-  del tok_P, lat_P, xs_BxD, w_enc_DxN, b_dec_D
-  return pre_P
-
-
-def _pair_pre_fwd(pre, tok, lat, xs, w_enc, b_dec):
-  return pre, (tok, lat, xs, w_enc, b_dec)
-
-
-def _pair_pre_bwd(res, g_P):
-  tok, lat, xs, w_enc, b_dec = res
-  n = w_enc.shape[1]
-  d_w_enc = _pair_scatter(g_P, lat, tok, xs - b_dec, n).T
-  col_sum_N = jnp.zeros((n,), g_P.dtype).at[lat].add(g_P)
-  return None, None, None, None, d_w_enc, -(w_enc @ col_sum_N)
-
-
-pair_pre.defvjp(_pair_pre_fwd, _pair_pre_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

@@ -328,14 +328,10 @@ def stage_breakdown(config: TrainConfig, batches: list, warmup: int = 20, repeat
   thresh, cand, idx, spill = jax.jit(select)(pre)
 
   def dec(p, cand, idx):
-    b = cand.shape[0]
-    pairs = sparse.compact((cand >= thresh) & (cand > 0), idx, sparse.pair_buffer(cand.size, k * b))
-    pre_P = jnp.where(pairs.valid_P, cand.reshape(-1)[pairs.src_P], 0.0)
-
     def f(p):
-      vals = jnp.where(pairs.valid_P, sparse.pair_pre(pre_P, pairs.tok_P, pairs.lat_P, xs, p["W_enc"], p["b_dec"]),
-                       0.0)
-      return jnp.mean((sparse.decode(vals, pairs.tok_P, pairs.lat_P, p["W_dec"], b) + p["b_dec"] - xs) ** 2)
+      vals = jnp.where((cand >= thresh) & (cand > 0),
+                       sparse.slot_pre(cand, idx, xs, p["W_enc"], p["b_dec"], p["b_enc"]), 0.0)
+      return jnp.mean((sparse.slot_decode(vals, idx, p["W_dec"]) + p["b_dec"] - xs) ** 2)
     return jax.grad(f)(p)
 
   out["sparse_decoder_and_grads_s"] = _timed(jax.jit(dec), params, cand, idx, repeats=repeats)
