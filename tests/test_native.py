@@ -84,7 +84,7 @@ def test_auxk_loss_lowers_to_the_kernel_on_cpu():
   args = (jnp.asarray(rng.random((b, n)), jnp.float32), jnp.asarray(rng.random(n) < 0.5),
           jnp.asarray(rng.normal(size=(n, d)), jnp.float32), jnp.asarray(rng.normal(size=(b, d)), jnp.float32))
   hlo = jax.jit(jax.value_and_grad(lambda *a: losses.auxk_loss(*a, aux_k=16), argnums=(0, 2))).lower(*args).as_text()
-  for target in ("metasae_row_top_k", "metasae_slot_gather_sum", "metasae_slot_gather_dot",
+  for target in ("metasae_row_top_k_masked", "metasae_slot_gather_sum", "metasae_slot_gather_dot",
                  "metasae_slot_scatter_outer"):
     assert target in hlo, target
   assert "metasae_row_kth" not in jax.jit(lambda v: native.row_kth(v, 3, native=False)).lower(args[0]).as_text()
@@ -155,3 +155,33 @@ def test_slot_products_under_vmap_and_in_grad():
   for a, e in zip(jax.jit(jax.grad(slot_loss, argnums=(0, 1)))(vals[0], w[0], idx[0]),
                   jax.grad(dense_loss, argnums=(0, 1))(vals[0], w[0], idx[0])):
     np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["relu", "masked", "signed", "ties", "zeros", "nan"])
+def test_masked_top_k_is_the_positive_top_k_of_the_masked_columns(name):
+  """Against numpy: per row, the set of (index, value) of the largest positive masked entries (up to k;
+  ties to the lower index); every other slot holds 0. Masks with few and with most columns set."""
+  x = _cases()[name]
+  rng = np.random.default_rng(3)
+  m = x.shape[1]
+  for frac in (0.05, 0.6, 1.0):
+    mask = rng.random(m) < frac
+    for k in sorted({1, 5, m // 2, m, m + 3}):
+      vals, idx = jax.jit(lambda v, on, k=k: native.row_top_k_masked(v, on, k))(jnp.asarray(x), jnp.asarray(mask))
+      vals, idx = np.asarray(vals), np.asarray(idx)
+      assert vals.shape == idx.shape == (x.shape[0], k) and (0 <= idx).all() and (idx < m).all()
+      for r in range(x.shape[0]):
+        if np.isnan(x[r][mask]).any():
+          assert np.isnan(vals[r]).all()
+          continue
+        cand = [c for c in np.flatnonzero(mask) if x[r, c] > 0]
+        want = sorted(sorted(cand, key=lambda c: (-x[r, c], c))[:k])
+        got = sorted(idx[r][vals[r] != 0])
+        assert got == want, (name, frac, k, r)
+        np.testing.assert_array_equal(np.sort(vals[r][vals[r] != 0]), np.sort(x[r, want]))
+        assert (vals[r] >= 0).all()
+      # The XLA fallback chooses the same positive entries.
+      fv, fi = native.row_top_k_masked(jnp.asarray(x), jnp.asarray(mask), k, native=False)
+      ok = ~np.isnan(np.where(mask, x, 0)).any(1)
+      for r in np.flatnonzero(ok):
+        assert sorted(np.asarray(fi)[r][np.asarray(fv)[r] > 0]) == sorted(idx[r][vals[r] > 0])

@@ -52,14 +52,13 @@ def _auxk(pre_BxN, slot_values, dead_N, w_dec_NxD, residual_BxD, aux_k, detach, 
   gives the same values at the chosen slots with their gradient. The decoder and
   all gradients run over the B*K slots (`sparse.slot_decode`; native kernels on
   CPU), not over B x N or B x (dead) matrices, so the cost does not grow with the
-  dead count. Live latents are zeroed before the selection, so when fewer than K
-  latents are dead the extra slots hold zeros and contribute nothing: the
-  reference's min(aux_k, #dead).
+  dead count. Only positive dead entries are chosen; when a token has fewer than
+  K, the extra slots hold zeros and contribute nothing: the reference's
+  min(aux_k, #dead) (its extra picks are zeros too).
   """
   n = dead_N.shape[0]
   target_BxD = jax.lax.stop_gradient(residual_BxD) if detach else residual_BxD
-  masked_BxN = jnp.where(dead_N, jax.lax.stop_gradient(pre_BxN), 0.0)
-  top_BxK, idx_BxK = native.row_top_k(masked_BxN, min(aux_k, n), sorted=False)
+  top_BxK, idx_BxK = native.row_top_k_masked(pre_BxN, dead_N, min(aux_k, n))
   vals_BxK = jnp.where(top_BxK > 0, slot_values(idx_BxK), 0.0)
   return jnp.mean((sparse.slot_decode(vals_BxK, idx_BxK, w_dec_NxD, compute_dtype) - target_BxD) ** 2)
 

@@ -35,6 +35,7 @@ import numpy as np
 _SOURCES = tuple(os.path.join(os.path.dirname(__file__), f) for f in ("row_kth.cc", "slots.cc"))
 # FFI target name -> symbol in the library.
 _TARGETS = {"metasae_row_kth": "MetasaeRowKth", "metasae_row_top_k": "MetasaeRowTopK",
+            "metasae_row_top_k_masked": "MetasaeRowTopKMasked",
             "metasae_slot_gather_sum": "MetasaeSlotGatherSum", "metasae_slot_gather_dot": "MetasaeSlotGatherDot",
             "metasae_slot_scatter_outer": "MetasaeSlotScatterOuter"}
 
@@ -161,6 +162,27 @@ def row_top_k(x: jax.Array, k: int, native: Optional[bool] = None, sorted: bool 
   return _call("metasae_row_top_k", (x,), native, lambda v: tuple(jax.lax.top_k(v, k)),
                (jax.ShapeDtypeStruct(batch + (k,), jnp.float32), jax.ShapeDtypeStruct(batch + (k,), jnp.int32)),
                "broadcast_all", k=k, sorted=int(sorted))
+
+
+def row_top_k_masked(x: jax.Array, mask: jax.Array, k: int, native: Optional[bool] = None) -> tuple:
+  """Each row's largest *positive* entries among the columns where `mask` (last axis) is set, up to k,
+  without gradient: (values, indices), [..., k]. Ties go to the lower index; the slots left over (fewer
+  than k positive masked entries) hold value 0 and an unspecified valid index; the chosen slots come in
+  an unspecified order. AuxK's selection: the kernel never writes the masked matrix."""
+  if not k >= 1 or mask.shape != x.shape[-1:]:
+    raise ValueError(f"row_top_k_masked needs k >= 1 and a mask of shape {x.shape[-1:]}, got k={k}, "
+                     f"{mask.shape}")
+
+  def fallback(v, on):
+    k_eff = min(k, v.shape[-1])
+    top, idx = jax.lax.top_k(jnp.where(on & ~(v <= 0), v, 0.0), k_eff)  # NaN stays
+    pad = [(0, 0)] * (v.ndim - 1) + [(0, k - k_eff)]
+    return jnp.pad(top, pad), jnp.pad(idx, pad)
+
+  batch = x.shape[:-1]
+  return _call("metasae_row_top_k_masked", (x, mask.astype(bool)), native, fallback,
+               (jax.ShapeDtypeStruct(batch + (k,), jnp.float32), jax.ShapeDtypeStruct(batch + (k,), jnp.int32)),
+               "sequential", k=k)
 
 
 def _slots_dense(vals_BxK: jax.Array, idx_BxK: jax.Array, n: int) -> jax.Array:

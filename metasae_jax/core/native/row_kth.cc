@@ -162,6 +162,65 @@ ffi::Error RowTopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> valu
   return ffi::Error::Success();
 }
 
+// Each row's largest positive entries among the masked columns, up to k (ties by ascending
+// index), in ascending index order; the slots left over get value 0 and index 0. This is AuxK's
+// selection (the top aux_k dead latents) without first writing the masked B x N matrix: the
+// masked columns are gathered into a buffer per row and selected from as in TopKRows. A row
+// holding a NaN in a masked column gets NaN values and indices 0.
+void MaskedTopKRows(const float* x, const std::vector<int32_t>& cols_m, float* out_v, int32_t* out_i,
+                    int64_t cols, int64_t k, int64_t row_begin, int64_t row_end) {
+  const int64_t m = static_cast<int64_t>(cols_m.size());
+  std::vector<float> vals(std::max<int64_t>(m, 1)), buf(std::max<int64_t>(m, 1));
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const float* row = x + r * cols;
+    float* v = out_v + r * k;
+    int32_t* idx = out_i + r * k;
+    std::fill(v, v + k, 0.0f);
+    std::fill(idx, idx + k, 0);
+    if (m == 0) continue;
+    for (int64_t j = 0; j < m; ++j) vals[j] = row[cols_m[j]];
+    const int64_t kk = std::min(k, m);
+    const float t = KthOfRow(vals.data(), m, kk, buf.data());
+    if (std::isnan(t)) {
+      std::fill(v, v + k, NAN);
+      continue;
+    }
+    int64_t above = 0;
+    for (int64_t j = 0; j < m; ++j) above += vals[j] > t;
+    int64_t n = 0, ties = kk - above;
+    for (int64_t j = 0; j < m && n < kk; ++j) {
+      const float val = vals[j];
+      if (val > t || (val == t && ties-- > 0)) {
+        if (val > 0.0f) {
+          v[n] = val;
+          idx[n++] = cols_m[j];
+        }
+      }
+    }
+  }
+}
+
+ffi::Error RowTopKMaskedImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> values,
+                             ffi::ResultBuffer<ffi::S32> indices, int64_t k, int64_t threads) {
+  auto dims = x.dimensions();
+  if (dims.size() < 1 || mask.element_count() != static_cast<size_t>(dims.back()))
+    return ffi::Error::InvalidArgument("masked row selection needs one mask entry per column");
+  const int64_t cols = dims.back();
+  if (k < 1) return ffi::Error::InvalidArgument("row selection needs k >= 1");
+  const int64_t rows = static_cast<int64_t>(x.element_count()) / std::max<int64_t>(cols, 1);
+  std::vector<int32_t> cols_m;
+  const bool* on = mask.typed_data();
+  for (int64_t c = 0; c < cols; ++c)
+    if (on[c]) cols_m.push_back(static_cast<int32_t>(c));
+  const float* in = x.typed_data();
+  float* v = values->typed_data();
+  int32_t* idx = indices->typed_data();
+  ForRowRanges(rows, threads, [&, in, v, idx](int64_t begin, int64_t end) {
+    MaskedTopKRows(in, cols_m, v, idx, cols, k, begin, end);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MetasaeRowTopK, RowTopKImpl,
@@ -177,5 +236,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MetasaeRowKth, RowKthImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MetasaeRowTopKMasked, RowTopKMaskedImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("threads"));
