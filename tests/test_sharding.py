@@ -95,7 +95,7 @@ def test_pmap_and_shard_map_steps_equal_global_jit():
 
     n = jax.device_count()
     # dead_after_batches=1 makes latents dead from step 2 on, so AuxK runs under the axis too; width 1280
-    # takes the sparse pair path (slots * SPARSE_MIN_RATIO <= width), whose loops carry per-device values.
+    # takes the sparse slot path (slots * SPARSE_MIN_RATIO <= width), whose kernels see per-device values.
     cfg = TrainConfig(d_model=16, width=1280, k=4, meta_width=6, meta_k=2, batch_size=64,
                       n_primary_steps=2, n_meta_steps=2, lr=1e-3, dead_after_batches=1)
     x_TxBxD = synthetic.sparse_activations(5 * 64, 16, num_features=48).reshape(5, 64, 16)

@@ -64,7 +64,12 @@ def _slot_ops(compute_dtype: str) -> dict:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def slot_decode(vals_BxK: jax.Array, idx_BxK: jax.Array, w_NxD: jax.Array, compute_dtype: str = "float32"):
-  """Σ_j vals[b, j] · w[idx[b, j]] per token, [B, D]: a decoder without b_dec over the slots."""
+  """Σ_j vals[b, j] · w[idx[b, j]] per token, [B, D]: a decoder without b_dec over the slots.
+
+  A slot of value 0 is absent: its value gradient is 0, not g · w[idx] (every
+  caller zeroes its unused slots with jnp.where, which discards that gradient
+  anyway), so the backward pass costs in proportion to the present slots.
+  """
   return native.slot_gather_sum(vals_BxK, idx_BxK, w_NxD, **_slot_ops(compute_dtype))
 
 
@@ -76,7 +81,7 @@ def _slot_decode_bwd(compute_dtype, res, g_BxD):
   vals, idx, w = res
   ops = _slot_ops(compute_dtype)
   d_w, _ = native.slot_scatter_outer(vals, idx, g_BxD, w.shape[0], **ops)
-  return native.slot_gather_dot(g_BxD, idx, w, **ops), None, d_w
+  return native.slot_gather_dot(g_BxD, idx, w, vals, **ops), None, d_w
 
 
 slot_decode.defvjp(_slot_decode_fwd, _slot_decode_bwd)

@@ -2,14 +2,15 @@
 
 Selections (`row_kth.cc`): `row_kth(x, k)` is each row's k-th largest value (the
 threshold of per-token TopK); `row_top_k(x, k)` is lax.top_k(x, k) itself (the
-candidates of BatchTopK, AuxK's dead latents). Linear-time selection over the
-positive entries, rows over threads: ~10x faster than XLA:CPU's single-core top_k
-at AuxK's shape.
+candidates of BatchTopK); `row_top_k_masked(x, mask, k)` the positive top k among
+the masked columns (AuxK's dead latents). Linear-time selection, rows over
+threads: ~10x faster than XLA:CPU's single-core top_k at AuxK's shape.
 
-Slot products (`slots.cc`), for K (latent, value) slots per token:
-`slot_gather_sum` (a decoder over the slots), `slot_gather_dot` (its value
-gradient) and `slot_scatter_outer` (a weight gradient and the per-latent value
-sums). 2*B*K*D work each instead of a dense matmul's 2*B*N*D.
+Slot products (`slots.cc`), for K (latent, value) slots per token, a slot of
+value 0 being absent: `slot_gather_sum` (a decoder over the slots),
+`slot_gather_dot` (its value gradient at the present slots) and
+`slot_scatter_outer` (a weight gradient and the per-latent value sums). At most
+2*B*K*D work each instead of a dense matmul's 2*B*N*D.
 
 On GPU/TPU, or when the kernels cannot be built, the same results come from XLA
 (lax.top_k; dense matmuls for the slot products). The library is compiled once
@@ -209,12 +210,13 @@ def slot_gather_sum(vals_BxK: jax.Array, idx_BxK: jax.Array, w_NxD: jax.Array, n
                jax.ShapeDtypeStruct((vals_BxK.shape[0], w_NxD.shape[1]), jnp.float32), "sequential")
 
 
-def slot_gather_dot(g_BxD: jax.Array, idx_BxK: jax.Array, w_NxD: jax.Array, native: Optional[bool] = None,
-                    matmul=jnp.matmul) -> jax.Array:
-  """out[b, j] = g[b] · w[idx[b, j]]: the value gradient of `slot_gather_sum`, [B, K]. No gradient."""
-  _check_slots(idx_BxK, idx_BxK, "slot_gather_dot")
-  return _call("metasae_slot_gather_dot", (g_BxD, idx_BxK, w_NxD), native,
-               lambda g, i, w: jnp.take_along_axis(matmul(g, w.T), i, axis=1),
+def slot_gather_dot(g_BxD: jax.Array, idx_BxK: jax.Array, w_NxD: jax.Array, vals_BxK: jax.Array,
+                    native: Optional[bool] = None, matmul=jnp.matmul) -> jax.Array:
+  """out[b, j] = g[b] · w[idx[b, j]] where vals[b, j] != 0, else 0: the value gradient of
+  `slot_gather_sum` at its present slots, [B, K]. No gradient."""
+  _check_slots(vals_BxK, idx_BxK, "slot_gather_dot")
+  return _call("metasae_slot_gather_dot", (g_BxD, idx_BxK, w_NxD, vals_BxK), native,
+               lambda g, i, w, v: jnp.where(v != 0, jnp.take_along_axis(matmul(g, w.T), i, axis=1), 0.0),
                jax.ShapeDtypeStruct(idx_BxK.shape, jnp.float32), "sequential")
 
 

@@ -2,14 +2,14 @@
 // (a latent id idx[b, j] and a value v[b, j]), e.g. AuxK's top aux_k dead latents.
 //
 //   MetasaeSlotGatherSum:   out[b]    = sum_j v[b, j] * w[idx[b, j]]          (B x D)
-//   MetasaeSlotGatherDot:   out[b, j] = g[b] . w[idx[b, j]]                   (B x K)
+//   MetasaeSlotGatherDot:   out[b, j] = g[b] . w[idx[b, j]] where v[b, j] != 0, else 0   (B x K)
 //   MetasaeSlotScatterOuter: out[i]   = sum_{(b, j): idx[b, j] = i} v[b, j] * rows[b]   (N x D)
 //                            sums[i]  = sum_{(b, j): idx[b, j] = i} v[b, j]             (N)
 //
 // These are a decoder over the slots, its value gradient and its (decoder or
 // encoder) weight gradient. As dense matmuls each costs 2*B*N*D; here 2*B*K*D,
 // K = 512 of N = 9216 for AuxK at the paper's shape. Slots with value 0 are
-// skipped. Every loop over D runs in blocks of 64 floats held in registers, so a
+// absent: skipped in the sums, and their dot is 0. Every loop over D runs in blocks of 64 floats held in registers, so a
 // gathered row is read once from cache and the output is written once. Rows (or,
 // for the scatter, latents, balanced by their slot counts) are split over threads.
 // An index outside [0, N) is an error, not a silent out-of-bounds read.
@@ -154,29 +154,36 @@ ffi::Error GatherSumImpl(ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> idx, 
 }
 
 ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
-                         ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
+                         ffi::Buffer<ffi::F32> vals, ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
   auto wd = w.dimensions();
   auto gd = g.dimensions();
   if (wd.size() != 2 || gd.size() != 2 || gd[1] != wd[1])
     return ffi::Error::InvalidArgument("slot dot needs [B, D] rows and an [N, D] table");
   const int64_t n = wd[0], d = wd[1];
   int64_t b, k;
-  ffi::Error err = SlotShapes(*out, idx, n, d, &b, &k);  // the output has the slots' shape
+  ffi::Error err = SlotShapes(vals, idx, n, d, &b, &k);
   if (err.failure()) return err;
   if (gd[0] != b) return ffi::Error::InvalidArgument("slot dot needs one row per token");
   const float* gr = g.typed_data();
   const int32_t* ix = idx.typed_data();
   const float* tab = w.typed_data();
+  const float* v = vals.typed_data();
   float* o = out->typed_data();
   ForRanges(b, threads, nullptr, [=](int64_t begin, int64_t end) {
+    std::vector<int64_t> live(k);
     for (int64_t r = begin; r < end; ++r) {
+      int64_t m = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        o[r * k + j] = 0.0f;
+        if (v[r * k + j] != 0.0f) live[m++] = j;
+      }
       const float* rows[4];
       float dots[4];
-      for (int64_t j = 0; j < k; j += 4) {
-        const int64_t m = std::min<int64_t>(4, k - j);
-        for (int64_t t = 0; t < 4; ++t) rows[t] = tab + static_cast<int64_t>(ix[r * k + j + std::min(t, m - 1)]) * d;
+      for (int64_t j = 0; j < m; j += 4) {  // four slots at a time (the last group repeats its last slot)
+        const int64_t q = std::min<int64_t>(4, m - j);
+        for (int64_t t = 0; t < 4; ++t) rows[t] = tab + static_cast<int64_t>(ix[r * k + live[j + std::min(t, q - 1)]]) * d;
         Dot4(gr + r * d, rows, d, dots);
-        for (int64_t t = 0; t < m; ++t) o[r * k + j + t] = dots[t];
+        for (int64_t t = 0; t < q; ++t) o[r * k + live[j + t]] = dots[t];
       }
     }
   });
@@ -248,6 +255,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MetasaeSlotGatherDot, GatherDotImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads"));
