@@ -41,15 +41,15 @@ def auxk_loss(pre_BxN: jax.Array, dead_N: jax.Array, w_dec_NxD: jax.Array, resid
   gradient, so AuxK also trains the main reconstruction); True is OpenAI's TopK
   recipe (the target is a constant). Differentiable in all four arrays.
   """
-  return _auxk(pre_BxN, lambda idx_BxK: jnp.take_along_axis(pre_BxN, idx_BxK, axis=1), dead_N, w_dec_NxD,
+  return _auxk(pre_BxN, lambda idx_BxK, _: jnp.take_along_axis(pre_BxN, idx_BxK, axis=1), dead_N, w_dec_NxD,
                residual_BxD, aux_k, detach)
 
 
 def _auxk(pre_BxN, slot_values, dead_N, w_dec_NxD, residual_BxD, aux_k, detach, compute_dtype="float32"):
   """AuxK over each token's top aux_k dead latents as K = min(aux_k, N) slots per token.
 
-  `pre_BxN` gives the values (the selection takes no gradient); `slot_values(idx_BxK)`
-  gives the same values at the chosen slots with their gradient. The decoder and
+  `pre_BxN` gives the values (the selection takes no gradient); `slot_values(idx_BxK,
+  top_BxK)` gives the chosen slots' values (`top_BxK`, gradient-free) with their gradient. The decoder and
   all gradients run over the B*K slots (`sparse.slot_decode`; native kernels on
   CPU), not over B x N or B x (dead) matrices, so the cost does not grow with the
   dead count. Only positive dead entries are chosen; when a token has fewer than
@@ -59,7 +59,7 @@ def _auxk(pre_BxN, slot_values, dead_N, w_dec_NxD, residual_BxD, aux_k, detach, 
   n = dead_N.shape[0]
   target_BxD = jax.lax.stop_gradient(residual_BxD) if detach else residual_BxD
   top_BxK, idx_BxK = native.row_top_k_masked(pre_BxN, dead_N, min(aux_k, n))
-  vals_BxK = jnp.where(top_BxK > 0, slot_values(idx_BxK), 0.0)
+  vals_BxK = jnp.where(top_BxK > 0, slot_values(idx_BxK, top_BxK), 0.0)
   return jnp.mean((sparse.slot_decode(vals_BxK, idx_BxK, w_dec_NxD, compute_dtype) - target_BxD) ** 2)
 
 
@@ -67,9 +67,9 @@ def sae_auxk(params: dict, xs_BxD: jax.Array, pre_BxN: jax.Array, dead_N: jax.Ar
              aux_k: int, detach: bool = False, compute_dtype: str = "float32") -> jax.Array:
   """AuxK of an SAE, differentiable in its params, reusing the encoder pass's values `pre_BxN`."""
 
-  def slot_values(idx_BxK):  # the values again, with their (slot-sparse) gradient
-    return sparse.slot_pre(jnp.take_along_axis(pre_BxN, idx_BxK, axis=1), idx_BxK, xs_BxD, params["W_enc"],
-                           params["b_dec"], params["b_enc"], compute_dtype)
+  def slot_values(idx_BxK, top_BxK):  # the selected values again, with their (slot-sparse) gradient
+    return sparse.slot_pre(top_BxK, idx_BxK, xs_BxD, params["W_enc"], params["b_dec"], params["b_enc"],
+                           compute_dtype)
 
   return _auxk(pre_BxN, slot_values, dead_N, params["W_dec"], residual_BxD, aux_k, detach, compute_dtype)
 
