@@ -20,7 +20,7 @@ class SAELoss(NamedTuple):
   since_fired_N: jax.Array  # int32: batches since each latent fired, this (global) batch included
   # Slow-path events of this step (scalars, float32 so they average like the rest): rows whose
   # selected entries spilled past their candidate slots, and whether the decoder fell back to dense
-  # (too many spilling rows or a full pair list).
+  # (more spilling rows than the largest allowance).
   spill_rows: jax.Array = 0.0
   dense_fallback: jax.Array = 0.0
 
