@@ -189,3 +189,32 @@ def test_masked_top_k_is_the_positive_top_k_of_the_masked_columns(name):
       ok = ~np.isnan(np.where(mask, x, 0)).any(1)
       for r in np.flatnonzero(ok):
         assert sorted(np.asarray(fi)[r][np.asarray(fv)[r] > 0]) == sorted(idx[r][vals[r] > 0])
+
+
+def test_whole_loss_on_the_xla_fallbacks_equals_the_kernels(monkeypatch):
+  """GPU/TPU (and CPUs without a compiler) run the XLA forms of every kernel: the primary's loss and
+  gradients, slot decoder and AuxK with most latents dead included, must not change."""
+  from metasae_jax.core import sae  # pylint: disable=g-import-not-at-top
+  n, d, b = 2048, 16, 128
+  params = sae.init_params(jax.random.PRNGKey(0), d, n)
+  x = jax.random.normal(jax.random.PRNGKey(1), (b, d))
+  since = jnp.where(jnp.arange(n) % 3 == 0, 0, 10).astype(jnp.int32)  # two thirds dead
+  f = lambda p: losses.sae_loss(p, x, since, 4, "batchtopk", 64, 1 / 32)
+
+  def run():
+    jax.clear_caches()
+    fn = jax.jit(jax.value_and_grad(f, has_aux=True))
+    return fn(params), fn.lower(params).as_text()
+
+  (want, g_want), hlo = run()
+  assert "metasae_slot_gather_sum" in hlo and float(want[1].aux) > 0
+  monkeypatch.setattr(native, "available", lambda: False)
+  (got, g_got), hlo = run()
+  jax.clear_caches()
+  assert "metasae_" not in hlo
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  np.testing.assert_allclose(got[1].aux, want[1].aux, rtol=1e-5)
+  for name in ("W_enc", "W_dec", "b_dec"):
+    scale = float(jnp.max(jnp.abs(g_want[name])))
+    assert scale > 0
+    np.testing.assert_allclose(g_got[name], g_want[name], atol=1e-5 * scale, err_msg=name)
