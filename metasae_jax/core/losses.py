@@ -116,9 +116,7 @@ def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_
     return _dense_recon(params, xs_BxD, pre_BxN, thresh, compute_dtype), pre_BxN, _Events(
         spill_rows, jnp.zeros((), bool))
   on_BxC = (cand_BxC >= thresh) & (cand_BxC > 0) & ~sel.spill_B[:, None]
-  dense = sel.dense
-  if axis_name is not None:
-    dense = jax.lax.psum(dense.astype(jnp.int32), axis_name) > 0
+  dense = sel.dense  # the same on every device: it comes from the pmax'd spill count
 
   def sparse_path():
     # The C slots per token, inactive ones zeroed (the kernels skip them): ~k of them per token.

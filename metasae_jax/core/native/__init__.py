@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _SOURCES = tuple(os.path.join(os.path.dirname(__file__), f) for f in ("row_kth.cc", "slots.cc"))
+_HEADERS = (os.path.join(os.path.dirname(__file__), "ranges.h"),)
 # FFI target name -> symbol in the library.
 _TARGETS = {"metasae_row_kth": "MetasaeRowKth", "metasae_row_top_k": "MetasaeRowTopK",
             "metasae_row_top_k_masked": "MetasaeRowTopKMasked",
@@ -57,7 +58,7 @@ def _cpu_flags() -> bytes:
 def _library_path() -> str:
   import jaxlib  # pylint: disable=g-import-not-at-top
   h = hashlib.sha256(jaxlib.__version__.encode() + platform.machine().encode() + _cpu_flags())
-  for src in _SOURCES:
+  for src in _SOURCES + _HEADERS:
     with open(src, "rb") as f:
       h.update(f.read())
   return os.path.join(cache_dir(), f"kernels-{h.hexdigest()[:16]}.so")

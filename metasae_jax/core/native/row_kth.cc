@@ -13,13 +13,14 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
-#include <thread>
 #include <utility>
 #include <vector>
 
+#include "ranges.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using metasae::ForRanges;
 
 namespace {
 
@@ -86,18 +87,7 @@ ffi::Error RowShape(ffi::Buffer<ffi::F32> x, int64_t k, int64_t* rows, int64_t* 
   return ffi::Error::Success();
 }
 
-// Calls fn(row_begin, row_end) over contiguous row ranges, on up to `threads` threads (64+ rows each).
-template <typename Fn>
-void ForRowRanges(int64_t rows, int64_t threads, Fn fn) {
-  const int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, rows / 64));
-  if (t == 1) {
-    fn(0, rows);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int64_t i = 0; i < t; ++i) pool.emplace_back(fn, rows * i / t, rows * (i + 1) / t);
-  for (auto& th : pool) th.join();
-}
+constexpr int64_t kMinRows = 64;  // rows per thread at least
 
 ffi::Error RowKthImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out, int64_t k, int64_t threads) {
   int64_t rows, cols;
@@ -105,14 +95,29 @@ ffi::Error RowKthImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out, 
   if (shape.failure()) return shape;
   const float* in = x.typed_data();
   float* res = out->typed_data();
-  ForRowRanges(rows, threads, [=](int64_t begin, int64_t end) { KthRows(in, res, cols, k, begin, end); });
+  ForRanges(rows, threads, kMinRows, nullptr, [=](int64_t begin, int64_t end) { KthRows(in, res, cols, k, begin, end); });
   return ffi::Error::Success();
+}
+
+// Calls emit(c, row[c]) for the k entries of a row that lax.top_k picks, in index order, given the
+// row's k-th largest value t: every entry above t, then as many equal to t as fill k.
+template <typename Emit>
+void ForEachTop(const float* row, int64_t cols, int64_t k, float t, Emit emit) {
+  int64_t above = 0;
+  for (int64_t c = 0; c < cols; ++c) above += row[c] > t;
+  int64_t n = 0, ties = k - above;
+  for (int64_t c = 0; c < cols && n < k; ++c) {
+    const float val = row[c];
+    if (val > t || (val == t && ties-- > 0)) {
+      emit(c, val);
+      ++n;
+    }
+  }
 }
 
 // Each row's top k (value, index) pairs in lax.top_k's order: values descending, equal
 // values by ascending index. The k-th largest value t comes from KthRows' selection;
-// then one pass takes the entries above t and, in index order, as many equal to t as
-// fill k (exactly the pairs lax.top_k picks), and only those k are sorted (unless
+// then ForEachTop takes exactly the pairs lax.top_k picks, and only those k are sorted (unless
 // `sorted` is false: then they stay in ascending index order). A row
 // holding a NaN gets NaN values and indices 0..k-1.
 void TopKRows(const float* x, float* out_v, int32_t* out_i, int64_t cols, int64_t k, bool sorted,
@@ -134,13 +139,8 @@ void TopKRows(const float* x, float* out_v, int32_t* out_i, int64_t cols, int64_
       }
       continue;
     }
-    int64_t above = 0;
-    for (int64_t c = 0; c < cols; ++c) above += row[c] > t;
-    int64_t n = 0, ties = k - above;
-    for (int64_t c = 0; c < cols && n < k; ++c) {
-      float val = row[c];
-      if (val > t || (val == t && ties-- > 0)) top[n++] = {val, static_cast<int32_t>(c)};
-    }
+    int64_t n = 0;
+    ForEachTop(row, cols, k, t, [&](int64_t c, float val) { top[n++] = {val, static_cast<int32_t>(c)}; });
     if (sorted) std::sort(top.begin(), top.begin() + k, before);
     for (int64_t j = 0; j < k; ++j) {
       v[j] = top[j].first;
@@ -157,8 +157,8 @@ ffi::Error RowTopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> valu
   const float* in = x.typed_data();
   float* v = values->typed_data();
   int32_t* idx = indices->typed_data();
-  ForRowRanges(rows, threads,
-               [=](int64_t begin, int64_t end) { TopKRows(in, v, idx, cols, k, sorted != 0, begin, end); });
+  ForRanges(rows, threads, kMinRows, nullptr,
+            [=](int64_t begin, int64_t end) { TopKRows(in, v, idx, cols, k, sorted != 0, begin, end); });
   return ffi::Error::Success();
 }
 
@@ -185,18 +185,13 @@ void MaskedTopKRows(const float* x, const std::vector<int32_t>& cols_m, float* o
       std::fill(v, v + k, NAN);
       continue;
     }
-    int64_t above = 0;
-    for (int64_t j = 0; j < m; ++j) above += vals[j] > t;
-    int64_t n = 0, ties = kk - above;
-    for (int64_t j = 0; j < m && n < kk; ++j) {
-      const float val = vals[j];
-      if (val > t || (val == t && ties-- > 0)) {
-        if (val > 0.0f) {
-          v[n] = val;
-          idx[n++] = cols_m[j];
-        }
+    int64_t n = 0;
+    ForEachTop(vals.data(), m, kk, t, [&](int64_t j, float val) {
+      if (val > 0.0f) {
+        v[n] = val;
+        idx[n++] = cols_m[j];
       }
-    }
+    });
   }
 }
 
@@ -215,7 +210,7 @@ ffi::Error RowTopKMaskedImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::PRED> mas
   const float* in = x.typed_data();
   float* v = values->typed_data();
   int32_t* idx = indices->typed_data();
-  ForRowRanges(rows, threads, [&, in, v, idx](int64_t begin, int64_t end) {
+  ForRanges(rows, threads, kMinRows, nullptr, [&, in, v, idx](int64_t begin, int64_t end) {
     MaskedTopKRows(in, cols_m, v, idx, cols, k, begin, end);
   });
   return ffi::Error::Success();

@@ -9,25 +9,28 @@
 // These are a decoder over the slots, its value gradient and its (decoder or
 // encoder) weight gradient. As dense matmuls each costs 2*B*N*D; here 2*B*K*D,
 // K = 512 of N = 9216 for AuxK at the paper's shape. Slots with value 0 are
-// absent: skipped in the sums, and their dot is 0. Every loop over D runs in blocks of 64 floats held in registers, so a
-// gathered row is read once from cache and the output is written once. Rows (or,
+// absent: skipped in the sums, and their dot is 0. Every loop over D runs in
+// blocks of 64 floats held in registers, so a gathered row is read once from
+// cache and the output is written once. Rows (or,
 // for the scatter, latents, balanced by their slot counts) are split over threads.
 // An index outside [0, N) is an error, not a silent out-of-bounds read.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
+#include "ranges.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using metasae::ForRanges;
 
 namespace {
 
 typedef float V8 __attribute__((vector_size(32), aligned(4)));  // 8 floats, unaligned loads allowed
 constexpr int64_t kBlock = 64;                                  // floats per register block (8 x V8)
+constexpr int64_t kMinRows = 16;                                // rows (or latents) per thread at least
 
 inline V8 Load(const float* p) { return *reinterpret_cast<const V8*>(p); }
 inline void Store(float* p, V8 v) { *reinterpret_cast<V8*>(p) = v; }
@@ -80,34 +83,8 @@ inline void Dot4(const float* g, const float* const rows[4], int64_t d, float* o
   }
 }
 
-// Calls fn(begin, end) over contiguous ranges of [0, n) on up to `threads` threads, cut where
-// the prefix sums `cost` (n + 1 entries, nondecreasing) are split evenly; cost null = even ranges.
-template <typename Fn>
-void ForRanges(int64_t n, int64_t threads, const int64_t* cost, Fn fn) {
-  const int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, n / 16));
-  if (t == 1) {
-    fn(0, n);
-    return;
-  }
-  std::vector<int64_t> cut(t + 1, n);
-  cut[0] = 0;
-  for (int64_t i = 1; i < t; ++i) {
-    if (cost == nullptr) {
-      cut[i] = n * i / t;
-    } else {
-      const int64_t want = cost[n] * i / t;
-      cut[i] = std::lower_bound(cost, cost + n + 1, want) - cost;
-      cut[i] = std::max(cut[i - 1], std::min(cut[i], n));
-    }
-  }
-  std::vector<std::thread> pool;
-  for (int64_t i = 0; i < t; ++i) pool.emplace_back(fn, cut[i], cut[i + 1]);
-  for (auto& th : pool) th.join();
-}
-
-// Checks two [B, K] slot arrays and a [N, D] table; sets b, k, n, d or returns the error.
-ffi::Error SlotShapes(ffi::Buffer<ffi::F32> slots, ffi::Buffer<ffi::S32> idx, int64_t n, int64_t d, int64_t* b,
-                      int64_t* k) {
+// Checks two [B, K] slot arrays and their indices against N; sets b, k or returns the error.
+ffi::Error SlotShapes(ffi::Buffer<ffi::F32> slots, ffi::Buffer<ffi::S32> idx, int64_t n, int64_t* b, int64_t* k) {
   auto sd = slots.dimensions();
   auto id = idx.dimensions();
   if (sd.size() != 2 || id.size() != 2 || sd[0] != id[0] || sd[1] != id[1])
@@ -117,7 +94,6 @@ ffi::Error SlotShapes(ffi::Buffer<ffi::F32> slots, ffi::Buffer<ffi::S32> idx, in
   const int32_t* ix = idx.typed_data();
   for (int64_t i = 0; i < *b * *k; ++i)
     if (ix[i] < 0 || ix[i] >= n) return ffi::Error::InvalidArgument("slot index outside [0, N)");
-  (void)d;
   return ffi::Error::Success();
 }
 
@@ -127,13 +103,13 @@ ffi::Error GatherSumImpl(ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> idx, 
   if (wd.size() != 2) return ffi::Error::InvalidArgument("slot gather needs an [N, D] table");
   const int64_t n = wd[0], d = wd[1];
   int64_t b, k;
-  ffi::Error err = SlotShapes(vals, idx, n, d, &b, &k);
+  ffi::Error err = SlotShapes(vals, idx, n, &b, &k);
   if (err.failure()) return err;
   const float* v = vals.typed_data();
   const int32_t* ix = idx.typed_data();
   const float* tab = w.typed_data();
   float* o = out->typed_data();
-  ForRanges(b, threads, nullptr, [=](int64_t begin, int64_t end) {
+  ForRanges(b, threads, kMinRows, nullptr, [=](int64_t begin, int64_t end) {
     std::vector<int32_t> live(k);
     std::vector<float> coef(k);
     for (int64_t r = begin; r < end; ++r) {
@@ -161,7 +137,7 @@ ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi
     return ffi::Error::InvalidArgument("slot dot needs [B, D] rows and an [N, D] table");
   const int64_t n = wd[0], d = wd[1];
   int64_t b, k;
-  ffi::Error err = SlotShapes(vals, idx, n, d, &b, &k);
+  ffi::Error err = SlotShapes(vals, idx, n, &b, &k);
   if (err.failure()) return err;
   if (gd[0] != b) return ffi::Error::InvalidArgument("slot dot needs one row per token");
   const float* gr = g.typed_data();
@@ -169,7 +145,7 @@ ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi
   const float* tab = w.typed_data();
   const float* v = vals.typed_data();
   float* o = out->typed_data();
-  ForRanges(b, threads, nullptr, [=](int64_t begin, int64_t end) {
+  ForRanges(b, threads, kMinRows, nullptr, [=](int64_t begin, int64_t end) {
     std::vector<int64_t> live(k);
     for (int64_t r = begin; r < end; ++r) {
       int64_t m = 0;
@@ -198,7 +174,7 @@ ffi::Error ScatterOuterImpl(ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> id
     return ffi::Error::InvalidArgument("slot scatter needs [B, D] rows and an [N, D] output");
   const int64_t n = od[0], d = od[1];
   int64_t b, k;
-  ffi::Error err = SlotShapes(vals, idx, n, d, &b, &k);
+  ffi::Error err = SlotShapes(vals, idx, n, &b, &k);
   if (err.failure()) return err;
   if (rd[0] != b) return ffi::Error::InvalidArgument("slot scatter needs one row per token");
   const float* v = vals.typed_data();
@@ -227,7 +203,7 @@ ffi::Error ScatterOuterImpl(ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> id
   const int64_t* st = start.data();
   const int32_t* tk = tok.data();
   const float* cf = coef.data();
-  ForRanges(n, threads, cost.data(), [=](int64_t begin, int64_t end) {
+  ForRanges(n, threads, kMinRows, cost.data(), [=](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t first = st[i], count = st[i + 1] - st[i];
       auto row = [&](int64_t t) { return src + static_cast<int64_t>(tk[first + t]) * d; };
