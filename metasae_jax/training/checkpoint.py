@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from typing import Callable, Optional
 
 import jax
@@ -36,11 +37,34 @@ def state_digest(state: TrainState) -> str:
   return h.hexdigest()
 
 
+# After a failed save, tensorstore's callbacks keep failing into the closed event loop for a moment (each
+# prints a traceback from its own thread). The window stays shut until they have been quiet this long.
+_QUIET_AFTER_FAILURE_S = 1.0
+_MAX_WAIT_AFTER_FAILURE_S = 10.0
+
+
+def _wait_until_quiet(held, quiet_s: float = _QUIET_AFTER_FAILURE_S,
+                      max_wait_s: float = _MAX_WAIT_AFTER_FAILURE_S) -> None:
+  """Returns once nothing has been written to `held` for quiet_s seconds (or after max_wait_s)."""
+  start = last_change = time.monotonic()
+  size = os.fstat(held.fileno()).st_size
+  while True:
+    time.sleep(0.05)
+    now = time.monotonic()
+    grown = os.fstat(held.fileno()).st_size
+    if grown != size:
+      size, last_change = grown, now
+    if now - last_change >= quiet_s or now - start >= max_wait_s:
+      return
+
+
 @contextlib.contextmanager
 def _orbax_quiet():
   """Orbax's writer threads print a traceback per failed file (dozens on a full disk, through absl logging
-  and straight to fd 2 from tensorstore callbacks) before the save raises. The caller reports the one error
-  that matters, so stderr is held back meanwhile: replayed if the save succeeds, dropped if it fails."""
+  and straight to fd 2 from tensorstore callbacks) before the save raises, and some after. The caller reports
+  the one error that matters, so stderr is held back meanwhile: replayed if the save succeeds; if it fails,
+  dropped once the writers have gone quiet (a traceback split across the window's end would leave half of
+  itself on the terminal)."""
   old = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.FATAL)
   sys.stderr.flush()
@@ -52,6 +76,8 @@ def _orbax_quiet():
       yield
       failed = False
     finally:
+      if failed:
+        _wait_until_quiet(held)
       sys.stderr.flush()
       os.dup2(saved_fd, 2)
       os.close(saved_fd)
