@@ -53,18 +53,39 @@ def test_row_top_k_equals_lax_top_k(name):
     assert np.isnan(np.asarray(vals)[~ok]).all()
 
 
-def test_wide_rows_take_the_sampled_path_exactly():
-  """Rows of >= 2048 with k < cols/4 go through the sampled estimate; rows built so that the estimate
-  keeps fewer than k entries (a few huge values in the sample's places) must still be exact."""
+def test_wide_rows_take_the_block_estimate_exactly():
+  """Rows of >= 256 with k <= (their blocks of 8) / 4 go through the block-maxima estimate (a histogram of
+  the maxima, nth_element on the entries of the blocks that reach it). Rows built against it: a short tail
+  past the last 64-entry chunk, heavy ties, one huge outlier (every other maximum in the lowest bin), all
+  entries equal, all negative, +-inf, a range overflowing to inf, a range of two ulps, and NaN inside a
+  chunk and in the tail."""
   rng = np.random.default_rng(5)
-  x = np.maximum(rng.normal(size=(96, 4096)), 0).astype(np.float32)
-  x[:32, ::4] = 100.0 + rng.random((32, 1024))  # every sampled place is huge: the estimate is too high
+  cols = 4096 + 37
+  x = np.maximum(rng.normal(size=(192, cols)), 0).astype(np.float32)
+  x[:32, ::4] = 100.0 + rng.random((32, (cols + 3) // 4))  # large values on a stride
   x[32:64] = np.round(x[32:64] * 2) / 2  # heavy ties
+  x[64:72, 5] = 1e30  # one outlier per row
+  x[72:80] = 0.25  # all equal: a degenerate range
+  x[80:96] = -1.0 - rng.random((16, cols))  # all negative
+  x[96:100, 7] = np.inf
+  x[100:104, 70] = -np.inf
+  x[104:108] = -np.inf
+  x[104:108, 3000] = 1.0
+  x[108, 1000] = np.nan  # inside a chunk
+  x[109, cols - 3] = np.nan  # in the tail
+  x[110:120, cols - 37:] = 50.0 + rng.random((10, 37))  # the largest entries all in the tail
+  x[120:124, ::2] = -3e38  # max - min overflows to inf
+  x[120:124, 1::2] = 3e38 * rng.random((4, cols // 2))
+  x[124:128] = 1.0 + np.float32(2**-23) * rng.integers(0, 3, size=(4, cols))  # a range of two ulps
   x = jnp.asarray(x)
-  for k in (1, 64, 512, 1000):
-    np.testing.assert_array_equal(jax.jit(lambda v, k=k: native.row_kth(v, k))(x), native.row_kth_reference(x, k))
+  ok = ~np.isnan(np.asarray(x)).any(1)
+  for k in (1, 64, 130, 512, 1000):
+    got = jax.jit(lambda v, k=k: native.row_kth(v, k))(x)
+    np.testing.assert_array_equal(np.asarray(got)[ok], np.asarray(native.row_kth_reference(x, k))[ok])
+    np.testing.assert_array_equal(np.asarray(got)[ok], -np.sort(-np.asarray(x)[ok], axis=1)[:, k - 1])
+    assert np.isnan(np.asarray(got)[~ok]).all()
     for got, want in zip(jax.jit(lambda v, k=k: native.row_top_k(v, k))(x), jax.lax.top_k(x, k)):
-      np.testing.assert_array_equal(got, want)
+      np.testing.assert_array_equal(np.asarray(got)[ok], np.asarray(want)[ok])
 
 
 def test_row_kth_under_vmap_switch_and_grad():

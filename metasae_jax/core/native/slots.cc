@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "ranges.h"
@@ -30,7 +31,8 @@ namespace {
 
 typedef float V8 __attribute__((vector_size(32), aligned(4)));  // 8 floats, unaligned loads allowed
 constexpr int64_t kBlock = 64;                                  // floats per register block (8 x V8)
-constexpr int64_t kMinRows = 16;                                // rows (or latents) per thread at least
+constexpr int64_t kMinRows = 16;
+constexpr int64_t kAhead = 8;  // prefetch distance in terms                                // rows (or latents) per thread at least
 
 inline V8 Load(const float* p) { return *reinterpret_cast<const V8*>(p); }
 inline void Store(float* p, V8 v) { *reinterpret_cast<V8*>(p) = v; }
@@ -43,6 +45,10 @@ void AxpyBlock(int64_t terms, Row row, Coef coef, int64_t off, int64_t len, floa
   if (len == kBlock) {
     V8 acc[8] = {};
     for (int64_t t = 0; t < terms; ++t) {
+      if (t + kAhead < terms) {  // rows are scattered in memory: ask for one kAhead terms ahead
+        const char* next = reinterpret_cast<const char*>(row(t + kAhead) + off);
+        for (int line = 0; line < 4; ++line) __builtin_prefetch(next + 64 * line);
+      }
       const V8 a = Splat(coef(t));
       const float* src = row(t) + off;
       for (int u = 0; u < 8; ++u) acc[u] += a * Load(src + 8 * u);
@@ -97,18 +103,8 @@ ffi::Error SlotShapes(ffi::Buffer<ffi::F32> slots, ffi::Buffer<ffi::S32> idx, in
   return ffi::Error::Success();
 }
 
-ffi::Error GatherSumImpl(ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
-                         ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
-  auto wd = w.dimensions();
-  if (wd.size() != 2) return ffi::Error::InvalidArgument("slot gather needs an [N, D] table");
-  const int64_t n = wd[0], d = wd[1];
-  int64_t b, k;
-  ffi::Error err = SlotShapes(vals, idx, n, &b, &k);
-  if (err.failure()) return err;
-  const float* v = vals.typed_data();
-  const int32_t* ix = idx.typed_data();
-  const float* tab = w.typed_data();
-  float* o = out->typed_data();
+void GatherSumRaw(const float* v, const int32_t* ix, const float* tab, float* o, int64_t b, int64_t k, int64_t d,
+                  int64_t threads) {
   ForRanges(b, threads, kMinRows, nullptr, [=](int64_t begin, int64_t end) {
     std::vector<int32_t> live(k);
     std::vector<float> coef(k);
@@ -126,25 +122,22 @@ ffi::Error GatherSumImpl(ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> idx, 
       for (int64_t off = 0; off < d; off += kBlock) AxpyBlock(m, row, c, off, std::min(kBlock, d - off), o + r * d);
     }
   });
-  return ffi::Error::Success();
 }
 
-ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
-                         ffi::Buffer<ffi::F32> vals, ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
+ffi::Error GatherSumImpl(ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
+                         ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
   auto wd = w.dimensions();
-  auto gd = g.dimensions();
-  if (wd.size() != 2 || gd.size() != 2 || gd[1] != wd[1])
-    return ffi::Error::InvalidArgument("slot dot needs [B, D] rows and an [N, D] table");
+  if (wd.size() != 2) return ffi::Error::InvalidArgument("slot gather needs an [N, D] table");
   const int64_t n = wd[0], d = wd[1];
   int64_t b, k;
   ffi::Error err = SlotShapes(vals, idx, n, &b, &k);
   if (err.failure()) return err;
-  if (gd[0] != b) return ffi::Error::InvalidArgument("slot dot needs one row per token");
-  const float* gr = g.typed_data();
-  const int32_t* ix = idx.typed_data();
-  const float* tab = w.typed_data();
-  const float* v = vals.typed_data();
-  float* o = out->typed_data();
+  GatherSumRaw(vals.typed_data(), idx.typed_data(), w.typed_data(), out->typed_data(), b, k, d, threads);
+  return ffi::Error::Success();
+}
+
+void GatherDotRaw(const float* gr, const int32_t* ix, const float* tab, const float* v, float* o, int64_t b,
+                  int64_t k, int64_t d, int64_t threads) {
   ForRanges(b, threads, kMinRows, nullptr, [=](int64_t begin, int64_t end) {
     std::vector<int64_t> live(k);
     for (int64_t r = begin; r < end; ++r) {
@@ -163,40 +156,62 @@ ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi
       }
     }
   });
-  return ffi::Error::Success();
 }
 
-ffi::Error ScatterOuterImpl(ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> rows,
-                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> sums, int64_t threads) {
-  auto od = out->dimensions();
-  auto rd = rows.dimensions();
-  if (od.size() != 2 || rd.size() != 2 || rd[1] != od[1])
-    return ffi::Error::InvalidArgument("slot scatter needs [B, D] rows and an [N, D] output");
-  const int64_t n = od[0], d = od[1];
+ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
+                         ffi::Buffer<ffi::F32> vals, ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
+  auto wd = w.dimensions();
+  auto gd = g.dimensions();
+  if (wd.size() != 2 || gd.size() != 2 || gd[1] != wd[1])
+    return ffi::Error::InvalidArgument("slot dot needs [B, D] rows and an [N, D] table");
+  const int64_t n = wd[0], d = wd[1];
   int64_t b, k;
   ffi::Error err = SlotShapes(vals, idx, n, &b, &k);
   if (err.failure()) return err;
-  if (rd[0] != b) return ffi::Error::InvalidArgument("slot scatter needs one row per token");
-  const float* v = vals.typed_data();
-  const int32_t* ix = idx.typed_data();
-  const float* src = rows.typed_data();
-  float* o = out->typed_data();
-  float* s = sums->typed_data();
-  // Slots grouped by latent (a counting sort of the nonzero ones): start[i]..start[i+1].
+  if (gd[0] != b) return ffi::Error::InvalidArgument("slot dot needs one row per token");
+  GatherDotRaw(g.typed_data(), idx.typed_data(), w.typed_data(), vals.typed_data(), out->typed_data(), b, k, d,
+               threads);
+  return ffi::Error::Success();
+}
+
+void ScatterOuterRaw(const float* v, const int32_t* ix, const float* src, float* o, float* s, int64_t b, int64_t k,
+                     int64_t n, int64_t d, int64_t threads) {
+  // Slots grouped by latent (a counting sort of the nonzero ones, in token order within a latent):
+  // start[i]..start[i+1]. Threads count and place the slots of their own token ranges.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, b / kMinRows));
+  std::vector<std::vector<int64_t>> count(parts, std::vector<int64_t>(n, 0));
+  auto tokens = [=](int64_t p) { return std::make_pair(b * p / parts, b * (p + 1) / parts); };
+  ForRanges(parts, parts, 1, nullptr, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      int64_t* c = count[p].data();
+      const auto [t0, t1] = tokens(p);
+      for (int64_t i = t0 * k; i < t1 * k; ++i) c[ix[i]] += v[i] != 0.0f;
+    }
+  });
   std::vector<int64_t> start(n + 1, 0);
-  for (int64_t i = 0; i < b * k; ++i) start[ix[i] + 1] += v[i] != 0.0f;
-  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
+  for (int64_t i = 0; i < n; ++i) {  // count[p][i] becomes where part p's slots of latent i go
+    int64_t at = start[i];
+    for (int64_t p = 0; p < parts; ++p) {
+      const int64_t c = count[p][i];
+      count[p][i] = at;
+      at += c;
+    }
+    start[i + 1] = at;
+  }
   std::vector<int32_t> tok(start[n]);
   std::vector<float> coef(start[n]);
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t i = 0; i < b * k; ++i) {
-      if (v[i] == 0.0f) continue;
-      const int64_t at = fill[ix[i]]++;
-      tok[at] = static_cast<int32_t>(i / k);
-      coef[at] = v[i];
+  ForRanges(parts, parts, 1, nullptr, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      int64_t* fill = count[p].data();
+      const auto [t0, t1] = tokens(p);
+      for (int64_t i = t0 * k; i < t1 * k; ++i) {
+        if (v[i] == 0.0f) continue;
+        const int64_t at = fill[ix[i]]++;
+        tok[at] = static_cast<int32_t>(i / k);
+        coef[at] = v[i];
+      }
     }
-  }
+  });
   // Balance threads by slots, with each latent counted once more for writing its row.
   std::vector<int64_t> cost(n + 1);
   for (int64_t i = 0; i <= n; ++i) cost[i] = start[i] + i;
@@ -214,6 +229,21 @@ ffi::Error ScatterOuterImpl(ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> id
       s[i] = total;
     }
   });
+}
+
+ffi::Error ScatterOuterImpl(ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> rows,
+                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> sums, int64_t threads) {
+  auto od = out->dimensions();
+  auto rd = rows.dimensions();
+  if (od.size() != 2 || rd.size() != 2 || rd[1] != od[1])
+    return ffi::Error::InvalidArgument("slot scatter needs [B, D] rows and an [N, D] output");
+  const int64_t n = od[0], d = od[1];
+  int64_t b, k;
+  ffi::Error err = SlotShapes(vals, idx, n, &b, &k);
+  if (err.failure()) return err;
+  if (rd[0] != b) return ffi::Error::InvalidArgument("slot scatter needs one row per token");
+  ScatterOuterRaw(vals.typed_data(), idx.typed_data(), rows.typed_data(), out->typed_data(), sums->typed_data(), b, k,
+                  n, d, threads);
   return ffi::Error::Success();
 }
 
