@@ -38,6 +38,20 @@ def test_penalty_value_matches_numpy(sigma_sq):
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_stop_mode_on_the_slot_path_matches_numpy():
+  """Meta width >= 8x its candidate slots: the stop-mode forward decodes over slots, not densely. Value,
+  reconstruction, fired meta latents and meta MSE against numpy, and against the dense `reconstruct`."""
+  w, mp, meta_k = _setup(seed=3, n=300, d=16, m=400, meta_k=4)
+  got, rec = meta.penalty(w, mp, meta_k, 0.5, "stop")
+  want, w_hat = _np_penalty(w, mp, meta_k, 0.5)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(rec.recon_NxD, w_hat, rtol=1e-4, atol=1e-5)
+  dense = meta.reconstruct(mp, w, meta_k)
+  np.testing.assert_array_equal(rec.fired_M, dense.fired_M)
+  assert 0 < int(np.sum(rec.fired_M)) < 400
+  np.testing.assert_allclose(rec.mse, dense.mse, rtol=1e-5)
+
+
 def test_stop_mode_gradient_is_analytic_and_matches_finite_differences():
   w, mp, meta_k = _setup(1)
   sigma_sq = 0.7

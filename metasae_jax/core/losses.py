@@ -92,7 +92,7 @@ class _Events(NamedTuple):
   dense: jax.Array  # bool: the dense fallback ran
 
 
-def _reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_name: Optional[str],
+def reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_name: Optional[str],
                  compute_dtype: str = "float32"):
   """The SAE's reconstruction with gradient: over the C candidate slots per token (`sparse.slot_decode`;
   spilling rows exactly on the side), dense when more rows spill than the largest allowance or the slots
@@ -167,7 +167,7 @@ def sae_loss(params: dict, x_BxD: jax.Array, since_fired_N: jax.Array, k: int, a
   counter comes back in the stats.
   """
   xs, mean, std = sae.standardize(x_BxD)
-  rec, pre_BxN, events = _reconstruct(params, xs, k, activation, axis_name, compute_dtype)
+  rec, pre_BxN, events = reconstruct(params, xs, k, activation, axis_name, compute_dtype)
   since_N = update_since_fired(since_fired_N, _psum(rec.active_N, axis_name) > 0)
   dead_N = since_N >= dead_after_batches
   mse = jnp.mean((rec.recon_std_BxD - xs) ** 2)

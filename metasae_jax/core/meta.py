@@ -31,6 +31,16 @@ def reconstruct(meta_params: dict, w_NxD: jax.Array, meta_k: int) -> MetaRecon:
                    jnp.any(jax.lax.stop_gradient(out.acts_BxN) > 0, axis=0))
 
 
+def reconstruct_frozen(meta_params: dict, w_NxD: jax.Array, meta_k: int) -> MetaRecon:
+  """`reconstruct` without gradient, decoded over each row's C candidate slots (`losses.reconstruct`'s
+  slot path) instead of the dense N x M x D product: the default ("stop") penalty's forward."""
+  meta_params, w_NxD = jax.lax.stop_gradient((meta_params, w_NxD))
+  xs, mean, std = sae.standardize(w_NxD)
+  rec, _, _ = losses.reconstruct(meta_params, xs, meta_k, "batchtopk", None)
+  recon_std = jax.lax.stop_gradient(rec.recon_std_BxD)
+  return MetaRecon(sae.unstandardize(recon_std, mean, std), jnp.mean((recon_std - xs) ** 2), rec.active_N > 0)
+
+
 def penalty(w_dec_NxD: jax.Array, meta_params: dict, meta_k: int, sigma_sq: float,
             mode: str = "stop") -> tuple[jax.Array, MetaRecon]:
   """mean_i exp(-||w_i - ŵ_i||² / σ²) with the meta SAE frozen.
@@ -40,8 +50,8 @@ def penalty(w_dec_NxD: jax.Array, meta_params: dict, meta_k: int, sigma_sq: floa
   """
   frozen = jax.lax.stop_gradient(meta_params)
   if mode == "stop":
-    rec = reconstruct(frozen, jax.lax.stop_gradient(w_dec_NxD), meta_k)
-    w_hat_NxD = jax.lax.stop_gradient(rec.recon_NxD)
+    rec = reconstruct_frozen(frozen, w_dec_NxD, meta_k)
+    w_hat_NxD = rec.recon_NxD
   elif mode == "through":
     rec = reconstruct(frozen, w_dec_NxD, meta_k)
     w_hat_NxD = rec.recon_NxD
