@@ -71,11 +71,13 @@ inline float Sum(V8 v) {
   return total;
 }
 
-// out[t] = g . rows[t] for four rows at once: each block of g is loaded once for all four.
-inline void Dot4(const float* g, const float* const rows[4], int64_t d, float* out) {
+// out[t] = g . rows[t] for four rows at once: each block of g is loaded once for all four. The four
+// rows of the next call (`next`, scattered in memory) are prefetched alongside.
+inline void Dot4(const float* g, const float* const rows[4], const float* const next[4], int64_t d, float* out) {
   V8 acc[4][2] = {};
   int64_t c = 0;
   for (; c + 16 <= d; c += 16) {
+    for (int t = 0; t < 4; ++t) __builtin_prefetch(next[t] + c);
     const V8 g0 = Load(g + c), g1 = Load(g + c + 8);
     for (int t = 0; t < 4; ++t) {
       acc[t][0] += g0 * Load(rows[t] + c);
@@ -146,13 +148,24 @@ void GatherDotRaw(const float* gr, const int32_t* ix, const float* tab, const fl
         o[r * k + j] = 0.0f;
         if (v[r * k + j] != 0.0f) live[m++] = j;
       }
-      const float* rows[4];
-      float dots[4];
-      for (int64_t j = 0; j < m; j += 4) {  // four slots at a time (the last group repeats its last slot)
+      // Four slots at a time (a short group repeats its last slot).
+      auto group = [&](int64_t j, const float** rows) {
         const int64_t q = std::min<int64_t>(4, m - j);
         for (int64_t t = 0; t < 4; ++t) rows[t] = tab + static_cast<int64_t>(ix[r * k + live[j + std::min(t, q - 1)]]) * d;
-        Dot4(gr + r * d, rows, d, dots);
-        for (int64_t t = 0; t < q; ++t) o[r * k + live[j + t]] = dots[t];
+      };
+      const float* rows[4];
+      const float* next[4];
+      float dots[4];
+      if (m > 0) group(0, rows);
+      for (int64_t j = 0; j < m; j += 4) {
+        if (j + 4 < m) {
+          group(j + 4, next);
+        } else {
+          std::copy(rows, rows + 4, next);
+        }
+        Dot4(gr + r * d, rows, next, d, dots);
+        for (int64_t t = 0; t < std::min<int64_t>(4, m - j); ++t) o[r * k + live[j + t]] = dots[t];
+        std::copy(next, next + 4, rows);
       }
     }
   });
