@@ -82,10 +82,10 @@ float LowerBoundOfKth(const float* x, int64_t n, int64_t k, float* scratch) {
 
 // The k-th largest of one row; buf holds ScratchSize(cols) floats of scratch.
 //
-// Long rows with a small k: the k-th largest of the block maxima is at most the row's k-th largest
-// (k blocks each hold an entry that reaches it), and every entry that reaches it lies in a block
-// whose maximum does; so nth_element runs on the block maxima (cols / 8), then on the entries of
-// the ~k blocks that reach their k-th largest, instead of on the row. Exact, with no fallback.
+// Long rows with a small k: a value that at least k block maxima reach (LowerBoundOfKth) is at most
+// the row's k-th largest (k blocks each hold an entry that reaches it), and every entry that reaches
+// it lies in a block whose maximum does; so nth_element runs only on the entries of the ~k blocks
+// that reach it, instead of on the row. Exact, with no fallback.
 float KthOfRow(const float* row, int64_t cols, int64_t k, float* buf) {
   const int64_t nb = NumBlocks(cols), full = cols / kChunk;
   if (cols >= 256 && 4 * k <= nb) {
