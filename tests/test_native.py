@@ -212,6 +212,24 @@ def test_masked_top_k_is_the_positive_top_k_of_the_masked_columns(name):
         assert sorted(np.asarray(fi)[r][np.asarray(fv)[r] > 0]) == sorted(idx[r][vals[r] > 0])
 
 
+def test_masked_top_k_with_fewer_positives_than_masked_columns_in_a_wider_block_layout():
+  """320 masked columns, 319 positive in every row, k 20: the selection runs on 319 entries, which form more
+  blocks (4 chunks of 64 + 63 single entries) than 320 do; the scratch must be sized for that."""
+  rng = np.random.default_rng(11)
+  x = (0.5 + rng.random((96, 400))).astype(np.float32)
+  mask = np.zeros(400, bool)
+  mask[40:360] = True
+  x[np.arange(96), 40 + rng.integers(0, 320, size=96)] = 0.0  # one masked entry per row is not positive
+  for k in (20, 23):
+    vals, idx = (np.asarray(a) for a in jax.jit(lambda v, on, k=k: native.row_top_k_masked(v, on, k))(
+        jnp.asarray(x), jnp.asarray(mask)))
+    for r in range(96):
+      cand = [c for c in np.flatnonzero(mask) if x[r, c] > 0]
+      assert len(cand) == 319
+      assert sorted(idx[r]) == sorted(sorted(cand, key=lambda c: (-x[r, c], c))[:k]), (k, r)
+      np.testing.assert_array_equal(np.sort(vals[r]), np.sort(x[r, idx[r]]))
+
+
 def test_whole_loss_on_the_xla_fallbacks_equals_the_kernels(monkeypatch):
   """GPU/TPU (and CPUs without a compiler) run the XLA forms of every kernel: the primary's loss and
   gradients, slot decoder and AuxK with most latents dead included, must not change."""

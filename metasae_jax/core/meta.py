@@ -37,7 +37,7 @@ def reconstruct_frozen(meta_params: dict, w_NxD: jax.Array, meta_k: int) -> Meta
   meta_params, w_NxD = jax.lax.stop_gradient((meta_params, w_NxD))
   xs, mean, std = sae.standardize(w_NxD)
   rec, _, _ = losses.reconstruct(meta_params, xs, meta_k, "batchtopk", None)
-  recon_std = jax.lax.stop_gradient(rec.recon_std_BxD)
+  recon_std = rec.recon_std_BxD
   return MetaRecon(sae.unstandardize(recon_std, mean, std), jnp.mean((recon_std - xs) ** 2), rec.active_N > 0)
 
 

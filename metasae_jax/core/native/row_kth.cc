@@ -48,8 +48,9 @@ inline bool Any(I8 m) {
 constexpr int64_t kChunk = 64;
 inline int64_t NumBlocks(int64_t cols) { return cols / kChunk * 8 + cols % kChunk; }
 
-// Floats of scratch KthOfRow needs for a row of `cols`.
-inline int64_t ScratchSize(int64_t cols) { return cols + 2 * NumBlocks(cols); }
+// Floats of scratch KthOfRow needs for any row of at most `cols` (the row, then twice the block maxima;
+// NumBlocks itself is not monotonic: 63 entries are 63 blocks, 64 are 8, so it is bounded by cols/8 + 63).
+inline int64_t ScratchSize(int64_t cols) { return cols + 2 * (cols / 8 + kChunk); }
 
 // A value reached by at least k of the n finite entries of x (so at most their k-th largest), close
 // below it: the entries are counted into 256 equal-width bins between their minimum and maximum,

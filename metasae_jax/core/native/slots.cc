@@ -31,8 +31,8 @@ namespace {
 
 typedef float V8 __attribute__((vector_size(32), aligned(4)));  // 8 floats, unaligned loads allowed
 constexpr int64_t kBlock = 64;                                  // floats per register block (8 x V8)
-constexpr int64_t kMinRows = 16;
-constexpr int64_t kAhead = 8;  // prefetch distance in terms                                // rows (or latents) per thread at least
+constexpr int64_t kMinRows = 16;                                // rows (or latents) per thread at least
+constexpr int64_t kAhead = 8;                                   // prefetch distance, in terms of a sum
 
 inline V8 Load(const float* p) { return *reinterpret_cast<const V8*>(p); }
 inline void Store(float* p, V8 v) { *reinterpret_cast<V8*>(p) = v; }
