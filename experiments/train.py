@@ -64,9 +64,15 @@ flags.DEFINE_enum("activation", None, ["batchtopk", "topk"], "Primary SAE activa
 flags.DEFINE_bool("auxk_detach", None,
                   "Detach the AuxK target residual (OpenAI's TopK recipe). Default: not detached, as the paper's "
                   "reference code, so AuxK's gradient also reaches the main reconstruction.")
-flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
-                  "Matmul input dtype of the primary SAEs; bfloat16 (for GPUs/TPUs) accumulates in float32 and "
-                  "keeps float32 weights and Adam state. Default float32.")
+flags.DEFINE_enum("compute_dtype", None, ["auto", "float32", "bfloat16"],
+                  "Matmul input dtype of all three SAEs; bfloat16 accumulates in float32 and keeps float32 weights "
+                  "and Adam state. Default auto: float32 on CPU, bfloat16 on GPU/TPU.")
+flags.DEFINE_enum("algorithm", None, ["auto", "slots", "dense"],
+                  "slots: candidate slots and native kernels (the CPU's); dense: bisection thresholds and masked "
+                  "dense products, no scatter (GPU/TPU's). Same loss. Default auto: slots on CPU, dense elsewhere.")
+flags.DEFINE_integer("model_parallel", None,
+                     "Devices that split each primary SAE's latents; the mesh is (devices / model_parallel) x "
+                     "model_parallel. Not part of the run's identity: a checkpoint resumes on any mesh. Default 1.")
 flags.DEFINE_integer("num_tokens", None, "Training tokens after skipping; 0 (default) = one pass over the store.")
 flags.DEFINE_integer("skip_first_positions", None,
                      "Skip this many positions at the start of every context; 0 (default, as the paper's "
@@ -98,11 +104,11 @@ flags.mark_flags_as_required(["activations", "out_dir"])
 # Which config section each shorthand flag sets.
 SHORTHANDS = {**{name: "train" for name in (
     "width", "k", "meta_width", "meta_k", "lambda2", "sigma_sq", "penalty_grad", "n_primary_steps", "n_meta_steps",
-    "batch_size", "lr", "seed", "baseline", "activation", "auxk_detach", "compute_dtype")},
+    "batch_size", "lr", "seed", "baseline", "activation", "auxk_detach", "compute_dtype", "algorithm")},
               **{name: "run" for name in (
                   "num_tokens", "skip_first_positions", "checkpoint_every_steps", "log_every_steps", "progress",
                   "log_to", "wandb_project", "wandb_run_name", "wandb_mode", "eval_every_steps", "eval_activations",
-                  "eval_tokens")}}
+                  "eval_tokens", "model_parallel")}}
 
 
 def resolved_config(**overrides):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from metasae_jax.storage import atomic, store, synthetic
-from metasae_jax.training import checkpoint, data, trainer
+from metasae_jax.training import checkpoint, data, sharding, trainer
 from metasae_jax.lm import export
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
@@ -285,18 +285,18 @@ def test_nan_batch_names_step_and_shard_and_keeps_last_checkpoint(tmp_path, save
 def test_nan_loss_names_step_keeps_checkpoint_and_resumes(tmp_path, monkeypatch, saved_checkpoints):
   path = str(tmp_path / "s")
   synthetic.write_sparse_store(path, 1536, 16, context_len=8, shard_tokens=512, num_features=48)
-  real_step = trainer.train_step
+  real_step = sharding.train_step
 
-  def diverges_at_step_5(state, batch):
-    return real_step(state, jnp.where(state.step == 4, jnp.nan, batch))
+  def diverges_at_step_5(state, batch, **axes):
+    return real_step(state, jnp.where(state.step == 4, jnp.nan, batch), **axes)
 
-  monkeypatch.setattr(trainer, "train_step", diverges_at_step_5)
+  monkeypatch.setattr(sharding, "train_step", diverges_at_step_5)
   with pytest.raises(UserError, match=r"non-finite .* at step 5;.*step 4\) is intact"):
     train_and_save(CFG, _run(path, tmp_path / "cut"))
   assert _latest_intact(str(tmp_path / "cut"), saved_checkpoints) == 4
   assert _steps_logged(tmp_path / "cut") == [1, 2, 3, 4]
 
-  monkeypatch.setattr(trainer, "train_step", real_step)
+  monkeypatch.setattr(sharding, "train_step", real_step)
   train_and_save(CFG, _run(path, tmp_path / "cut"))
   train_and_save(CFG, _run(path, tmp_path / "whole"))
   for sub in ("joint", "solo"):

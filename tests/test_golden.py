@@ -49,7 +49,7 @@ def _naive_loss(c: TrainConfig, meta_params):
   def f(p, x, since_N):
     total, (since, fired_M) = naive.loss(p, x, since_N, c, meta_params, c.lambda2)
     pen, _ = meta.penalty(p["W_dec"], meta_params, c.meta_k, c.sigma_sq, "stop")
-    xs, _, _, recon = naive._forward(p, x, c.k)
+    xs, _, _, recon, _, _ = naive._forward(p, x, c.k)
     l2 = jnp.mean((recon - xs) ** 2)
     return total, (l2, total - l2 - c.lambda2 * pen, pen, since, fired_M)
   return f

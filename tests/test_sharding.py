@@ -1,4 +1,5 @@
-"""Scale-out: per-device steps (pmap, shard_map), 1 vs N fake devices, 2 processes equal 1 device.
+"""Scale-out: per-device steps on (data, model) meshes and under pmap, trainer runs on N fake devices and
+2 processes, checkpoints moved between meshes: every layout equals one device.
 
 Legend: B = global batch, D = d_model. Fake devices need XLA_FLAGS before JAX
 starts, so every multi-device run happens in a subprocess.
@@ -79,15 +80,14 @@ def one_device_run(store_path, tmp_path_factory):
   return str(out)
 
 
-def test_pmap_and_shard_map_steps_equal_global_jit():
-  # 5 steps with n_primary_steps=2 cross two meta phases. The last case puts one
-  # device's row far above the rest, so BatchTopK's candidate overflow path (the
-  # exact all-gathered selection) runs under the axis too.
+def test_pmap_step_equals_global_jit():
+  # Researchers may wrap the per-device step in jax.pmap themselves. 5 steps with n_primary_steps=2 cross
+  # two meta phases; the last case puts one device's row far above the rest, so BatchTopK's candidate
+  # overflow path runs under the axis too.
   out = _python("""
     import functools
     import numpy as np
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
     from metasae_jax.storage import synthetic
     from metasae_jax.core import topk
     from metasae_jax.core.config import TrainConfig
@@ -110,25 +110,13 @@ def test_pmap_and_shard_map_steps_equal_global_jit():
     for x_BxD in x_TxBxD:
       ref, ref_metrics = step(ref, x_BxD)
 
-    per_device = functools.partial(train_step, axis_name="data")
-    pstep = jax.pmap(per_device, axis_name="data")
+    pstep = jax.pmap(functools.partial(train_step, axis_name="data"), axis_name="data")
     stacked = jax.tree.map(lambda a: np.stack([np.asarray(a)] * n), init)
     for x_BxD in x_TxBxD:
       stacked, p_metrics = pstep(stacked, x_BxD.reshape(n, -1, 16))
     pmapped = jax.tree.map(lambda a: a[0], stacked)
-
-    mesh = jax.make_mesh((n,), ("data",))
-    rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    sstep = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=(P(), P())))
-    sharded = jax.device_put(init, rep)
-    for x_BxD in x_TxBxD:
-      sharded, s_metrics = sstep(sharded, jax.device_put(x_BxD, rows))
-
-    # Slow-path event counts say how a device computed its share (a device's pair list can overflow
-    # where the single device's does not); every value metric must agree.
     values = [k for k in ref_metrics if not k.endswith("dense_fallback")]
-    metric_diff = max(max(abs(float(ref_metrics[k]) - float(p_metrics[k][0])),
-                          abs(float(ref_metrics[k]) - float(s_metrics[k]))) for k in values)
+    metric_diff = max(abs(float(ref_metrics[k]) - float(p_metrics[k][0])) for k in values)
     pmap_replicas = max(diff(pmapped, jax.tree.map(lambda a: a[i], stacked)) for i in range(n))
 
     pre_BxN = np.random.default_rng(0).uniform(size=(32, 256)).astype(np.float32)
@@ -136,31 +124,78 @@ def test_pmap_and_shard_map_steps_equal_global_jit():
     want = np.asarray(topk.batchtopk_reference(jnp.asarray(pre_BxN), 4))
     got_p = np.asarray(jax.pmap(functools.partial(topk.batchtopk, k=4, axis_name="data"), axis_name="data")(
         pre_BxN.reshape(n, -1, 256))).reshape(32, 256)
-    got_s = np.asarray(jax.jit(jax.shard_map(functools.partial(topk.batchtopk, k=4, axis_name="data"),
-                                             mesh=mesh, in_specs=P("data"), out_specs=P("data")))(
-        jax.device_put(pre_BxN, rows)))
-    print(json.dumps({"devices": n, "pmap": diff(ref, pmapped), "shard_map": diff(ref, sharded),
-                      "replicas": pmap_replicas, "metrics": metric_diff, "aux": float(ref_metrics["joint/aux"]), "meta_step": int(ref.meta.opt_state[0].count),
-                      "overflow_rows": int(np.sum(want[3] > 0)),
-                      "topk_pmap": float(np.max(np.abs(got_p - want))),
-                      "topk_shard_map": float(np.max(np.abs(got_s - want)))}))
+    print(json.dumps({"devices": n, "pmap": diff(ref, pmapped), "replicas": pmap_replicas,
+                      "metrics": metric_diff, "aux": float(ref_metrics["joint/aux"]),
+                      "meta_step": int(ref.meta.opt_state[0].count), "overflow_rows": int(np.sum(want[3] > 0)),
+                      "topk_pmap": float(np.max(np.abs(got_p - want)))}))
   """, devices=8)
-  print({k: v for k, v in out.items()})
+  print(out)
   assert out["devices"] == 8 and out["meta_step"] == 4  # two meta phases of 2 steps ran
-  assert out["pmap"] < 1e-5 and out["shard_map"] < 1e-5, out
-  assert out["replicas"] == 0.0 and out["metrics"] < 1e-5 and out["aux"] > 0, out
-  assert out["overflow_rows"] > 8 and out["topk_pmap"] == 0.0 and out["topk_shard_map"] == 0.0, out
+  assert out["pmap"] < 1e-5 and out["replicas"] == 0.0 and out["metrics"] < 1e-5 and out["aux"] > 0, out
+  assert out["overflow_rows"] > 8 and out["topk_pmap"] == 0.0, out
 
 
-@pytest.mark.parametrize("devices", [8, 4])
-def test_trainer_on_n_devices_equals_one_device(store_path, one_device_run, tmp_path, devices):
+MESHES = [(1, 8), (8, 1), (2, 4), (4, 2)]
+
+
+def test_every_mesh_equals_one_device():
+  """(data, model) meshes over 8 devices, both algorithms, BatchTopK and TopK, 6 steps each.
+
+  Joint (with the penalty) and the lockstep solo (without) train side by side, dead_after_batches=1 keeps
+  AuxK running, and n_primary_steps=2 gives three meta phases, split over all devices.
+  """
+  out = _python("""
+    import dataclasses
+    import numpy as np
+    from metasae_jax.storage import synthetic
+    from metasae_jax.core.config import TrainConfig
+    from metasae_jax.core.train_step import init_train_state, train_step
+    from metasae_jax.training import sharding
+
+    def diff(a, b):
+      return max(float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64))))
+                 for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    # width 1280, meta width 40: the slots path decodes over slots (1280 >= 8 x its 36 candidates).
+    base = TrainConfig(d_model=16, width=1280, k=4, meta_width=40, meta_k=2, batch_size=64,
+                       n_primary_steps=2, n_meta_steps=2, lr=1e-3, dead_after_batches=1)
+    x_TxBxD = synthetic.sparse_activations(6 * 64, 16, num_features=48).reshape(6, 64, 16)
+    result = {}
+    for activation in ("batchtopk", "topk"):
+      for algorithm in ("slots", "dense"):
+        cfg = dataclasses.replace(base, activation=activation, algorithm=algorithm)
+        ref, step = init_train_state(cfg), jax.jit(train_step)
+        for x_BxD in x_TxBxD:
+          ref, ref_m = step(ref, x_BxD)
+        for shape in %r:
+          mesh = sharding.Mesh(cfg, model_parallel=shape[1])
+          state, mstep = mesh.init_state(), mesh.step_fn()
+          assert tuple(state.joint.params["W_enc"].sharding.spec) == (None, "model")
+          for x_BxD in x_TxBxD:
+            state, m = mstep(state, mesh.put_batch(x_BxD))
+          values = [k for k in ref_m if not k.endswith("dense_fallback")]
+          result[f"{activation} {algorithm} {shape}"] = {
+              "params": diff(ref, state), "metrics": max(abs(float(ref_m[k]) - float(m[k])) for k in values),
+              "aux": float(ref_m["joint/aux"]), "solo_aux": float(ref_m["solo/aux"]),
+              "penalty": float(ref_m["penalty"]), "meta_steps": int(state.meta.opt_state[0].count)}
+    print(json.dumps(result))
+  """ % (MESHES,), devices=8, timeout=900)
+  assert len(out) == 16
+  for case, r in out.items():
+    print(case, r)
+    assert r["params"] < 2e-5 and r["metrics"] < 2e-5, case
+    assert r["aux"] > 0 and r["solo_aux"] > 0 and r["penalty"] > 0 and r["meta_steps"] == 6, case
+
+
+@pytest.mark.parametrize("devices,model_parallel", [(8, 2), (4, 1)])
+def test_trainer_on_n_devices_equals_one_device(store_path, one_device_run, tmp_path, devices, model_parallel):
   out = _python(f"""
     from metasae_jax.core.config import TrainConfig
     from metasae_jax.core.errors import UserError
     from metasae_jax.training.trainer import RunConfig, train_and_save
     cfg = TrainConfig(**{CFG.to_dict()!r})
     run = RunConfig(activations={store_path!r}, out_dir={str(tmp_path / "r")!r}, num_tokens={STEPS * 128},
-                    checkpoint_every_steps=2, log_every_steps=1, progress=False)
+                    checkpoint_every_steps=2, log_every_steps=1, progress=False, model_parallel={model_parallel})
     train_and_save(cfg, run)
     try:
       train_and_save(TrainConfig(**dict(cfg.to_dict(), batch_size=66)),
@@ -174,9 +209,28 @@ def test_trainer_on_n_devices_equals_one_device(store_path, one_device_run, tmp_
   diff = _max_param_diff(one_device_run, tmp_path / "r")
   print(f"1 vs {devices} devices: max |param diff| {diff:.3g}")
   assert diff < 1e-4
-  assert out["error"] == (f"--batch_size 66 is not divisible by the device count {devices}. "
-                          f"Use a multiple of {devices}.")
+  assert out["error"] == (f"--batch_size 66 is not divisible by the data-parallel size {devices} "
+                          f"({devices} devices / --model_parallel 1). Use a multiple of {devices}.")
   assert not os.path.exists(tmp_path / "bad")
+
+
+def test_checkpoint_from_one_mesh_resumes_on_another(store_path, one_device_run, tmp_path):
+  """Steps 1-4 on (8 x 1), the run's last checkpoint and artifacts gone, then resumed on (2 x 4) from step 4."""
+  out = str(tmp_path / "r")
+  flags = [f"--activations={store_path}", f"--out_dir={out}"] + TRAIN_FLAGS
+  for model_parallel in (1, 4):
+    proc = subprocess.run([sys.executable, "-m", "experiments.train", *flags, f"--model_parallel={model_parallel}",
+                           "--noprogress"], env=_env(8), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if model_parallel == 1:  # as if the first run had been killed after its step-4 checkpoint
+      assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["4", "6"]
+      import shutil  # pylint: disable=g-import-not-at-top
+      for gone in ("checkpoints/6", "joint", "solo"):
+        shutil.rmtree(os.path.join(out, gone))
+  diff = _max_param_diff(one_device_run, out)
+  print(f"(8 x 1) to step 4, then (2 x 4) to step 6, vs one device: max |param diff| {diff:.3g}")
+  assert diff < 1e-4
+  assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == list(range(1, STEPS + 1))
 
 
 def _free_port() -> int:
@@ -225,8 +279,9 @@ def _two_processes(flags: list) -> list:
 
 
 def test_two_processes_two_devices_each_equal_one_device(store_path, one_device_run, tmp_path):
+  # A (2 x 2) mesh: the data axis spans the processes, each process's two devices split the latents.
   out = str(tmp_path / "r")
-  flags = [f"--activations={store_path}", f"--out_dir={out}"] + TRAIN_FLAGS
+  flags = [f"--activations={store_path}", f"--out_dir={out}", "--model_parallel=2"] + TRAIN_FLAGS
   _two_processes(flags)
   diff = _max_param_diff(one_device_run, out)
   print(f"1 device vs 2 processes x 2 devices: max |param diff| {diff:.3g}")

@@ -100,5 +100,7 @@ def test_auxk_over_slots_equals_full_width(n_dead):
   def plain(pre, w):
     masked = jnp.where(dead, pre, 0.0)
     return jnp.mean((topk.topk_per_token(masked, 512) @ w - res) ** 2)
+  # Float32 sums in another order (the kernels' SIMD width depends on the CPU): tolerance relative to
+  # the gradient's scale (entries near zero come out of cancelling sums).
   for a, b in zip(jax.grad(f, argnums=(0, 1))(pre, w), jax.grad(plain, argnums=(0, 1))(pre, w)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))))

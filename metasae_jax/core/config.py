@@ -6,7 +6,8 @@ from metasae_jax.core.errors import UserError
 
 # The paper's meta SAE: 1800 latents for a 20480-wide primary.
 PAPER_META_WIDTH, PAPER_WIDTH = 1800, 20480
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+ALGORITHMS = ("auto", "slots", "dense")
 
 
 def default_meta_width(width: int) -> int:
@@ -62,9 +63,14 @@ class TrainConfig:
   """Train the solo SAE (no meta SAE, no penalty) in lockstep on identical batches."""
   activation: str = "batchtopk"
   """Primary activation: "batchtopk" (the paper) or per-token "topk"."""
-  compute_dtype: str = "float32"
-  """Matmul input dtype of the primary SAEs: "float32" (default) or "bfloat16" (opt-in, for accelerators).
-  Products accumulate in float32; master weights, Adam state and losses stay float32."""
+  compute_dtype: str = "auto"
+  """Matmul input dtype of all three SAEs: "auto" (default) is float32 on CPU and bfloat16 on GPU/TPU (chosen
+  when the step is lowered for its platform); "float32" or "bfloat16" force one. Products accumulate in float32;
+  master weights, Adam state and losses stay float32."""
+  algorithm: str = "auto"
+  """How the step computes the same loss: "slots" (the CPU's: candidate slots, native kernels), "dense" (GPU/TPU:
+  bisection thresholds, masked dense products, no scatter); "auto" (default) picks slots on CPU and dense
+  elsewhere when the step is lowered for its platform."""
 
   def __post_init__(self):
     if self.meta_width == 0:
@@ -93,6 +99,8 @@ class TrainConfig:
          f"activation must be 'batchtopk' or 'topk', got {self.activation!r}"),
         (self.compute_dtype in COMPUTE_DTYPES,
          f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}"),
+        (self.algorithm in ALGORITHMS,
+         f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}"),
     ]
     for ok, message in checks:
       if not ok:
@@ -100,3 +108,11 @@ class TrainConfig:
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
+
+  def resolved(self, platform: str) -> tuple[str, str]:
+    """(algorithm, compute dtype) on `platform` ("cpu", "gpu", "tpu", ...): "auto" means the slots path in
+    float32 on CPU and the dense path in bfloat16 on accelerators."""
+    cpu = platform == "cpu"
+    algorithm = self.algorithm if self.algorithm != "auto" else ("slots" if cpu else "dense")
+    dtype = self.compute_dtype if self.compute_dtype != "auto" else ("float32" if cpu else "bfloat16")
+    return algorithm, dtype

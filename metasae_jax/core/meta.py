@@ -1,6 +1,7 @@
 """The meta SAE over the primary's decoder rows, and the decomposability penalty.
 
-Legend: N = primary latents (the meta SAE's batch), D = d_model, M = meta latents.
+Legend: N = primary latents (the meta SAE's batch), R = this device's share of them, D = d_model,
+M = meta latents.
 """
 
 import functools
@@ -10,14 +11,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metasae_jax.core import losses, optimizer, sae
+from metasae_jax.core import dense, losses, optimizer, sae
+from metasae_jax.core.axes import Axes
 
 
 class MetaRecon(NamedTuple):
-  """Meta reconstruction of decoder rows; `recon_NxD` is mapped back to each row's own scale."""
+  """Meta reconstruction of (this device's) decoder rows; `recon_NxD` is mapped back to each row's own scale."""
   recon_NxD: jax.Array
-  mse: jax.Array  # in standardised space, the meta SAE's own loss
-  fired_M: jax.Array  # bool: meta latent fired on some row (advances the meta SAE's dead counter)
+  mse: jax.Array  # in standardised space, the meta SAE's own loss (mean over every device's rows)
+  fired_M: jax.Array  # bool: meta latent fired on some row of any device (advances the meta SAE's dead counter)
+
+
+def row_axes(axis_name=None) -> Axes:
+  """The meta SAE's axes given the primary's: its batch (the decoder rows) is split over all of them."""
+  axes = Axes.of(axis_name)
+  return Axes(axes.all)
+
+
+def local_rows(w_NxD: jax.Array, axis_name=None) -> jax.Array:
+  """This device's share of the decoder rows it holds: rows split over the primary's batch axes.
+
+  A device holds the rows of its latent shard (all N without a latent axis);
+  the devices along the batch axes each take an equal slice of them, so the
+  meta SAE's per-device work falls with the device count.
+  """
+  axes = Axes.of(axis_name)
+  if not axes.batch:
+    return w_NxD
+  n, shards = w_NxD.shape[0], axes.batch_shards()
+  if n % shards:
+    raise ValueError(f"the meta SAE splits the {n} decoder rows on each device over {shards} devices along "
+                     f"{axes.batch}; use a width divisible by the device count")
+  rows = n // shards
+  return jax.lax.dynamic_slice_in_dim(w_NxD, axes.batch_index() * rows, rows)
 
 
 def meta_inputs(w_dec_NxD: jax.Array) -> jax.Array:
@@ -25,47 +51,72 @@ def meta_inputs(w_dec_NxD: jax.Array) -> jax.Array:
   return jax.lax.stop_gradient(sae.normalize_rows(w_dec_NxD))
 
 
-def reconstruct(meta_params: dict, w_NxD: jax.Array, meta_k: int) -> MetaRecon:
-  out = sae.forward(meta_params, w_NxD, meta_k, "batchtopk")
-  return MetaRecon(out.recon_BxD, jnp.mean((out.recon_std_BxD - out.xs_BxD) ** 2),
-                   jnp.any(jax.lax.stop_gradient(out.acts_BxN) > 0, axis=0))
+def _recon(out_std_BxD, xs_BxD, mean, std, active_M, axes: Axes) -> MetaRecon:
+  mse = jnp.mean(jax.lax.stop_gradient((out_std_BxD - xs_BxD) ** 2))
+  if axes.batch:
+    mse = jax.lax.pmean(mse, axes.batch)
+  return MetaRecon(sae.unstandardize(out_std_BxD, mean, std), mse, axes.psum_batch(active_M) > 0)
 
 
-def reconstruct_frozen(meta_params: dict, w_NxD: jax.Array, meta_k: int) -> MetaRecon:
-  """`reconstruct` without gradient, decoded over each row's C candidate slots (`losses.reconstruct`'s
-  slot path) instead of the dense N x M x D product: the default ("stop") penalty's forward."""
-  meta_params, w_NxD = jax.lax.stop_gradient((meta_params, w_NxD))
+def reconstruct(meta_params: dict, w_NxD: jax.Array, meta_k: int, axis_name=None, path: str = "dense",
+                compute_dtype: str = "float32") -> MetaRecon:
+  """Meta reconstruction of rows, differentiable in the rows and the meta params.
+
+  `axis_name`: the meta SAE's own axes (rows split over them, `row_axes`).
+  "dense" is differentiable in the rows too (the "through" penalty); the slot
+  path supplies gradients for the meta params only.
+  """
+  axes = Axes.of(axis_name)
   xs, mean, std = sae.standardize(w_NxD)
-  rec, _, _ = losses.reconstruct(meta_params, xs, meta_k, "batchtopk", None)
-  recon_std = rec.recon_std_BxD
-  return MetaRecon(sae.unstandardize(recon_std, mean, std), jnp.mean((recon_std - xs) ** 2), rec.active_N > 0)
+  if path == "dense":
+    rec, _ = dense.reconstruct(meta_params, xs, meta_k, "batchtopk", axes, compute_dtype)
+  else:
+    rec, _, _ = losses.reconstruct(meta_params, xs, meta_k, "batchtopk", axes, compute_dtype)
+  return _recon(rec.recon_std_BxD, xs, mean, std, rec.active_N, axes)
+
+
+def penalty_sum(w_dec_NxD: jax.Array, meta_params: dict, meta_k: int, sigma_sq: float, mode: str = "stop",
+                axis_name=None, path: str = "slots", compute_dtype: str = "float32") -> tuple[jax.Array, MetaRecon]:
+  """Σ_i exp(-||w_i - ŵ_i||² / σ²) over this device's share of the rows (`local_rows`), summed over the
+  latent axis; the meta SAE is frozen. `axis_name`: the primary's axes.
+
+  "stop" (the paper): ŵ is a constant, the gradient reaches W_dec only through w_i.
+  "through": the gradient also flows through the meta SAE's encoding/decoding of w_i.
+  The sum stays per-device along the batch axes: the caller's gradient sum
+  over them adds every device's rows once.
+  """
+  axes = Axes.of(axis_name)
+  frozen = jax.lax.stop_gradient(meta_params)
+  w_RxD = local_rows(w_dec_NxD, axes)
+  if mode == "stop":
+    rec = reconstruct(frozen, jax.lax.stop_gradient(w_RxD), meta_k, row_axes(axes), path, compute_dtype)
+    w_hat_RxD = jax.lax.stop_gradient(rec.recon_NxD)
+  elif mode == "through":
+    rec = reconstruct(frozen, w_RxD, meta_k, row_axes(axes), "dense", compute_dtype)
+    w_hat_RxD = rec.recon_NxD
+  else:
+    raise ValueError(f"unknown penalty mode {mode!r}; use 'stop' or 'through'")
+  p_R = jnp.exp(-jnp.sum((w_RxD - w_hat_RxD) ** 2, axis=-1) / sigma_sq)
+  return axes.psum_latent(jnp.sum(p_R)), rec
 
 
 def penalty(w_dec_NxD: jax.Array, meta_params: dict, meta_k: int, sigma_sq: float,
             mode: str = "stop") -> tuple[jax.Array, MetaRecon]:
-  """mean_i exp(-||w_i - ŵ_i||² / σ²) with the meta SAE frozen.
-
-  "stop" (the paper): ŵ is a constant, the gradient reaches W_dec only through w_i.
-  "through": the gradient also flows through the meta SAE's encoding/decoding of w_i.
-  """
-  frozen = jax.lax.stop_gradient(meta_params)
-  if mode == "stop":
-    rec = reconstruct_frozen(frozen, w_dec_NxD, meta_k)
-    w_hat_NxD = rec.recon_NxD
-  elif mode == "through":
-    rec = reconstruct(frozen, w_dec_NxD, meta_k)
-    w_hat_NxD = rec.recon_NxD
-  else:
-    raise ValueError(f"unknown penalty mode {mode!r}; use 'stop' or 'through'")
-  p_N = jnp.exp(-jnp.sum((w_dec_NxD - w_hat_NxD) ** 2, axis=-1) / sigma_sq)
-  return jnp.mean(p_N), rec
+  """mean_i exp(-||w_i - ŵ_i||² / σ²) on one device (the paper's penalty)."""
+  total, rec = penalty_sum(w_dec_NxD, meta_params, meta_k, sigma_sq, mode)
+  return total / w_dec_NxD.shape[0], rec
 
 
 def meta_loss(meta_params: dict, w_NxD: jax.Array, since_fired_M: jax.Array, meta_k: int, aux_k: int,
-              aux_coeff: float, dead_after_batches: int = 5, auxk_detach: bool = False):
-  """The meta SAE's own objective (MSE + AuxK) on decoder rows, never the penalty."""
+              aux_coeff: float, dead_after_batches: int = 5, auxk_detach: bool = False, axis_name=None,
+              path: str = "slots", compute_dtype: str = "float32"):
+  """The meta SAE's own objective (MSE + AuxK) on (this device's) decoder rows, never the penalty.
+
+  `axis_name`: the meta SAE's axes (`row_axes`).
+  """
   return losses.sae_loss(meta_params, w_NxD, since_fired_M, meta_k, "batchtopk", aux_k, aux_coeff,
-                         dead_after_batches=dead_after_batches, auxk_detach=auxk_detach)
+                         dead_after_batches=dead_after_batches, auxk_detach=auxk_detach,
+                         compute_dtype=compute_dtype, axis_name=axis_name, path=path)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "steps", "lr", "aux_k", "aux_coeff", "dead_after_batches"))

@@ -23,12 +23,25 @@ def _forward(params, x_BxD, k, compute_dtype="float32"):
   pre = jax.nn.relu(sae.matmul(xs - params["b_dec"], params["W_enc"], compute_dtype))
   acts = topk.batchtopk_reference(pre, k)
   recon_std = sae.matmul(acts, params["W_dec"], compute_dtype) + params["b_dec"]
-  return xs, pre, acts, recon_std
+  return xs, pre, acts, recon_std, mean, std
+
+
+def _penalty(w_dec_NxD, meta_params, config: TrainConfig, compute_dtype):
+  """mean_i exp(-||w_i - ŵ_i||² / σ²) from the frozen meta SAE's dense forward over all N rows."""
+  frozen = jax.lax.stop_gradient(meta_params)
+  w = w_dec_NxD if config.penalty_grad == "through" else jax.lax.stop_gradient(w_dec_NxD)
+  _, _, acts, recon_std, mean, std = _forward(frozen, w, config.meta_k, compute_dtype)
+  w_hat = sae.unstandardize(recon_std, mean, std)
+  if config.penalty_grad != "through":
+    w_hat = jax.lax.stop_gradient(w_hat)
+  pen = jnp.mean(jnp.exp(-jnp.sum((w_dec_NxD - w_hat) ** 2, axis=-1) / config.sigma_sq))
+  return pen, jnp.any(acts > 0, axis=0)
 
 
 def loss(params, x_BxD, since_fired_N, config: TrainConfig, meta_params, lambda2):
   """Primary loss (MSE + AuxK + λ₂ · penalty); aux = (updated dead counter, meta latents fired or None)."""
-  xs, pre, acts, recon_std = _forward(params, x_BxD, config.k, config.compute_dtype)
+  dtype = config.resolved("cpu")[1]
+  xs, pre, acts, recon_std, _, _ = _forward(params, x_BxD, config.k, dtype)
   mse = jnp.mean((recon_std - xs) ** 2)
   # The reference: count this batch, then test; the AuxK target keeps its gradient unless detached.
   since = jnp.where(jnp.sum(acts > 0, axis=0) > 0, 0, since_fired_N + 1)
@@ -38,14 +51,13 @@ def loss(params, x_BxD, since_fired_N, config: TrainConfig, meta_params, lambda2
     residual = jax.lax.stop_gradient(residual)
   masked = jnp.where(dead_N, pre, 0.0)
   aux_acts = topk.topk_per_token(masked, min(config.aux_k, pre.shape[-1]))
-  aux_recon = sae.matmul(aux_acts, params["W_dec"], config.compute_dtype)
+  aux_recon = sae.matmul(aux_acts, params["W_dec"], dtype)
   aux = jnp.where(jnp.any(dead_N), jnp.mean((aux_recon - residual) ** 2), 0.0)
   total = mse + config.aux_coeff * aux
   fired_M = None
   if lambda2:
-    pen, rec = meta.penalty(params["W_dec"], meta_params, config.meta_k, config.sigma_sq, config.penalty_grad)
+    pen, fired_M = _penalty(params["W_dec"], meta_params, config, dtype)
     total = total + lambda2 * pen
-    fired_M = rec.fired_M
   return total, (since, fired_M)
 
 
@@ -84,8 +96,8 @@ def meta_step(state: TrainState):
 
 
 def _meta_loss(params, w_NxD, since_fired_M, c: TrainConfig):
-  """The meta SAE's MSE + AuxK, written out like `loss` (dense, full-width AuxK), in float32."""
-  meta_c = dataclasses.replace(c, k=c.meta_k, compute_dtype="float32")
+  """The meta SAE's MSE + AuxK, written out like `loss` (dense, full-width AuxK)."""
+  meta_c = dataclasses.replace(c, k=c.meta_k)
   return loss(params, w_NxD, since_fired_M, meta_c, None, 0.0)
 
 

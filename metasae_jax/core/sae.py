@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from metasae_jax.core import topk
+from metasae_jax.core.axes import sum_like
 
 # The reference adds this to the (unbiased) std before dividing.
 STD_EPS = 1e-5
@@ -90,8 +91,8 @@ def _low_matmul_bwd(dtype, res, g_BxN):
   # astype would round each gradient to the low dtype on its way back).
   a, b = res
   g = g_BxN.astype(dtype)
-  return (jnp.matmul(g, b.T, preferred_element_type=jnp.float32),
-          jnp.matmul(a.T, g, preferred_element_type=jnp.float32))
+  return (sum_like(jnp.matmul(g, b.T, preferred_element_type=jnp.float32), a),
+          sum_like(jnp.matmul(a.T, g, preferred_element_type=jnp.float32), b))
 
 
 _low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)

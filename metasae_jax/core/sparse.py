@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from metasae_jax.core import native, sae
+from metasae_jax.core.axes import sum_like
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -46,7 +47,7 @@ def _column_pre_bwd(compute_dtype, res, g_BxM):
   g = jnp.where(on, g_BxM, 0.0)
   col_sum_M = jnp.sum(g, axis=0)
   d_w = sae.matmul((xs - b_dec).T, g, compute_dtype)
-  return None, None, d_w, -(w_enc @ col_sum_M), col_sum_M
+  return None, None, d_w, sum_like(-(w_enc @ col_sum_M), b_dec), col_sum_M
 
 
 column_pre.defvjp(_column_pre_fwd, _column_pre_bwd)
@@ -110,7 +111,7 @@ def _slot_pre_bwd(compute_dtype, res, g_BxK):
   on, idx, xs, w_enc, b_dec = res
   g = jnp.where(on, g_BxK, 0.0)
   d_w_NxD, col_sum_N = native.slot_scatter_outer(g, idx, xs - b_dec, w_enc.shape[1], **_slot_ops(compute_dtype))
-  return None, None, None, d_w_NxD.T, -(w_enc @ col_sum_N), col_sum_N
+  return None, None, None, d_w_NxD.T, sum_like(-(w_enc @ col_sum_N), b_dec), col_sum_N
 
 
 slot_pre.defvjp(_slot_pre_fwd, _slot_pre_bwd)

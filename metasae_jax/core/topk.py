@@ -1,6 +1,9 @@
 """Sparse activation rules: BatchTopK (global threshold over the batch) and per-token TopK.
 
-Legend: B = tokens in the (local) batch, N = latents, C = candidates kept per row.
+Legend: B = tokens in the (local) batch, N = latents (on this device), C = candidates kept per row.
+`axis_name` is anything `axes.Axes.of` takes: None (one device), the name of the
+axis that splits the batch (as under pmap), or an `Axes` whose latent axis also
+splits N; thresholds then come from counts summed over the devices.
 """
 
 from typing import NamedTuple, Optional
@@ -9,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from metasae_jax.core import native
+from metasae_jax.core.axes import Axes
 
 # Per-row candidates kept before the global threshold, as a multiple of k. A row
 # needs more than this many of the batch's top k*B entries to overflow; then the
@@ -16,18 +20,12 @@ from metasae_jax.core import native
 CANDIDATE_FACTOR = 2
 
 
-def _count_at_least(bits, t, axis_name):
-  count = jnp.sum(bits >= t, dtype=jnp.int32)
-  return count if axis_name is None else jax.lax.psum(count, axis_name)
+def _bisect_bits(values: jax.Array, kth: int, count, shape: tuple) -> jax.Array:
+  """The largest t with count(bits >= t) >= kth, by bisection on the float bit pattern of values >= 0.
 
-
-def kth_largest(values: jax.Array, kth: int, axis_name: Optional[str] = None) -> jax.Array:
-  """The kth largest of non-negative values (over all devices of `axis_name`), exactly.
-
-  Bisection on the float bit pattern, which orders non-negative floats like
-  integers: 31 counting passes (63 for float64), no sort. XLA:CPU's sort and large-k top_k are
-  far slower than counting here, and under an axis each pass needs only one
-  scalar psum instead of gathering the values.
+  Non-negative floats order like their bit patterns as integers: 31 counting
+  passes (63 for float64), no sort. `count(bits, t)` counts entries >= t (t of
+  `shape`, summed over devices as the caller needs).
   """
   wide = values.dtype == jnp.float64  # float64 only under jax_enable_x64 (tests)
   float_t, int_t = (jnp.float64, jnp.int64) if wide else (jnp.float32, jnp.int32)
@@ -36,14 +34,37 @@ def kth_largest(values: jax.Array, kth: int, axis_name: Optional[str] = None) ->
   def body(_, lo_hi):
     lo, hi = lo_hi  # invariant: count(bits >= lo) >= kth > count(bits >= hi)
     mid = lo + (hi - lo) // 2
-    ok = _count_at_least(bits, mid, axis_name) >= kth
+    ok = count(bits, mid) >= kth
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
   # The bounds derive from `bits` so that under shard_map they vary over devices exactly as it does.
-  lo0 = jnp.min(bits) * 0
+  lo0 = jnp.zeros(shape, int_t) + jnp.min(bits) * 0
   above_inf = 0x7FF0000000000001 if wide else 0x7F800001
   lo, _ = jax.lax.fori_loop(0, 63 if wide else 31, body, (lo0, lo0 + above_inf))
   return jax.lax.bitcast_convert_type(lo, float_t)
+
+
+def kth_largest(values: jax.Array, kth: int, axis_name=None) -> jax.Array:
+  """The kth largest of non-negative values (over every device of the axes), exactly.
+
+  XLA's sort and large-k top_k are far slower than counting on CPU and
+  memory-bound on GPU/TPU, and under axes each pass needs only one scalar psum
+  instead of gathering the values.
+  """
+  axes = Axes.of(axis_name)
+  return _bisect_bits(values, kth, lambda bits, t: axes.psum_all(jnp.sum(bits >= t, dtype=jnp.int32)), ())
+
+
+def row_kth_largest(values_BxX: jax.Array, kth: int, latent_axis: Optional[str] = None) -> jax.Array:
+  """Each row's kth largest non-negative value, [B], over the row's entries on every device of `latent_axis`.
+
+  Per-row bisection: each pass sums B counts over the latent axis, never the values.
+  """
+  def count(bits, t_B):
+    c = jnp.sum(bits >= t_B[:, None], axis=1, dtype=jnp.int32)
+    return jax.lax.psum(c, latent_axis) if latent_axis else c
+
+  return _bisect_bits(values_BxX, kth, count, values_BxX.shape[:1])
 
 
 def candidates(pre_BxN: jax.Array, k: int):
@@ -90,8 +111,7 @@ class Selection(NamedTuple):
   bucket: jax.Array  # int32 scalar: the smallest of spill_buckets(B) holding every device's spilling rows
 
 
-def threshold_from_candidates(cand_BxC: jax.Array, pre_BxN: jax.Array, k: int,
-                              axis_name: Optional[str] = None) -> Selection:
+def threshold_from_candidates(cand_BxC: jax.Array, pre_BxN: jax.Array, k: int, axis_name=None) -> Selection:
   """BatchTopK's exact global threshold from the rows' candidates.
 
   The (k*B_global)-th largest over the B*C candidates is the batch's unless
@@ -100,14 +120,17 @@ def threshold_from_candidates(cand_BxC: jax.Array, pre_BxN: jax.Array, k: int,
   candidates plus every entry of the spilling rows, which holds every entry that
   can reach it (gathered at the smallest `spill_buckets` width that holds them).
   Only past the largest bucket does the count run over the full matrix. Under
-  `axis_name` every device gets the global threshold and takes the same branch.
+  axes every device gets the global threshold and takes the same branch; with
+  a latent axis the candidates are each device's part of the row's, and a
+  "row" that spills is a row's part on one device.
   """
+  axes = Axes.of(axis_name)
   pre_BxN = jax.lax.stop_gradient(pre_BxN)
   b, n = pre_BxN.shape
-  keep = k * (b if axis_name is None else b * jax.lax.psum(1, axis_name))
+  keep = k * b * axes.batch_shards()
   widths = spill_buckets(b)
   c, r = cand_BxC.shape[1], widths[-1]
-  thresh = kth_largest(cand_BxC, keep, axis_name)
+  thresh = kth_largest(cand_BxC, keep, axes)
   if c == n:  # candidates are the whole matrix: exact, and no row can hold more
     none_B = jnp.zeros((b,), bool)
     return Selection(thresh, none_B, jnp.arange(r, dtype=jnp.int32), none_B[:r], jnp.zeros((), bool),
@@ -115,9 +138,8 @@ def threshold_from_candidates(cand_BxC: jax.Array, pre_BxN: jax.Array, k: int,
   # The row's C-th candidate is its minimum; a reduction, because slicing a top_k
   # result ([:, -1]) makes XLA:CPU lower the top_k as a full sort (~8x slower).
   spill_B = jnp.min(cand_BxC, axis=1) >= thresh
-  num_spill = jnp.sum(spill_B, dtype=jnp.int32)
-  if axis_name is not None:
-    num_spill = jax.lax.pmax(num_spill, axis_name)  # every device takes the branch the fullest one needs
+  # Every device takes the branch the fullest one needs.
+  num_spill = axes.pmax_all(jnp.sum(spill_B, dtype=jnp.int32))
   bucket = jnp.searchsorted(jnp.asarray(widths, jnp.int32), num_spill).astype(jnp.int32)  # len = too many
   many = bucket >= len(widths)
   bucket = jnp.minimum(bucket, len(widths) - 1)
@@ -128,22 +150,46 @@ def threshold_from_candidates(cand_BxC: jax.Array, pre_BxN: jax.Array, k: int,
     def run():
       rows_WxN = jnp.where(spill_mask_R[:w, None], pre_BxN[spill_idx_R[:w]], 0.0)
       others = jnp.where(spill_B[:, None], 0.0, cand_BxC)
-      return kth_largest(jnp.concatenate([others.reshape(-1), rows_WxN.reshape(-1)]), keep, axis_name)
+      return kth_largest(jnp.concatenate([others.reshape(-1), rows_WxN.reshape(-1)]), keep, axes)
     return run
 
   branch = jnp.where(many, len(widths) + 1, jnp.where(num_spill > 0, bucket + 1, 0))
   thresh = jax.lax.switch(branch, [lambda: thresh] + [with_spill_rows(w) for w in widths]
-                          + [lambda: kth_largest(pre_BxN, keep, axis_name)])
+                          + [lambda: kth_largest(pre_BxN, keep, axes)])
   return Selection(thresh, spill_B, spill_idx_R.astype(jnp.int32), spill_mask_R, many, bucket)
 
 
-def batchtopk_threshold(pre_BxN: jax.Array, k: int, axis_name: Optional[str] = None) -> jax.Array:
+def batchtopk_threshold(pre_BxN: jax.Array, k: int, axis_name=None) -> jax.Array:
   """Value of the (k*B_global)-th largest pre-activation over the whole (global) batch, without a sort."""
   cand_BxC, _ = candidates(pre_BxN, k)
   return threshold_from_candidates(cand_BxC, pre_BxN, k, axis_name).thresh
 
 
-def batchtopk(pre_BxN: jax.Array, k: int, axis_name: Optional[str] = None) -> jax.Array:
+def batchtopk_threshold_dense(pre_BxN: jax.Array, k: int, axis_name=None) -> jax.Array:
+  """The same threshold by bisection over all B x N values: no top_k (the GPU/TPU form)."""
+  axes = Axes.of(axis_name)
+  return kth_largest(jax.lax.stop_gradient(pre_BxN), k * pre_BxN.shape[0] * axes.batch_shards(), axes)
+
+
+def row_threshold(pre_BxN: jax.Array, k: int, axis_name=None, dense: bool = False) -> jax.Array:
+  """Per-token TopK's threshold, each row's kth largest over all its latents, [B, 1].
+
+  `dense`: bisection over the row's values (no top_k, the GPU/TPU form); else
+  the kernel's row selection, whose candidates enter the bisection when a
+  latent axis splits the row.
+  """
+  axes = Axes.of(axis_name)
+  pre_BxN = jax.lax.stop_gradient(pre_BxN)
+  if dense:
+    return row_kth_largest(pre_BxN, k, axes.latent)[:, None]
+  if axes.latent is None:
+    return native.row_kth(pre_BxN, k)[:, None]
+  # Each device's top k of the row hold the row's top k over all devices.
+  cand_BxK, _ = native.row_top_k(pre_BxN, min(k, pre_BxN.shape[1]), sorted=False)
+  return row_kth_largest(cand_BxK, k, axes.latent)[:, None]
+
+
+def batchtopk(pre_BxN: jax.Array, k: int, axis_name=None) -> jax.Array:
   """Keeps the k*B largest entries of the (global) batch, zeros the rest."""
   thresh = batchtopk_threshold(pre_BxN, k, axis_name)
   return jnp.where((pre_BxN >= thresh) & (pre_BxN > 0), pre_BxN, 0.0)
@@ -157,10 +203,10 @@ def batchtopk_reference(pre_BxN: jax.Array, k: int) -> jax.Array:
   return out.reshape(b, n)
 
 
-def topk_per_token(pre_BxN: jax.Array, k: int) -> jax.Array:
+def topk_per_token(pre_BxN: jax.Array, k: int, axis_name=None) -> jax.Array:
   """Keeps each row's k largest entries."""
-  thresh_B = native.row_kth(pre_BxN, k)[:, None]
-  return jnp.where((pre_BxN >= thresh_B) & (pre_BxN > 0), pre_BxN, 0.0)
+  thresh_Bx1 = row_threshold(pre_BxN, k, axis_name)
+  return jnp.where((pre_BxN >= thresh_Bx1) & (pre_BxN > 0), pre_BxN, 0.0)
 
 
 def threshold_activation(pre_BxN: jax.Array, threshold_N: jax.Array) -> jax.Array:
@@ -168,9 +214,9 @@ def threshold_activation(pre_BxN: jax.Array, threshold_N: jax.Array) -> jax.Arra
   return jnp.where((pre_BxN > threshold_N) & (pre_BxN > 0), pre_BxN, 0.0)
 
 
-def activate(pre_BxN: jax.Array, activation: str, k: int, axis_name: Optional[str] = None) -> jax.Array:
+def activate(pre_BxN: jax.Array, activation: str, k: int, axis_name=None) -> jax.Array:
   if activation == "batchtopk":
     return batchtopk(pre_BxN, k, axis_name)
   if activation == "topk":
-    return topk_per_token(pre_BxN, k)
+    return topk_per_token(pre_BxN, k, axis_name)
   raise ValueError(f"unknown activation {activation!r}; use 'batchtopk' or 'topk'")

@@ -23,6 +23,7 @@ from absl import logging as absl_logging
 
 from metasae_jax.core.errors import UserError
 from metasae_jax.core.train_step import TrainState
+from metasae_jax.training import sharding
 
 DIGEST = "state_sha256"
 
@@ -30,7 +31,7 @@ DIGEST = "state_sha256"
 def state_digest(state: TrainState) -> str:
   """sha256 over every leaf's dtype, shape and bytes (host copy), in tree order."""
   h = hashlib.sha256()
-  for leaf in jax.tree.leaves(jax.device_get(state)):
+  for leaf in jax.tree.leaves(sharding.host_copy(state)):
     a = np.asarray(leaf)
     h.update(f"{a.dtype}{a.shape}".encode())
     h.update(np.ascontiguousarray(a).tobytes())
@@ -128,6 +129,7 @@ class Checkpointer:
   def restore(self, template: TrainState, step: Optional[int] = None) -> tuple[TrainState, dict]:
     """One step's {state, cursor}; raises whatever Orbax raises, or ValueError on a digest mismatch."""
     step = self._mgr.latest_step() if step is None else step
+    # A template of ShapeDtypeStructs with shardings restores straight onto that layout (any mesh).
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     out = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                           cursor=ocp.args.JsonRestore()))

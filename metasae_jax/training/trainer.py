@@ -22,7 +22,7 @@ from metasae_jax.core.errors import Interrupted, UserError
 from metasae_jax.storage import lock as lock_lib
 from metasae_jax.storage import store as store_lib
 from metasae_jax.storage.store import open_store
-from metasae_jax.core.train_step import TrainState, init_train_state, train_step
+from metasae_jax.core.train_step import TrainState
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
@@ -68,6 +68,9 @@ class RunConfig:
   """Held-out tokens in the fixed validation sample (the first ones of the held-out store, after skipping)."""
   curves: bool = True
   """Write training_curves.png (train and validation curves) at the end of the run."""
+  model_parallel: int = 1
+  """Devices that split each primary SAE's latents (the mesh is devices / model_parallel x model_parallel). Not
+  part of the run's identity: a checkpoint written on one mesh resumes on another."""
 
 
 def validate_run(config: TrainConfig, run: RunConfig) -> None:
@@ -82,6 +85,7 @@ def validate_run(config: TrainConfig, run: RunConfig) -> None:
       (run.max_checkpoints >= 1, f"max_checkpoints must be >= 1, got {run.max_checkpoints}"),
       (run.eval_every_steps >= 0, f"--eval_every_steps must be >= 0 (0 = never), got {run.eval_every_steps}"),
       (run.eval_tokens >= 2, f"--eval_tokens must be >= 2, got {run.eval_tokens}"),
+      (run.model_parallel >= 1, f"--model_parallel must be >= 1, got {run.model_parallel}"),
       (run.wandb_mode in tracking.WANDB_MODES,
        f"--wandb_mode must be one of {tracking.WANDB_MODES}, got {run.wandb_mode!r}"),
   ]
@@ -92,8 +96,17 @@ def validate_run(config: TrainConfig, run: RunConfig) -> None:
   atomic.check_output_dir(run.out_dir, "--out_dir")
 
 
-def _identity(config: TrainConfig, run: RunConfig, store) -> dict:
-  return {"train": config.to_dict(),
+def _identity(config: TrainConfig, run: RunConfig, store, platform: str) -> dict:
+  """What a run is, to refuse resuming it with other settings: the math and the data, not the layout.
+
+  The mesh (model_parallel) and the algorithm (slots or dense: the same loss)
+  are left out, so a run moves between meshes and hosts; the compute dtype is
+  recorded as it resolves on this platform ("auto" is float32 on CPU).
+  """
+  train = config.to_dict()
+  del train["algorithm"]
+  train["compute_dtype"] = config.resolved(platform)[1]
+  return {"train": train,
           "data": {"activations": os.path.abspath(run.activations), "store_tokens": store.num_tokens,
                    "d_model": store.d_model, "num_tokens": run.num_tokens,
                    "skip_first_positions": run.skip_first_positions},
@@ -166,7 +179,9 @@ def _trim_metrics(path: str, last_step: int) -> None:
 
 def write_artifacts(state: TrainState, store, run: RunConfig, trained_tokens: int) -> None:
   config = state.config
-  host = jax.device_get(state)
+  host = sharding.host_copy(state)
+  if jax.process_index() != 0:
+    return
   out = run.out_dir
 
   # Which data the SAEs were trained on, beyond the store's path (a store can be replaced in place).
@@ -274,14 +289,13 @@ def _train_and_save(config: TrainConfig, run: RunConfig, stop: _StopSignals) -> 
     raise UserError(f"activation store {run.activations} has d_model {store.d_model} but the config says "
                     f"{config.d_model}.")
   writer = jax.process_index() == 0
-  dp = sharding.DataParallel(config.batch_size)
-  source = data.BatchSource(store, config.batch_size, config.seed, run.skip_first_positions,
-                            jax.process_index(), jax.process_count())
+  dp = sharding.Mesh(config, run.model_parallel)
+  source = data.BatchSource(store, config.batch_size, config.seed, run.skip_first_positions, *dp.process_rows())
   total = (run.num_tokens // config.batch_size) if run.num_tokens else source.batches_per_epoch
   if total <= 0:
     raise UserError(f"--num_tokens {run.num_tokens} is less than one batch of {config.batch_size}.")
   validator = _validator(config, run)
-  identity = _identity(config, run, store)
+  identity = _identity(config, run, store, dp.platform)
   # Everything above only reads; from here on the run directory is ours alone.
   fresh_dir = not os.path.exists(run.out_dir)
   lock = lock_lib.DirLock(run.out_dir, "run directory").acquire() if writer else None
@@ -328,8 +342,8 @@ def _train(config: TrainConfig, run: RunConfig, store, source, dp, total: int, w
       if cursor.get("batches_consumed") != step or int(state.step) != step:
         raise ValueError(f"cursor {cursor} does not match step {step}")
 
-    restored, _ = ckpt.restore_newest_intact(init_train_state(config), consistent)
-    state = init_train_state(config) if restored is None else restored
+    restored, _ = ckpt.restore_newest_intact(dp.abstract(), consistent)
+    state = dp.init_state() if restored is None else restored
     return _loop(config, run, store, source, dp, total, writer, stop, progress, ckpt, state, validator)
   finally:
     ckpt.close()
@@ -341,7 +355,6 @@ def _loop(config, run, store, source, dp, total, writer, stop, progress, ckpt, s
   metrics_path = os.path.join(run.out_dir, METRICS)
   if writer:
     _trim_metrics(metrics_path, start)
-  state = dp.put_state(state)
   tracker = None
   if writer:
     tracker = tracking.open_trackers(run.log_to, run.out_dir, metrics_path, config.batch_size, start,
@@ -360,8 +373,7 @@ def _loop(config, run, store, source, dp, total, writer, stop, progress, ckpt, s
 
 def _steps(config, run, store, source, dp, total, writer, stop, progress, ckpt, state, validator, tracker,
            start, last_good) -> dict:
-  step_fn = jax.jit(train_step, in_shardings=(dp.replicated, dp.batch_sharding),
-                    out_shardings=(dp.replicated, dp.replicated), donate_argnums=0)
+  step_fn = dp.step_fn()
   sink = _MetricsSink(tracker, config.batch_size, run.log_every_steps, total, start)
   prefetch = data.Prefetcher(source, dp.put_batch)
   bar = tqdm(total=total * config.batch_size, initial=start * config.batch_size, unit="tok",
@@ -403,6 +415,5 @@ def _steps(config, run, store, source, dp, total, writer, stop, progress, ckpt, 
   finally:
     bar.close()
     prefetch.close()
-  if writer:
-    write_artifacts(state, store, run, total * config.batch_size)
+  write_artifacts(state, store, run, total * config.batch_size)  # every process joins the gather
   return sink.last

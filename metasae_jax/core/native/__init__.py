@@ -14,7 +14,7 @@ value 0 being absent: `slot_gather_sum` (a decoder over the slots),
 
 On GPU/TPU, or when the kernels cannot be built, the same results come from XLA
 (lax.top_k; dense matmuls for the slot products). The library is compiled once
-per (sources, jaxlib, CPU) with the C++ compiler (`$CXX`, else `c++`;
+per (sources, jaxlib, CPU, compiler and flags) with the C++ compiler (`$CXX`, else `c++`;
 `-march=native`) into `$METASAE_JAX_CACHE` (default ~/.cache/metasae-jax); `make
 install` builds it. METASAE_JAX_NATIVE=0 turns it off. Without a compiler a
 warning says so once and the fallbacks run.
@@ -55,9 +55,25 @@ def _cpu_flags() -> bytes:
     return b""
 
 
+def _compile_command(out: str) -> list:
+  return [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+          "-I", jax.ffi.include_dir(), *_SOURCES, "-o", out, "-lpthread"]
+
+
+def _compiler_identity(cxx: str) -> bytes:
+  """The compiler's own version banner (a different compiler or version is a different build)."""
+  try:
+    return subprocess.run([cxx, "--version"], check=True, capture_output=True, timeout=60).stdout
+  except (OSError, subprocess.SubprocessError):
+    return b"unavailable"
+
+
 def _library_path() -> str:
   import jaxlib  # pylint: disable=g-import-not-at-top
+  cmd = _compile_command("OUT")
   h = hashlib.sha256(jaxlib.__version__.encode() + platform.machine().encode() + _cpu_flags())
+  # The build key includes the compiler, its version and every flag, not just the sources.
+  h.update(" ".join(cmd).encode() + _compiler_identity(cmd[0]))
   for src in _SOURCES + _HEADERS:
     with open(src, "rb") as f:
       h.update(f.read())
@@ -72,8 +88,7 @@ def build() -> str:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
-  cmd = [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-         "-I", jax.ffi.include_dir(), *_SOURCES, "-o", tmp, "-lpthread"]
+  cmd = _compile_command(tmp)
   try:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     os.replace(tmp, path)
@@ -87,8 +102,13 @@ def build() -> str:
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-  """Whether the CPU kernel is built and registered (builds it on first call)."""
-  if os.environ.get("METASAE_JAX_NATIVE", "1") == "0":
+  """Whether the CPU kernels are built and registered (builds them on first call).
+
+  Only when the default backend is the CPU: a GPU/TPU host never compiles or
+  registers them (its steps lower the XLA forms, and the CPU branch of a
+  platform-dependent op is dropped when lowering for an accelerator).
+  """
+  if os.environ.get("METASAE_JAX_NATIVE", "1") == "0" or jax.default_backend() != "cpu":
     return False
   try:
     import ctypes  # pylint: disable=g-import-not-at-top
