@@ -245,7 +245,7 @@ def _do_point(cfg: SweepConfig, point: Point, workers: workers_lib.Workers, laun
     code, log = _run_stage(cfg, point, "train", workers, launch)
     if code != 0:
       return dict(result, error=f"training exited with {code}; log {log}", log=log)
-    return dict(result, train="trained")
+    return dict(result, train="trained", eval="process 0 evaluates")
   if workers.stopped is not None:
     return dict(result, stopped=True)
   lock = sweep_state.point_lock(cfg.out_dir, point.name)
@@ -292,7 +292,8 @@ def _do_locked_point(cfg, point, workers, launch, result) -> dict:
       if code != 0 or not is_evaluated(run_dir):
         return ended("evaluate", code, log)
       result["eval"] = "evaluated"
-  sweep_state.write_status(cfg.out_dir, point.name, sweep_state.FINISHED)
+  if sweep_state.read_status(cfg.out_dir, point.name).get("state") != sweep_state.FINISHED:
+    sweep_state.write_status(cfg.out_dir, point.name, sweep_state.FINISHED)  # a rerun that did nothing writes nothing
   return result
 
 
