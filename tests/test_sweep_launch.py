@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -113,7 +112,8 @@ def reference(stores, tmp_path_factory):
   assert summary.returncode == 0, summary.stderr[-3000:]
   after = _sweep(args + ["--list_points"])
   with open(os.path.join(out, "summary.json")) as f:
-    return {"out": out, "args": args, "summary": json.load(f), "list_points": after, "summarize": summary, "launch_stdout": [o for o, _ in outputs] + [last.stdout]}
+    return {"out": out, "args": args, "summary": json.load(f), "list_points": after, "summarize": summary,
+            "launch_stdout": [o for o, _ in outputs] + [last.stdout]}
 
 
 def test_points_listed_launched_one_by_one_and_summarized(reference):

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
 from metasae_jax.core.config import TrainConfig
@@ -253,7 +252,6 @@ def _do_point(cfg: SweepConfig, point: Point, workers: workers_lib.Workers, laun
     lock.acquire(wait_seconds=LOCK_WAIT_S)
   except UserError as e:
     return dict(result, busy=str(e))
-  t0 = time.time()
   try:
     return _do_locked_point(cfg, point, workers, launch, result)
   except BaseException as e:
@@ -261,7 +259,6 @@ def _do_point(cfg: SweepConfig, point: Point, workers: workers_lib.Workers, laun
     raise
   finally:
     lock.release()
-    result["seconds"] = round(time.time() - t0, 1)
 
 
 def _do_locked_point(cfg, point, workers, launch, result) -> dict:
@@ -387,9 +384,9 @@ def run_point_index(cfg: SweepConfig, index: int, distributed: Optional[dict] = 
 
 def summarize(cfg: SweepConfig) -> dict:
   """summary.json for a sweep whose points ran elsewhere (a scheduler's array); reads the points, runs none."""
-  if not os.path.isdir(cfg.out_dir):
-    raise UserError(f"--out_dir {cfg.out_dir} does not exist: no point of this sweep has run. Run its points "
-                    "(--point_index I, or the whole sweep) first.")
+  if not (os.path.exists(os.path.join(cfg.out_dir, SWEEP_JSON)) or os.path.isdir(os.path.join(cfg.out_dir, LOGS))):
+    raise UserError(f"--out_dir {cfg.out_dir} holds no sweep (no {SWEEP_JSON}, no {LOGS}/): no point of it has run. "
+                    "Run its points (--point_index I, or the whole sweep) first; nothing was written.")
   check_identity(cfg, record=False)
   return sweep_report.write_summary(cfg, grid(cfg.lambda2s, cfg.sigma_sqs, cfg.seeds))
 
