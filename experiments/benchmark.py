@@ -12,8 +12,8 @@ Real activations (the built-in model's layer 15 over the built-in corpus, export
 
 `--device` says where `steps` and `end_to_end` run: auto (default) = JAX on its default backend and the
 PyTorch baseline on CUDA when torch.cuda.is_available(), so on a GPU host both share the GPU; cpu = both
-on the CPU; cuda = both on the GPU (an error without one). Every line names the device each
-implementation ran on, and the ratio lines say whether those were the same kind.
+on the CPU; cuda = both on the GPU (an error without one). Every `steps` and `end_to_end` line names the
+device each implementation ran on, and the ratio lines say whether those were the same kind.
 """
 
 import json
