@@ -9,6 +9,11 @@ Real activations (the built-in model's layer 15 over the built-in corpus, export
   python -m experiments.benchmark --what scaling         # width / batch sweep into docs/scaling.png
   python -m experiments.benchmark --what memory          # compiled step memory, GPT-2 large shape
   python -m experiments.benchmark --what phi,export      # mean |φ| at 9216 x 1M, exporter vs raw forward
+
+`--device` says where `steps` and `end_to_end` run: auto (default) = JAX on its default backend and the
+PyTorch baseline on CUDA when torch.cuda.is_available(), so on a GPU host both share the GPU; cpu = both
+on the CPU; cuda = both on the GPU (an error without one). Every `steps` and `end_to_end` line names the
+device each implementation ran on, and the ratio lines say whether those were the same kind.
 """
 
 import json
@@ -21,11 +26,15 @@ import time
 from absl import flags
 
 from experiments import cli
+from metasae_jax.core.errors import UserError
 
 F = flags.FLAGS
 flags.DEFINE_list("what", ["steps"], "Any of: steps, end_to_end, stages, scaling, memory, phi, export.")
 flags.DEFINE_list("impl", ["fast", "torch", "naive"], "Implementations for `steps` and `end_to_end`: fast "
                   "(experiments.train), torch (the PyTorch baseline), naive (straightforward JAX).")
+flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Where `steps` and `end_to_end` run: auto = JAX on "
+                  "its default backend, PyTorch on CUDA when torch.cuda.is_available(); cpu = both on the CPU; "
+                  "cuda = both on the GPU (an error if either has none).")
 flags.DEFINE_list("data", ["real", "synthetic"], "Activations for `steps`: real (exported store), synthetic.")
 flags.DEFINE_integer("warmup", 10, "Steps run before timing starts (compilation, first meta phase).")
 flags.DEFINE_integer("real_tokens", 262144, "Tokens to export for the real store (the built-in corpus may "
@@ -48,6 +57,10 @@ flags.DEFINE_string("store", "", "Use this existing activation store as the real
 cli.internal_flag(flags.DEFINE_string, "_torch_train", "", "run the PyTorch baseline trainer on this store.")
 cli.internal_flag(flags.DEFINE_string, "_naive_train", "", "run the straightforward trainer on this store.")
 cli.internal_flag(flags.DEFINE_string, "_out", "", "output directory for --_naive_train.")
+cli.internal_flag(flags.DEFINE_string, "_torch_device", "cpu", "device of --_torch_train (cpu or cuda).")
+
+# Where each implementation runs (`_resolve_devices`): {"jax": backend, "torch": "cpu"|"cuda", "names": {impl: name}}.
+_DEVICES: dict = {}
 
 
 def _config(**overrides):
@@ -75,6 +88,34 @@ def naive_train(store_path: str, out_dir: str, steps: int) -> None:
     state = naive.run_steps(state, [jax.device_put(source.batch(i))])
   run = trainer.RunConfig(activations=store_path, out_dir=out_dir)
   trainer.write_artifacts(state, st, run, steps * config.batch_size)
+
+
+def _resolve_devices() -> dict:
+  """Applies --device (before any JAX computation) and names the device of every implementation in --impl."""
+  import jax
+  from metasae_jax.workflows import bench_device
+  if F.device == "cpu":
+    jax.config.update("jax_platforms", "cpu")
+  torch_cuda = False
+  if "torch" in F.impl and F.device != "cpu":
+    from metasae_jax.lm import torch_baseline  # torch is imported only when the baseline is asked for
+    torch_cuda = torch_baseline.cuda_available()
+  devices = bench_device.resolve(F.device, jax.default_backend(), torch_cuda)
+  if devices["jax"] != jax.default_backend():  # JAX started its backend before --device could choose
+    raise UserError(f"--device {F.device}: JAX already runs on {jax.default_backend()}; set JAX_PLATFORMS=cpu in "
+                    "the environment instead.")
+  torch_name = None
+  if "torch" in F.impl:
+    from metasae_jax.lm import torch_baseline
+    torch_name = torch_baseline.device_name(devices["torch"])
+  jax_name = bench_device.jax_device_name()
+  devices["names"] = {impl: bench_device.impl_device(impl, jax_name, torch_name) for impl in F.impl}
+  return devices
+
+
+def _comparison(impls) -> dict:
+  from metasae_jax.workflows import bench_device
+  return bench_device.comparison({impl: _DEVICES["names"][impl] for impl in impls})
 
 
 def _shape() -> dict:
@@ -110,12 +151,16 @@ def end_to_end(steps: int) -> dict:
   """Each implementation as its own process on the real store, timed from process start to exit."""
   store_path = _real_store_path()
   stamp = time.time_ns()
+  env = dict(os.environ)
+  if F.device == "cpu":  # the fast run is its own process: it must pick the same backend as this one
+    env["JAX_PLATFORMS"] = "cpu"
   commands = {
       "fast": [sys.executable, "-m", "experiments.train", "--activations", store_path,
                "--out_dir", os.path.join(F.out_dir, f"fast-{stamp}"),
                "--num_tokens", str(steps * F.batch_size), "--checkpoint_every_steps", "1000"] + _size_flags(),
       "torch": [sys.executable, "-m", "experiments.benchmark", "--_torch_train", store_path,
-                "--out_dir", F.out_dir, f"--e2e_steps={steps}", f"--d_model={F.d_model}"] + _size_flags(),
+                "--out_dir", F.out_dir, f"--e2e_steps={steps}", f"--d_model={F.d_model}",
+                f"--_torch_device={_DEVICES.get('torch', 'cpu')}"] + _size_flags(),
       "naive": [sys.executable, "-m", "experiments.benchmark", "--_naive_train", store_path,
                 "--_out", os.path.join(F.out_dir, f"naive-{stamp}"), f"--e2e_steps={steps}",
                 f"--d_model={F.d_model}"] + _size_flags(),
@@ -124,7 +169,7 @@ def end_to_end(steps: int) -> dict:
   for name in F.impl:
     loads[name] = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(commands[name], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(commands[name], stdout=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not the max over children
     runs[name] = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -138,7 +183,7 @@ def end_to_end(steps: int) -> dict:
     for name in runs:
       if name != "torch":
         out[f"speedup_{name}_vs_torch"] = runs["torch"] / runs[name]
-  return dict(out, shape=_shape(), **_load())
+  return dict(out, **_comparison(runs), shape=_shape(), **_load())
 
 
 def steps_lines():
@@ -154,13 +199,15 @@ def steps_lines():
       fn = {"fast": benchmarking.train_steps, "naive": benchmarking.naive_steps,
             "torch": benchmarking.torch_steps}[impl]
       load = os.getloadavg()[0]
-      lines[impl] = dict(what="steps", data=data, impl=impl, loadavg_at_start=load,
-                         **fn(config, batches, F.warmup, F.steps), shape=_shape(), **_load())
+      kwargs = {"device": _DEVICES["torch"]} if impl == "torch" else {}
+      lines[impl] = dict(what="steps", data=data, impl=impl, device=_DEVICES["names"][impl],
+                         loadavg_at_start=load, **fn(config, batches, F.warmup, F.steps, **kwargs),
+                         shape=_shape(), **_load())
       _emit(lines[impl])  # as soon as it is measured; the ratios follow in a summary line
     if "torch" in lines:
       _emit({"what": "steps_ratios", "data": data, **{
           f"speedup_{impl}_vs_torch": lines["torch"]["s_per_step"] / line["s_per_step"]
-          for impl, line in lines.items() if impl != "torch"}})
+          for impl, line in lines.items() if impl != "torch"}, **_comparison(lines)})
 
 
 def main(argv):
@@ -170,8 +217,13 @@ def main(argv):
     return
   if F._torch_train:
     from metasae_jax.workflows import benchmarking
-    benchmarking.torch_train(F._torch_train, _config(), F.e2e_steps)
+    benchmarking.torch_train(F._torch_train, _config(), F.e2e_steps, F._torch_device)
     return
+  unknown = sorted(set(F.impl) - {"fast", "torch", "naive"})
+  if unknown:
+    raise UserError(f"--impl: unknown implementation(s) {', '.join(unknown)}; pick from fast, torch, naive.")
+  if "steps" in F.what or "end_to_end" in F.what:
+    _DEVICES.update(_resolve_devices())  # a device that cannot be had fails here, before any export or run
   if "steps" in F.what:
     steps_lines()
   if "end_to_end" in F.what:

@@ -5,7 +5,8 @@ Dense encoder and decoder, `torch.topk` over the flattened B·N pre-activations,
 AuxK on the dead latents' columns, the meta SAE on all N decoder rows, Adam
 with the decoder's radial gradient removed and rows renormalised. It lives in
 `lm/` only because this is the layer allowed to import torch; nothing trains
-with it, the benchmark times it against `core.train_step`.
+with it, the benchmark times it against `core.train_step`. It runs on the CPU or, given
+`device="cuda"`, on the GPU (same init: drawn on the CPU, then moved).
 """
 
 import dataclasses
@@ -28,14 +29,14 @@ class _SAE:
   since_fired: torch.Tensor
 
   @classmethod
-  def create(cls, d: int, n: int, config: TrainConfig, gen: torch.Generator) -> "_SAE":
+  def create(cls, d: int, n: int, config: TrainConfig, gen: torch.Generator, device: str = "cpu") -> "_SAE":
     bound = (6.0 / n) ** 0.5
     w_enc = (torch.rand(d, n, generator=gen) * 2 - 1) * bound
     w_dec = w_enc.T.clone()
     w_dec /= w_dec.norm(dim=-1, keepdim=True)
-    params = [t.requires_grad_() for t in (w_enc, torch.zeros(n), w_dec, torch.zeros(d))]
+    params = [t.to(device).requires_grad_() for t in (w_enc, torch.zeros(n), w_dec, torch.zeros(d))]
     opt = torch.optim.Adam(params, lr=config.lr, betas=(config.b1, config.b2))
-    return cls(*params, opt, torch.zeros(n, dtype=torch.long))
+    return cls(*params, opt, torch.zeros(n, dtype=torch.long, device=device))
 
 
 def _standardize(x_BxD):
@@ -59,7 +60,7 @@ def _sae_loss(s: _SAE, xs_BxD, k, config: TrainConfig):
     fired = (acts_topk > 0).any(0)
     s.since_fired = torch.where(fired, 0, s.since_fired + 1)
   dead = s.since_fired >= config.dead_after_batches
-  aux = torch.zeros(())
+  aux = torch.zeros((), device=xs_BxD.device)
   if dead.any():
     residual = xs_BxD - recon
     dead_acts = acts[:, dead]
@@ -81,23 +82,44 @@ def _update(s: _SAE, loss):
     s.w_dec /= s.w_dec.norm(dim=-1, keepdim=True)
 
 
-class Baseline:
-  """Joint primary (+ penalty), solo SAE and meta SAE, stepped the straightforward way."""
+def cuda_available() -> bool:
+  return torch.cuda.is_available()
 
-  def __init__(self, config: TrainConfig, threads: int = 0):
+
+def device_name(device: str) -> str:
+  """What a line says this baseline ran on: "cpu", or "cuda:0 <GPU name>"."""
+  if device == "cuda":
+    return f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}"
+  return device
+
+
+def synchronize(device: str) -> None:
+  """Waits for the device's queued work (CUDA runs asynchronously; a clock read needs the work done)."""
+  if device == "cuda":
+    torch.cuda.synchronize()
+
+
+class Baseline:
+  """Joint primary (+ penalty), solo SAE and meta SAE, stepped the straightforward way on `device`."""
+
+  def __init__(self, config: TrainConfig, threads: int = 0, device: str = "cpu"):
     if threads:
       torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(config.seed)
-    self.config = config
-    self.joint = _SAE.create(config.d_model, config.width, config, gen)
-    self.solo = _SAE.create(config.d_model, config.width, config, gen) if config.baseline else None
-    self.meta = _SAE.create(config.d_model, config.meta_width, config, gen)
+    self.config, self.device = config, device
+    self.joint = _SAE.create(config.d_model, config.width, config, gen, device)
+    self.solo = _SAE.create(config.d_model, config.width, config, gen, device) if config.baseline else None
+    self.meta = _SAE.create(config.d_model, config.meta_width, config, gen, device)
     self.step_count = 0
 
-  def step(self, batch_BxD: np.ndarray) -> None:
-    """One joint (+ solo) step, and the meta phase every n_primary_steps."""
+  def step(self, batch_BxD) -> None:
+    """One joint (+ solo) step, and the meta phase every n_primary_steps (batch: host array or device tensor)."""
     c = self.config
-    xs = _standardize(torch.from_numpy(np.asarray(batch_BxD, np.float32)))
+    if isinstance(batch_BxD, torch.Tensor):
+      x = batch_BxD.to(self.device, torch.float32)
+    else:
+      x = torch.from_numpy(np.asarray(batch_BxD, np.float32)).to(self.device)
+    xs = _standardize(x)
     loss, _ = _sae_loss(self.joint, xs, c.k, c)
     if c.lambda2 > 0:
       with torch.no_grad():  # the meta SAE is frozen and ŵ a constant ("stop")
@@ -120,14 +142,22 @@ class Baseline:
         _update(self.meta, _sae_loss(self.meta, ws, c.meta_k, c)[0])
 
 
-def time_steps(config: TrainConfig, batches, warmup: int, steps: int, threads: int = 0) -> list:
-  """Seconds of each of `steps` baseline steps after `warmup` steps (batches cycled)."""
-  base = Baseline(config, threads)
+def time_steps(config: TrainConfig, batches, warmup: int, steps: int, threads: int = 0, device: str = "cpu") -> list:
+  """Seconds of each of `steps` baseline steps after `warmup` steps (batches cycled).
+
+  On CUDA the batches are copied to the GPU before timing (as the JAX side's are) and every step ends
+  with a synchronize, so a step's time is its GPU work, not its launch.
+  """
+  base = Baseline(config, threads, device)
+  if device != "cpu":
+    batches = [torch.from_numpy(np.asarray(b)).to(device) for b in batches]
   for i in range(warmup):
     base.step(batches[i % len(batches)])
+  synchronize(device)
   times = []
   for i in range(warmup, warmup + steps):
     t0 = time.perf_counter()
     base.step(batches[i % len(batches)])
+    synchronize(device)
     times.append(time.perf_counter() - t0)
   return times

@@ -8,6 +8,7 @@ changes nothing a user compares (bytes, mtimes); the holder's PID comes from
 
 import fcntl
 import os
+import time
 from typing import Optional
 
 from metasae_jax.core.errors import UserError
@@ -32,26 +33,38 @@ def _holder_pid(fd: int) -> Optional[int]:
 
 
 class DirLock:
-  """Holds an exclusive advisory lock on `directory` (created if missing) until `release`."""
+  """Holds an exclusive advisory lock on `directory` (created if missing) until `release`.
 
-  def __init__(self, directory: str, what: str):
-    self.directory, self.what = directory, what
-    self.path = os.path.join(directory, LOCK_FILE)
+  `file_name` names the lock file; several locks may live in one directory (a sweep's per-point locks).
+  """
+
+  def __init__(self, directory: str, what: str, file_name: str = LOCK_FILE):
+    self.directory, self.what, self.file_name = directory, what, file_name
+    self.path = os.path.join(directory, file_name)
     self.created_file = False
     self._fd: Optional[int] = None
 
-  def acquire(self) -> "DirLock":
+  def acquire(self, wait_seconds: float = 0.0) -> "DirLock":
+    """Takes the lock, retrying for up to `wait_seconds` (a `holder` probe holds it for microseconds)."""
     os.makedirs(self.directory, exist_ok=True)
     self.created_file = not os.path.exists(self.path)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      pid = _holder_pid(fd)
-      os.close(fd)
-      holder = f"process {pid}" if pid is not None else "another process"
-      raise UserError(f"{self.what} {self.directory} is in use by {holder} (lock {LOCK_FILE}). Wait for it "
-                      "to finish or stop it; one writer per directory.") from None
+    deadline = time.monotonic() + wait_seconds
+    while True:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if time.monotonic() < deadline:
+          time.sleep(0.05)
+          continue
+        pid = _holder_pid(fd)
+        os.close(fd)
+        holder = f"process {pid}" if pid is not None else "another process"
+        subject = f"{self.what} {self.directory}" if self.file_name == LOCK_FILE else self.what
+        where = LOCK_FILE if self.file_name == LOCK_FILE else self.path
+        raise UserError(f"{subject} is in use by {holder} (lock {where}). Wait for it to finish or stop it; "
+                        "one writer per directory.") from None
     self._fd = fd
     return self
 
@@ -73,3 +86,30 @@ class DirLock:
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+def holder(path: str) -> Optional[str]:
+  """Who holds the lock file at `path`: None if nobody (or no such file), else "process N" / "another process".
+
+  Probes with a non-blocking flock that is released at once and never creates the file. Holders on other hosts
+  are seen (as "another process") where the file system shares locks between hosts (NFS; Lustre mounted
+  with -o flock). A writer racing the probe can see it
+  as a holder for a moment: writers that may meet a probe retry (`DirLock.acquire(wait_seconds=...)`).
+  """
+  try:  # read-write where possible: NFS emulates flock with byte-range locks, which need write access
+    fd = os.open(path, os.O_RDWR)
+  except OSError:
+    try:
+      fd = os.open(path, os.O_RDONLY)
+    except OSError:
+      return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    pid = _holder_pid(fd)
+    return f"process {pid}" if pid is not None else "another process"
+  except OSError:  # a file system without flock: nothing to learn here
+    return None
+  finally:
+    os.close(fd)  # closing drops the probe's own lock
+  return None

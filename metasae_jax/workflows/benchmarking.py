@@ -258,23 +258,24 @@ def naive_steps(config: TrainConfig, batches: list, warmup: int, steps: int) -> 
   return {"warmup_steps": warmup, "steps_timed": steps, "s_per_step": (time.perf_counter() - t0) / steps}
 
 
-def torch_steps(config: TrainConfig, batches: list, warmup: int, steps: int) -> dict:
-  """The PyTorch baseline (lm.torch_baseline), same batches, same timing rule."""
+def torch_steps(config: TrainConfig, batches: list, warmup: int, steps: int, device: str = "cpu") -> dict:
+  """The PyTorch baseline (lm.torch_baseline) on `device` ("cpu" or "cuda"), same batches, same timing rule."""
   from metasae_jax.lm import torch_baseline  # pylint: disable=g-import-not-at-top  (torch side)
-  times = torch_baseline.time_steps(config, batches, warmup, steps)
+  times = torch_baseline.time_steps(config, batches, warmup, steps, device=device)
   return {"warmup_steps": warmup, "steps_timed": steps, "s_per_step": float(np.mean(times)),
           "s_per_step_first10": float(np.mean(times[:10])), "s_per_step_last10": float(np.mean(times[-10:]))}
 
 
-def torch_train(store_path: str, config: TrainConfig, steps: int) -> None:
-  """The PyTorch baseline end to end: store → `steps` joint + solo steps (the trainer's batches)."""
+def torch_train(store_path: str, config: TrainConfig, steps: int, device: str = "cpu") -> None:
+  """The PyTorch baseline end to end on `device`: store → `steps` joint + solo steps (the trainer's batches)."""
   from metasae_jax.lm import torch_baseline  # pylint: disable=g-import-not-at-top  (torch side)
   from metasae_jax.storage import store as store_lib  # pylint: disable=g-import-not-at-top
   from metasae_jax.training import data  # pylint: disable=g-import-not-at-top
   source = data.BatchSource(store_lib.open_store(store_path), config.batch_size, config.seed, 1)
-  base = torch_baseline.Baseline(config)
+  base = torch_baseline.Baseline(config, device=device)
   for i in range(steps):
     base.step(source.batch(i))
+  torch_baseline.synchronize(device)
 
 
 def _timed(f, *args, repeats: int = 3) -> float:

@@ -1,4 +1,4 @@
-"""λ₂ × σ² (× seed) grid over one store: one run directory per point, resumable, optionally parallel and evaluated.
+"""λ₂ × σ² (× seed) grid over one store: one run directory per point, resumable, parallel or one point at a time.
 
 Each point is trained, then evaluated, by `python -m metasae_jax.workflows.run_point`
 in its own process (so points run side by side and a crash stays in its point);
@@ -8,43 +8,39 @@ point is evaluated on a held-out store and the sweep writes `summary.json` and
 lockstep solo baseline (the paper's Table 1). With several seeds, every grid
 point is trained once per seed (each joint with its own solo) and the summary
 adds per-point means ± sd and a paired t-test across seeds.
+
+Beyond one machine a scheduler runs the points: `run_point_index` runs grid point I
+exactly as `run_sweep`'s own worker would (same processes, same directory layout),
+and `summarize` aggregates whatever has finished. Points are numbered in `grid`
+order; each point's lock (logs/NAME.lock) keeps two launches of it from running at
+once, and sweep.json keeps launches with other settings out of the directory.
 """
 
 import concurrent.futures
 import dataclasses
 import importlib.util
-import io
 import json
 import math
 import os
-import subprocess
 import sys
-import time
-import warnings
 from typing import Optional, Sequence
 
-import numpy as np
-import scipy.stats
-
 from metasae_jax.core.config import TrainConfig
-from metasae_jax.core.errors import UserError
+from metasae_jax.core.errors import Interrupted, UserError
 from metasae_jax.evaluation.evaluate import EvalConfig
-from metasae_jax.storage import artifact, atomic
-from metasae_jax.storage.store import read_manifest
-from metasae_jax.training.trainer import METRICS, RunConfig
-from metasae_jax.workflows import run_point
+from metasae_jax.storage import atomic
+from metasae_jax.training.trainer import RunConfig
+from metasae_jax.workflows import run_point, sweep_report, sweep_state, workers as workers_lib
+# The names callers of this module have always used (pipeline, tests).
+from metasae_jax.workflows.sweep_report import (  # noqa: F401  pylint: disable=unused-import
+    DELTAS, PAIRED_TEST_ASSUMES, PARETO, SUMMARY, aggregate, mean_sd, mean_sd_of, paired_test, point_summary,
+    states_report, table)
+from metasae_jax.workflows.sweep_state import LOGS, REPORT, is_evaluated, is_trained  # noqa: F401
 
-SUMMARY = "summary.json"
-PARETO = "pareto.png"
-LOGS = "logs"
-REPORT = "report.json"
-SAE_DIRS = ("joint", "solo", os.path.join("joint", "meta"))
-# Joint-vs-solo differences summarised over seeds (report.json "comparison" keys, as row keys).
-DELTAS = ("delta_mean_abs_phi_pct", "delta_mse_pct", "delta_fvu_pct")
-PAIRED_TEST_ASSUMES = (
-    "paired t-test of joint vs solo mean |φ| across seeds: each seed gives one (joint, solo) pair trained on "
-    "identical batches; it assumes the per-seed differences are independent draws from a normal distribution "
-    "(n - 1 degrees of freedom) and captures variation of init and data order only, not of the store itself.")
+SWEEP_JSON = "sweep.json"
+SWEEP_FORMAT = "metasae-sweep/1"
+LOCK_WAIT_S = 5.0
+"""How long a point's launcher retries its lock (a `--summarize` probing it holds it for microseconds)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,45 +123,78 @@ def parse_ints(text: str, flag: str) -> tuple:
     raise UserError(f"--{flag} must be a comma-separated list of integers, got {text!r}.") from None
 
 
-def is_trained(run_dir: str) -> bool:
-  """Artifacts present (joint, meta, and solo unless --nobaseline) with the final checkpoint they came from."""
-  try:
-    with open(os.path.join(run_dir, "joint", artifact.CFG)) as f:
-      cfg = json.load(f)
-    final = cfg["trained_tokens"] // cfg["train_config"]["batch_size"]
-    baseline = cfg["train_config"].get("baseline", True)
-  except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-    return False
-  saes = [d for d in SAE_DIRS if baseline or d != "solo"]
-  return (all(os.path.exists(os.path.join(run_dir, d, artifact.WEIGHTS)) for d in saes)
-          and os.path.isdir(os.path.join(run_dir, "checkpoints", str(final))))
+# ---- The sweep's settings, recorded once: launches with other settings are refused ----
+
+def identity(cfg: SweepConfig) -> dict:
+  """What every point of the sweep shares (sweep.json): training settings but the grid's, data, evaluation."""
+  train = {k: v for k, v in cfg.train.to_dict().items()
+           if k not in ("lambda2", "sigma_sq") and not (k == "seed" and cfg.seeds)}
+  data = {"activations": os.path.abspath(cfg.run.activations), "num_tokens": cfg.run.num_tokens,
+          "skip_first_positions": cfg.run.skip_first_positions}
+  evaluation = None
+  if cfg.evaluation is not None:
+    evaluation = {k: v for k, v in dataclasses.asdict(cfg.evaluation).items() if k not in ("run_dir", "progress")}
+    evaluation["activations"] = os.path.abspath(evaluation["activations"])
+  return sweep_report.json_safe({"format": SWEEP_FORMAT, "train": train, "data": data, "evaluation": evaluation})
 
 
-def is_evaluated(run_dir: str) -> bool:
-  """A report.json that describes the SAE weights on disk now, by content (a retrained point is evaluated
-  again; a rerun that changed no byte is not). Reports without recorded digests fall back to file times."""
-  path = os.path.join(run_dir, REPORT)
+def check_identity(cfg: SweepConfig, record: bool) -> None:
+  """Refuses a sweep directory whose sweep.json records other settings; `record` writes it if missing.
+
+  The first launch to create sweep.json wins (hard link of a whole temp file), so array tasks started at
+  once with different flags cannot both record theirs.
+  """
+  path = os.path.join(cfg.out_dir, SWEEP_JSON)
+  want = identity(cfg)
+  if not os.path.exists(path):
+    if not record:
+      return
+    temp = f"{path}.{os.getpid()}.new"
+    atomic.write_json(temp, want)
+    try:
+      os.link(temp, path)
+    except FileExistsError:
+      pass
+    finally:
+      os.remove(temp)
   try:
     with open(path) as f:
-      recorded = json.load(f).get("artifact_sha256")
-  except (OSError, ValueError, AttributeError):
-    return False
-  present = [s for s in artifact.SAE_NAMES if os.path.exists(os.path.join(run_dir, s, artifact.WEIGHTS))]
-  if isinstance(recorded, dict) and recorded:
-    return all(recorded.get(s) == artifact.weights_digest(os.path.join(run_dir, s)) for s in present)
-  return all(os.path.getmtime(path) >= os.path.getmtime(os.path.join(run_dir, s, artifact.WEIGHTS))
-             for s in present)
+      have = sweep_report.json_safe(json.load(f))
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path} is unreadable ({e}); restore it or use a new --out_dir (nothing was changed).") from None
+  if not isinstance(have, dict) or have.get("format") != SWEEP_FORMAT:
+    raise UserError(f"{path} is not a sweep record; use a new --out_dir (nothing was changed).")
+  diffs = []
+  for section in ("train", "data", "evaluation"):
+    old, new = have.get(section), want[section]
+    if old is None or new is None:
+      if old != new:
+        diffs.append(f"{section}: {'off' if old is None else 'on'} -> {'off' if new is None else 'on'}")
+      continue
+    diffs += [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+              if old.get(k) != new.get(k)]
+  if diffs:
+    shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+    raise UserError(f"--out_dir {cfg.out_dir} holds a sweep with other settings ({shown}). Pass the flags it was "
+                    f"started with (recorded in {path}) or use a new --out_dir (nothing was changed).")
 
 
-def _tail(path: str, lines: int = 15) -> str:
-  """Last lines of a log, with progress-bar carriage returns turned into line breaks."""
-  try:
-    with open(path, errors="replace") as f:
-      text = f.read()
-  except OSError:
-    return ""
-  rows = [r for r in text.replace("\r", "\n").splitlines() if r.strip()]
-  return "\n".join(rows[-lines:])
+# ---- One point: its stages as processes, under its lock ----
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """Which process of a point's launch this is: process 0 (the only one by default) locks, evaluates, records."""
+  process_id: int = 0
+  distributed: Optional[dict] = None
+  """sharding.initialize_distributed arguments for a multi-process point's training; None = one process."""
+
+  @property
+  def lead(self) -> bool:
+    return self.process_id == 0
+
+  @property
+  def tag(self) -> str:
+    return "" if self.lead else f".p{self.process_id}"
 
 
 def _import_root() -> str:
@@ -174,15 +203,22 @@ def _import_root() -> str:
   return os.path.dirname(os.path.abspath(package_dir))
 
 
-def _run_stage(cfg: SweepConfig, point: Point, stage: str, logs: str) -> tuple[int, str]:
+def point_seed(cfg: SweepConfig, point: Point) -> int:
+  return cfg.train.seed if point.seed is None else point.seed
+
+
+def _run_stage(cfg: SweepConfig, point: Point, stage: str, workers: workers_lib.Workers,
+               launch: Launch) -> tuple:
   """Runs one stage of a point in its own process, output in logs/NAME.STAGE.log. Returns (exit code, log)."""
   run_dir = os.path.join(cfg.out_dir, point.name)
-  spec = os.path.join(logs, f"{point.name}.{stage}.json")
-  log_path = os.path.join(logs, f"{point.name}.{stage}.log")
+  logs = os.path.join(cfg.out_dir, LOGS)
+  spec = os.path.join(logs, f"{point.name}.{stage}{launch.tag}.json")
+  log_path = os.path.join(logs, f"{point.name}.{stage}{launch.tag}.log")
   if stage == "train":
-    seed = cfg.train.seed if point.seed is None else point.seed
-    train = dataclasses.replace(cfg.train, lambda2=point.lambda2, sigma_sq=point.sigma_sq, seed=seed)
-    run_point.write_spec(spec, stage, train=train, run=dataclasses.replace(cfg.run, out_dir=run_dir))
+    train = dataclasses.replace(cfg.train, lambda2=point.lambda2, sigma_sq=point.sigma_sq,
+                                seed=point_seed(cfg, point))
+    run_point.write_spec(spec, stage, train=train, run=dataclasses.replace(cfg.run, out_dir=run_dir),
+                         distributed=launch.distributed)
   else:
     run_point.write_spec(spec, stage, evaluate=dataclasses.replace(cfg.evaluation, run_dir=run_dir))
   cmd = [cfg.python, "-m", run_point.__name__, spec]
@@ -191,227 +227,172 @@ def _run_stage(cfg: SweepConfig, point: Point, stage: str, logs: str) -> tuple[i
   with open(log_path, "w") as log:
     log.write("$ " + " ".join(cmd) + "\n")
     log.flush()
-    code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    code = workers.run(cmd, log, env)
   return code, log_path
 
 
-def _do_point(cfg: SweepConfig, point: Point) -> dict:
-  """Trains (or resumes, or skips) one point, then evaluates it if asked. Returns its status."""
+def _do_point(cfg: SweepConfig, point: Point, workers: workers_lib.Workers, launch: Launch = Launch()) -> dict:
+  """Trains (or resumes, or skips) one point, then evaluates it if asked, holding its lock. Returns what
+  happened: "train"/"eval" outcomes, or "error" (with "log"), or "busy" when another process runs it."""
   run_dir = os.path.join(cfg.out_dir, point.name)
-  logs = os.path.join(cfg.out_dir, LOGS)
-  os.makedirs(logs, exist_ok=True)
-  t0 = time.time()
-  seed = cfg.train.seed if point.seed is None else point.seed
-  result = {"name": point.name, "lambda2": point.lambda2, "sigma_sq": point.sigma_sq, "seed": seed,
-            "run_dir": run_dir}
+  os.makedirs(os.path.join(cfg.out_dir, LOGS), exist_ok=True)
+  result = {"name": point.name, "lambda2": point.lambda2, "sigma_sq": point.sigma_sq,
+            "seed": point_seed(cfg, point), "run_dir": run_dir}
+  if not launch.lead:  # another process of a multi-process point: it trains with process 0, nothing else
+    if is_trained(run_dir):
+      return dict(result, train="skipped (finished)")
+    code, log = _run_stage(cfg, point, "train", workers, launch)
+    if code != 0:
+      return dict(result, error=f"training exited with {code}; log {log}", log=log)
+    return dict(result, train="trained", eval="process 0 evaluates")
+  if workers.stopped is not None:
+    return dict(result, stopped=True)
+  lock = sweep_state.point_lock(cfg.out_dir, point.name)
+  try:
+    lock.acquire(wait_seconds=LOCK_WAIT_S)
+  except UserError as e:
+    return dict(result, busy=str(e))
+  try:
+    return _do_locked_point(cfg, point, workers, launch, result)
+  except BaseException as e:
+    sweep_state.write_status(cfg.out_dir, point.name, sweep_state.FAILED, error=f"the sweep itself failed: {e!r}")
+    raise
+  finally:
+    lock.release()
+
+
+def _do_locked_point(cfg, point, workers, launch, result) -> dict:
+  run_dir = result["run_dir"]
+
+  def ended(stage: str, code: Optional[int], log: str) -> dict:
+    if workers.stopped is not None:  # a forwarded SIGINT/SIGTERM: the stage saved its state and stopped
+      sweep_state.write_status(cfg.out_dir, point.name, sweep_state.INTERRUPTED, stage=stage, log=log)
+      return dict(result, stopped=True)
+    error = f"{'training' if stage == 'train' else 'evaluation'} exited with {code}; log {log}"
+    sweep_state.write_status(cfg.out_dir, point.name, sweep_state.FAILED, stage=stage, error=error, log=log)
+    return dict(result, error=error, log=log)
+
   if is_trained(run_dir):
     result["train"] = "skipped (finished)"
   else:
-    code, log = _run_stage(cfg, point, "train", logs)
+    sweep_state.write_status(cfg.out_dir, point.name, sweep_state.RUNNING, stage="train")
+    code, log = _run_stage(cfg, point, "train", workers, launch)
     if code != 0 or not is_trained(run_dir):
-      return dict(result, train="failed", error=f"training exited with {code}; log {log}", stderr_tail=_tail(log))
+      return ended("train", code, log)
     result["train"] = "trained"
   if cfg.evaluation is not None:
     if is_evaluated(run_dir):
       result["eval"] = "skipped (report.json present)"
     else:
-      code, log = _run_stage(cfg, point, "evaluate", logs)
+      sweep_state.write_status(cfg.out_dir, point.name, sweep_state.RUNNING, stage="evaluate")
+      code, log = _run_stage(cfg, point, "evaluate", workers, launch)
       if code != 0 or not is_evaluated(run_dir):
-        return dict(result, eval="failed", error=f"evaluation exited with {code}; log {log}",
-                    stderr_tail=_tail(log))
+        return ended("evaluate", code, log)
       result["eval"] = "evaluated"
-  result["seconds"] = round(time.time() - t0, 1)
+  if sweep_state.read_status(cfg.out_dir, point.name).get("state") != sweep_state.FINISHED:
+    sweep_state.write_status(cfg.out_dir, point.name, sweep_state.FINISHED)  # a rerun that did nothing writes nothing
   return result
 
 
-def _last_metrics(run_dir: str) -> dict:
-  try:
-    with open(os.path.join(run_dir, METRICS)) as f:
-      lines = [line for line in f if line.strip()]
-    return json.loads(lines[-1]) if lines else {}
-  except (OSError, ValueError):
-    return {}
+def outcome(result: dict) -> str:
+  """One line for what `_do_point` did."""
+  if "busy" in result:
+    return f"not run: {result['busy']}"
+  if result.get("stopped"):
+    return "stopped by a signal (rerun to resume)"
+  if "error" in result:
+    return f"FAILED: {result['error']}"
+  return f"{result.get('train')}, {result.get('eval', 'not evaluated')}"
 
 
-def _pct(a, b) -> Optional[float]:
-  if a is None or b is None or not b:
-    return None
-  return (a - b) / abs(b) * 100.0
+# ---- Whole sweeps, single points, summaries ----
 
-
-def point_summary(status: dict) -> dict:
-  """A point's row: training metrics and, when evaluated, joint vs solo deltas (Table 1 columns)."""
-  run_dir = status["run_dir"]
-  row = dict(status)
-  m = _last_metrics(run_dir)
-  if m:
-    row["train_final"] = {k: m.get(k) for k in ("step", "tokens", "joint/mse", "solo/mse", "joint/fvu",
-                                                  "solo/fvu", "penalty", "meta_mse")}
-    row["train_delta_mse_pct"] = _pct(m.get("joint/mse"), m.get("solo/mse"))
-  if is_evaluated(run_dir):
-    with open(os.path.join(run_dir, REPORT)) as f:
-      report = json.load(f)
-    keys = ("mse", "fvu", "l0", "dead_fraction", "mean_abs_phi", "meta_fve", "delta_ce_pct")
-    for sae in artifact.SAE_NAMES:
-      row[sae] = {k: report.get(sae, {}).get(k) for k in keys}
-    comp = report.get("comparison", {})
-    row["delta_mean_abs_phi_pct"] = comp.get("mean_abs_phi_pct")
-    row["delta_mse_pct"] = comp.get("mse_pct")
-    row["delta_fvu_pct"] = comp.get("fvu_pct")
-    row["welch_p"] = comp.get("welch_p")
-  return row
-
-
-def mean_sd_of(values: list) -> dict:
-  """{"mean", "sd" (n - 1 denominator; None below 2 values), "n"} of the non-missing values."""
-  v = [x for x in values if x is not None and math.isfinite(x)]
-  if not v:
-    return {"mean": None, "sd": None, "n": 0}
-  return {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None, "n": len(v)}
-
-
-def paired_test(joint: list, solo: list) -> dict:
-  """Paired t-test of joint vs solo values across seeds (see PAIRED_TEST_ASSUMES)."""
-  pairs = [(j, s) for j, s in zip(joint, solo) if j is not None and s is not None]
-  out = {"n": len(pairs), "t": None, "p": None, "mean_difference": None, "assumes": PAIRED_TEST_ASSUMES}
-  if not pairs:
-    return out
-  diff = np.array([j - s for j, s in pairs], np.float64)
-  out["mean_difference"] = float(diff.mean())
-  if len(pairs) >= 2 and np.ptp(diff) > 0:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", RuntimeWarning)
-      res = scipy.stats.ttest_rel([j for j, _ in pairs], [s for _, s in pairs])
-    out["t"], out["p"] = float(res.statistic), float(res.pvalue)
-  return out
-
-
-def aggregate(rows: list) -> list:
-  """Per (λ₂, σ²): mean ± sd over seeds of the joint-vs-solo deltas, and the paired test of mean |φ|."""
-  groups: dict = {}
-  for r in rows:
-    groups.setdefault((r["lambda2"], r["sigma_sq"]), []).append(r)
-  out = []
-  for (lam, sig), members in groups.items():
-    agg = {"lambda2": lam, "sigma_sq": sig, "seeds": [r.get("seed") for r in members],
-           "runs": [r["name"] for r in members], "failed": [r["name"] for r in members if "error" in r]}
-    for key in DELTAS:
-      values = [r.get(key) for r in members]
-      if key == "delta_mse_pct":  # before evaluation, the training batches' MSE is all there is
-        values = [r.get(key, r.get("train_delta_mse_pct")) for r in members]
-      agg[key] = mean_sd_of(values)
-    agg["paired_mean_abs_phi"] = paired_test([r.get("joint", {}).get("mean_abs_phi") for r in members],
-                                             [r.get("solo", {}).get("mean_abs_phi") for r in members])
-    out.append(agg)
-  return out
-
-
-def pareto_plot(aggregates: list, path: str) -> Optional[str]:
-  """Δ mean|φ| % (down = more atomic) vs ΔMSE % (left = better reconstruction): seed means with sd bars."""
-  pts = [a for a in aggregates
-         if a["delta_mean_abs_phi_pct"]["mean"] is not None and a["delta_mse_pct"]["mean"] is not None]
-  if not pts:
-    return None
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5.5, 4.2))
-  sigmas = sorted({a["sigma_sq"] for a in pts})
-  cmap = plt.get_cmap("viridis")
-  for a in pts:
-    x, y = a["delta_mse_pct"], a["delta_mean_abs_phi_pct"]
-    color = "black" if a["lambda2"] == 0 else cmap(sigmas.index(a["sigma_sq"]) / max(1, len(sigmas) - 1))
-    ax.errorbar(x["mean"], y["mean"], xerr=x["sd"], yerr=y["sd"], fmt="o", color=color, capsize=2,
-                markersize=3 + 4 * a["lambda2"] ** 0.5, zorder=3)
-    label = "control (λ₂=0)" if a["lambda2"] == 0 else f"λ₂={a['lambda2']:g}, σ²={a['sigma_sq']:g}"
-    if y["n"] > 1:
-      label += f" ({y['n']} seeds)"
-    ax.annotate(label, (x["mean"], y["mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-  ax.axhline(0, color="grey", lw=0.6)
-  ax.axvline(0, color="grey", lw=0.6)
-  ax.set_xlabel("ΔMSE % (joint vs its solo)")
-  ax.set_ylabel("Δ mean |φ| % (joint vs its solo)")
-  several = any(a["delta_mean_abs_phi_pct"]["n"] > 1 for a in pts)
-  ax.set_title("MetaSAE sweep: atomicity vs reconstruction" + (" (seed mean ± sd)" if several else ""))
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-  plt.close(fig)
-  atomic.write_with(path, lambda f: f.write(buf.getvalue()))
-  return path
+def _stopped(workers: workers_lib.Workers) -> Interrupted:
+  return Interrupted(f"sweep stopped by signal {workers.stopped}: running points saved a checkpoint; rerun the "
+                     "same command to resume them", workers.stopped)
 
 
 def run_sweep(cfg: SweepConfig, report=print) -> dict:
   """Runs every point (skipping finished ones), then writes summary.json (+ pareto.png when evaluated).
 
-  Failures do not stop the other points; they are listed in the result's
-  "failed" entries (with the tail of the point's log) and in summary.json.
+  Failures do not stop the other points; they are listed in the result's "failed" entries (with the tail
+  of the point's log) and in summary.json. SIGINT/SIGTERM stop the running points at a step boundary
+  (they save a checkpoint) and raise Interrupted after the summary is written.
   """
   os.makedirs(cfg.out_dir, exist_ok=True)
+  check_identity(cfg, record=True)
   points = grid(cfg.lambda2s, cfg.sigma_sqs, cfg.seeds)
   report(f"sweep: {len(points)} runs in {cfg.out_dir} ({cfg.parallel} at a time)")
-  statuses = {}
-  with concurrent.futures.ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
-    futures = {pool.submit(_do_point, cfg, p): p for p in points}
+  with workers_lib.Workers() as workers, concurrent.futures.ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
+    futures = {pool.submit(_do_point, cfg, p, workers): p for p in points}
     for fut in concurrent.futures.as_completed(futures):
       p = futures[fut]
       try:
-        status = fut.result()
-      except Exception as e:  # a bug in the driver itself, not in the point's process
-        status = {"name": p.name, "lambda2": p.lambda2, "sigma_sq": p.sigma_sq,
-                  "seed": cfg.train.seed if p.seed is None else p.seed,
-                  "run_dir": os.path.join(cfg.out_dir, p.name), "train": "failed", "error": repr(e),
-                  "stderr_tail": ""}
-      statuses[p] = status
-      state = "FAILED" if "error" in status else f"{status.get('train')}, {status.get('eval', 'not evaluated')}"
-      report(f"  {p.name}: {state}")
-  rows = [point_summary(statuses[p]) for p in points]
-  aggregates = aggregate(rows)
-  summary = {"out_dir": os.path.abspath(cfg.out_dir), "lambda2": list(cfg.lambda2s),
-             "sigma_sq": list(cfg.sigma_sqs), "seeds": list(cfg.seeds) or [cfg.train.seed],
-             "train": {k: v for k, v in cfg.train.to_dict().items()  # the settings every point shares
-                       if k not in ("lambda2", "sigma_sq") and not (k == "seed" and cfg.seeds)},
-             "run": {k: v for k, v in dataclasses.asdict(cfg.run).items() if k != "out_dir"},
-             "evaluation": ({k: v for k, v in dataclasses.asdict(cfg.evaluation).items() if k != "run_dir"}
-                            if cfg.evaluation else None),
-             "points": rows, "aggregates": aggregates, "paired_test_assumes": PAIRED_TEST_ASSUMES,
-             "failed": [r["name"] for r in rows if "error" in r]}
-  summary["pareto"] = pareto_plot(aggregates, os.path.join(cfg.out_dir, PARETO))
-  atomic.write_json(os.path.join(cfg.out_dir, SUMMARY), _finite(summary))
+        line = outcome(fut.result())
+      except Exception as e:  # a bug in the driver itself (recorded as the point's failure), not in its process
+        line = f"FAILED: {e!r}"
+      report(f"  {p.name}: {line}")
+  summary = sweep_report.write_summary(cfg, points)
+  if workers.stopped is not None:
+    raise _stopped(workers)
   return summary
 
 
-def _finite(obj):
-  """JSON-safe: NaN/Inf become null."""
-  if isinstance(obj, dict):
-    return {k: _finite(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_finite(v) for v in obj]
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return None
-  return obj
+def detected_process_id() -> int:
+  """This process's index in an auto-detected cluster (SLURM, Open MPI, TPU pod), without starting JAX's
+  distributed client (the point's training process does that)."""
+  try:
+    from jax._src.clusters import cluster  # pylint: disable=g-import-not-at-top  (JAX's own detection)
+    env = next((e for e in cluster.ClusterEnv._cluster_types  # pylint: disable=protected-access
+                if not e.opt_in_only_method and e.is_env_present()), None)
+    if env is not None:
+      return int(env.get_process_id())
+  except Exception:  # noqa: BLE001  (a private API: any failure means "cannot tell")
+    pass
+  raise UserError("--point_index with --distributed: cannot tell this process's index from the environment "
+                  "(no SLURM, Open MPI or TPU pod found). Pass --coordinator_address, --num_processes and "
+                  "--process_id instead.")
 
 
-def mean_sd(stat: dict, spec: str = "+.2f") -> str:
-  """'−7.50 ± 1.20' (n ≥ 2), '−7.50' (one value) or '—' (none)."""
-  if not stat or stat.get("mean") is None:
-    return "—"
-  text = format(stat["mean"], spec)
-  return text if stat.get("sd") is None else f"{text} ± {stat['sd']:.2f}"
+def run_point_index(cfg: SweepConfig, index: int, distributed: Optional[dict] = None, report=print) -> dict:
+  """Runs grid point `index` as `run_sweep`'s worker would; returns `_do_point`'s result plus its state.
+
+  With `distributed` (sharding.initialize_distributed arguments) the point trains as one multi-process
+  run: every process calls this; process 0 also takes the point's lock, evaluates and records its status.
+  """
+  points = grid(cfg.lambda2s, cfg.sigma_sqs, cfg.seeds)
+  if not 0 <= index < len(points):
+    raise UserError(f"--point_index {index} is out of range: this sweep has {len(points)} points "
+                    f"(0..{len(points) - 1}); list them with --list_points.")
+  point = points[index]
+  launch = Launch()
+  if distributed:
+    pid = distributed.get("process_id")
+    launch = Launch(process_id=detected_process_id() if pid is None else int(pid), distributed=distributed)
+  os.makedirs(cfg.out_dir, exist_ok=True)
+  check_identity(cfg, record=launch.lead)
+  report(f"sweep point {index} of {len(points)}: {point.name} in {cfg.out_dir}"
+         + ("" if launch.lead else f" (process {launch.process_id}: training only)"))
+  with workers_lib.Workers() as workers:
+    result = _do_point(cfg, point, workers, launch)
+  if "busy" not in result:  # the caller reports that one as its error
+    report(f"  {point.name}: {outcome(result)}")
+  if workers.stopped is not None:
+    raise _stopped(workers)
+  return dict(result, index=index)
 
 
-def table(summary: dict) -> str:
-  """The paper's Table 1 layout as Markdown: one row per (λ₂, σ²), joint vs its own solo, mean ± sd over seeds."""
-  out = ["| λ₂ | σ² | seeds | Δ mean\\|φ\\| % | ΔMSE % | ΔFVU % | paired p (\\|φ\\|) | status |",
-         "|---|---|---|---|---|---|---|---|"]
-  rows = {r["name"]: r for r in summary["points"]}
-  for a in summary["aggregates"]:
-    members = [rows[n] for n in a["runs"]]
-    status = ("failed: " + ", ".join(a["failed"])) if a["failed"] else ", ".join(
-        sorted({r.get("eval", r.get("train", "")) for r in members}))
-    p = a["paired_mean_abs_phi"]["p"]
-    out.append(f"| {a['lambda2']:g} | {a['sigma_sq']:g} | {len(a['runs'])} | "
-               f"{mean_sd(a['delta_mean_abs_phi_pct'])} | {mean_sd(a['delta_mse_pct'])} | "
-               f"{mean_sd(a['delta_fvu_pct'])} | {'—' if p is None else format(p, '.3g')} | {status} |")
-  if any(a["delta_mean_abs_phi_pct"]["n"] > 1 for a in summary["aggregates"]):
-    out += ["", "mean ± sd over seeds; " + PAIRED_TEST_ASSUMES]
-  return "\n".join(out)
+def summarize(cfg: SweepConfig) -> dict:
+  """summary.json for a sweep whose points ran elsewhere (a scheduler's array); reads the points, runs none."""
+  if not (os.path.exists(os.path.join(cfg.out_dir, SWEEP_JSON)) or os.path.isdir(os.path.join(cfg.out_dir, LOGS))):
+    raise UserError(f"--out_dir {cfg.out_dir} holds no sweep (no {SWEEP_JSON}, no {LOGS}/): no point of it has run. "
+                    "Run its points (--point_index I, or the whole sweep) first; nothing was written.")
+  check_identity(cfg, record=False)
+  return sweep_report.write_summary(cfg, grid(cfg.lambda2s, cfg.sigma_sqs, cfg.seeds))
+
+
+
+
+def points_table(cfg: SweepConfig) -> str:
+  """The index -> point table (`--list_points`), with each point's state."""
+  return sweep_report.points_table(cfg, grid(cfg.lambda2s, cfg.sigma_sqs, cfg.seeds))
