@@ -9,6 +9,7 @@ Real activations (the built-in model's layer 15 over the built-in corpus, export
   python -m experiments.benchmark --what scaling         # width / batch sweep into docs/scaling.png
   python -m experiments.benchmark --what memory          # compiled step memory, GPT-2 large shape
   python -m experiments.benchmark --what phi,export      # mean |φ| at 9216 x 1M, exporter vs raw forward
+  python -m experiments.benchmark --what devices         # compiled step per device on 1/2/4/8 devices, every mesh
 
 `--device` says where `steps` and `end_to_end` run: auto (default) = JAX on its default backend and the
 PyTorch baseline on CUDA when torch.cuda.is_available(), so on a GPU host both share the GPU; cpu = both
@@ -29,7 +30,13 @@ from experiments import cli
 from metasae_jax.core.errors import UserError
 
 F = flags.FLAGS
-flags.DEFINE_list("what", ["steps"], "Any of: steps, end_to_end, stages, scaling, memory, phi, export.")
+flags.DEFINE_list("what", ["steps"], "Any of: steps, end_to_end, stages, scaling, memory, phi, export, devices.")
+flags.DEFINE_enum("devices_shape", "gpt2_large", ["gpt2_large", "gemma2_9b"],
+                  "SAE shape for `devices` (the presets': GPT-2 large n 20480, Gemma 2 9B n 65536).")
+flags.DEFINE_list("devices_counts", ["1", "2", "4", "8"], "Device counts for `devices` (fake CPU devices when the "
+                  "host has fewer; every (data, model) mesh over each count).")
+flags.DEFINE_enum("devices_algorithm", "dense", ["dense", "slots"], "Step algorithm compiled for `devices` (dense: "
+                  "what GPU/TPU run; slots: the CPU's).")
 flags.DEFINE_list("impl", ["fast", "torch", "naive"], "Implementations for `steps` and `end_to_end`: fast "
                   "(experiments.train), torch (the PyTorch baseline), naive (straightforward JAX).")
 flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Where `steps` and `end_to_end` run: auto = JAX on "
@@ -58,6 +65,7 @@ cli.internal_flag(flags.DEFINE_string, "_torch_train", "", "run the PyTorch base
 cli.internal_flag(flags.DEFINE_string, "_naive_train", "", "run the straightforward trainer on this store.")
 cli.internal_flag(flags.DEFINE_string, "_out", "", "output directory for --_naive_train.")
 cli.internal_flag(flags.DEFINE_string, "_torch_device", "cpu", "device of --_torch_train (cpu or cuda).")
+cli.internal_flag(flags.DEFINE_bool, "_devices_child", False, "this process runs `devices` on fake devices.")
 
 # Where each implementation runs (`_resolve_devices`): {"jax": backend, "torch": "cpu"|"cuda", "names": {impl: name}}.
 _DEVICES: dict = {}
@@ -71,6 +79,41 @@ def _config(**overrides):
 
 def _emit(line: dict) -> None:
   print(json.dumps(line), flush=True)
+
+
+def devices_lines() -> None:
+  """One line per (devices, mesh): the compiled step's per-device FLOPs, bytes, memory and collectives.
+
+  Compiled, never run. A CPU host with fewer devices than asked for reruns this
+  part in a child process with that many fake devices (XLA_FLAGS must be set
+  before JAX starts).
+  """
+  counts = sorted({int(c) for c in F.devices_counts})
+  if not F._devices_child:
+    import jax
+    if jax.default_backend() == "cpu" and jax.device_count() < max(counts):
+      env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={max(counts)}", JAX_PLATFORMS="cpu")
+      cmd = [sys.executable, "-m", "experiments.benchmark", "--what=devices", "--_devices_child",
+             f"--devices_shape={F.devices_shape}", f"--devices_counts={','.join(map(str, counts))}",
+             f"--devices_algorithm={F.devices_algorithm}"]
+      subprocess.run(cmd, env=env, check=True)
+      return
+  from metasae_jax.workflows import devices
+  config = devices.preset_config(F.devices_shape, F.devices_algorithm)
+  rows = []
+  for data, model in devices.mesh_shapes(counts):
+    if config.width % (data * model) or config.batch_size % data:
+      continue
+    row = devices.analyze(config, data, model)
+    rows.append(row)
+    _emit(dict(what="devices", shape=F.devices_shape, algorithm=F.devices_algorithm,
+               compiled_for=_platform(), **row))
+  print(devices.markdown(rows), file=sys.stderr)
+
+
+def _platform() -> str:
+  import jax
+  return jax.devices()[0].platform
 
 
 def naive_train(store_path: str, out_dir: str, steps: int) -> None:
@@ -255,6 +298,8 @@ def main(argv):
     gpt2 = TrainConfig(d_model=1280, width=20480, batch_size=4096)
     _emit(dict(what="memory", config="gpt2_large d 1280 n 20480 B 4096 joint+solo+meta",
                **benchmarking.compiled_memory(gpt2)))
+  if "devices" in F.what:
+    devices_lines()
   if "phi" in F.what:
     from metasae_jax.workflows import benchmarking
     _emit(dict(what="phi", **benchmarking.benchmark_phi()))

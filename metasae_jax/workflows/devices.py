@@ -89,3 +89,31 @@ def analyze(config: TrainConfig, data: int, model: int = 1) -> dict:
       "batch_sized_gathers": [f"{c.op} {c.arrays}" for c in found if c.op in GATHERS and any(
           batch_dim in s and math.prod(s) >= batch_dim * 128 for _, s in c.arrays)],
   }
+
+
+# The shapes `experiments.benchmark --what devices` reads (the presets' SAE shapes; dense: the GPU/TPU path).
+PRESETS = {
+    "gpt2_large": dict(d_model=1280, width=20480, k=64, meta_width=1800, meta_k=4, batch_size=4096,
+                       n_primary_steps=100, n_meta_steps=10),
+    "gemma2_9b": dict(d_model=3584, width=65536, k=100, meta_k=8, batch_size=4096),
+}
+
+
+def preset_config(name: str, algorithm: str = "dense", compute_dtype: str = "auto") -> TrainConfig:
+  return TrainConfig(**PRESETS[name], algorithm=algorithm, compute_dtype=compute_dtype)
+
+
+def mesh_shapes(counts) -> list:
+  """Every (data, model) mesh over each device count, data-parallel first."""
+  return [(n // m, m) for n in counts for m in range(1, n + 1) if n % m == 0]
+
+
+def markdown(rows: list) -> str:
+  """The devices table as docs/performance.md shows it."""
+  lines = ["| devices | data x model | GFLOP / device | GB accessed / device | arguments MB | temporaries MB "
+           "| collectives MB (largest) | batch-sized gathers |", "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['devices']} | {r['data']} x {r['model']} | {r['gflops_per_device']:.0f} | "
+                 f"{r['gbytes_accessed_per_device']:.1f} | {r['argument_mb']:.0f} | {r['temp_mb']:.0f} | "
+                 f"{r['collective_mb']:.0f} ({r['largest_collective_mb']:.0f}) | {len(r['batch_sized_gathers'])} |")
+  return "\n".join(lines)

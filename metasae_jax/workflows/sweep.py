@@ -126,9 +126,12 @@ def parse_ints(text: str, flag: str) -> tuple:
 # ---- The sweep's settings, recorded once: launches with other settings are refused ----
 
 def identity(cfg: SweepConfig) -> dict:
-  """What every point of the sweep shares (sweep.json): training settings but the grid's, data, evaluation."""
+  """What every point of the sweep shares (sweep.json): training settings but the grid's, data, evaluation.
+
+  The algorithm (slots or dense: the same loss) and the mesh are how a point runs, not what it is.
+  """
   train = {k: v for k, v in cfg.train.to_dict().items()
-           if k not in ("lambda2", "sigma_sq") and not (k == "seed" and cfg.seeds)}
+           if k not in ("lambda2", "sigma_sq", "algorithm") and not (k == "seed" and cfg.seeds)}
   data = {"activations": os.path.abspath(cfg.run.activations), "num_tokens": cfg.run.num_tokens,
           "skip_first_positions": cfg.run.skip_first_positions}
   evaluation = None
