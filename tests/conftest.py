@@ -12,6 +12,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
 
 
+def fake_devices_flags(devices: int) -> str:
+  """XLA_FLAGS for `devices` fake CPU devices. The collectives' rendezvous waits up to 10 min instead of 40 s:
+  8 device threads on 2 loaded cores can arrive that late, and XLA then aborts the process."""
+  return (f"--xla_force_host_platform_device_count={devices} "
+          "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+
+
 def load_fixture(name: str) -> dict:
   """A golden fixture's arrays; a missing file fails the test (the fixtures ship with the repo)."""
   path = os.path.join(FIXTURES, name)

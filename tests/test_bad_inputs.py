@@ -131,7 +131,10 @@ ROWS = {
         lambda case, world: _train(_good, "--lambda2=1.0", out=world["run"])(case, world),
         "different config", {}, None),
     "batch_size not divisible by device count": (
-        _train(_good, "--batch_size=33"), "not divisible by the device count 2",
+        _train(_good, "--batch_size=33"), "not divisible by the data-parallel size 2",
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, None),
+    "--model_parallel not dividing the devices": (
+        _train(_good, "--model_parallel=3"), "--model_parallel 3 must divide the device count 2",
         {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, None),
     "negative --seed": (_train(_good, "--seed=-1"), "--seed must be in [0, 2^32)", {}, None),
     "--checkpoint_every_steps 0": (_train(_good, "--checkpoint_every_steps=0"),

@@ -107,11 +107,12 @@ def test_exporter_writes_the_split_and_training_uses_its_view(tmp_path, model_di
 _NON_DEFAULT = {"width": 48, "k": 5, "meta_width": 7, "meta_k": 3, "lambda2": 0.7, "sigma_sq": 2.5,
                 "penalty_grad": "through", "n_primary_steps": 4, "n_meta_steps": 2, "batch_size": 96, "lr": 0.002,
                 "b1": 0.8, "b2": 0.95, "aux_k": 17, "aux_coeff": 0.125, "dead_after_batches": 9, "auxk_detach": True,
-                "seed": 11, "baseline": False, "activation": "topk", "compute_dtype": "bfloat16"}
+                "seed": 11, "baseline": False, "activation": "topk", "compute_dtype": "bfloat16",
+                "algorithm": "dense"}
 _RUN_NON_DEFAULT = {"num_tokens": 640, "skip_first_positions": 2, "checkpoint_every_steps": 7,
                     "log_every_steps": 3, "max_checkpoints": 4, "progress": False, "log_to": "jsonl,tensorboard",
                     "wandb_project": "p", "wandb_run_name": "r", "wandb_mode": "online", "eval_every_steps": 5,
-                    "eval_activations": "held", "eval_tokens": 96, "curves": False}
+                    "eval_activations": "held", "eval_tokens": 96, "curves": False, "model_parallel": 2}
 
 
 def _dry_run(tmp_path, *argv) -> dict:

@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 from metasae_jax.workflows import devices
+from tests.conftest import fake_devices_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +28,7 @@ def _analyze_on_8_devices(cases: list) -> list:
       out.append({{k: v for k, v in row.items() if k != "collectives"}} | {{"collectives": row["collectives"]}})
     print(json.dumps(out))
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=fake_devices_flags(8), JAX_PLATFORMS="cpu",
              PYTHONPATH=REPO)
   proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,6 +18,7 @@ import pytest
 from metasae_jax.storage import artifact, synthetic
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.training.trainer import RunConfig, train_and_save
+from tests.conftest import fake_devices_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = TrainConfig(d_model=16, width=64, k=4, meta_width=6, meta_k=2, batch_size=128, seed=0,
@@ -37,7 +38,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
 def _env(devices: int) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=fake_devices_flags(devices),
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop("JAX_NUM_CPU_DEVICES", None)
   return env

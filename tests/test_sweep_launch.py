@@ -16,6 +16,7 @@ import pytest
 
 from metasae_jax.storage import artifact, synthetic
 from metasae_jax.workflows import sweep, sweep_state
+from tests.conftest import fake_devices_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["lam0_sig1", "lam0.3_sig1", "lam1_sig1"]  # --lambda2=0,0.3,1 --sigma_sq=1, in grid order
@@ -27,7 +28,7 @@ TRAIN_FLAGS = ["--width=64", "--k=4", "--meta_width=6", "--meta_k=2", "--batch_s
 def _env(devices: int = 0) -> dict:
   env = dict(os.environ, PYTHONPATH=REPO)
   if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = fake_devices_flags(devices)
   return env
 
 

@@ -17,6 +17,7 @@ from metasae_jax.storage import artifact, heldout, synthetic
 from metasae_jax.storage import store as store_lib
 from metasae_jax.training import tracking, validation
 from metasae_jax.training.trainer import RunConfig, train_and_save
+from tests.conftest import fake_devices_flags
 
 CFG = TrainConfig(d_model=16, width=64, k=4, meta_width=6, meta_k=2, batch_size=128, seed=0,
                   n_primary_steps=2, n_meta_steps=2, lr=1e-3)
@@ -259,7 +260,7 @@ def test_validation_on_fake_devices_equals_one_device(stores, tmp_path):
   train, held = stores
   vals = {}
   for devices in (1, 4):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=fake_devices_flags(devices), JAX_PLATFORMS="cpu",
                PYTHONPATH=REPO)
     env.pop("JAX_NUM_CPU_DEVICES", None)
     out = str(tmp_path / f"d{devices}")
