@@ -90,7 +90,7 @@ def test_windows_carry_exact_activations_within_context(setup, firing):
   ends = layout.kept_to_global(rank_P[:6])
   window = 10
   (exs,) = ex.window_examples(store, layout, enc, pools, np.array([latent]), [ends], window)
-  tokens = np.concatenate([s.tokens_T for s in store.shards])
+  tokens = store.read_tokens(0, store.num_tokens)
   for e, end in zip(exs, ends):
     assert e.end == end and len(e.acts) == len(e.token_ids) <= window
     start = end - len(e.acts) + 1

@@ -294,6 +294,14 @@ class Writer:
     self.attrs["num_tokens"] = need
     write_group(self.path, self.attrs)
 
+  def drop_short_chunk(self) -> None:
+    """Uncounts a short last chunk (a finished export asked to grow): the export recomputes it whole."""
+    n, ct = self.num_tokens, self.attrs["chunk_tokens"]
+    if n % ct:
+      self.attrs["num_tokens"] = n - n % ct
+      self.attrs.pop("corpus_exhausted", None)
+      write_group(self.path, self.attrs)
+
   def _refresh(self) -> None:
     ts = _ts()
     self._acts = ts.open(_array_spec(self.where, ACTS), open=True, write=True).result()

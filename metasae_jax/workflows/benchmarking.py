@@ -162,7 +162,7 @@ def benchmark_export(config, loaded=None, num_batches: int = 8, rounds: int = 2)
     for r in range(rounds):
       bench = dataclasses.replace(
           config, out_dir=os.path.join(tmp, f"store{r}"), num_tokens=num_tokens, progress=False,
-          shard_tokens=max(config.context_len, min(config.shard_tokens, num_tokens // 2)))
+          chunk_tokens=max(config.context_len, min(config.chunk_tokens, num_tokens // 2)))
       t0, c0 = time.perf_counter(), time.process_time()
       raw_forward()
       t1, c1 = time.perf_counter(), time.process_time()
