@@ -162,7 +162,7 @@ ROWS = {
     "NaN in the evaluation store (evaluate)": (
         lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}", "--model=none",
                                                        f"--activations={_nan_store(case)}"]),
-        "non-finite activations (NaN/Inf) in shard", {}, None),
+        "non-finite activations (NaN/Inf) at token 256, shard acts-00001.npy", {}, None),
     "empty corpus (exporter)": (
         lambda case, world: ("experiments.export_activations", [
             f"--model={world['model']}", f"--corpus={_file(case, 'empty.txt')}", f"--out_dir={case / 'acts'}",
