@@ -12,18 +12,18 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
-from metasae_jax.lm import export
 from metasae_jax.storage import lease, location, store
 from metasae_jax.training.trainer import RunConfig, train_and_save
 from tests.conftest import REPO
 from tests.test_crash_safety import big_corpus  # noqa: F401  (fixture)
-from tests.test_export import C, loaded, model_dir  # noqa: F401  (fixtures)
+from tests.test_export import C, model_dir  # noqa: F401  (fixture)
 
 CHUNK = 4 * C
 TOKENS = 120 * C
@@ -68,8 +68,14 @@ def _objects(path: str) -> dict:
         if n not in OWN:
           out[os.path.relpath(os.path.join(d, n), path)] = open(os.path.join(d, n), "rb").read()
     return out
-  kv = location.open_kvstore(location.parse(path))
-  return {k.decode(): kv.read(k).result().value for k in kv.list().result() if k.decode() not in OWN}
+  where = location.parse(path)
+  kv = location.open_kvstore(where)
+  if where.scheme == "gs":  # the emulator's JSON API with a prefix (it ignores the key range TensorStore's list sends)
+    api = f"{os.environ['STORAGE_EMULATOR_HOST']}/storage/v1/b/{where.bucket}/o?prefix={where.path}/"
+    keys = [i["name"][len(where.path) + 1:].encode() for i in json.load(urllib.request.urlopen(api)).get("items", [])]
+  else:
+    keys = kv.list().result()
+  return {k.decode(): kv.read(k).result().value for k in keys if k.decode() not in OWN}
 
 
 def _binary(module: str, *argv, wait=True):
@@ -110,9 +116,8 @@ def local_export(tmp_path_factory, model_dir, big_corpus):  # noqa: F811
   return out
 
 
-def test_s3_export_killed_and_rerun_then_trained_equals_local(servers, local_export, model_dir, big_corpus,  # noqa: F811
-                                                               tmp_path):
-  url = "s3://bucket/l1"
+def _export_killed_and_rerun(url, model_dir, big_corpus):  # noqa: F811
+  """The export binary SIGKILLed once it has counted 3 chunks, then run again to the end."""
   proc = _binary("experiments.export_activations", *_export_flags(model_dir, big_corpus, url), wait=False)
   end = time.time() + 240
   while proc.poll() is None and _counted(url) < 3 and time.time() < end:
@@ -123,6 +128,12 @@ def test_s3_export_killed_and_rerun_then_trained_equals_local(servers, local_exp
   assert killed and 3 <= _counted(url) < TOKENS // CHUNK, "the kill did not land mid-export"
   again = _binary("experiments.export_activations", *_export_flags(model_dir, big_corpus, url))
   assert again.returncode == 0, again.stderr_text  # the dead exporter's lease is taken over at once
+
+
+def test_s3_export_killed_and_rerun_then_trained_equals_local(servers, local_export, model_dir, big_corpus,  # noqa: F811
+                                                               tmp_path):
+  url = "s3://bucket/l1"
+  _export_killed_and_rerun(url, model_dir, big_corpus)
   assert _objects(url) == _objects(local_export)  # every chunk, checksum, manifest and view, byte for byte
 
   runs = {}
@@ -179,13 +190,12 @@ def _gcs_honours_preconditions() -> bool:
   return not kv.write("p", b"2", if_equal=b"\x02").result().generation
 
 
-def test_gcs_export_train_and_damage(servers, local_export, loaded, big_corpus, tmp_path):  # noqa: F811
+def test_gcs_export_killed_and_rerun_train_and_damage(servers, local_export, model_dir, big_corpus,  # noqa: F811
+                                                       tmp_path):
   url = "gs://gbucket/l1"
-  export.export_activations(export.ExportConfig(
-      out_dir=url, model=loaded.name, layer=1, corpus=big_corpus, context_len=C, num_tokens=TOKENS,
-      chunk_tokens=CHUNK, batch_size=3, progress=False), loaded)
+  _export_killed_and_rerun(url, model_dir, big_corpus)
   assert _objects(url) == _objects(local_export)
-  config = TrainConfig(d_model=loaded.d_model, width=48, k=4, meta_width=6, meta_k=2, batch_size=64,
+  config = TrainConfig(d_model=store.open_store(url).d_model, width=48, k=4, meta_width=6, meta_k=2, batch_size=64,
                        n_primary_steps=2, n_meta_steps=1)
   weights = []
   for name, src in (("gcs", url), ("local", local_export)):

@@ -136,7 +136,11 @@ def _other_content(path: str) -> bool:
   own = (lock.LOCK_FILE, lease.LEASE_FILE)
   if not location.is_remote(path):
     return os.path.isdir(path) and any(not atomic.is_temp(n) and n not in own for n in os.listdir(path))
-  keys = location.open_kvstore(location.parse(path)).list().result()
+  where = location.parse(path)
+  if where.scheme == "gs":  # known keys only: gcp-storage-emulator ignores a listing's startOffset/endOffset,
+    # and TensorStore aborts on the keys outside the range it gets back
+    return any(location.exists(where, k) for k in (npy_store.MANIFEST, f"{zarr_store.ACTS}/{zarr_store.GROUP}"))
+  keys = location.open_kvstore(where).list().result()
   return any(k.decode() not in own for k in keys)
 
 
@@ -180,9 +184,12 @@ def _holds_tokens(path: str) -> bool:
 
 def _remove_new_store(path: str, fresh_dir: bool, dir_lock) -> None:
   """Undoes a new store that never got a chunk (bad corpus, empty corpus, a failure before real work)."""
-  if location.is_remote(path):  # the prefix held nothing before this export (checked), so all of it goes
+  if location.is_remote(path):  # known keys only: a store that never counted a chunk has at most chunk 0 written
+    where = location.parse(path)
+    for key in (zarr_store.GROUP, f"{zarr_store.ACTS}/{zarr_store.GROUP}", f"{zarr_store.TOKENS}/{zarr_store.GROUP}"):
+      location.delete(where, key)
+    zarr_store.drop_chunk_objects(path, 0, has_tokens=True)
     dir_lock.release()
-    location.open_kvstore(location.parse(path)).delete_range(tensorstore_key_range()).result()
     return
   if fresh_dir:
     shutil.rmtree(path, ignore_errors=True)
@@ -193,11 +200,6 @@ def _remove_new_store(path: str, fresh_dir: bool, dir_lock) -> None:
                 store_lib.TRAIN_VIEW, store_lib.HELDOUT_VIEW) or atomic.is_temp(name):
       shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
   dir_lock.release(remove_file=True)
-
-
-def tensorstore_key_range():
-  import tensorstore as ts  # pylint: disable=g-import-not-at-top
-  return ts.KvStore.KeyRange()
 
 
 class _NpyWriter:
@@ -274,6 +276,7 @@ def _export_locked(config: ExportConfig, loaded: Optional[models.LoadedModel],
     store_lib.open_store(config.out_dir)  # validates the chunks' metadata and checksum list
     writer = zarr_store.Writer(config.out_dir, manifest)
     writer.drop_short_chunk()  # a finished store's short last chunk is recomputed whole when it grows
+    writer.drop_uncounted()
   unit = (config.contexts_per_shard if isinstance(writer, _NpyWriter)
           else writer.attrs["chunk_tokens"] // config.context_len)
   done = writer.num_tokens

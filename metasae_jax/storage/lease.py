@@ -62,6 +62,18 @@ class Lease:
                       "location and its credentials.") from None
     return gen or None  # an empty generation: the precondition failed, someone else wrote first
 
+  def _take_over(self, stale: bytes) -> Optional[bytes]:
+    """Replaces a stale lease, conditionally on its generation; a server that reports no generation for what it
+    serves (gcp-storage-emulator) gets delete + create-only write instead."""
+    try:
+      return self._kv.write(LEASE_FILE, self._record(), if_equal=stale).result().generation or None
+    except ValueError as e:
+      if "Malformed StorageGeneration" not in str(e):
+        raise UserError(f"{self.what} {self.path}: cannot write its lease ({loc_lib.one_line(e)}). Check the "
+                        "location and its credentials.") from None
+    self._kv.write(LEASE_FILE, None).result()
+    return self._write(_MISSING)
+
   def acquire(self) -> "Lease":
     self._kv = loc_lib.open_kvstore(self.where)
     for _ in range(3):
@@ -78,7 +90,7 @@ class Lease:
           raise UserError(f"{self.what} {self.path} is being written by {record.get('holder', 'another process')} "
                           f"(lease {LEASE_FILE}, renewed {age:.0f} s ago). Wait for it or stop it; one writer per "
                           f"store (a lease not renewed for {record.get('ttl_s', TTL_S):.0f} s is taken over).")
-        gen = self._write(current.stamp.generation)
+        gen = self._take_over(current.stamp.generation)
       if gen is not None:
         self._generation = gen
         self._thread = threading.Thread(target=self._renew, daemon=True)

@@ -187,6 +187,21 @@ def write_json(location: Location, key: str, obj) -> None:
   write_bytes(location, key, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def delete(location: Location, key: str) -> None:
+  """Removes one object or file (absent is fine)."""
+  if location.is_local:
+    try:
+      os.remove(os.path.join(location.path, key))
+    except FileNotFoundError:
+      pass
+    return
+  try:
+    open_kvstore(location).write(key, None).result()
+  except ValueError as e:
+    raise UserError(f"cannot delete {location.join(key)}: {one_line(e)}. Check the location and its "
+                    "credentials.") from None
+
+
 def exists(location: Location, key: str) -> bool:
   if location.is_local:
     return os.path.isfile(os.path.join(location.path, key))

@@ -6,9 +6,10 @@ Layout under the store location (a local directory, s3://bucket/prefix or gs://b
                  chunk_tokens, source, has_tokens)
   activations/   [T, D] float16/float32, chunks of chunk_tokens tokens (whole contexts) x D
   tokens/        [T] int32, same chunking (stores exported from text)
-  checksums/     [C, 2] uint32: zlib crc32 of each chunk's activations and tokens (little-endian bytes)
+  checksums/bK   the record of chunks 1024K..1024K+1023: [n, 2] little-endian uint32 (zlib crc32 of each chunk's
+                 activations and tokens bytes), then the crc32 of those bytes; plain objects, each written whole
   train/, heldout/  views: groups whose attributes name the store (`view_of.path`) and a token range
-Every array carries zarr's crc32c codec, so a damaged chunk fails to decode; the recorded checksums also catch
+Both arrays carry zarr's crc32c codec, so a damaged chunk fails to decode; the recorded checksums also catch
 a chunk that was rewritten whole after the fact. The store's identity is a digest of the checksum list.
 Rows beyond `num_tokens` (an export in progress) are not part of the store.
 """
@@ -27,7 +28,7 @@ from metasae_jax.storage.store_types import DTYPES, FORMAT_ZARR, Store, check_fi
 
 GROUP = "zarr.json"
 ACTS, TOKENS, CHECKSUMS = "activations", "tokens", "checksums"
-CHECKSUM_CHUNK = 1024
+CHECKSUM_BLOCK = 1024
 # Default tokens per chunk: a few MB at real widths (4096 x 576 float16 = 4.7 MB; x 1280 = 10 MB).
 CHUNK_TOKENS = 4096
 
@@ -48,6 +49,27 @@ def _array_spec(where: loc_lib.Location, name: str) -> dict:
 def _ts():
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   return ts
+
+
+def read_checksums(path: str, n_chunks: int) -> np.ndarray:
+  """[n_chunks, 2] uint32, the record written at export (a damaged or missing block is a UserError)."""
+  where = loc_lib.parse(path).join(CHECKSUMS)
+  parts = []
+  for k in range(-(-n_chunks // CHECKSUM_BLOCK)):
+    raw = loc_lib.read_bytes(where, f"b{k}")
+    want = min(CHECKSUM_BLOCK, n_chunks - k * CHECKSUM_BLOCK)
+    if raw is None or len(raw) < 8 * want + 4 or zlib.crc32(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+      raise fail(path, f"its checksum record {CHECKSUMS}/b{k} is missing or damaged", "Re-export the store.")
+    parts.append(np.frombuffer(raw[:-4], "<u4").reshape(-1, 2)[:want])
+  return np.concatenate(parts).astype(np.uint32) if parts else np.zeros((0, 2), np.uint32)
+
+
+def write_checksums(path: str, sums_Cx2: np.ndarray, first_chunk: int) -> None:
+  """Rewrites the blocks holding chunks first_chunk.. (each block one whole object: no read-modify-write)."""
+  where = loc_lib.parse(path).join(CHECKSUMS)
+  for k in range(first_chunk // CHECKSUM_BLOCK, -(-len(sums_Cx2) // CHECKSUM_BLOCK)):
+    body = np.ascontiguousarray(sums_Cx2[k * CHECKSUM_BLOCK:(k + 1) * CHECKSUM_BLOCK], "<u4").tobytes()
+    loc_lib.write_bytes(where, f"b{k}", body + zlib.crc32(body).to_bytes(4, "little"))
 
 
 def read_group(path: str) -> Optional[dict]:
@@ -121,7 +143,6 @@ class ZarrStore(Store):
     try:
       self._acts = ts.open(_array_spec(where, ACTS), open=True, read=True).result()
       self._tokens = ts.open(_array_spec(where, TOKENS), open=True, read=True).result() if self.has_tokens else None
-      sums = ts.open(_array_spec(where, CHECKSUMS), open=True, read=True).result()
     except ValueError as e:
       raise fail(path, f"cannot open its arrays ({loc_lib.one_line(e)})",
                  "The store is incomplete or damaged; re-export it (rerunning the exporter resumes).") from None
@@ -133,10 +154,7 @@ class ZarrStore(Store):
     if total < base_count:
       raise fail(path, f"activations array holds {total} rows, manifest says {base_count}", "Re-export the store.")
     n_chunks = -(-base_count // self.chunk_tokens)
-    try:
-      self._sums_Cx2 = np.asarray(sums[:n_chunks].read().result(), np.uint32)
-    except ValueError as e:
-      raise fail(path, f"its checksum list is damaged ({loc_lib.one_line(e)})", "Re-export the store.") from None
+    self._sums_Cx2 = read_checksums(base_path, n_chunks)
     # Base chunk grid, clipped to the view.
     grid = np.minimum(np.arange(n_chunks + 1, dtype=np.int64) * self.chunk_tokens, base_count)
     lo = int(np.searchsorted(grid, start, side="right") - 1) if self.num_tokens else 0
@@ -237,7 +255,7 @@ class Writer:
     self._acts = ts.open(_array_spec(self.where, ACTS), open=True, write=True).result()
     self._tokens = (ts.open(_array_spec(self.where, TOKENS), open=True, write=True).result()
                     if attrs.get("has_tokens") else None)
-    self._sums = ts.open(_array_spec(self.where, CHECKSUMS), open=True, write=True).result()
+    self._sums_Cx2 = read_checksums(path, -(-self.num_tokens // attrs["chunk_tokens"]))
 
   @property
   def num_tokens(self) -> int:
@@ -253,18 +271,18 @@ class Writer:
     where = loc_lib.parse(path)
     ts = _ts()
     cap = max(capacity, 1)
-    specs = [(ACTS, [cap, d_model], [chunk_tokens, d_model], dtype), (CHECKSUMS, [-(-cap // chunk_tokens), 2],
-                                                                    [CHECKSUM_CHUNK, 2], "uint32")]
+    specs = [(ACTS, [cap, d_model], [chunk_tokens, d_model], dtype)]
     if has_tokens:
       specs.append((TOKENS, [cap], [chunk_tokens], "int32"))
     for name, shape, chunk, dt in specs:
       ts.open(dict(_array_spec(where, name), metadata={
           "shape": shape, "data_type": dt, "codecs": _codecs(), "fill_value": 0,
           "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}}}),
-              create=True, delete_existing=True).result()
+              create=True).result()
     attrs = dict({"format": FORMAT_ZARR, "d_model": int(d_model), "dtype": dtype, "num_tokens": 0,
                   "context_len": int(context_len), "chunk_tokens": int(chunk_tokens), "has_tokens": bool(has_tokens),
-                  "checksum": "zlib crc32 of each chunk's little-endian bytes: checksums[c] = [activations, tokens]",
+                  "checksum": "zlib crc32 of each chunk's little-endian bytes: checksums/b{c // 1024} row c % 1024 "
+                              "= [activations, tokens]",
                   "source": source}, **(extra or {}))
     write_group(path, attrs)
     return Writer(path, attrs)
@@ -276,7 +294,7 @@ class Writer:
       raise UserError(f"activation store {self.path} ends in a short chunk ({n} tokens); it is finished.")
     need = n + t
     for arr, shape in ((self._acts, [need, self.attrs["d_model"]]), (self._tokens, [need]),
-                       (self._sums, [-(-need // ct), 2])):
+                       ):
       if arr is not None and arr.shape[0] < shape[0]:
         arr.resize(exclusive_max=shape, expand_only=True, resize_metadata_only=True).result()
     self._refresh()
@@ -288,9 +306,11 @@ class Writer:
       futures.append(self._tokens[n:need].write(tokens_T))
     for a in range(0, t, ct):
       sums.append([crc(acts_TxD[a:a + ct]), crc(tokens_T[a:a + ct]) if self._tokens is not None else 0])
-    futures.append(self._sums[n // ct:n // ct + len(sums)].write(np.asarray(sums, np.uint32)))
     for f in futures:
       f.result()
+    # The record is written after the data it describes and before the manifest counts it.
+    self._sums_Cx2 = np.concatenate([self._sums_Cx2[:n // ct], np.asarray(sums, np.uint32).reshape(-1, 2)])
+    write_checksums(self.path, self._sums_Cx2, n // ct)
     self.attrs["num_tokens"] = need
     write_group(self.path, self.attrs)
 
@@ -302,21 +322,37 @@ class Writer:
       self.attrs.pop("corpus_exhausted", None)
       write_group(self.path, self.attrs)
 
+  def drop_uncounted(self) -> None:
+    """Deletes the chunk a killed export may have written past what the manifest counts (one append in flight
+    writes one chunk), so the resumed export creates it afresh: rewriting in place needs the object's
+    generation, which some servers do not report (gcp-storage-emulator)."""
+    drop_chunk_objects(self.path, -(-self.num_tokens // self.attrs["chunk_tokens"]), self._tokens is not None)
+
   def _refresh(self) -> None:
     ts = _ts()
-    self._acts = ts.open(_array_spec(self.where, ACTS), open=True, write=True).result()
-    self._sums = ts.open(_array_spec(self.where, CHECKSUMS), open=True, write=True).result()
+    # A fresh context per append: nothing cached from the previous write (the checksum chunk is rewritten whole,
+    # never conditionally on a generation remembered from before).
+    ctx = ts.Context()
+    self._acts = ts.open(_array_spec(self.where, ACTS), open=True, write=True, context=ctx).result()
     if self._tokens is not None:
-      self._tokens = ts.open(_array_spec(self.where, TOKENS), open=True, write=True).result()
+      self._tokens = ts.open(_array_spec(self.where, TOKENS), open=True, write=True, context=ctx).result()
 
   def finish(self, **extra) -> None:
     """Shrinks the arrays to the tokens written and records `extra` manifest fields."""
     n, ct = self.num_tokens, self.attrs["chunk_tokens"]
-    for arr, shape in ((self._acts, [n, self.attrs["d_model"]]), (self._tokens, [n]), (self._sums, [-(-n // ct), 2])):
+    for arr, shape in ((self._acts, [n, self.attrs["d_model"]]), (self._tokens, [n])):
       if arr is not None and arr.shape[0] > shape[0]:
         arr.resize(exclusive_max=shape, shrink_only=True, resize_metadata_only=True).result()
     self.attrs.update(extra)
     write_group(self.path, self.attrs)
+
+
+def drop_chunk_objects(path: str, c: int, has_tokens: bool) -> None:
+  """Deletes chunk c's objects (plain deletes of known keys: no listing; gcp-storage-emulator ignores a listing's
+  key range and TensorStore aborts on what it gets back)."""
+  where = loc_lib.parse(path)
+  for name, key in ((ACTS, f"c/{c}/0"), (TOKENS, f"c/{c}")) if has_tokens else ((ACTS, f"c/{c}/0"),):
+    loc_lib.delete(where.join(name), key)
 
 
 def write_zarr(path: str, acts_TxD: np.ndarray, tokens_T: Optional[np.ndarray], context_len: int, source: dict,
