@@ -139,6 +139,10 @@ class BatchSource:
     ctx, pos = np.divmod(local, per_ctx)
     return chunks[which], ctx * self.store.context_len + pos + self._skip
 
+  def windows_of(self, epoch: int) -> list:
+    """This process's windows of `epoch` (arrays of chunk numbers), in the order they are read."""
+    return [w for j in self.my_streams for w in self._plan(epoch, j).windows]
+
   def global_indices(self, position: int) -> np.ndarray:
     """Store indices of this process's rows of batch `position`, in the order `batch` returns them."""
     return np.concatenate([self._slice(position, j)[2] for j in self.my_streams])
