@@ -11,7 +11,6 @@ from metasae_jax.evaluation import examples as ex
 from metasae_jax.evaluation.encoder import StreamEncoder
 from metasae_jax.storage.loaded_sae import load_sae
 from metasae_jax.storage.positions import KeptTokens
-from metasae_jax.storage.store import gather_acts
 from tests import autointerp_util as util
 
 BATCH = 100  # does not divide the 15 kept tokens per context: batches straddle contexts and shards
@@ -42,7 +41,7 @@ def _dense(enc: StreamEncoder, store, layout, num_kept):
   out = []
   s = enc.sae
   for start in range(0, num_kept, BATCH):
-    x = gather_acts(store, layout.kept_to_global(np.arange(start, min(start + BATCH, num_kept))))
+    x = store.gather_acts(layout.kept_to_global(np.arange(start, min(start + BATCH, num_kept))))
     if enc.rule == "threshold":
       f = sae.forward(s.params, jnp.asarray(x), s.k, input_norm=s.input_norm, threshold_N=s.threshold_N)
     else:
