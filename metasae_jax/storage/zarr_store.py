@@ -34,7 +34,8 @@ CHUNK_TOKENS = 4096
 
 
 def crc(array: np.ndarray) -> int:
-  return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
+  array = np.ascontiguousarray(array)
+  return zlib.crc32(memoryview(array).cast("B")) if array.size else zlib.crc32(b"")
 
 
 def _codecs() -> list:
