@@ -89,9 +89,11 @@ def export_stage(preset: Preset, data_dir: str) -> store.Store:
   return store.open_store(path)
 
 
-def split_stage(full: store.Store, data_dir: str, heldout_shards: int, shard_tokens: int) -> tuple[str, str]:
+def split_stage(full: store.Store, data_dir: str, heldout_shards: int,
+                shard_tokens: Optional[int]) -> tuple[str, str]:
   """Train / held-out views of the store (metadata only; the data is shared): the last `heldout_shards` shards of
-  a format-1 store, the last heldout_shards x shard_tokens tokens of a zarr one (the same tokens)."""
+  a format-1 store, the last heldout_shards x shard_tokens tokens of a zarr one (the same tokens; without
+  shard_tokens, x its chunk)."""
   train_dir, held_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "heldout")
   if full.format == store.FORMAT_NPY:
     n = len(full.segment_offsets) - 1
@@ -101,7 +103,7 @@ def split_stage(full: store.Store, data_dir: str, heldout_shards: int, shard_tok
     store.write_view(train_dir, full, range(n - heldout_shards))
     store.write_view(held_dir, full, range(n - heldout_shards, n))
     return train_dir, held_dir
-  shard = shard_tokens // full.context_len * full.context_len
+  shard = (shard_tokens or int(full.chunk_offsets[1])) // full.context_len * full.context_len
   cut = full.num_tokens - heldout_shards * shard
   if not 0 < cut < full.num_tokens:
     raise UserError(f"the store {full.path} has {full.num_tokens} tokens; holding out {heldout_shards} x "
@@ -208,7 +210,7 @@ def run_pipeline(preset: Preset, workdir: str, llm: str = "", config: Optional[d
   data_dir = os.path.join(workdir, "data")
   full = export_stage(preset, data_dir)
   train_dir, held_dir = split_stage(full, data_dir, preset.heldout_shards,
-                                     preset.export["shard_tokens"])
+                                     preset.export.get("shard_tokens"))
   if preset.grid:
     rows = sweep_stage(preset, train_dir, held_dir, workdir)["points"]
   else:
