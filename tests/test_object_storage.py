@@ -218,3 +218,17 @@ def test_gcs_lease(servers):
       lease.Lease("gs://gbucket/leased", "activation store").acquire()
   finally:
     holder.release()
+
+
+def test_missing_stores_and_remote_run_directories_are_one_line(servers, local_export, tmp_path):
+  with pytest.raises(UserError, match=r"s3://bucket/nothing: no zarr.json there"):
+    store.open_store("s3://bucket/nothing")
+  # A format-1 store copied to a bucket: read from local disk only, and the message says how to convert it.
+  where = location.parse("s3://bucket/old")
+  location.write_json(where, "manifest.json", {"format": store.FORMAT_NPY})
+  with pytest.raises(UserError, match="read from local disk only.*convert_store"):
+    store.open_store("s3://bucket/old")
+  config = TrainConfig(d_model=32, width=48, k=4, meta_width=6, meta_k=2, batch_size=64)
+  with pytest.raises(UserError, match="is not a local directory: run directories") as e:
+    train_and_save(config, RunConfig(activations=local_export, out_dir="s3://bucket/run", progress=False))
+  assert "\n" not in str(e.value)
