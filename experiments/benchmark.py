@@ -10,6 +10,7 @@ Real activations (the built-in model's layer 15 over the built-in corpus, export
   python -m experiments.benchmark --what memory          # compiled step memory, GPT-2 large shape
   python -m experiments.benchmark --what phi,export      # mean |φ| at 9216 x 1M, exporter vs raw forward
   python -m experiments.benchmark --what devices         # compiled step per device on 1/2/4/8 devices, every mesh
+  python -m experiments.benchmark --what data [--data_store s3://bucket/store]  # the reader's tokens/s
 
 `--device` says where `steps` and `end_to_end` run: auto (default) = JAX on its default backend and the
 PyTorch baseline on CUDA when torch.cuda.is_available(), so on a GPU host both share the GPU; cpu = both
@@ -30,7 +31,7 @@ from experiments import cli
 from metasae_jax.core.errors import UserError
 
 F = flags.FLAGS
-flags.DEFINE_list("what", ["steps"], "Any of: steps, end_to_end, stages, scaling, memory, phi, export, devices.")
+flags.DEFINE_list("what", ["steps"], "Any of: steps, end_to_end, stages, scaling, memory, phi, export, data, devices.")
 flags.DEFINE_enum("devices_shape", "gpt2_large", ["gpt2_large", "gemma2_9b"],
                   "SAE shape for `devices` (the presets': GPT-2 large n 20480, Gemma 2 9B n 65536).")
 flags.DEFINE_list("devices_counts", ["1", "2", "4", "8"], "Device counts for `devices` (fake CPU devices when the "
@@ -61,6 +62,10 @@ flags.DEFINE_integer("e2e_steps", 50, "Training steps for end_to_end.")
 flags.DEFINE_string("out_dir", "runs/bench", "Cache for the real store and scratch for end_to_end runs.")
 cli.deprecated_alias("workdir", "out_dir")
 flags.DEFINE_string("store", "", "Use this existing activation store as the real one (no export).")
+flags.DEFINE_string("data_store", "", "Store for `data` (any location); default: a synthetic GPT-2 large layer "
+                    "shaped store (d 1280, float16, --data_tokens tokens) written once under --out_dir.")
+flags.DEFINE_integer("data_tokens", 131072, "Tokens of the synthetic store for `data`.")
+flags.DEFINE_integer("shuffle_buffer_tokens", 32768, "Shuffle buffer for `data` (several windows per epoch).")
 cli.internal_flag(flags.DEFINE_string, "_torch_train", "", "run the PyTorch baseline trainer on this store.")
 cli.internal_flag(flags.DEFINE_string, "_naive_train", "", "run the straightforward trainer on this store.")
 cli.internal_flag(flags.DEFINE_string, "_out", "", "output directory for --_naive_train.")
@@ -75,6 +80,21 @@ def _config(**overrides):
   from metasae_jax.core.config import TrainConfig
   return TrainConfig(d_model=F.d_model, width=F.width, k=F.k, meta_width=F.meta_width, meta_k=F.meta_k,
                      batch_size=F.batch_size, **overrides)
+
+
+def _paper_shaped_store() -> str:
+  """A zarr store shaped like GPT-2 large layer 20 activations (d 1280, float16), written once under --out_dir."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from metasae_jax.storage import store, zarr_store  # pylint: disable=g-import-not-at-top
+  path = os.path.join(F.out_dir, f"paper-shaped-1280-{F.data_tokens}")
+  if not store.exists(path):
+    rng = np.random.default_rng(0)
+    writer = zarr_store.Writer.create(path, 1280, "float16", 128, zarr_store.CHUNK_TOKENS, {"model": "synthetic"},
+                                      False, F.data_tokens)
+    for _ in range(0, F.data_tokens, 16384):
+      writer.append(rng.normal(size=(16384, 1280)).astype(np.float16), None)
+    writer.finish()
+  return path
 
 
 def _emit(line: dict) -> None:
@@ -303,6 +323,11 @@ def main(argv):
   if "phi" in F.what:
     from metasae_jax.workflows import benchmarking
     _emit(dict(what="phi", **benchmarking.benchmark_phi()))
+  if "data" in F.what:
+    from metasae_jax.workflows import benchmarking
+    path = F.data_store or _paper_shaped_store()
+    _emit(dict(what="data", **benchmarking.benchmark_data(path, F.batch_size, F.steps, F.shuffle_buffer_tokens),
+               **_load()))
   if "export" in F.what:
     from metasae_jax.lm import export
     from metasae_jax.workflows import benchmarking

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 
 from metasae_jax.core.errors import Interrupted, UserError
-from metasae_jax.storage import lock, store
+from metasae_jax.storage import location, lock, store
 
 _OS_FIXES = {
     errno.ENOSPC: "the disk is full: free space (or pick another output directory) and rerun the same "
@@ -41,7 +41,7 @@ def os_error_line(e: OSError) -> str:
 
 def check_store(path: str) -> None:
   """Validates a store a binary reads in full (evaluation, autointerp, browser), NaN/Inf included."""
-  store.check_finite(store.open_store(path))
+  store.open_store(path).check_finite()
 
 
 def writing_into(run_dir: str):
@@ -172,7 +172,7 @@ def training_view(activations: str, out_dir: str) -> str:
   split = store.split_of(activations)
   if split is None or "view_of" in store.read_manifest(activations):
     return activations
-  if recorded_activations(out_dir) == os.path.abspath(activations):
+  if recorded_activations(out_dir) == location.normalize(activations):
     return activations
   logging.info("%s has a held-out split: training on its training view %s", activations, split[0])
   return split[0]
@@ -184,7 +184,8 @@ def evaluation_store(activations, trained, allow_train_tokens: bool, what: str, 
   Refuses (one line with the fix) a store that shares tokens with `trained` unless allow_train_tokens.
   """
   split = None
-  if trained and os.path.isdir(trained):
+  trained_exists = bool(trained) and store.exists(trained)
+  if trained_exists:
     split = store.split_of(trained)
   if not activations:
     if split is None:
@@ -193,7 +194,7 @@ def evaluation_store(activations, trained, allow_train_tokens: bool, what: str, 
       raise UserError(f"{flag} is required: {where}. Pass a held-out store, or re-export with "
                       "experiments.export_activations (it writes STORE/heldout) and train on that store.")
     activations = split[1]
-  if trained and os.path.isdir(trained) and not allow_train_tokens:
+  if trained_exists and not allow_train_tokens:
     shared = store.shared_tokens(activations, trained)
     if shared:
       fix = f"use its held-out view {split[1]}" if split else "pass a held-out store"

@@ -1,6 +1,7 @@
-"""Exports residual-stream activations of a causal LM into a `metasae-activations/1` store.
+"""Exports residual-stream activations of a causal LM into an activation store (zarr v3, docs/storage.md).
 
   python -m experiments.export_activations --layer 15 --num_tokens 8192 --out_dir /tmp/acts
+  python -m experiments.export_activations --num_tokens 8192 --out_dir s3://bucket/l15   # or gs://bucket/l15
 
 Rerunning the same command resumes an interrupted export; a finished store is left as is.
 """
@@ -37,12 +38,16 @@ _HELDOUT = flags.DEFINE_float("heldout_fraction", _DEFAULTS.heldout_fraction,
                               "0 writes no split.")
 _DTYPE = flags.DEFINE_enum("dtype", _DEFAULTS.dtype, ["float16", "float32"],
                            "Stored activation dtype.")
+_CHUNK_TOKENS = flags.DEFINE_integer("chunk_tokens", _DEFAULTS.chunk_tokens,
+                                     "Tokens per zarr chunk, the unit written, checksummed and read (rounded down "
+                                     "to whole contexts); a resumed store keeps its own.")
 _SHARD_TOKENS = flags.DEFINE_integer("shard_tokens", _DEFAULTS.shard_tokens,
-                                     "Tokens per shard file (rounded down to whole contexts).")
+                                     "Tokens per shard file when resuming a format-1 (.npy) store.")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", _DEFAULTS.num_tokens,
                                    "Tokens to export (rounded down to whole contexts; fewer if "
                                    "the corpus runs out).")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Store directory (created, or resumed).")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Store location: a directory, s3://bucket/prefix (AWS_* variables) "
+                               "or gs://bucket/prefix (application default credentials); created, or resumed.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (tokens/s) on stderr.")
 _BENCHMARK = flags.DEFINE_integer("benchmark_batches", 0,
                                   "If > 0: write nothing, print exporter vs raw forward tokens/s "
@@ -55,7 +60,8 @@ def main(argv):
       out_dir=_OUT_DIR.value or ("-" if _BENCHMARK.value else ""), model=_MODEL.value,
       layer=_LAYER.value, site=_SITE.value, corpus=_CORPUS.value,
       text_field=_TEXT_FIELD.value, context_len=_CONTEXT_LEN.value,
-      batch_size=_CONTEXTS_PER_BATCH.value, dtype=_DTYPE.value, shard_tokens=_SHARD_TOKENS.value,
+      batch_size=_CONTEXTS_PER_BATCH.value, dtype=_DTYPE.value, chunk_tokens=_CHUNK_TOKENS.value,
+      shard_tokens=_SHARD_TOKENS.value,
       num_tokens=_NUM_TOKENS.value, heldout_fraction=_HELDOUT.value,
       progress=_PROGRESS.value)
   if _BENCHMARK.value:
@@ -64,7 +70,7 @@ def main(argv):
     return
   store = export.export_activations(config)
   print(f"{store.path}: {store.num_tokens} tokens x d_model {store.d_model} ({store.dtype}) "
-        f"in {len(store.shards)} shards")
+        f"in {store.num_chunks} chunks ({store.format})")
   split = store_lib.split_of(store.path)
   if split:
     print(f"train on {split[0]} ({store_lib.read_manifest(split[0])['num_tokens']} tokens), evaluate on "

@@ -34,8 +34,8 @@ CONFIG_JSON = "config.json"
 config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Config file (experiments/configs/*.py[:VARIANT]); override any field with "
     "--config.train.NAME=... / --config.run.NAME=... Default: every field at its default.", lock_config=True)
-flags.DEFINE_string("activations", None, "Activation store directory (metasae-activations/1); a store with an "
-                    "exporter split trains on its training view STORE/train.")
+flags.DEFINE_string("activations", None, "Activation store: a directory, s3://bucket/prefix or gs://bucket/prefix "
+                    "(docs/storage.md); a store with an exporter split trains on its training view STORE/train.")
 flags.DEFINE_string("out_dir", None, "Run directory to create or resume.")
 flags.DEFINE_bool("dry_run", False, "Print the resolved config (JSON) and exit without training.")
 
@@ -80,6 +80,11 @@ flags.DEFINE_integer("skip_first_positions", None,
 flags.DEFINE_integer("checkpoint_every_steps", None, "Orbax checkpoint interval (steps). Default 1000.")
 flags.DEFINE_integer("log_every_steps", None, "metrics.jsonl interval (steps). Default 50.")
 flags.DEFINE_bool("progress", None, "Show a progress bar on stderr. Default true.")
+flags.DEFINE_integer("shuffle_buffer_tokens", None, "Tokens each data stream shuffles within, read as whole chunks "
+                     "ahead of the step (a process holds up to two such windows per stream; recorded in the run "
+                     "config). Default 1048576; at least the store = one permutation of the whole store.")
+flags.DEFINE_integer("data_streams", None, "Data streams the global batch is drawn from, each reading its own "
+                     "chunks; 0 (default) = one per process, recorded so a resumed run keeps its order.")
 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
@@ -107,6 +112,7 @@ SHORTHANDS = {**{name: "train" for name in (
     "batch_size", "lr", "seed", "baseline", "activation", "auxk_detach", "compute_dtype", "algorithm")},
               **{name: "run" for name in (
                   "num_tokens", "skip_first_positions", "checkpoint_every_steps", "log_every_steps", "progress",
+                  "shuffle_buffer_tokens", "data_streams",
                   "log_to", "wandb_project", "wandb_run_name", "wandb_mode", "eval_every_steps", "eval_activations",
                   "eval_tokens", "model_parallel")}}
 

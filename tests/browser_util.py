@@ -73,7 +73,7 @@ def dense_acts(run_dir: str, store_dir: str, batch_size: int) -> dict:
   """{sae: acts [T, N] over all store tokens}, encoded in the streamer's batches (0 at skipped positions)."""
   from metasae_jax.storage import loaded_sae, store as store_lib
   store = store_lib.open_store(store_dir)
-  acts = np.concatenate([s.acts_TxD for s in store.shards]).astype(np.float32)
+  acts = store.read_acts(0, store.num_tokens)
   kept = np.flatnonzero(np.arange(len(acts)) % store.context_len >= 1)
   out = {}
   # The page's default rule: joint has no θ (per-token top-k), solo has calibrated θ.

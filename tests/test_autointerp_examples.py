@@ -11,7 +11,6 @@ from metasae_jax.evaluation import examples as ex
 from metasae_jax.evaluation.encoder import StreamEncoder
 from metasae_jax.storage.loaded_sae import load_sae
 from metasae_jax.storage.positions import KeptTokens
-from metasae_jax.storage.store import gather_acts
 from tests import autointerp_util as util
 
 BATCH = 100  # does not divide the 15 kept tokens per context: batches straddle contexts and shards
@@ -42,7 +41,7 @@ def _dense(enc: StreamEncoder, store, layout, num_kept):
   out = []
   s = enc.sae
   for start in range(0, num_kept, BATCH):
-    x = gather_acts(store, layout.kept_to_global(np.arange(start, min(start + BATCH, num_kept))))
+    x = store.gather_acts(layout.kept_to_global(np.arange(start, min(start + BATCH, num_kept))))
     if enc.rule == "threshold":
       f = sae.forward(s.params, jnp.asarray(x), s.k, input_norm=s.input_norm, threshold_N=s.threshold_N)
     else:
@@ -90,7 +89,7 @@ def test_windows_carry_exact_activations_within_context(setup, firing):
   ends = layout.kept_to_global(rank_P[:6])
   window = 10
   (exs,) = ex.window_examples(store, layout, enc, pools, np.array([latent]), [ends], window)
-  tokens = np.concatenate([s.tokens_T for s in store.shards])
+  tokens = store.read_tokens(0, store.num_tokens)
   for e, end in zip(exs, ends):
     assert e.end == end and len(e.acts) == len(e.token_ids) <= window
     start = end - len(e.acts) + 1

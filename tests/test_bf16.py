@@ -42,7 +42,7 @@ def _train(cfg, batches):
 def test_bf16_trains_within_two_percent_of_float32(tmp_path):
   s = synthetic.write_sparse_store(str(tmp_path / "store"), (STEPS + 8) * CFG.batch_size, CFG.d_model,
                                    seed=3, num_features=64, shard_tokens=8192)
-  acts = np.concatenate([np.asarray(sh.acts_TxD, np.float32) for sh in store.open_store(s.path).shards])
+  acts = store.open_store(s.path).read_acts(0, s.num_tokens)
   b = CFG.batch_size
   batches = [jnp.asarray(acts[i * b:(i + 1) * b]) for i in range(STEPS)]
   heldout = jnp.asarray(acts[STEPS * b:])

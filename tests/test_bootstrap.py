@@ -13,8 +13,8 @@ from metasae_jax.evaluation.firings import from_index_lists
 
 def _fake_store(num_tokens, context_len, shard_tokens):
   sizes = [min(shard_tokens, num_tokens - a) for a in range(0, num_tokens, shard_tokens)]
-  return types.SimpleNamespace(context_len=context_len, shards=[types.SimpleNamespace(num_tokens=s) for s in sizes],
-                               shard_offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+  return types.SimpleNamespace(context_len=context_len,
+                               segment_offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
 
 
 def _all_pairs_mean(f_TxN):

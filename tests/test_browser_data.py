@@ -43,7 +43,7 @@ def dense(run):
 def test_counts_and_contexts_match_dense_recomputation(run, built, dense):
   from metasae_jax.storage.store import open_store
   store = open_store(run[1])
-  tokens = np.concatenate([s.tokens_T for s in store.shards])
+  tokens = store.read_tokens(0, store.num_tokens)
   assert built["meta"]["num_tokens"] == 480
   for name in select.SAES:
     acts_TxN = dense[name]

@@ -36,22 +36,24 @@ def _run(module: str, *argv, check=True) -> subprocess.CompletedProcess:
   return proc
 
 
-def _store(path, num_tokens=160, shard_tokens=48):
-  """A store whose row t holds t in every column, so gathered rows name their global token index."""
+def _store(path, num_tokens=160, shard_tokens=48, fmt="npy"):
+  """A store whose row t holds t in every column, so gathered rows name their global token index (format 1 by
+  default: the shard-list views below need shards)."""
   acts_TxD = np.repeat(np.arange(num_tokens, dtype=np.float32)[:, None], D, axis=1)
   return store.write_store(str(path), acts_TxD, np.arange(num_tokens, dtype=np.int32), context_len=C,
-                           shard_tokens=shard_tokens)
+                           shard_tokens=shard_tokens, fmt=fmt)
 
 
 def _rows(s: store.Store) -> np.ndarray:
-  return np.concatenate([np.asarray(sh.acts_TxD[:, 0]) for sh in s.shards]).astype(np.int64)
+  return s.read_acts(0, s.num_tokens)[:, 0].astype(np.int64)
 
 
+@pytest.mark.parametrize("fmt", ["npy", "zarr"])
 @pytest.mark.parametrize("start,stop", [(0, 160), (8, 40), (48, 96), (40, 56), (152, 160)])
-def test_token_view_holds_exactly_its_range(tmp_path, start, stop):
-  view = store.write_token_view(str(tmp_path / "v"), _store(tmp_path / "s"), start, stop)
+def test_token_view_holds_exactly_its_range(tmp_path, start, stop, fmt):
+  view = store.write_token_view(str(tmp_path / "v"), _store(tmp_path / "s", fmt=fmt), start, stop)
   np.testing.assert_array_equal(_rows(view), np.arange(start, stop))
-  np.testing.assert_array_equal(np.concatenate([sh.tokens_T for sh in view.shards]), np.arange(start, stop))
+  np.testing.assert_array_equal(view.read_tokens(0, view.num_tokens), np.arange(start, stop))
   assert store.token_ranges(view.path)[1] == [(start, stop)]
 
 
@@ -60,9 +62,10 @@ def test_token_view_refuses_partial_contexts(tmp_path):
     store.write_token_view(str(tmp_path / "v"), _store(tmp_path / "s"), 4, 40)
 
 
+@pytest.mark.parametrize("fmt", ["npy", "zarr"])
 @pytest.mark.parametrize("fraction", [0.05, 0.3, 0.5])
-def test_split_is_a_disjoint_tail_of_whole_contexts(tmp_path, fraction):
-  s = _store(tmp_path / "s")  # 20 contexts over shards of 6 contexts: the tail cuts a shard
+def test_split_is_a_disjoint_tail_of_whole_contexts(tmp_path, fraction, fmt):
+  s = _store(tmp_path / "s", fmt=fmt)  # 20 contexts over shards of 6 contexts: the tail cuts a shard
   train_dir, held_dir = store.write_split(s, fraction)
   held_contexts = int(np.ceil(fraction * 20 - 1e-9))
   train, held = _rows(store.open_store(train_dir)), _rows(store.open_store(held_dir))
@@ -90,11 +93,11 @@ def test_shared_tokens_matches_brute_force_over_shard_and_token_views(tmp_path):
 def test_exporter_writes_the_split_and_training_uses_its_view(tmp_path, model_dir, text_file):  # noqa: F811
   out = str(tmp_path / "acts")
   config = export.ExportConfig(out_dir=out, model=model_dir, layer=1, corpus=text_file, context_len=C,
-                               num_tokens=20 * C, shard_tokens=6 * C, progress=False, heldout_fraction=0.1)
+                               num_tokens=20 * C, chunk_tokens=6 * C, progress=False, heldout_fraction=0.1)
   s = export.export_activations(config)
   train_dir, held_dir = store.split_of(out)
-  whole = np.concatenate([np.asarray(sh.acts_TxD) for sh in s.shards])
-  held = np.concatenate([np.asarray(sh.acts_TxD) for sh in store.open_store(held_dir).shards])
+  whole = s.read_acts(0, s.num_tokens, None)
+  held = store.open_store(held_dir).read_acts(0, store.open_store(held_dir).num_tokens, None)
   n_held = int(np.ceil(0.1 * (s.num_tokens // C))) * C
   np.testing.assert_array_equal(held, whole[-n_held:])
   assert store.open_store(train_dir).num_tokens == s.num_tokens - n_held
@@ -112,7 +115,8 @@ _NON_DEFAULT = {"width": 48, "k": 5, "meta_width": 7, "meta_k": 3, "lambda2": 0.
 _RUN_NON_DEFAULT = {"num_tokens": 640, "skip_first_positions": 2, "checkpoint_every_steps": 7,
                     "log_every_steps": 3, "max_checkpoints": 4, "progress": False, "log_to": "jsonl,tensorboard",
                     "wandb_project": "p", "wandb_run_name": "r", "wandb_mode": "online", "eval_every_steps": 5,
-                    "eval_activations": "held", "eval_tokens": 96, "curves": False, "model_parallel": 2}
+                    "eval_activations": "held", "eval_tokens": 96, "curves": False,
+                    "shuffle_buffer_tokens": 8192, "data_streams": 2, "model_parallel": 2}
 
 
 def _dry_run(tmp_path, *argv) -> dict:
@@ -188,7 +192,7 @@ def _readme_workflow() -> list:
 def test_readme_workflow_runs_and_never_evaluates_on_training_tokens(tmp_path, model_dir, text_file):  # noqa: F811
   """The README's export → train → evaluate → sweep → browse commands, as written, plus tiny-shape flags."""
   tiny = {"export_activations": [f"--model={model_dir}", f"--corpus={text_file}", "--layer=1", f"--context_len={C}",
-                                 "--num_tokens=640", "--shard_tokens=128", "--noprogress"],
+                                 "--num_tokens=640", "--chunk_tokens=128", "--noprogress"],
           "train": ["--width=64", "--k=4", "--meta_k=2", "--batch_size=64", "--noprogress"],
           # The tiny model stands in for the built-in one, so evaluate is told which model made the store.
           "evaluate": [f"--model={model_dir}", "--meta_fve_steps=0", "--bootstrap_replicates=0", "--batch_size=64",

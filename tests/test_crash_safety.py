@@ -173,43 +173,45 @@ def big_corpus(tmp_path_factory):
 
 def test_export_killed_and_rerun_equals_uninterrupted(model_dir, big_corpus, tmp_path):  # noqa: F811
   flags = (f"--model={model_dir}", "--layer=1", f"--corpus={big_corpus}", f"--context_len={C}",
-           f"--num_tokens={300 * C}", f"--shard_tokens={4 * C}", "--batch_size=3")
+           f"--num_tokens={300 * C}", f"--chunk_tokens={4 * C}", "--batch_size=3")
   whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
   export.export_activations(export.ExportConfig(
       out_dir=whole, model=model_dir, layer=1, corpus=big_corpus, context_len=C, num_tokens=300 * C,
-      shard_tokens=4 * C, batch_size=3, progress=False))
+      chunk_tokens=4 * C, batch_size=3, progress=False))
   seen = {"manifests": 0}
 
-  def never_lists_a_partial_shard():
+  def never_counts_a_partial_chunk():
     try:
-      with open(os.path.join(cut, store.MANIFEST), "rb") as f:
+      with open(os.path.join(cut, "zarr.json"), "rb") as f:
         raw = f.read()
     except OSError:
       return
     if raw != seen.get("last"):
       seen["last"] = raw
       seen["manifests"] += 1
-      store.open_store(cut)  # every listed shard complete: raises UserError otherwise
+      s = store.open_store(cut)  # every counted chunk complete and matching its checksum, or UserError
+      if s.num_chunks:
+        s.read_chunk(s.num_chunks - 1)
 
-  def shards_listed():
-    return len(json.loads(seen["last"])["shards"]) if seen.get("last") else 0
+  def chunks_counted():
+    return json.loads(seen["last"])["attributes"]["num_tokens"] // (4 * C) if seen.get("last") else 0
 
   moments = {
-      "after two shards": lambda: shards_listed() >= 2,
-      "while a shard is written": lambda: shards_listed() > 2 and any(
-          atomic.is_temp(n) and n.startswith(".acts-") for n in _ls(cut)),
+      "after two chunks": lambda: chunks_counted() >= 2,
+      "with a chunk written but not yet counted": lambda: chunks_counted() > 2 and os.path.exists(
+          os.path.join(cut, "activations", "c", str(chunks_counted()), "0")),
   }
   landed = []
   for name, ready in moments.items():
     proc = _start("experiments.export_activations", *flags, f"--out_dir={cut}")
-    if _kill_when(proc, ready, each=never_lists_a_partial_shard):
+    if _kill_when(proc, ready, each=never_counts_a_partial_chunk):
       landed.append(name)
-    never_lists_a_partial_shard()
+    never_counts_a_partial_chunk()
   with open(tmp_path / "log", "wb") as log:
     final = _start("experiments.export_activations", *flags, f"--out_dir={cut}", log=log)
     assert final.wait(timeout=240) == 0, (tmp_path / "log").read_text()[-2000:]
   print("kills landed:", landed)
-  assert "after two shards" in landed, landed
+  assert "after two chunks" in landed, landed
   assert seen["manifests"] >= 2
   assert _snapshot(cut) == _snapshot(whole)  # also: no temp file left behind
   assert store.open_store(cut, require_tokens=True).num_tokens == 300 * C
@@ -265,18 +267,17 @@ def test_nan_batch_names_step_and_shard_and_keeps_last_checkpoint(tmp_path, save
   acts = synthetic.sparse_activations(1536, 16, num_features=48)
   source = data.BatchSource(store.write_store(str(tmp_path / "probe"), acts, context_len=8,
                                               shard_tokens=512), 128, CFG.seed)
-  # Poison a token of shard 1 that the batch of step 6 (position 5) reads first.
+  # Poison a token of chunk 1 that the batch of step 6 (position 5) reads first.
   first_seen = {}
   for position in range(8):
-    idx = source._permutation(0)[position * 128:(position + 1) * 128]
-    for u in source.kept.kept_to_global(np.asarray(idx, np.int64)):
+    for u in source.global_indices(position):
       first_seen.setdefault(int(u), position)
   token = next(t for t, p in sorted(first_seen.items()) if p == 5 and 512 <= t < 1024)
   acts[token, 3] = np.nan
   bad = str(tmp_path / "bad")
   store.write_store(bad, acts, context_len=8, shard_tokens=512)
   out = tmp_path / "r"
-  with pytest.raises(UserError, match=r"step 6 .*acts-00001\.npy"):
+  with pytest.raises(UserError, match=r"step 6 .*chunk 1 \(tokens 512-1023\)"):
     train_and_save(CFG, _run(bad, out))
   assert _latest_intact(str(out), saved_checkpoints) == 4
   assert not os.path.exists(out / "joint")

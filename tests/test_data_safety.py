@@ -109,7 +109,7 @@ def test_store_swapped_in_place_is_refused_on_resume(world, tmp_path):
   before = _files(run, with_mtime=True)
   proc = _train(path, run)
   _one_error_line(proc, "is not the one this run")
-  assert "source:" in proc.lines[0] and "acts-00000.npy content differs" in proc.lines[0], proc.lines[0]
+  assert "source:" in proc.lines[0] and "chunk checksums differ" in proc.lines[0], proc.lines[0]
   assert _files(run, with_mtime=True) == before
 
 
@@ -364,8 +364,8 @@ def test_evaluate_refuses_a_store_with_nan_like_training(world, tmp_path):
   store.write_store(path, acts, context_len=8, shard_tokens=256)
   before = _files(world["run"], with_mtime=True)
   proc = _run("experiments.evaluate", f"--run_dir={world['run']}", f"--activations={path}", "--model=none")
-  _one_error_line(proc, "non-finite activations (NaN/Inf) in shard")
-  assert "acts-00001.npy (row 44)" in proc.lines[0]
+  _one_error_line(proc, "non-finite activations (NaN/Inf) at token 300")
+  assert f"chunk 1 (tokens 256-511) of {path}" in proc.lines[0]
   assert _files(world["run"], with_mtime=True) == before
 
 

@@ -66,7 +66,7 @@ def test_identity_sae_has_zero_delta_ce(tmp_path, model, site):
   assert ces["half"] > ces["clean"]
 
   # Clean CE by hand over predictions from positions 1..L-2.
-  ids = torch.from_numpy(np.asarray(st.shards[0].tokens_T[:5 * L], np.int64).reshape(5, L))
+  ids = torch.from_numpy(np.asarray(st.read_tokens(0, 5 * L), np.int64).reshape(5, L))
   with torch.no_grad():
     logits = model(input_ids=ids).logits
   want = torch.nn.functional.cross_entropy(logits[:, 1:-1].reshape(-1, V), ids[:, 2:].reshape(-1))
@@ -79,7 +79,7 @@ def test_zero_ablation_matches_manual_hook(tmp_path, model):
   ces = delta_ce.cross_entropies(model, block, "resid_pre", st, {}, num_contexts=2, batch_contexts=2,
                                  skip_first_positions=0, progress=False, include_first_position=True)
   assert ces["num_predictions"] == 2 * (L - 1)
-  ids = torch.from_numpy(np.asarray(st.shards[0].tokens_T[:2 * L], np.int64).reshape(2, L))
+  ids = torch.from_numpy(np.asarray(st.read_tokens(0, 2 * L), np.int64).reshape(2, L))
 
   def zero(_, args, kwargs):
     return (torch.zeros_like(args[0]),) + args[1:], kwargs if args else (args, kwargs)
@@ -101,7 +101,7 @@ def test_standard_error_matches_numpy_on_per_context_values(tmp_path, model):
   assert ces["num_contexts"] == 6 and ces["num_predictions"] == 6 * (L - 2)  # position 0 not scored
 
   # Per-context CE by hand for the clean model and the "half" splice (a hook written here).
-  ids = torch.from_numpy(np.asarray(st.shards[0].tokens_T[:6 * L], np.int64).reshape(6, L))
+  ids = torch.from_numpy(np.asarray(st.read_tokens(0, 6 * L), np.int64).reshape(6, L))
   def per_context_ce(hook=None):
     h = block.register_forward_pre_hook(hook, with_kwargs=True) if hook else None
     with torch.no_grad():

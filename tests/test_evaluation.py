@@ -138,7 +138,7 @@ def test_report_fvu_positions_and_phi_means(tmp_path):
                               meta_fve_steps=0, bootstrap_replicates=20, progress=False)
   report = evaluation.evaluate_run(cfg)
   s = store.open_store(st)
-  x = np.asarray(s.shards[0].acts_TxD, np.float32)
+  x = s.read_acts(0, int(s.segment_offsets[1]))
   from metasae_jax.storage import loaded_sae
   for name in ("joint", "solo"):
     sae = loaded_sae.load_sae(os.path.join(run, name), D)

@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerFast
 from metasae_jax.lm import corpus
 from metasae_jax.lm import export
 from metasae_jax.lm import models
-from metasae_jax.storage import store
+from metasae_jax.storage import store, zarr_store
 from metasae_jax.core.errors import UserError
 from metasae_jax.workflows import benchmarking
 
@@ -73,7 +73,7 @@ def text_file(tmp_path_factory):
 
 def _config(out_dir, text_file, **kw) -> export.ExportConfig:
   args = dict(out_dir=str(out_dir), model="unused", layer=1, corpus=text_file, context_len=C,
-              batch_size=3, shard_tokens=4 * C, num_tokens=14 * C, progress=False)
+              batch_size=3, chunk_tokens=4 * C, num_tokens=14 * C, progress=False)
   args.update(kw)
   return export.ExportConfig(**args)
 
@@ -94,8 +94,8 @@ def _full_hidden_states(loaded, tokens_NxC: np.ndarray) -> list:
 @pytest.mark.parametrize("site,dtype", [("resid_pre", "float16"), ("resid_post", "float32")])
 def test_activations_equal_full_model_hidden_states(tmp_path, loaded, text_file, site, dtype):
   s = export.export_activations(_config(tmp_path / "s", text_file, site=site, dtype=dtype), loaded)
-  acts_TxD = np.concatenate([sh.acts_TxD for sh in s.shards])
-  tokens_T = np.concatenate([sh.tokens_T for sh in s.shards])
+  acts_TxD = s.read_acts(0, s.num_tokens, None)
+  tokens_T = s.read_tokens(0, s.num_tokens)
   hs = _full_hidden_states(loaded, tokens_T.reshape(-1, C))
   # hidden_states[L] is the input of block L; [L + 1] its output (L is not the last block here).
   want_TxD = hs[1 if site == "resid_pre" else 2].reshape(-1, loaded.d_model)
@@ -127,7 +127,7 @@ def test_store_validates_with_tokens_and_source(tmp_path, loaded, text_file, mod
   s = export.export_activations(cfg, loaded)
   reopened = store.open_store(s.path, require_tokens=True)
   assert reopened.num_tokens == 14 * C and reopened.d_model == 32
-  assert [sh.num_tokens for sh in reopened.shards] == [4 * C, 4 * C, 4 * C, 2 * C]
+  assert np.diff(reopened.chunk_offsets).tolist() == [4 * C, 4 * C, 4 * C, 2 * C]
   assert reopened.source == {"model": os.path.abspath(model_dir), "layer": 1, "site": "resid_pre",
                              "corpus": text_file, "text_field": "text", "context_len": C}
   assert not [n for n in os.listdir(s.path) if n.endswith(".tmp")]
@@ -164,12 +164,10 @@ def test_resume_equals_uninterrupted(tmp_path, loaded, text_file):
   export.export_activations(part, loaded)
   assert {n: b for n, (_, b) in _snapshot(part.out_dir).items()} == want_bytes
 
-  # Killed after writing a shard but before the manifest listed it.
-  m = json.load(open(os.path.join(part.out_dir, store.MANIFEST)))
-  last = m["shards"].pop()
-  m["num_tokens"] -= last["num_tokens"]
-  store.write_manifest(part.out_dir, m)
-  # The orphan shard file stays on disk, as after a kill; the rerun overwrites it.
+  # Killed after writing a chunk but before the manifest counted it (the manifest is the zarr group's attributes).
+  m = zarr_store.read_group(part.out_dir)
+  zarr_store.write_group(part.out_dir, dict(m, num_tokens=m["num_tokens"] - 2 * C))
+  # The chunk stays on disk, as after a kill; the rerun writes it again.
   export.export_activations(part, loaded)
   assert {n: b for n, (_, b) in _snapshot(part.out_dir).items()} == want_bytes
 
@@ -301,7 +299,7 @@ def _run_binary(*flags):
 def test_binary_exports_and_reports_user_errors(tmp_path, model_dir, text_file):
   out = str(tmp_path / "s")
   ok = _run_binary(f"--model={model_dir}", "--layer=1", f"--corpus={text_file}",
-                   f"--context_len={C}", f"--num_tokens={6 * C}", f"--shard_tokens={4 * C}",
+                   f"--context_len={C}", f"--num_tokens={6 * C}", f"--chunk_tokens={4 * C}",
                    f"--out_dir={out}")
   assert ok.returncode == 0, ok.stderr
   assert store.open_store(out, require_tokens=True).num_tokens == 6 * C

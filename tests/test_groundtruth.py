@@ -222,7 +222,7 @@ def test_tiny_study_end_to_end_resumes_and_refuses_other_config(tmp_path):
   rep = study.run_study(cfg, progress=False)
   out = tmp_path / "gt"
   for f in ("report.json", "report.md", "plots/hier.png", "results/hier/lam1_seed0.npz",
-            "data/hier/train/manifest.json", "data/hier/train/true_features.npy", "data/hier/train/generator.json", "data/hier/heldout/true_codes.npy"):
+            "data/hier/train/zarr.json", "data/hier/train/true_features.npy", "data/hier/train/generator.json", "data/hier/heldout/true_codes.npy"):
     assert (out / f).exists(), f
   s = rep["scenarios"]["hier"]
   assert s["control_max_abs_delta"] == 0.0  # λ₂ = 0: joint and solo are the same training

@@ -27,7 +27,9 @@ STEPS = 6
 # The same run as flags of experiments.train.
 TRAIN_FLAGS = ["--width=64", "--k=4", "--meta_width=6", "--meta_k=2", "--batch_size=128", "--seed=0",
                "--n_primary_steps=2", "--n_meta_steps=2", "--lr=1e-3", f"--num_tokens={STEPS * 128}",
-               "--checkpoint_every_steps=2", "--log_every_steps=1"]
+               "--checkpoint_every_steps=2", "--log_every_steps=1", "--data_streams=2"]
+# Every run here reads 2 data streams (the order depends on the streams, not on the processes), so one process
+# and two processes see the same batches.
 SAES = ("joint", "solo", "joint/meta")
 
 PRELUDE = """
@@ -70,7 +72,7 @@ def store_path(tmp_path_factory):
 
 def _run(store_path, out_dir):
   return RunConfig(activations=store_path, out_dir=str(out_dir), num_tokens=STEPS * 128,
-                   checkpoint_every_steps=2, log_every_steps=1, progress=False)
+                   checkpoint_every_steps=2, log_every_steps=1, progress=False, data_streams=2)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +198,8 @@ def test_trainer_on_n_devices_equals_one_device(store_path, one_device_run, tmp_
     from metasae_jax.training.trainer import RunConfig, train_and_save
     cfg = TrainConfig(**{CFG.to_dict()!r})
     run = RunConfig(activations={store_path!r}, out_dir={str(tmp_path / "r")!r}, num_tokens={STEPS * 128},
-                    checkpoint_every_steps=2, log_every_steps=1, progress=False, model_parallel={model_parallel})
+                    checkpoint_every_steps=2, log_every_steps=1, progress=False, model_parallel={model_parallel},
+                    data_streams=2)
     train_and_save(cfg, run)
     try:
       train_and_save(TrainConfig(**dict(cfg.to_dict(), batch_size=66)),

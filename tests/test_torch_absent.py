@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent("""
                             checkpoint_every_steps=2, progress=False)
     metrics = trainer.train_and_save(config, run)
     sae = metasae_jax.load_sae(os.path.join(work, "run", "joint"))
-    x_TxD = np.asarray(np.load(os.path.join(store.path, "acts-00000.npy"))[:32], np.float32)
+    x_TxD = store.read_acts(0, 32)
     np.save(os.path.join(work, "x.npy"), x_TxD)
     np.save(os.path.join(work, "acts.npy"), np.asarray(sae.encode(x_TxD), np.float32))
     hidden = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))

@@ -15,6 +15,7 @@ from metasae_jax.core.errors import UserError
 from metasae_jax.evaluation import cooccurrence, firings
 from metasae_jax.storage import artifact, heldout, synthetic
 from metasae_jax.storage import store as store_lib
+from metasae_jax.storage import npy_store
 from metasae_jax.training import tracking, validation
 from metasae_jax.training.trainer import RunConfig, train_and_save
 from tests.conftest import fake_devices_flags
@@ -161,20 +162,20 @@ def test_mean_abs_phi_equals_cooccurrence_phi_stats(width, block):
 
 def test_heldout_lookup_explicit_then_manifest_view(tmp_path):
   path = str(tmp_path / "s")
-  synthetic.write_sparse_store(path, 64, 4, shard_tokens=64)
+  synthetic.write_sparse_store(path, 64, 4, shard_tokens=64, fmt="npy")  # edits its manifest.json below
   assert validation.heldout_store_path(path, "/x/h") == "/x/h"
   assert validation.heldout_store_path(path, "") is None
   manifest = store_lib.read_manifest(path)
-  store_lib.write_manifest(path, dict(manifest, views={"heldout": {"path": "heldout"}}))
+  npy_store.write_manifest(path, dict(manifest, views={"heldout": {"path": "heldout"}}))
   assert validation.heldout_store_path(path, "") == os.path.join(path, "heldout")
-  store_lib.write_manifest(path, dict(manifest, heldout="/abs/h"))
+  npy_store.write_manifest(path, dict(manifest, heldout="/abs/h"))
   assert validation.heldout_store_path(path, None) == "/abs/h"
   # The exporter's split: views STORE/train and STORE/heldout (a view's manifest records `view_of`).
-  store_lib.write_manifest(path, manifest)
-  synthetic.write_sparse_store(os.path.join(path, "heldout"), 16, 4, shard_tokens=16)
-  synthetic.write_sparse_store(os.path.join(path, "train"), 16, 4, shard_tokens=16)
+  npy_store.write_manifest(path, manifest)
+  synthetic.write_sparse_store(os.path.join(path, "heldout"), 16, 4, shard_tokens=16, fmt="npy")
+  synthetic.write_sparse_store(os.path.join(path, "train"), 16, 4, shard_tokens=16, fmt="npy")
   train_view = os.path.join(path, "train")
-  store_lib.write_manifest(train_view, dict(store_lib.read_manifest(train_view), view_of={"path": ".."}))
+  npy_store.write_manifest(train_view, dict(store_lib.read_manifest(train_view), view_of={"path": ".."}))
   assert validation.heldout_store_path(path, "") == os.path.join(path, "heldout")
   assert validation.heldout_store_path(train_view, "") == os.path.join(path, "heldout")
   assert validation.heldout_store_path(os.path.join(path, "heldout"), "") is None

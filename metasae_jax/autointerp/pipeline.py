@@ -25,6 +25,7 @@ from metasae_jax.storage.loaded_sae import load_sae
 from metasae_jax.storage.positions import KeptTokens
 from metasae_jax.lm.tokens import Detokenizer
 from metasae_jax.core.errors import UserError
+from metasae_jax.storage import location
 from metasae_jax.storage.store import open_store
 
 
@@ -131,7 +132,7 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
   stats = _llm_stats(llm, scored)
   scores = {
       "llm": llm.name,
-      "activations": os.path.abspath(cfg.activations),
+      "activations": location.normalize(cfg.activations),
       "num_tokens": int(num_kept),
       "skip_first_positions": kept.skip,
       "firing_rule": {name: enc.rule for name, enc in zip(SAES, encoders)},

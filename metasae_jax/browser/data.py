@@ -24,6 +24,7 @@ from metasae_jax.storage.positions import KeptTokens
 from metasae_jax.lm.tokens import Detokenizer
 from metasae_jax.browser import select
 from metasae_jax.core.errors import UserError
+from metasae_jax.storage import location
 from metasae_jax.storage.store import open_store
 
 
@@ -146,7 +147,7 @@ def build(cfg: BrowserConfig, detokenizer: Optional[Detokenizer] = None) -> dict
   vocab = {str(t): detok.piece(t) for t in sorted(token_ids)}
   return {
       "title": os.path.basename(os.path.normpath(cfg.run_dir)),
-      "meta": {"run_dir": os.path.abspath(cfg.run_dir), "activations": os.path.abspath(cfg.activations),
+      "meta": {"run_dir": os.path.abspath(cfg.run_dir), "activations": location.normalize(cfg.activations),
                "source": store.source, "num_tokens": int(num_kept), "skip_first_positions": kept.skip,
                "context_len": store.context_len,
                "firing_rule": {name: enc.rule for name, enc in encoders.items()},

@@ -26,7 +26,7 @@ from scipy import special
 from metasae_jax.core.errors import UserError
 from metasae_jax.evaluation.firings import Firings
 from metasae_jax.storage import positions
-from metasae_jax.storage.store import Store
+from metasae_jax.storage.store_types import Store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +53,10 @@ class BlockLayout:
 
   def __init__(self, store: Store, num_tokens: int, skip_first_positions: int, num_blocks: int):
     self.context_len = max(1, int(store.context_len))
-    self.offsets = np.asarray(store.shard_offsets, np.int64)
-    # Contexts restart in every shard: context ids are numbered shard after shard.
-    per_shard = [-(-s.num_tokens // self.context_len) for s in store.shards]
-    self.context_offsets = np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64)
+    self.offsets = np.asarray(store.segment_offsets, np.int64)
+    # Contexts restart in every segment (format-1 shard): context ids are numbered segment after segment.
+    per_segment = [-(-int(n) // self.context_len) for n in np.diff(self.offsets)]
+    self.context_offsets = np.concatenate([[0], np.cumsum(per_segment)]).astype(np.int64)
     last = self._last_used(store, num_tokens, skip_first_positions)
     used_contexts = int(self.context_of(np.array([last]))[0]) + 1
     self.contexts_per_block = max(1, -(-used_contexts // num_blocks))

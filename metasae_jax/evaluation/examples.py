@@ -14,9 +14,8 @@ import jax
 import numpy as np
 
 from metasae_jax.evaluation.encoder import NOT_FIRING_KEY, StreamEncoder
-from metasae_jax.storage import store as store_lib
 from metasae_jax.storage.positions import KeptTokens
-from metasae_jax.storage.store import Store
+from metasae_jax.storage.store_types import Store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +98,7 @@ def stream(store: Store, kept: KeptTokens, encoders: Sequence[StreamEncoder],
   base = jax.random.key(seed)
   for b, start in enumerate(range(0, num_kept, batch_size)):
     ranks_B = np.arange(start, min(start + batch_size, num_kept), dtype=np.int64)
-    x_BxD = store_lib.gather_acts(store, kept.kept_to_global(ranks_B))
+    x_BxD = store.gather_acts(kept.kept_to_global(ranks_B))
     for i, (enc, p) in enumerate(zip(encoders, pools)):
       rng = jax.random.fold_in(jax.random.fold_in(base, i), b)
       p.merge(enc.batch_stats(x_BxD, p.cand_C, rng, top, reservoir), ranks_B)
@@ -156,10 +155,10 @@ def window_examples(store: Store, kept: KeptTokens, enc: StreamEncoder, pools: P
   thresholds = np.asarray(pools.batch_thresholds, np.float32)
   for s in range(0, len(kept), chunk):
     sel = kept[s:s + chunk]
-    x = store_lib.gather_acts(store, uniq_T[sel])
+    x = store.gather_acts(uniq_T[sel])
     thr = thresholds[np.minimum(rank_T[sel] // pools.batch_size, len(thresholds) - 1)]
     acts_TxC[sel] = enc.window_acts(x, thr, np.asarray(cols, np.int64))
-  tokens_T = store_lib.gather_tokens(store, uniq_T)
+  tokens_T = store.gather_tokens(uniq_T)
   out, w = [], 0
   for j, e in enumerate(ends):
     exs = []

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage import positions
-from metasae_jax.storage.store import Store
+from metasae_jax.storage.store_types import Store
 
 SITES = ("resid_pre", "resid_post")
 
@@ -32,15 +32,15 @@ def iter_contexts(store: Store, num_contexts: int, batch_contexts: int) -> Itera
   if store.context_len < 2:
     raise UserError(f"activation store {store.path} has context_len {store.context_len}; ΔCE needs contexts.")
   length, left = store.context_len, num_contexts
-  for shard in store.shards:
-    whole = shard.num_tokens // length
+  for seg_start, seg_stop in zip(store.segment_offsets[:-1], store.segment_offsets[1:]):
+    whole = int(seg_stop - seg_start) // length  # contexts restart in every segment (format-1 shard)
     for c in range(0, whole, batch_contexts):
       take = min(batch_contexts, whole - c, left)
       if take <= 0:
         return
-      sl = slice(c * length, (c + take) * length)
-      ids = np.asarray(shard.tokens_T[sl], np.int64).reshape(take, length)
-      acts = np.asarray(shard.acts_TxD[sl], np.float32).reshape(take, length, -1)
+      a, b = int(seg_start) + c * length, int(seg_start) + (c + take) * length
+      ids = np.asarray(store.read_tokens(a, b), np.int64).reshape(take, length)
+      acts = store.read_acts(a, b).reshape(take, length, -1)
       left -= take
       yield ids, acts
 

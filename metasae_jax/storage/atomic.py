@@ -94,6 +94,10 @@ def check_output_dir(path: str, flag: str) -> None:
   """Refuses, before anything is written, an output directory that is a file or cannot be created or written."""
   if not path:
     raise UserError(f"{flag} is empty; pass the directory to write to.")
+  if "://" in path:
+    raise UserError(f"{flag} {path} is not a local directory: run directories (checkpoints, SAE artifacts, "
+                    "reports) are written on local disk; activation stores may live on s3:// or gs:// "
+                    "(docs/storage.md). Pass a local path (nothing was written).")
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f"{flag} {path} is a file, not a directory. Pass a directory path (nothing was written).")
   parent = os.path.abspath(path)

@@ -9,8 +9,7 @@ import numpy as np
 
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage import positions
-from metasae_jax.storage import store as store_lib
-from metasae_jax.storage.store import Store
+from metasae_jax.storage.store_types import Store
 
 
 class Batch(NamedTuple):
@@ -52,7 +51,7 @@ def iter_batches(store: Store, batch_size: int, num_tokens: int,
   total = min(num_tokens, kept.num_kept)
   for start in range(0, total, batch_size):
     index_B = kept.kept_to_global(np.arange(start, min(start + batch_size, total), dtype=np.int64))
-    yield Batch(store_lib.gather_acts(store, index_B), index_B)
+    yield Batch(store.gather_acts(index_B), index_B)
 
 
 def context_of(store: Store, index: int) -> tuple[np.ndarray, int]:
@@ -61,4 +60,4 @@ def context_of(store: Store, index: int) -> tuple[np.ndarray, int]:
     raise UserError(f"activation store {store.path} has no tokens; contexts need a store exported from text.")
   kept = positions.KeptTokens(store, 0)
   start, end = int(kept.context_start([index])[0]), int(kept.context_end([index])[0])
-  return store_lib.gather_tokens(store, np.arange(start, end + 1)), int(index) - start
+  return store.read_tokens(start, end + 1), int(index) - start

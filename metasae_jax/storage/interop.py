@@ -48,8 +48,10 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 _NORMS = {"standardize_per_token": "layer_norm", "none": "none"}
 # Written first into every export directory: an export may replace only a directory carrying it.
 EXPORT_MARKER = ".metasae-export.json"
-# Files that say a directory belongs to something else (run_config.json: a training run; manifest.json: a store).
-_OWNED_BY = {"run_config.json": "a training run directory", "manifest.json": "an activation store"}
+# Files that say a directory belongs to something else (run_config.json: a training run; manifest.json or
+# zarr.json: an activation store).
+_OWNED_BY = {"run_config.json": "a training run directory", "manifest.json": "an activation store",
+             "zarr.json": "an activation store"}
 
 
 # Model names our stores record -> (Hugging Face id, how our copy differs). The built-in model is a GGUF

@@ -1,4 +1,4 @@
-"""One writer per directory: an advisory `fcntl.flock` on a lock file inside it.
+"""One writer per directory: an advisory `fcntl.flock` on a lock file inside it (object storage: lease.py).
 
 The kernel drops a flock when its holder dies (even by SIGKILL), so a stale lock
 never blocks. The lock file stays empty and is never rewritten: taking the lock
@@ -81,6 +81,9 @@ class DirLock:
     os.close(self._fd)
     self._fd = None
 
+  def check(self) -> None:
+    """A flock cannot be lost while held (the lease on object storage can)."""
+
   def __enter__(self) -> "DirLock":
     return self.acquire()
 
@@ -113,3 +116,11 @@ def holder(path: str) -> Optional[str]:
   finally:
     os.close(fd)  # closing drops the probe's own lock
   return None
+
+
+def writer_lock(path: str, what: str):
+  """The one-writer guard for a store location: this flock locally, a lease object on s3:// or gs://."""
+  from metasae_jax.storage import lease, location  # pylint: disable=g-import-not-at-top
+  if location.is_remote(path):
+    return lease.Lease(path, what)
+  return DirLock(path, what)

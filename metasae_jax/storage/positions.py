@@ -1,8 +1,8 @@
 """Which store tokens are used: the first positions of every context are skipped (attention sinks).
 
 Legend: S = shards, K = tokens, L = context_len.
-Token t of a shard sits at position t % L of that shard's context t // L (the store format,
-docs/method.md §3.1): contexts never span shards, so the rule is applied per shard. "Global" indices run
+Token t of a segment sits at position t % L of that segment's context t // L (the store format,
+docs/method.md §3.1): contexts never span segments (a format-1 shard is one), so the rule is applied per segment. "Global" indices run
 over all shards in order; "kept ranks" number the tokens that are not skipped, in store order.
 This is the one implementation of the rule: training batches, held-out evaluation, calibration,
 autointerp and the browser all go through `KeptTokens`.
@@ -10,7 +10,7 @@ autointerp and the browser all go through `KeptTokens`.
 
 import numpy as np
 
-from metasae_jax.storage.store import Store
+from metasae_jax.storage.store_types import Store
 
 
 def effective_skip(context_len: int, skip_first_positions: int) -> int:
@@ -33,7 +33,7 @@ class KeptTokens:
   def __init__(self, store: Store, skip_first_positions: int):
     self.context_len = store.context_len
     self.skip = effective_skip(store.context_len, skip_first_positions)
-    self.offsets_S1 = store.shard_offsets
+    self.offsets_S1 = store.segment_offsets
     kept_S = [kept_count(int(n), self.context_len, self.skip) for n in np.diff(self.offsets_S1)]
     self.kept_offsets_S1 = np.concatenate([[0], np.cumsum(kept_S, dtype=np.int64)]).astype(np.int64)
 

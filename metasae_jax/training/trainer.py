@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from metasae_jax.storage import artifact, atomic
+from metasae_jax.storage import artifact, atomic, location
 from metasae_jax.training import curves, data, sharding, tracking, validation
 from metasae_jax.training.checkpoint import Checkpointer
 from metasae_jax.core.config import TrainConfig
@@ -34,7 +34,7 @@ RUN_FILES = (*artifact.SAE_NAMES, "checkpoints", METRICS)
 class RunConfig:
   """Where the data comes from and where the run goes (everything outside the math)."""
   activations: str
-  """Activation store directory (metasae-activations/1)."""
+  """Activation store: a local directory, s3://bucket/prefix or gs://bucket/prefix (docs/storage.md)."""
   out_dir: str
   """Run directory: joint/, solo/, joint/meta/, metrics.jsonl, checkpoints/."""
   num_tokens: int = 0
@@ -71,6 +71,13 @@ class RunConfig:
   model_parallel: int = 1
   """Devices that split each primary SAE's latents (the mesh is devices / model_parallel x model_parallel). Not
   part of the run's identity: a checkpoint written on one mesh resumes on another."""
+  # --- storage seam: how the data stage reads the store (training/data.py) ---
+  shuffle_buffer_tokens: int = data.DEFAULT_SHUFFLE_BUFFER
+  """Tokens each data stream shuffles within (whole chunks); a process holds up to two such windows per stream.
+  A buffer that holds the whole store gives the whole-store permutation. Recorded: a resumed run must keep it."""
+  data_streams: int = 0
+  """Data streams the global batch is drawn from (each reads its own chunks); 0 = one per process at the run's
+  start, recorded, so a resumed run keeps its order on any number of processes that divides it."""
 
 
 def validate_run(config: TrainConfig, run: RunConfig) -> None:
@@ -96,7 +103,7 @@ def validate_run(config: TrainConfig, run: RunConfig) -> None:
   atomic.check_output_dir(run.out_dir, "--out_dir")
 
 
-def _identity(config: TrainConfig, run: RunConfig, store, platform: str) -> dict:
+def _identity(config: TrainConfig, run: RunConfig, store, source: data.BatchSource, platform: str) -> dict:
   """What a run is, to refuse resuming it with other settings: the math and the data, not the layout.
 
   The mesh (model_parallel) and the algorithm (slots or dense: the same loss)
@@ -107,10 +114,30 @@ def _identity(config: TrainConfig, run: RunConfig, store, platform: str) -> dict
   del train["algorithm"]
   train["compute_dtype"] = config.resolved(platform)[1]
   return {"train": train,
-          "data": {"activations": os.path.abspath(run.activations), "store_tokens": store.num_tokens,
+          "data": {"activations": location.normalize(run.activations), "store_tokens": store.num_tokens,
                    "d_model": store.d_model, "num_tokens": run.num_tokens,
-                   "skip_first_positions": run.skip_first_positions},
+                   "skip_first_positions": run.skip_first_positions,
+                   "shuffle_buffer_tokens": run.shuffle_buffer_tokens, "data_streams": source.num_streams},
           "store": store_lib.fingerprint(store)}
+
+
+# Data-order fields runs from before chunked reading did not record; they read the whole-store permutation, which
+# the reader reproduces when one stream's window holds the whole store.
+_READER_FIELDS = ("shuffle_buffer_tokens", "data_streams")
+
+
+def _legacy_order(source: data.BatchSource) -> bool:
+  return source.num_streams == 1 and source.window_chunks >= source.store.num_chunks
+
+
+def recorded_data_streams(out_dir: str) -> Optional[int]:
+  """The data streams an existing run in out_dir was started with (None for a new run or an older one)."""
+  try:
+    with open(os.path.join(out_dir, RUN_CONFIG)) as f:
+      value = json.load(f).get("data", {}).get("data_streams")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return int(value) if isinstance(value, int) else None
 
 
 def recorded_skip_first_positions(out_dir: str) -> Optional[int]:
@@ -123,7 +150,7 @@ def recorded_skip_first_positions(out_dir: str) -> Optional[int]:
   return int(value) if isinstance(value, int) else None
 
 
-def _claim_out_dir(out_dir: str, identity: dict, writer: bool) -> bool:
+def _claim_out_dir(out_dir: str, identity: dict, writer: bool, legacy_order: bool = False) -> bool:
   """Refuses a run directory that holds a run with another config or data; never overwrites it.
 
   Returns True if this call wrote RUN_CONFIG into a directory that held no run.
@@ -139,7 +166,8 @@ def _claim_out_dir(out_dir: str, identity: dict, writer: bool) -> bool:
       raise UserError(f"{path} is not a run config. Use a new --out_dir (this one is left untouched).")
     diffs = [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}"
              for section, fields in identity.items() if section != "store" for key, value in fields.items()
-             if old.get(section, {}).get(key) != value]
+             if old.get(section, {}).get(key) != value
+             and not (legacy_order and key in _READER_FIELDS and key not in old.get(section, {}))]
     if diffs:
       raise UserError(f"--out_dir {out_dir} holds a run with a different config ({'; '.join(diffs)}). "
                       "Rerun with the original flags to resume, or pick a new --out_dir.")
@@ -290,19 +318,23 @@ def _train_and_save(config: TrainConfig, run: RunConfig, stop: _StopSignals) -> 
                     f"{config.d_model}.")
   writer = jax.process_index() == 0
   dp = sharding.Mesh(config, run.model_parallel)
-  source = data.BatchSource(store, config.batch_size, config.seed, run.skip_first_positions, *dp.process_rows())
+  # The rows of the global batch this process's devices hold: slice `rows_index` of `rows_count`.
+  rows_index, rows_count = dp.process_rows()
+  streams = run.data_streams or recorded_data_streams(run.out_dir) or rows_count
+  source = data.BatchSource(store, config.batch_size, config.seed, run.skip_first_positions, rows_index, rows_count,
+                            shuffle_buffer_tokens=run.shuffle_buffer_tokens, streams=streams)
   total = (run.num_tokens // config.batch_size) if run.num_tokens else source.batches_per_epoch
   if total <= 0:
     raise UserError(f"--num_tokens {run.num_tokens} is less than one batch of {config.batch_size}.")
   validator = _validator(config, run)
-  identity = _identity(config, run, store, dp.platform)
+  identity = _identity(config, run, store, source, dp.platform)
   # Everything above only reads; from here on the run directory is ours alone.
   fresh_dir = not os.path.exists(run.out_dir)
   lock = lock_lib.DirLock(run.out_dir, "run directory").acquire() if writer else None
   claimed = False
   progress = {"saved": False}
   try:
-    claimed = _claim_out_dir(run.out_dir, identity, writer)
+    claimed = _claim_out_dir(run.out_dir, identity, writer, _legacy_order(source))
     return _train(config, run, store, source, dp, total, writer, stop, progress, validator)
   except Interrupted:
     raise

@@ -10,7 +10,6 @@ keeps k·S activations over the sample.
 """
 
 import functools
-import os
 from typing import Optional
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 
 from metasae_jax.core import sae as sae_lib
 from metasae_jax.core.errors import UserError
-from metasae_jax.storage import heldout
+from metasae_jax.storage import heldout, location
 from metasae_jax.storage import store as store_lib
 
 HELDOUT_VIEW = "heldout"
@@ -42,13 +41,9 @@ def heldout_store_path(activations: str, explicit: Optional[str]) -> Optional[st
   if isinstance(entry, dict):
     entry = entry.get("path")
   if isinstance(entry, str) and entry:
-    return entry if os.path.isabs(entry) else os.path.join(activations, entry)
-  base = activations
-  if isinstance(manifest.get("view_of"), dict) and isinstance(manifest["view_of"].get("path"), str):
-    base = os.path.normpath(os.path.join(activations, manifest["view_of"]["path"]))
-  view = os.path.join(base, HELDOUT_VIEW)
-  if (os.path.isfile(os.path.join(view, store_lib.MANIFEST))
-      and os.path.realpath(view) != os.path.realpath(activations)):
+    return location.resolve(activations, entry)
+  view = location.join(store_lib.base_of(activations, manifest), HELDOUT_VIEW)
+  if store_lib.exists(view) and location.normalize(view) != location.normalize(activations):
     return view
   return None
 

@@ -162,7 +162,7 @@ def benchmark_export(config, loaded=None, num_batches: int = 8, rounds: int = 2)
     for r in range(rounds):
       bench = dataclasses.replace(
           config, out_dir=os.path.join(tmp, f"store{r}"), num_tokens=num_tokens, progress=False,
-          shard_tokens=max(config.context_len, min(config.shard_tokens, num_tokens // 2)))
+          chunk_tokens=max(config.context_len, min(config.chunk_tokens, num_tokens // 2)))
       t0, c0 = time.perf_counter(), time.process_time()
       raw_forward()
       t1, c1 = time.perf_counter(), time.process_time()
@@ -418,3 +418,33 @@ def plot_scaling(rows: list, path: str, title: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+# ---- The data stage: what the chunked reader delivers (docs/storage.md) ----
+
+def benchmark_data(store_path: str, batch_size: int = 4096, steps: int = 30, shuffle_buffer_tokens: int = 32768,
+                   read_threads: int = 4) -> dict:
+  """Tokens/s the trainer's reader delivers back to back (no step to hide reads behind: its ceiling).
+
+  The first batch (its window read before anything else) is timed on its own; the rest include reading every
+  later window on the reader's threads while the current one is gathered.
+  """
+  from metasae_jax.storage import store as store_lib  # pylint: disable=g-import-not-at-top
+  from metasae_jax.training import data  # pylint: disable=g-import-not-at-top
+  store = store_lib.open_store(store_path)
+  source = data.BatchSource(store, batch_size, 0, 0, shuffle_buffer_tokens=shuffle_buffer_tokens,
+                            read_threads=read_threads)
+  t0 = time.perf_counter()
+  source.batch(0)
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for position in range(1, steps + 1):
+    source.batch(position)
+  steady = time.perf_counter() - t0
+  source.close()
+  row_bytes = store.d_model * np.dtype(store.dtype).itemsize
+  return {"store": store_path, "format": store.format, "d_model": store.d_model, "dtype": store.dtype,
+          "batch_size": batch_size, "steps": steps, "chunk_tokens": int(np.diff(store.chunk_offsets).max()),
+          "window_chunks": source.window_chunks, "epochs": round((steps + 1) / source.batches_per_epoch, 2),
+          "first_batch_s": first, "tokens_per_s": steps * batch_size / steady,
+          "MB_per_s": steps * batch_size * row_bytes / steady / 1e6}

@@ -89,15 +89,27 @@ def export_stage(preset: Preset, data_dir: str) -> store.Store:
   return store.open_store(path)
 
 
-def split_stage(full: store.Store, data_dir: str, heldout_shards: int) -> tuple[str, str]:
-  """Train / held-out views of the store (manifests only; shards are shared)."""
-  n = len(full.shards)
-  if not 0 < heldout_shards < n:
-    raise UserError(f"the store {full.path} has {n} shards; holding out {heldout_shards} leaves "
-                    "nothing to train or evaluate on. Export more tokens or lower --shard_tokens.")
+def split_stage(full: store.Store, data_dir: str, heldout_shards: int,
+                shard_tokens: Optional[int]) -> tuple[str, str]:
+  """Train / held-out views of the store (metadata only; the data is shared): the last `heldout_shards` shards of
+  a format-1 store, the last heldout_shards x shard_tokens tokens of a zarr one (the same tokens; without
+  shard_tokens, x its chunk)."""
   train_dir, held_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "heldout")
-  store.write_view(train_dir, full, range(n - heldout_shards))
-  store.write_view(held_dir, full, range(n - heldout_shards, n))
+  if full.format == store.FORMAT_NPY:
+    n = len(full.segment_offsets) - 1
+    if not 0 < heldout_shards < n:
+      raise UserError(f"the store {full.path} has {n} shards; holding out {heldout_shards} leaves "
+                      "nothing to train or evaluate on. Export more tokens or lower --shard_tokens.")
+    store.write_view(train_dir, full, range(n - heldout_shards))
+    store.write_view(held_dir, full, range(n - heldout_shards, n))
+    return train_dir, held_dir
+  shard = (shard_tokens or int(full.chunk_offsets[1])) // full.context_len * full.context_len
+  cut = full.num_tokens - heldout_shards * shard
+  if not 0 < cut < full.num_tokens:
+    raise UserError(f"the store {full.path} has {full.num_tokens} tokens; holding out {heldout_shards} x "
+                    f"{shard} leaves nothing to train or evaluate on. Export more tokens or lower --shard_tokens.")
+  store.write_token_view(train_dir, full, 0, cut)
+  store.write_token_view(held_dir, full, cut, full.num_tokens)
   return train_dir, held_dir
 
 
@@ -197,7 +209,8 @@ def run_pipeline(preset: Preset, workdir: str, llm: str = "", config: Optional[d
     atomic.write_json(os.path.join(workdir, CONFIG_JSON), config)
   data_dir = os.path.join(workdir, "data")
   full = export_stage(preset, data_dir)
-  train_dir, held_dir = split_stage(full, data_dir, preset.heldout_shards)
+  train_dir, held_dir = split_stage(full, data_dir, preset.heldout_shards,
+                                     preset.export.get("shard_tokens"))
   if preset.grid:
     rows = sweep_stage(preset, train_dir, held_dir, workdir)["points"]
   else:

@@ -185,7 +185,7 @@ def prepare_data(config: StudyConfig, name: str, sc: scenarios.ScenarioConfig) -
 
 
 def _read_store(s: store.Store) -> np.ndarray:
-  return np.concatenate([np.asarray(sh.acts_TxD, np.float32) for sh in s.shards])
+  return s.read_acts(0, s.num_tokens)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
