@@ -14,6 +14,7 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments import cli_flags
 from metasae_jax.core.errors import Interrupted, UserError
 from metasae_jax.storage import lock, store
 
@@ -132,7 +133,7 @@ def run(main) -> None:
       sys.stderr.flush()
       os._exit(1)
 
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=cli_flags.parse)
 
 
 def model_flag(recorded, what: str, name: str = "model") -> str:

@@ -12,15 +12,13 @@ in the paper's Table 1 layout next to the paper's own numbers. `--preset NAME` i
 import json
 
 from absl import flags
-from ml_collections import config_flags
-
-from experiments import cli, configs
+from experiments import cli, cli_flags, configs
 from metasae_jax.core.errors import UserError
 from metasae_jax.workflows.pipeline import estimate_cost, run_pipeline
 
 F = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/NAME.py[:VARIANT]); override "
-                                "any field with --config.SECTION.NAME=... (docs/configs.md).")
+cli_flags.define_config_file("config", None, "Config file (experiments/configs/NAME.py[:VARIANT]); override "
+                             "any field with --config.SECTION.NAME=... (docs/configs.md).")
 flags.DEFINE_string("preset", None, f"Shorthand for --config experiments/configs/NAME.py; one of: "
                     f"{', '.join(configs.names())}.")
 flags.DEFINE_string("out_dir", None, "Where stores, runs, reports and table.md go.")

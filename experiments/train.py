@@ -18,7 +18,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli
+from experiments import cli, cli_flags
 from experiments import configs
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
@@ -31,7 +31,7 @@ F = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "default.py")
 CONFIG_JSON = "config.json"
 
-config_flags.DEFINE_config_file(
+cli_flags.define_config_file(
     "config", DEFAULT_CONFIG, "Config file (experiments/configs/*.py[:VARIANT]); override any field with "
     "--config.train.NAME=... / --config.run.NAME=... Default: every field at its default.", lock_config=True)
 flags.DEFINE_string("activations", None, "Activation store directory (metasae-activations/1); a store with an "
