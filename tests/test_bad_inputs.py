@@ -102,6 +102,23 @@ def _good(case, world):
   return world["store"]
 
 
+def _foreign_tokens(case, world) -> str:
+  """A store of the run's d_model from the tiny model, but one token id is outside its vocabulary."""
+  path = str(case / "tokens_store")
+  tokens = np.arange(512, dtype=np.int32) % 20
+  tokens[300] = 1_000_000
+  store.write_store(path, synthetic.sparse_activations(512, D, num_features=32), tokens, context_len=8,
+                    shard_tokens=256, source={"model": world["model"], "layer": 1, "site": "resid_pre"})
+  return path
+
+
+def _raising_config(case) -> str:
+  path = os.path.join(str(case), "raising.py")
+  with open(path, "w") as f:
+    f.write("def get_config():\n  raise RuntimeError('boom in the config file')\n")
+  return path
+
+
 # id: (build(case_dir, world) -> (module, argv), keyword in the error line, extra env, new files allowed under)
 ROWS = {
     "missing activations directory": (_train(lambda c, w: str(c / "nope")), "does not exist", {}, None),
@@ -199,6 +216,30 @@ ROWS = {
         lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}", "--model=none",
                                                        f"--activations={_store(case, d=D // 2)}"]),
         "d_model", {}, None),
+    "token ids outside the model's vocabulary (browse)": (
+        lambda case, world: ("experiments.browse", [f"--run_dir={world['run']}",
+                                                     f"--activations={_foreign_tokens(case, world)}"]),
+        "has id 1000000, outside the", {}, None),
+    "token ids outside the model's vocabulary (autointerp)": (
+        lambda case, world: ("experiments.autointerp", [f"--run_dir={world['run']}",
+                                                         f"--activations={_foreign_tokens(case, world)}"]),
+        "has id 1000000, outside the", {}, None),
+    "token ids outside the model's vocabulary (evaluate)": (
+        lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}", f"--model={world['model']}",
+                                                       f"--activations={_foreign_tokens(case, world)}"]),
+        "has id 1000000, outside the", {}, None),
+    "--config.train override naming no field": (_train(_good, "--config.train.lamda2=0.1"),
+                                                "Did you mean --config.train.lambda2?", {}, None),
+    "--config file that raises": (lambda case, world: _train(_good, f"--config={_raising_config(case)}")(case, world),
+                                  "fails to load: RuntimeError: boom in the config file", {}, None),
+    "--config file missing": (_train(_good, "--config=no/such/config.py"), "no such config file", {}, None),
+    "unknown flag": (_train(_good, "--lamda2=0.1"), "Unknown command line flag 'lamda2'", {}, None),
+    "flag of the wrong type": (_train(_good, "--k=abc"), "flag --k=abc: invalid literal for int()", {}, None),
+    "NaN --alpha (steer)": (
+        lambda case, world: ("experiments.steer", [f"--run_dir={world['run']}", "--latent=1", "--prompt=x",
+                                                    "--alpha=nan"]),
+        "--alpha is nan, not a finite number", {}, None),
+    "inf in a --config override": (_train(_good, "--config.train.lr=inf"), "--config.train.lr is inf", {}, None),
 }
 
 

@@ -77,6 +77,9 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
     raise UserError(f"store {cfg.activations} has no tokens left after skipping the first "
                     f"{kept.skip} positions of each context.")
 
+  # Before the long stream: the store's token ids must decode with this tokenizer.
+  detok = Detokenizer.for_store(store, cfg.tokenizer or store.source.get("model"), backend)
+
   pairs_Px2 = selection.match_pairs(encoders[0].sae.W_dec, encoders[1].sae.W_dec)
   cands_Cx2 = selection.candidate_pairs(pairs_Px2, cfg.num_latents, cfg.candidate_factor, cfg.seed)
   with tqdm(total=num_kept, desc="autointerp: encode", unit="tok", disable=not cfg.progress) as bar:
@@ -97,7 +100,6 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
   neg_ends = kept.kept_to_global(np.sort(neg_ranks))
   per_sae = _collect_pairs(store, kept, cfg, encoders, pools, chosen, neg_ends, rng)
 
-  detok = Detokenizer.for_source(cfg.tokenizer or store.source.get("model"), backend)
   inner = backend or make_backend(cfg.llm_spec, cfg.timeout_s, cfg.retries, cfg.llm_api_key_env)
   llm = CachedBackend(inner, os.path.join(out_dir, "cache"))
   jobs = [lat for pair in zip(*per_sae) for lat in pair]  # ordered by pair, joint before solo

@@ -112,6 +112,8 @@ def build(cfg: BrowserConfig, detokenizer: Optional[Detokenizer] = None) -> dict
   if num_kept == 0:
     raise UserError(f"store {cfg.activations} has no tokens left after skipping the first "
                     f"{kept.skip} positions of each context.")
+  # Before the long stream: the store's token ids must decode with this tokenizer.
+  detok = detokenizer or Detokenizer.for_store(store, cfg.tokenizer or store.source.get("model"))
   report = read_json(os.path.join(cfg.run_dir, "report.json"), "experiments.evaluate")
   splits = read_json(os.path.join(cfg.run_dir, "split_candidates.json"), "experiments.evaluate") or []
   scores = read_json(os.path.join(cfg.run_dir, "autointerp", "scores.json"), "experiments.autointerp")
@@ -142,7 +144,6 @@ def build(cfg: BrowserConfig, detokenizer: Optional[Detokenizer] = None) -> dict
     for lat in latents[name].values():
       for ctx in _contexts_of(lat):
         token_ids.update(ctx["tokens"])
-  detok = detokenizer or Detokenizer.for_source(cfg.tokenizer or store.source.get("model"))
   vocab = {str(t): detok.piece(t) for t in sorted(token_ids)}
   return {
       "title": os.path.basename(os.path.normpath(cfg.run_dir)),

@@ -258,16 +258,17 @@ def _load_model(name: str):
   return models.load_model(name)
 
 
-def _load_decode(name: Optional[str], notes: list) -> Optional[Callable[[list], str]]:
+def _load_decode(name: Optional[str], store: Store) -> Optional[Callable[[list], str]]:
   """Token-id decoding for split-candidate contexts: the tokenizer only, never the weights.
 
-  Loaded before the long stages so that a model ΔCE cannot load fails the run at once (UserError).
+  Loaded before the long stages, with every token id of the store checked against its vocabulary, so that a
+  model ΔCE cannot load, or a store from another tokenizer, fails the run at once (UserError).
   """
-  del notes
   if name is None:
     return None
-  from metasae_jax.lm import models
+  from metasae_jax.lm import models, tokens
   tokenizer = models.load_tokenizer(name)
+  tokens.check_ids(store, len(tokenizer), f"the tokenizer of {name}")
   return lambda ids: tokenizer.decode(ids)
 
 
@@ -316,15 +317,17 @@ def evaluate_run(cfg: EvalConfig) -> dict:
     timings[key] = time.perf_counter() - start
     return out
 
-  inputs = timed("thresholds_s", lambda: calibrate_stage(cfg, open_inputs(cfg)))
+  inputs = open_inputs(cfg)
+  model_name = ce_model_name(cfg, inputs.store, inputs.notes)
+  decode = _load_decode(model_name, inputs.store)
+  inputs = timed("thresholds_s", calibrate_stage, cfg, inputs)
   streamed = timed("reconstruction_s", stream_stage, cfg, inputs)
   per_sae = streamed.metrics
   outliers = max(r["outlier_tokens"] for r in per_sae.values())
   if outliers:
     inputs.notes.append(f"{outliers} held-out tokens have > {reconstruction.OUTLIER_FACTOR:g}x the median norm "
                         "(attention-sink-like tokens); fvu is dominated by them, fvu_typical leaves them out")
-  model_name = ce_model_name(cfg, inputs.store, inputs.notes)
-  pair = timed("phi_s", pairwise_stage, cfg, inputs, streamed, _load_decode(model_name, inputs.notes))
+  pair = timed("phi_s", pairwise_stage, cfg, inputs, streamed, decode)
   for n in per_sae:
     per_sae[n].update(pair.phi[n].summary())
   if cfg.meta_fve_steps > 0:

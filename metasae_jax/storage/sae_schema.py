@@ -6,7 +6,6 @@ cfg value or a tensor this module did not check: a wrong type, a missing field, 
 the cfg or a NaN/inf weight is one UserError naming the folder, the field and the fix.
 """
 
-import math
 from typing import Any, Optional
 
 import numpy as np
@@ -16,7 +15,6 @@ from metasae_jax.core.errors import UserError
 ACTIVATIONS = ("batchtopk", "topk")
 INPUT_NORMS = ("standardize_per_token", "none")
 REQUIRED_CFG = ("d_model", "width", "k", "activation", "input_norm")
-SITES = ("resid_pre", "resid_post")
 
 
 def fail(path: str, problem: str, fix: str = "Fix cfg.json or re-export the SAE.") -> UserError:
@@ -89,8 +87,7 @@ def check_cfg(path: str, cfg: Any) -> None:
   source = cfg.get("source") or {}
   int_field(path, source, "layer", 0, where="cfg.json source", optional=True)
   typed_field(path, source, "model", (str, type(None)), "a model name", where="cfg.json source")
-  if source.get("site") is not None:
-    choice_field(path, source, "site", SITES, where="cfg.json source")
+  typed_field(path, source, "site", (str, type(None)), "a site name", where="cfg.json source")
 
 
 def tensor_shapes(cfg: dict) -> dict:
@@ -134,12 +131,3 @@ def validated(path: str, tensors: dict, cfg: dict, weights: str, implied: str = 
                "Set k (1 <= k < width) in cfg.json or re-export the SAE.")
   return out, cfg
 
-
-def finite_number(path: str, cfg: dict, key: str, where: str) -> Optional[float]:
-  """An optional numeric field, finite when present."""
-  value = cfg.get(key)
-  if value is None:
-    return None
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-    raise fail(path, f"{where} {key} {describe(value)} is not a finite number")
-  return float(value)
