@@ -131,6 +131,14 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
     lat["pair_cosine"] = float(cos[k // len(SAES)])
     results[SAES[k % len(SAES)]].append(lat)
   stats = _llm_stats(llm, scored)
+  asked = len(jobs) + len(flat)
+  if stats["llm_failed_requests"] + stats["llm_malformed_answers"] >= asked:
+    # Not one usable answer: scores.json would only hold failures; an earlier good one is left untouched.
+    raise UserError(f"none of the {asked} LLM requests to {llm.name} got a usable answer "
+                    f"({stats['llm_failed_requests']} failed after retries, {stats['llm_malformed_answers']} "
+                    f"malformed; last: {llm.last_problem or 'answers in no format the scorers read'}). Check that "
+                    "the server is up and serves /v1/chat/completions for --llm_model, then rerun the same "
+                    "command; nothing was written.")
   scores = {
       "llm": llm.name,
       "activations": os.path.abspath(cfg.activations),
