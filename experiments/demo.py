@@ -9,7 +9,6 @@ import os
 
 from absl import flags
 from experiments import cli, cli_flags, configs
-from metasae_jax.workflows.pipeline import run_pipeline
 
 F = flags.FLAGS
 cli_flags.define_config_file("config", os.path.join(os.path.dirname(configs.__file__), "smollm2_demo.py"),
@@ -25,6 +24,8 @@ def main(argv):
   if F.dry_run:
     print(F.config.to_json_best_effort(indent=2))
     return
+  cli.check_pipeline(F.config, F.out_dir)
+  from metasae_jax.workflows.pipeline import run_pipeline  # pylint: disable=g-import-not-at-top  (JAX, torch)
   report = run_pipeline(configs.to_preset(F.config), F.out_dir, llm=F.llm, config=F.config.to_dict())
   print(f"\nreport: {report}\n        {F.out_dir}/report.json and PNG plots in {F.out_dir}/")
 

@@ -112,6 +112,14 @@ def _foreign_tokens(case, world) -> str:
   return path
 
 
+def _model_store(case, world) -> str:
+  """A store from the tiny model (its ids in the vocabulary) but of the run's d_model, not the model's width."""
+  path = str(case / "model_store")
+  store.write_store(path, synthetic.sparse_activations(512, D, num_features=32), np.arange(512, dtype=np.int32) % 20,
+                    context_len=8, shard_tokens=256, source={"model": world["model"], "layer": 1, "site": "resid_pre"})
+  return path
+
+
 def _raising_config(case) -> str:
   path = os.path.join(str(case), "raising.py")
   with open(path, "w") as f:
@@ -228,6 +236,10 @@ ROWS = {
         lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}", f"--model={world['model']}",
                                                        f"--activations={_foreign_tokens(case, world)}"]),
         "has id 1000000, outside the", {}, None),
+    "--model of another width than the store (evaluate)": (
+        lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}", f"--model={world['model']}",
+                                                       f"--activations={_model_store(case, world)}"]),
+        "has a residual width of 32, but the activation store", {}, None),
     "--config.train override naming no field": (_train(_good, "--config.train.lamda2=0.1"),
                                                 "Did you mean --config.train.lambda2?", {}, None),
     "--config file that raises": (lambda case, world: _train(_good, f"--config={_raising_config(case)}")(case, world),

@@ -19,8 +19,8 @@ from ml_collections import config_dict
 
 from metasae_jax.autointerp.config import AutointerpConfig
 from metasae_jax.core.config import TrainConfig
-from metasae_jax.evaluation.evaluate import EvalConfig
-from metasae_jax.training.trainer import RunConfig
+from metasae_jax.evaluation.config import EvalConfig
+from metasae_jax.training.run_config import RunConfig
 
 # TrainConfig.width has no default (it is a choice); the plain `--width` flag's default.
 DEFAULT_WIDTH = 4096

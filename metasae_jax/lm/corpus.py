@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import sysconfig
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -249,6 +249,21 @@ def _source_pieces(corpus: str, text_field: str) -> Iterator[Piece]:
     raise UserError(f"--corpus {corpus}: no such file or directory. Pass an existing path, "
                     f"{BUILTIN!r}, or an HF dataset id.")
   return _dataset_pieces(corpus, text_field)
+
+
+def token_bound(corpus: str) -> Optional[int]:
+  """An upper bound on the tokens a local .txt/.jsonl corpus yields, from file sizes alone (no tokenizer), or
+  None when sizes say nothing (builtin, parquet, a dataset id).
+
+  No tokenizer makes more than one token of a byte, plus a word-prefix token and a separator per document; a
+  .jsonl row spends more bytes on its JSON than those two tokens.
+  """
+  if corpus == BUILTIN:
+    return None
+  files = _dir_files(corpus) if os.path.isdir(corpus) else [corpus] if os.path.isfile(corpus) else []
+  if not files or any(not path.endswith((".txt", ".jsonl")) for path in files):
+    return None
+  return sum(os.path.getsize(path) + (2 if path.endswith(".txt") else 0) for path in files)
 
 
 def separator_id(tokenizer: Any):

@@ -22,7 +22,7 @@ from metasae_jax.core import sae as sae_lib
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage import interop, sae_schema
 
-FIRINGS = ("threshold", "topk", "batchtopk")
+FIRINGS = sae_schema.FIRINGS
 INPUT_NORMS = sae_schema.INPUT_NORMS
 
 

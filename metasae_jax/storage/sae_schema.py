@@ -13,6 +13,8 @@ import numpy as np
 from metasae_jax.core.errors import UserError
 
 ACTIVATIONS = ("batchtopk", "topk")
+# How a loaded SAE decides which latents fire (storage/loaded_sae.py).
+FIRINGS = ("threshold", "topk", "batchtopk")
 INPUT_NORMS = ("standardize_per_token", "none")
 REQUIRED_CFG = ("d_model", "width", "k", "activation", "input_norm")
 

@@ -82,10 +82,13 @@ def _log(msg: str) -> None:
 
 def export_stage(preset: Preset, data_dir: str) -> store.Store:
   from metasae_jax.lm.export import ExportConfig, export_activations
+  from metasae_jax.lm.export_config import preflight
   path = os.path.join(data_dir, "store")
   _log(f"export: {preset.export.get('model', 'default model')} → {path}")
   # The pipeline splits by whole shards itself (split_stage), as it always has: existing workdirs resume.
-  export_activations(ExportConfig(out_dir=path, **dict(dict(heldout_fraction=0.0), **preset.export)))
+  config = ExportConfig(out_dir=path, **dict(dict(heldout_fraction=0.0), **preset.export))
+  preflight(config)  # the model's layer count and the corpus, before the model loads
+  export_activations(config)
   return store.open_store(path)
 
 
