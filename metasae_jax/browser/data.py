@@ -216,6 +216,8 @@ def _summary(report: Optional[dict], scores: Optional[dict]) -> Optional[dict]:
     out["matching"] = report.get("matching") or {}
     out["notes"] = report.get("notes") or []
     out["info"] = {k: report.get(k) for k in ("num_tokens", "firing", "activations")}
+    # The evaluation's own position rule: the page's examples may skip positions the summary's numbers include.
+    out["info"]["skip"] = (report.get("skip") or {}).get("rule")
   if scores is not None:
     for key in ("fuzz_spearman", "fuzz_balanced_accuracy"):
       vals = [scores.get(name, {}).get(key) for name in SAES]

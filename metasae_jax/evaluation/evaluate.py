@@ -291,7 +291,7 @@ def evaluate_run(cfg: EvalConfig) -> dict:
   out["delta_ce"] = ce.info if ce else {"skipped": True}
   out["meta_fve_config"] = {"steps": cfg.meta_fve_steps, "width_fraction": cfg.meta_width_fraction, "k": cfg.meta_k}
   out["notes"] = inputs.notes
-  out["plots"] = timed("plots_s", plots.write_all, cfg.run_dir, pair.phi, per_sae, pair.cosine)
+  out["plots"] = timed("plots_s", plots.write_all, cfg.run_dir, pair.phi, per_sae, pair.cosine, out.get("comparison"))
   timings["total_s"] = time.perf_counter() - t0
   out["timings"] = timings
   return report.write(cfg.run_dir, out, pair.candidates)
