@@ -89,6 +89,15 @@ def test_a_reply_that_is_not_json_is_a_malformed_answer_not_a_failed_request(ser
   assert out.text == "" and "malformed reply" in out.malformed and b.stats["failures"] == 0
 
 
+def test_logprobs_that_are_no_log_probabilities_make_a_malformed_answer(server):
+  server.reply = lambda body: {"id": "x", "object": "chat.completion", "created": 0, "model": "tiny", "choices": [{
+      "index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "7"},
+      "logprobs": {"content": [{"token": "7", "logprob": 3.5, "bytes": None,
+                                "top_logprobs": [{"token": "7", "logprob": 3.5, "bytes": None}]}]}}]}
+  out = _backend(server, retries=0).complete(MSG, 3)
+  assert out.malformed and "is not a log-probability" in out.malformed and out.text == ""
+
+
 def test_unreachable_server_is_user_error():
   b = OpenAIBackend("http://127.0.0.1:9/v1", "m", timeout_s=1.0, retries=0)
   with pytest.raises(UserError, match="unreachable"):

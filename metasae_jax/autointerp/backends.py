@@ -158,6 +158,8 @@ def _parse_reply(reply) -> Completion:
   if content:
     for alt in content[0].top_logprobs or []:
       key, lp = alt.token, float(alt.logprob)
+      if not isinstance(key, str) or math.isnan(lp) or lp > 1e-6:  # -inf is a probability of 0
+        raise ValueError(f"top_logprobs entry {key!r}: {lp} is not a log-probability")
       top[key] = _logaddexp(top.get(key), lp)
   return Completion(text, top, None)
 
