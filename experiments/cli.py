@@ -15,6 +15,7 @@ from absl import app, flags, logging
 
 from experiments import cli_flags
 from metasae_jax.core.errors import Interrupted, UserError
+from metasae_jax.lm import export_config, model_files, tokens  # the torch-free part of lm/
 from metasae_jax.storage import artifact, atomic, lock, sae_schema, store
 from metasae_jax.training import run_config
 
@@ -102,7 +103,6 @@ def check_model(name: str, s=None, layer=None, site=None, runs_on_store: bool = 
   """What can be known of `--model` from its files before torch loads it: it exists; its blocks hold `layer`;
   the store's token ids are in its vocabulary; and when it runs on the store's activations (ΔCE), its width is
   the store's d_model."""
-  from metasae_jax.lm import model_files, tokens  # pylint: disable=g-import-not-at-top  (no torch)
   found = model_files.shape(name)
   if found is None:
     return
@@ -131,7 +131,6 @@ def hooked_sae(run_dir: str, name: str) -> dict:
 def check_pipeline(c, out_dir: str) -> None:
   """A whole-job config (`reproduce`, `demo`) before anything heavy: the output directory, and its export
   section against the model's files and the corpus (the model loads only after these pass)."""
-  from metasae_jax.lm import export_config  # pylint: disable=g-import-not-at-top  (no torch)
   check_out_dir(out_dir)
   export_config.preflight(export_config.ExportConfig(out_dir="-", **c.export.to_dict()))
 
