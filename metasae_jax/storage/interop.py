@@ -308,7 +308,7 @@ def read_saelens(path: str) -> tuple[dict, dict]:
   if sl.get("reshape_activations", "none") != "none":
     raise UserError(f"SAELens SAE {path}: reshape_activations {sae_schema.describe(sl['reshape_activations'])} "
                     "(attention heads) is not supported; only residual-stream SAEs load here.")
-  k = sae_schema.int_field(path, sl, "k", 1, n, optional=arch not in ("topk", "batchtopk")) or 0
+  k = sae_schema.k_field(path, sl, n, 1, optional=arch not in ("topk", "batchtopk"), width_name="d_sae") or 0
   for key in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
     sae_schema.typed_field(path, sl, key, (bool, type(None)), "true or false")
   sae_schema.typed_field(path, sl, "metadata", (dict, type(None)), "an object")
@@ -365,7 +365,7 @@ def read_sparsify(path: str) -> tuple[dict, dict]:
     if factor is None:
       raise sae_schema.fail(path, "cfg.json has neither num_latents nor expansion_factor")
     n = factor * d
-  k = sae_schema.int_field(path, sp, "k", 1, n)
+  k = sae_schema.k_field(path, sp, n, 1, width_name="num_latents")
   implied = "cfg.json d_in and num_latents (or expansion_factor)"
   w_enc = np.ascontiguousarray(_tensor(path, tensors, "encoder.weight", (n, d), SPARSIFY_WEIGHTS, implied).T)
   cfg = {"d_model": d, "width": n, "k": k, "activation": "topk", "input_norm": "none", "has_threshold": False,

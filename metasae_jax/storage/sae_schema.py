@@ -49,6 +49,15 @@ def int_field(path: str, cfg: dict, key: str, lo: int, hi: Optional[int] = None,
   return value
 
 
+def k_field(path: str, cfg: dict, width: int, lo: int, where: str = "cfg.json", optional: bool = False,
+            width_name: str = "width") -> Optional[int]:
+  """cfg["k"]: an integer >= lo and at most the width (k = width keeps every latent: a dense code)."""
+  k = int_field(path, cfg, "k", lo, where=where, optional=optional)
+  if k is not None and k > width:
+    raise fail(path, f"{where} k is {k}, more than its {width_name} {width}")
+  return k
+
+
 def choice_field(path: str, cfg: dict, key: str, choices: tuple, where: str = "cfg.json",
                  default: Optional[str] = None) -> str:
   """cfg[key], one of `choices`; `default` when absent (None: the field is required)."""
@@ -77,7 +86,7 @@ def check_cfg(path: str, cfg: Any) -> None:
   int_field(path, cfg, "d_model", 1)
   width = int_field(path, cfg, "width", 1)
   # k = 0: an SAE that fires by threshold only (SAELens jumprelu/standard); checked against the tensors.
-  int_field(path, cfg, "k", 0, width)
+  k_field(path, cfg, width, 0)
   choice_field(path, cfg, "activation", ACTIVATIONS)
   choice_field(path, cfg, "input_norm", INPUT_NORMS)
   int_field(path, cfg, "skip_first_positions", 0, optional=True)
