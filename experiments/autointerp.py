@@ -15,9 +15,8 @@ from absl import flags
 
 from experiments import cli
 from metasae_jax.autointerp.config import SCORERS, AutointerpConfig
-from metasae_jax.autointerp.pipeline import run_autointerp
+from metasae_jax.lm import model_files
 from metasae_jax.storage.artifact import SAE_NAMES
-from metasae_jax.autointerp.report import METRICS
 
 _D = AutointerpConfig(run_dir="", activations="")
 
@@ -64,6 +63,7 @@ flags.mark_flags_as_required(["run_dir"])
 
 def main(argv):
   del argv
+  cfgs = cli.run_sae_cfgs(_RUN_DIR.value, need=2)
   config = AutointerpConfig(
       run_dir=_RUN_DIR.value,
       activations=cli.evaluation_store(_ACTIVATIONS.value, cli.recorded_activations(_RUN_DIR.value),
@@ -76,7 +76,15 @@ def main(argv):
       num_score=_NUM_SCORE.value, num_negative=_NUM_NEGATIVE.value,
       explain_max_tokens=_EXPLAIN_TOKENS.value, timeout_s=_TIMEOUT.value, retries=_RETRIES.value,
       **{name: flag.value for name, flag in _PER_SCORER.items()})
+  # The run, the store, the tokenizer's vocabulary and a local LLM's files are checked before JAX is imported.
   cli.check_store(config.activations)
+  held = cli.check_sae_store(cfgs, config.activations, config.run_dir, require_tokens=True)
+  if config.tokenizer or held.source.get("model"):
+    cli.check_model(config.tokenizer or held.source["model"], held)
+  if config.is_local:
+    model_files.check_local(config.llm_spec.partition(":")[2])
+  from metasae_jax.autointerp.pipeline import run_autointerp  # pylint: disable=g-import-not-at-top  (JAX)
+  from metasae_jax.autointerp.report import METRICS  # pylint: disable=g-import-not-at-top
   with cli.writing_into(config.run_dir):
     scores = run_autointerp(config)
   summary = {name: {m: scores[name][m] for m in METRICS} for name in SAE_NAMES}

@@ -14,12 +14,10 @@ import os
 from absl import flags
 
 from experiments import cli
-from metasae_jax.storage import atomic
-from metasae_jax.browser import data as data_lib
-from metasae_jax.browser import page
-from metasae_jax.storage.loaded_sae import FIRINGS
+from metasae_jax.browser.config import BrowserConfig
+from metasae_jax.storage.sae_schema import FIRINGS
 
-_D = data_lib.BrowserConfig(run_dir="", activations="")
+_D = BrowserConfig(run_dir="", activations="")
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Training run directory with joint/ and solo/ SAEs.")
 _ACTIVATIONS = flags.DEFINE_string("activations", None,
@@ -48,7 +46,9 @@ flags.mark_flags_as_required(["run_dir"])
 
 def main(argv):
   del argv
-  config = data_lib.BrowserConfig(
+  # The run, the store, the output directory and the tokenizer's vocabulary are checked before JAX is imported.
+  cfgs = cli.run_sae_cfgs(_RUN_DIR.value, need=2)
+  config = BrowserConfig(
       run_dir=_RUN_DIR.value,
       activations=cli.evaluation_store(_ACTIVATIONS.value, cli.recorded_activations(_RUN_DIR.value),
                                        _ALLOW_TRAIN.value, f"the run in {_RUN_DIR.value}"),
@@ -57,8 +57,13 @@ def main(argv):
       batch_size=_BATCH_SIZE.value, firing=_FIRING.value or "", skip_first_positions=_SKIP.value,
       tokenizer=_TOKENIZER.value, seed=_SEED.value)
   if _OUT_DIR.value:
-    atomic.check_output_dir(_OUT_DIR.value, "--out_dir")
+    cli.check_out_dir(_OUT_DIR.value)
   cli.check_store(config.activations)
+  held = cli.check_sae_store(cfgs, config.activations, config.run_dir, require_tokens=True)
+  if config.tokenizer or held.source.get("model"):
+    cli.check_model(config.tokenizer or held.source["model"], held)
+  from metasae_jax.browser import data as data_lib  # pylint: disable=g-import-not-at-top  (JAX)
+  from metasae_jax.browser import page  # pylint: disable=g-import-not-at-top
   with cli.writing_into(config.run_dir):
     data = data_lib.build(config)
     path = page.write(data, _OUT_DIR.value or os.path.join(config.run_dir, "browser"))

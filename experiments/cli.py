@@ -7,15 +7,17 @@ naming the path and the fix.
 
 import contextlib
 import errno
-import json
 import logging as std_logging  # only to filter Orbax's records on absl's handler
 import os
 import sys
 
 from absl import app, flags, logging
 
+from experiments import cli_flags
 from metasae_jax.core.errors import Interrupted, UserError
-from metasae_jax.storage import location, lock, store
+from metasae_jax.lm import export_config, model_files, tokens  # the torch-free part of lm/
+from metasae_jax.storage import artifact, atomic, location, lock, sae_schema, store
+from metasae_jax.training import run_config
 
 _OS_FIXES = {
     errno.ENOSPC: "the disk is full: free space (or pick another output directory) and rerun the same "
@@ -27,6 +29,7 @@ _OS_FIXES = {
     errno.ENOTDIR: "a component of the path is a file, not a directory: pick another path",
     errno.EISDIR: "the path is a directory where a file was expected: pick another path",
     errno.EEXIST: "something already exists at this path: remove it or pick another path",
+    errno.ELOOP: "the path goes through a loop of symbolic links: remove the link or pick another path",
 }
 
 
@@ -42,6 +45,94 @@ def os_error_line(e: OSError) -> str:
 def check_store(path: str) -> None:
   """Validates a store a binary reads in full (evaluation, autointerp, browser), NaN/Inf included."""
   store.open_store(path).check_finite()
+
+
+def check_out_dir(path: str, flag: str = "--out_dir") -> None:
+  """An output directory that can be created or written (checked before anything heavy is imported): not a
+  file, not below a file, writable, and no symbolic link loop or dangling link on the way."""
+  if path:
+    try:
+      os.stat(path)
+    except OSError as e:
+      if e.errno == errno.ELOOP:
+        raise UserError(f"{flag} {path} goes through a loop of symbolic links; remove the link or pick another "
+                        "path (nothing was written).") from None
+      if e.errno == errno.ENOENT and os.path.islink(path):
+        raise UserError(f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist; create "
+                        "that directory or pick another path (nothing was written).") from None
+  atomic.check_output_dir(path, flag)
+
+
+def run_sae_cfgs(run_dir: str, names=artifact.SAE_NAMES, need: int = 1, flag: str = "--run_dir") -> dict:
+  """name -> checked cfg.json of the run's SAEs present among `names` (at least `need` of them), read without
+  JAX: the weights are checked in full when they load; this refuses a wrong folder before anything heavy."""
+  if not os.path.isdir(run_dir):
+    raise UserError(f"{flag} {run_dir} does not exist; point it at a directory written by experiments.train.")
+  cfgs = {}
+  for name in names:
+    path = os.path.join(run_dir, name)
+    if not os.path.isdir(path):
+      continue
+    for file_name in (artifact.CFG, artifact.WEIGHTS):
+      if not os.path.isfile(os.path.join(path, file_name)):
+        raise UserError(f"SAE artifact {path}: missing {file_name}. Train or resume the run to finish it "
+                        "(experiments.train), or point at a finished run.")
+    cfg = artifact.read_cfg(path)
+    sae_schema.check_cfg(path, cfg)
+    cfgs[name] = cfg
+  if len(cfgs) < need:
+    missing = [n for n in names if n not in cfgs]
+    raise UserError(f"{flag} {run_dir} has no {' or '.join(f'{n}/' for n in missing)} SAE"
+                    f"{'s' if len(missing) > 1 else ''}; train first (experiments.train, with the solo baseline "
+                    "for joint-vs-solo tools) or point at the run directory.")
+  return cfgs
+
+
+def check_sae_store(cfgs: dict, activations: str, run_dir: str, require_tokens: bool = False) -> store.Store:
+  """The evaluation store, opened, with the run's SAEs' d_model checked against it."""
+  s = store.open_store(activations, require_tokens=require_tokens)
+  for name, cfg in cfgs.items():
+    if cfg["d_model"] != s.d_model:
+      raise UserError(f"SAE artifact {os.path.join(run_dir, name)} has d_model {cfg['d_model']} but the activation "
+                      f"store {activations} has d_model {s.d_model}. Evaluate it on activations from the model "
+                      f"and layer it was trained on (its cfg.json source: {cfg.get('source')}).")
+  return s
+
+
+def check_model(name: str, s=None, layer=None, site=None, runs_on_store: bool = False) -> None:
+  """What can be known of `--model` from its files before torch loads it: it exists; its blocks hold `layer`;
+  the store's token ids are in its vocabulary; and when it runs on the store's activations (ΔCE), its width is
+  the store's d_model."""
+  found = model_files.shape(name)
+  if found is None:
+    return
+  if layer is not None:
+    model_files.check_site(int(layer), site or "resid_pre", found.num_layers)
+  if s is None:
+    return
+  if found.vocab_size:
+    tokens.check_ids(s, found.vocab_size, f"model {name}")
+  if runs_on_store and found.d_model and s.source.get("site") in model_files.SITES and found.d_model != s.d_model:
+    raise UserError(f"--model {name} has a residual width of {found.d_model}, but the activation store {s.path} has "
+                    f"d_model {s.d_model}. Pass the --model the store was exported from "
+                    f"({s.source.get('model')!r}).")
+
+
+def hooked_sae(run_dir: str, name: str) -> dict:
+  """cfg.json of the run's SAE `name`, checked (no JAX), with the layer and site it hooks."""
+  cfg = run_sae_cfgs(run_dir, (name,))[name]
+  source = cfg.get("source") or {}
+  if not isinstance(source.get("layer"), int) or not isinstance(source.get("site"), str):
+    raise UserError(f"{os.path.join(run_dir, name)}/cfg.json has no source.layer/site: it was not trained on a "
+                    "model's activations, so there is no layer to hook.")
+  return cfg
+
+
+def check_pipeline(c, out_dir: str) -> None:
+  """A whole-job config (`reproduce`, `demo`) before anything heavy: the output directory, and its export
+  section against the model's files and the corpus (the model loads only after these pass)."""
+  check_out_dir(out_dir)
+  export_config.preflight(export_config.ExportConfig(out_dir="-", **c.export.to_dict()))
 
 
 def writing_into(run_dir: str):
@@ -132,7 +223,7 @@ def run(main) -> None:
       sys.stderr.flush()
       os._exit(1)
 
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=cli_flags.parse)
 
 
 def model_flag(recorded, what: str, name: str = "model") -> str:
@@ -156,20 +247,36 @@ def model_flag(recorded, what: str, name: str = "model") -> str:
 
 def recorded_activations(run_dir: str):
   """The store (or view) a training run in `run_dir` recorded in run_config.json; None if it records none."""
-  try:
-    with open(os.path.join(run_dir, "run_config.json")) as f:
-      value = json.load(f).get("data", {}).get("activations")
-  except (OSError, ValueError, AttributeError):
+  return run_config.recorded_activations(run_dir)
+
+
+def split_views(path: str):
+  """(train view, held-out view) of a store, given the store or either view; None if it has no split.
+
+  Two layouts: the exporter's, STORE/train and STORE/heldout; and the pipeline's (`make demo`, `reproduce`):
+  DATA/store with the views DATA/train and DATA/heldout beside it, which must view that store without
+  sharing a token.
+  """
+  split = store.split_of(path)
+  if split is not None:
+    return split
+  base = store.base_of(path)
+  parent = location.resolve(base, "..")
+  views = tuple(location.join(parent, v) for v in (store.TRAIN_VIEW, store.HELDOUT_VIEW))
+  if not all(store.exists(v) for v in views):
     return None
-  return value if isinstance(value, str) else None
+  bases = {store.token_ranges(v)[0] for v in views}
+  if bases != {store.token_ranges(base)[0]} or store.shared_tokens(*views):
+    return None
+  return views
 
 
 def training_view(activations: str, out_dir: str) -> str:
-  """What `train` reads for `--activations`: the training view when the store has an exporter split.
+  """What `train` reads for `--activations`: the training view when the store has a split (`split_views`).
 
   A run already started on the whole store keeps it (its run_config.json records the store it resumes on).
   """
-  split = store.split_of(activations)
+  split = split_views(activations)
   if split is None or "view_of" in store.read_manifest(activations):
     return activations
   if recorded_activations(out_dir) == location.normalize(activations):
@@ -186,18 +293,19 @@ def evaluation_store(activations, trained, allow_train_tokens: bool, what: str, 
   split = None
   trained_exists = bool(trained) and store.exists(trained)
   if trained_exists:
-    split = store.split_of(trained)
+    split = split_views(trained)
   if not activations:
     if split is None:
-      where = f"the run trained on {trained}, which has no held-out view" if trained else (
-          f"{what} records no training store")
-      raise UserError(f"{flag} is required: {where}. Pass a held-out store, or re-export with "
-                      "experiments.export_activations (it writes STORE/heldout) and train on that store.")
+      if trained:
+        raise UserError(f"{flag} is required: the run trained on {trained}, which has no held-out view beside it "
+                        "(neither STORE/heldout as the exporter writes it nor DATA/heldout as make demo does). "
+                        f"Pass a held-out store with {flag}.")
+      raise UserError(f"{flag} is required: {what} records no training store. Pass a held-out store.")
     activations = split[1]
   if trained_exists and not allow_train_tokens:
     shared = store.shared_tokens(activations, trained)
     if shared:
-      fix = f"use its held-out view {split[1]}" if split else "pass a held-out store"
+      fix = f"use its held-out view {split[1]}" if split and split[1] != activations else "pass a held-out store"
       raise UserError(f"{flag} {activations} shares {shared} tokens with {trained}, which {what} was "
                       f"trained on; {fix} (or pass --allow_train_tokens to evaluate on training tokens on purpose).")
   return activations

@@ -8,14 +8,11 @@ Rerunning reuses every finished stage.
 import os
 
 from absl import flags
-from ml_collections import config_flags
-
-from experiments import cli, configs
-from metasae_jax.workflows.pipeline import run_pipeline
+from experiments import cli, cli_flags, configs
 
 F = flags.FLAGS
-config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(configs.__file__), "smollm2_demo.py"),
-                                "Config file; override any field with --config.SECTION.NAME=... (docs/configs.md).")
+cli_flags.define_config_file("config", os.path.join(os.path.dirname(configs.__file__), "smollm2_demo.py"),
+                             "Config file; override any field with --config.SECTION.NAME=... (docs/configs.md).")
 flags.DEFINE_string("out_dir", "runs/demo", "Where the store, the run and the report go.")
 cli.deprecated_alias("workdir", "out_dir")
 flags.DEFINE_string("llm", "", "Also run autointerp with this LLM (e.g. local:smollm2-135m-gguf); empty skips it.")
@@ -27,6 +24,8 @@ def main(argv):
   if F.dry_run:
     print(F.config.to_json_best_effort(indent=2))
     return
+  cli.check_pipeline(F.config, F.out_dir)
+  from metasae_jax.workflows.pipeline import run_pipeline  # pylint: disable=g-import-not-at-top  (JAX, torch)
   report = run_pipeline(configs.to_preset(F.config), F.out_dir, llm=F.llm, config=F.config.to_dict())
   print(f"\nreport: {report}\n        {F.out_dir}/report.json and PNG plots in {F.out_dir}/")
 

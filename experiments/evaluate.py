@@ -6,10 +6,10 @@ python -m experiments.evaluate --run_dir RUN --activations HELDOUT_STORE [--mode
 from absl import flags
 
 from experiments import cli
-from metasae_jax.evaluation import evaluate as evaluation
-from metasae_jax.storage import loaded_sae, store
+from metasae_jax.evaluation.config import EvalConfig
+from metasae_jax.storage import sae_schema, store
 
-_D = evaluation.EvalConfig(run_dir="", activations="")
+_D = EvalConfig(run_dir="", activations="")
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Run directory with joint/ and solo/ SAE artifacts; "
                                "report.json, report.md, split_candidates.json and PNGs are written here.")
@@ -22,7 +22,7 @@ _MODEL = flags.DEFINE_string("model", store.BUILTIN_MODEL,
                              "Model for ΔCE: the built-in model by default (an error if the store was "
                              "exported from another model: pass that one); 'none' skips ΔCE. A store that "
                              "records no model skips ΔCE unless --model is given.")
-_FIRING = flags.DEFINE_enum("firing", _D.firing, list(loaded_sae.FIRINGS),
+_FIRING = flags.DEFINE_enum("firing", _D.firing, list(sae_schema.FIRINGS),
                             "threshold: calibrated per-latent θ (calibrated and saved if missing); "
                             "topk: each token's k largest; batchtopk: BatchTopK over each batch.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", _D.batch_size, "Tokens per batch.")
@@ -55,21 +55,28 @@ flags.mark_flags_as_required(["run_dir"])
 
 def main(argv):
   del argv
+  # Everything a user can get wrong is checked before JAX or torch is imported.
+  cfgs = cli.run_sae_cfgs(_RUN_DIR.value)
   activations = cli.evaluation_store(_ACTIVATIONS.value, cli.recorded_activations(_RUN_DIR.value),
                                      _ALLOW_TRAIN.value, f"the run in {_RUN_DIR.value}")
   cli.check_store(activations)
-  recorded = store.open_store(activations).source.get("model")
+  held = cli.check_sae_store(cfgs, activations, _RUN_DIR.value)
+  recorded = held.source.get("model")
   model = cli.model_flag(recorded, f"the store {activations}")
-  config = evaluation.EvalConfig(
+  # A store that records no model (synthetic activations) has none to splice into unless one is named.
+  model = model if (recorded or _MODEL.present) else ""
+  config = EvalConfig(
       run_dir=_RUN_DIR.value,
       activations=activations,
       num_tokens=_NUM_TOKENS.value,
-      # A store that records no model (synthetic activations) has none to splice into unless one is named.
-      model=model if (recorded or _MODEL.present) else "", firing=_FIRING.value, batch_size=_BATCH_SIZE.value,
+      model=model, firing=_FIRING.value, batch_size=_BATCH_SIZE.value,
       skip_first_positions=_SKIP.value, ce_contexts=_CE_CONTEXTS.value, ce_batch_contexts=_CE_BATCH.value,
       ce_firing=_CE_FIRING.value, ce_include_first_position=_CE_FIRST.value, meta_fve_steps=_META_STEPS.value,
       split_phi_threshold=_SPLIT_PHI.value, bootstrap_replicates=_BOOT_REPS.value,
       bootstrap_blocks=_BOOT_BLOCKS.value, seed=_SEED.value)
+  if model and model.lower() != "none" and config.ce_contexts:
+    cli.check_model(model, held, runs_on_store=True)
+  from metasae_jax.evaluation import evaluate as evaluation  # pylint: disable=g-import-not-at-top  (JAX)
   with cli.writing_into(config.run_dir):
     report = evaluation.evaluate_run(config)
   print(evaluation.markdown(report))

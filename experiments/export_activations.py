@@ -11,17 +11,16 @@ import json
 from absl import flags
 
 from experiments import cli
-from metasae_jax.lm import export
-from metasae_jax.lm import models
+from metasae_jax.lm import export_config, model_files
 from metasae_jax.storage import store as store_lib
 
-_DEFAULTS = export.ExportConfig(out_dir="-")
+_DEFAULTS = export_config.ExportConfig(out_dir="-")
 
-_MODEL = flags.DEFINE_string("model", models.DEFAULT_MODEL,
+_MODEL = flags.DEFINE_string("model", model_files.DEFAULT_MODEL,
                              "Built-in default (SmolLM2-135M-Instruct GGUF), a local model "
                              "directory, or an HF model id (needs internet).")
 _LAYER = flags.DEFINE_integer("layer", _DEFAULTS.layer, "Transformer block index, 0-based.")
-_SITE = flags.DEFINE_enum("site", _DEFAULTS.site, list(models.SITES),
+_SITE = flags.DEFINE_enum("site", _DEFAULTS.site, list(model_files.SITES),
                           "resid_pre: input of the block; resid_post: its output.")
 _CORPUS = flags.DEFINE_string("corpus", _DEFAULTS.corpus,
                               "'builtin' (CPython docs, offline), a .txt/.jsonl/.parquet file or "
@@ -56,7 +55,7 @@ _BENCHMARK = flags.DEFINE_integer("benchmark_batches", 0,
 
 def main(argv):
   del argv
-  config = export.ExportConfig(
+  config = export_config.ExportConfig(
       out_dir=_OUT_DIR.value or ("-" if _BENCHMARK.value else ""), model=_MODEL.value,
       layer=_LAYER.value, site=_SITE.value, corpus=_CORPUS.value,
       text_field=_TEXT_FIELD.value, context_len=_CONTEXT_LEN.value,
@@ -64,6 +63,11 @@ def main(argv):
       shard_tokens=_SHARD_TOKENS.value,
       num_tokens=_NUM_TOKENS.value, heldout_fraction=_HELDOUT.value,
       progress=_PROGRESS.value)
+  # Flags, paths, the model's config and the corpus are checked before torch is imported or the model loads.
+  if not _BENCHMARK.value:
+    cli.check_out_dir(config.out_dir)
+  export_config.preflight(config)
+  from metasae_jax.lm import export  # pylint: disable=g-import-not-at-top  (torch)
   if _BENCHMARK.value:
     from metasae_jax.workflows import benchmarking  # pylint: disable=g-import-not-at-top
     print(json.dumps(benchmarking.benchmark_export(config, num_batches=_BENCHMARK.value, rounds=3)))

@@ -28,6 +28,7 @@ def main(argv):
   del argv
   if not _OUT.value:
     raise cli.UserError("--out_dir is required: the directory that gets joint/ and solo/.")
+  cli.check_out_dir(_OUT.value)
   written = interop.export_run(_RUN_DIR.value, _OUT.value, _FORMAT.value, _APPROX.value)
   for name, (path, caveats) in written.items():
     print(f"{name}: {path} ({_FORMAT.value})" + ("" if not caveats else "  (approximate: "

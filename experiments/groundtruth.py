@@ -12,8 +12,7 @@ same command resumes; a directory holding a study with other flags is refused.
 from absl import flags
 
 from experiments import cli
-from metasae_jax.workflows.groundtruth import scenarios, study
-from metasae_jax.workflows.sweep import parse_floats
+from metasae_jax.workflows.groundtruth import scenarios
 
 F = flags.FLAGS
 flags.DEFINE_string("out_dir", None, "Study directory to create or resume.")
@@ -49,6 +48,9 @@ flags.mark_flag_as_required("out_dir")
 
 def main(argv):
   del argv
+  cli.check_out_dir(F.out_dir)
+  from metasae_jax.workflows.groundtruth import study  # pylint: disable=g-import-not-at-top  (JAX)
+  from metasae_jax.workflows.sweep import parse_floats  # pylint: disable=g-import-not-at-top
   chosen = scenarios.select([s.strip() for s in F.scenarios.split(",") if s.strip()], F.scale,
                             F.scenario_params)
   config = study.StudyConfig(

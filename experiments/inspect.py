@@ -6,23 +6,19 @@
 import json
 import os
 
-import numpy as np
-import torch
 from absl import flags
 
 from experiments import cli
-from metasae_jax import load_sae
-from metasae_jax.lm import models
-from metasae_jax.core.errors import UserError
-from metasae_jax.storage import artifact, loaded_sae
+from metasae_jax.lm import model_files
+from metasae_jax.storage import artifact, sae_schema
 
 F = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "Run directory holding joint/ and solo/ SAE artifacts.")
 flags.DEFINE_enum("sae", "joint", list(artifact.SAE_NAMES), "Which SAE of the run.")
-flags.DEFINE_enum("firing", None, list(loaded_sae.FIRINGS),
+flags.DEFINE_enum("firing", None, list(sae_schema.FIRINGS),
                   "Firing rule; default: calibrated thresholds when the SAE has them, else per-token top-k.")
 flags.DEFINE_string("prompt", None, "Text to run through the model.")
-flags.DEFINE_string("model", models.DEFAULT_MODEL, "Model to run: the built-in model by default (an error if "
+flags.DEFINE_string("model", model_files.DEFAULT_MODEL, "Model to run: the built-in model by default (an error if "
                     "the SAE was trained on another model's activations: pass that one).")
 flags.DEFINE_integer("top", 5, "Latents shown per token.")
 flags.DEFINE_integer("skip_first_positions", 1, "Positions marked as skipped (attention sinks the SAE never saw).")
@@ -41,14 +37,22 @@ def explanations(run_dir: str, which: str) -> dict:
 
 def main(argv):
   del argv
+  # The SAE's cfg and the model's blocks are checked before torch or JAX is imported.
+  cfg = cli.hooked_sae(F.run_dir, F.sae)
+  source = cfg["source"]
+  if F.top < 1:
+    raise cli.UserError(f"--top must be >= 1, got {F.top}.")
+  model = cli.model_flag(source.get("model"), f"the SAE in {F.run_dir}/{F.sae}")
+  cli.check_model(model, layer=source["layer"], site=source["site"])
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from metasae_jax import load_sae  # pylint: disable=g-import-not-at-top  (JAX)
+  from metasae_jax.lm import models  # pylint: disable=g-import-not-at-top  (torch)
   sae = load_sae(os.path.join(F.run_dir, F.sae))
-  source = sae.cfg.get("source", {})
-  if "layer" not in source or "site" not in source:
-    raise UserError(f"{F.run_dir}/{F.sae}/cfg.json has no source.layer/site; it was not trained on a model's "
-                    "activations, so there is no layer to hook.")
-  loaded = models.load_model(cli.model_flag(source.get("model"), f"the SAE in {F.run_dir}/{F.sae}"))
-  ids = loaded.tokenizer(F.prompt, return_tensors="pt").input_ids
-  resid = models.capture_residual(loaded.model, ids, int(source["layer"]), source["site"])[0]
+  loaded = models.load_model(model)
+  with torch.inference_mode():
+    ids = loaded.tokenizer(F.prompt, return_tensors="pt").input_ids
+    resid = models.capture_residual(loaded.model, ids, int(source["layer"]), source["site"])[0]
   firing = sae.firing_rule(F.firing)
   print(f"{F.sae} SAE, firing rule {firing!r}")
   acts = np.asarray(sae.encode(resid.float().numpy(), firing))
@@ -65,5 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  with torch.inference_mode():
-    cli.run(main)
+  cli.run(main)

@@ -12,15 +12,12 @@ in the paper's Table 1 layout next to the paper's own numbers. `--preset NAME` i
 import json
 
 from absl import flags
-from ml_collections import config_flags
-
-from experiments import cli, configs
+from experiments import cli, cli_flags, configs
 from metasae_jax.core.errors import UserError
-from metasae_jax.workflows.pipeline import estimate_cost, run_pipeline
 
 F = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/NAME.py[:VARIANT]); override "
-                                "any field with --config.SECTION.NAME=... (docs/configs.md).")
+cli_flags.define_config_file("config", None, "Config file (experiments/configs/NAME.py[:VARIANT]); override "
+                             "any field with --config.SECTION.NAME=... (docs/configs.md).")
 flags.DEFINE_string("preset", None, f"Shorthand for --config experiments/configs/NAME.py; one of: "
                     f"{', '.join(configs.names())}.")
 flags.DEFINE_string("out_dir", None, "Where stores, runs, reports and table.md go.")
@@ -31,31 +28,33 @@ flags.DEFINE_bool("estimate", False, "Only print the config's disk and compute e
 flags.DEFINE_bool("dry_run", False, "Print the resolved config (JSON) and exit.")
 
 
-def resolved_preset():
-  """The pipeline Preset from --config (with its overrides) or --preset."""
+def resolved_config():
+  """The config tree from --config (with its overrides) or --preset."""
   if F.config is not None and F.preset:
     raise UserError("pass --config FILE or --preset NAME, not both (--preset NAME is --config "
                     "experiments/configs/NAME.py).")
   if F.config is not None:
-    return F.config, configs.to_preset(F.config)
+    return F.config
   if not F.preset:
     raise UserError(f"--config FILE or --preset NAME is required; presets: {', '.join(configs.names())}.")
-  c = configs.get_config(F.preset)
-  return c, configs.to_preset(c)
+  return configs.get_config(F.preset)
 
 
 def main(argv):
   del argv
-  c, preset = resolved_preset()
+  c = resolved_config()
   if F.dry_run:
     print(c.to_json_best_effort(indent=2))
     return
   if F.estimate:
-    print(json.dumps(estimate_cost(preset), indent=2))
+    from metasae_jax.workflows.pipeline import estimate_cost  # pylint: disable=g-import-not-at-top
+    print(json.dumps(estimate_cost(configs.to_preset(c)), indent=2))
     return
   if not F.out_dir:
     raise UserError("--out_dir is required: where stores, runs and reports go.")
-  out = run_pipeline(preset, F.out_dir, llm=F.llm, config=c.to_dict())
+  cli.check_pipeline(c, F.out_dir)
+  from metasae_jax.workflows.pipeline import run_pipeline  # pylint: disable=g-import-not-at-top  (JAX, torch)
+  out = run_pipeline(configs.to_preset(c), F.out_dir, llm=F.llm, config=c.to_dict())
   print(f"\nresult: {out}")
 
 

@@ -14,24 +14,23 @@ import dataclasses
 import json
 import os
 
-import jax
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli
+from experiments import cli, cli_flags
 from experiments import configs
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage import atomic
 from metasae_jax.storage.store import read_manifest
-from metasae_jax.training import sharding, trainer
-from metasae_jax.training.trainer import RunConfig, train_and_save
+from metasae_jax.training import run_config
+from metasae_jax.training.run_config import RunConfig
 
 F = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "default.py")
 CONFIG_JSON = "config.json"
 
-config_flags.DEFINE_config_file(
+cli_flags.define_config_file(
     "config", DEFAULT_CONFIG, "Config file (experiments/configs/*.py[:VARIANT]); override any field with "
     "--config.train.NAME=... / --config.run.NAME=... Default: every field at its default.", lock_config=True)
 flags.DEFINE_string("activations", None, "Activation store: a directory, s3://bucket/prefix or gs://bucket/prefix "
@@ -146,7 +145,7 @@ def configs_from_flags(**overrides) -> tuple[TrainConfig, RunConfig]:
       F["config"])
   if not skip_given:
     # Resuming without the flag keeps the rule the run was started with (the default used to be 1).
-    recorded = trainer.recorded_skip_first_positions(F.out_dir)
+    recorded = run_config.recorded_skip_first_positions(F.out_dir)
     if recorded is not None:
       run_values["skip_first_positions"] = recorded
   run = RunConfig(activations=activations, out_dir=F.out_dir, **run_values)
@@ -173,13 +172,18 @@ def _write_config_json(out_dir: str, record: dict) -> None:
 
 def main(argv):
   del argv
-  sharding.initialize_distributed(F.coordinator_address, F.num_processes, F.process_id, F.distributed)
+  # Flags, config, store and output directory are checked before JAX is imported.
   config, run = configs_from_flags()
+  cli.check_out_dir(run.out_dir)
+  run_config.validate_run(config, run)
   record = config_record(config, run, resolved_config())
   if F.dry_run:
     print(json.dumps(record, indent=2, default=str))
     return
-  metrics = train_and_save(config, run)
+  import jax  # pylint: disable=g-import-not-at-top
+  from metasae_jax.training import sharding, trainer  # pylint: disable=g-import-not-at-top
+  sharding.initialize_distributed(F.coordinator_address, F.num_processes, F.process_id, F.distributed)
+  metrics = trainer.train_and_save(config, run)
   # One writer on a multi-host run; a finished run's rerun (no metrics) leaves an existing file alone.
   if jax.process_index() == 0 and (metrics or not os.path.exists(os.path.join(run.out_dir, CONFIG_JSON))):
     _write_config_json(run.out_dir, json.loads(json.dumps(record, default=str)))

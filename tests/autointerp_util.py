@@ -82,7 +82,8 @@ class FakeLLM:
   sleeps in every request; `fail_every` answers HTTP 500 to the first attempt of every
   n-th call (first attempts are counted apart from the client's retries, which it marks
   with x-stainless-retry-count, so one retry always gets through); `fail_all` answers
-  500 to everything; `on_request(n)` is called with the running request count. The
+  500 to everything; `fault(body)` may answer "fail" (HTTP 500) or "malformed" (a body that is not
+  JSON) for chosen requests; `on_request(n)` is called with the running request count. The
   server counts requests and the most it ever had in flight at once.
   """
 
@@ -91,6 +92,7 @@ class FakeLLM:
     self.delay_s = 0.0
     self.fail_every = 0
     self.fail_all = False
+    self.fault = None
     self.first_attempts = 0
     self.on_request = None
     self.requests = []
@@ -117,8 +119,9 @@ class FakeLLM:
           outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
           first = int(self.headers.get("x-stainless-retry-count") or 0) == 0
           outer.first_attempts += int(first)
-          fail = outer.fail_all or (first and outer.fail_every > 0
-                                    and outer.first_attempts % outer.fail_every == 0)
+          fault = outer.fault(body) if outer.fault is not None else None
+          fail = outer.fail_all or fault == "fail" or (first and outer.fail_every > 0
+                                                       and outer.first_attempts % outer.fail_every == 0)
           outer.failed += int(fail)
         try:
           if outer.on_request is not None:
@@ -126,7 +129,7 @@ class FakeLLM:
           time.sleep(1.0 if outer.mode == "slow" else outer.delay_s)
           if fail:
             status, data = 500, b'{"error": {"message": "injected failure"}}'
-          elif outer.mode == "malformed":
+          elif outer.mode == "malformed" or fault == "malformed":
             status, data = 200, b"{not json"
           else:
             status, data = 200, json.dumps(outer.reply(body)).encode()

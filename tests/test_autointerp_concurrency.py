@@ -14,6 +14,7 @@ from metasae_jax.autointerp.backends import Completion, OpenAIBackend
 from metasae_jax.autointerp.cache import CachedBackend
 from metasae_jax.autointerp.config import AutointerpConfig
 from metasae_jax.autointerp.pipeline import run_autointerp
+from metasae_jax.core.errors import UserError
 from metasae_jax.evaluation.examples import Example
 from tests import autointerp_util as util
 
@@ -134,16 +135,62 @@ def test_interrupted_run_resumes_without_repeating_calls(world, server, tmp_path
   assert _headline(again) == _headline(ref)
 
 
+def _is_explanation(body) -> bool:
+  content = body["messages"][-1]["content"]
+  return "How strongly" not in content and "yes or no" not in content
+
+
 def test_unanswerable_latents_are_unscored_not_zero(world, server, tmp_path):
   run = str(tmp_path / "run")
   util.make_run(run)
+  doomed = []
+
+  def fault(body):  # the first latent's explanation request fails on every attempt; the rest are answered
+    content = body["messages"][-1]["content"]
+    if _is_explanation(body) and (not doomed or doomed[0] == content):
+      doomed[:1] = [content]
+      return "fail"
+    return None
+  server.fault = fault
+  scores = run_autointerp(_cfg(run, str(world / "store"), server.base_url, concurrency=1, retries=1))
+  assert scores["unscored_latents"] == 1 and scores["llm_failed_requests"] == 1
+  latents = scores["joint"]["latents"] + scores["solo"]["latents"]
+  unscored = [lat for lat in latents if not lat["scored"]]
+  assert len(unscored) == 1 and all(unscored[0][m] is None for m in ("fuzz_spearman", "fuzz_balanced_accuracy"))
+  assert all(lat["fuzz_balanced_accuracy"] is not None for lat in latents if lat["scored"])
+
+
+def test_every_request_failing_is_an_error_and_writes_nothing(world, server, tmp_path):
+  run = str(tmp_path / "run")
+  util.make_run(run)
   server.fail_all = True
-  scores = run_autointerp(_cfg(run, str(world / "store"), server.base_url, concurrency=4, retries=1))
-  assert scores["unscored_latents"] == 4 and scores["llm_failed_requests"] == 4
-  for name in ("joint", "solo"):
-    assert scores[name]["fuzz_spearman"] is None and scores[name]["num_unscored"] == 2
-    assert all(not lat["scored"] and lat["fuzz_balanced_accuracy"] is None for lat in scores[name]["latents"])
-  assert scores["paired"]["fuzz_spearman"]["num_scored"] == 0
+  with pytest.raises(UserError, match=r"none of the 4 LLM requests .* got a usable answer \(4 failed after retries, "
+                                      r"0 malformed; last: .*HTTP 500"):
+    run_autointerp(_cfg(run, str(world / "store"), server.base_url, concurrency=4, retries=1))
+  assert not os.path.exists(os.path.join(run, "autointerp", "scores.json"))
+
+
+def test_replies_that_are_not_json_count_as_malformed_answers(world, server, tmp_path):
+  run = str(tmp_path / "run")
+  util.make_run(run)
+  garbled = []
+
+  def fault(body):  # one scoring reply in five is not JSON at all; explanations are fine
+    if not _is_explanation(body):
+      garbled.append(len(garbled) % 5 == 0)
+      return "malformed" if garbled[-1] else None
+    return None
+  server.fault = fault
+  scores = run_autointerp(_cfg(run, str(world / "store"), server.base_url, concurrency=1, retries=1))
+  assert scores["llm_failed_requests"] == 0 and scores["llm_malformed_answers"] == sum(garbled) > 0
+  # Garbled replies are not cached: a rerun asks exactly those again.
+  server.fault, before = None, len(server.requests)
+  again = run_autointerp(_cfg(run, str(world / "store"), server.base_url, concurrency=1, retries=1))
+  assert len(server.requests) - before == sum(garbled) and again["llm_malformed_answers"] == 0
+  server.mode, server.fault = "malformed", None
+  with pytest.raises(UserError, match="malformed reply"):
+    run_autointerp(_cfg(str(tmp_path / "run"), str(world / "store"), server.base_url, concurrency=1, retries=1,
+                        seed=5))
 
 
 class _Words:
@@ -216,3 +263,13 @@ def test_binary_flags_and_the_api_key_stays_in_the_environment(world, server, tm
     for name in files:
       with open(os.path.join(dirpath, name), "rb") as f:
         assert secret.encode() not in f.read(), name
+  # Every request failing: one error line, exit 1, and the earlier scores.json is left as it was.
+  with open(os.path.join(run, "autointerp", "scores.json"), "rb") as f:
+    kept = f.read()
+  server.fail_all = True
+  out = subprocess.run(cmd + ["--seed", "7", "--retries", "0"], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 1 and lines[-1].startswith("error: none of the ") and "Traceback" not in out.stderr
+  with open(os.path.join(run, "autointerp", "scores.json"), "rb") as f:
+    assert f.read() == kept

@@ -1,6 +1,7 @@
 """The OpenAI-compatible backend (official openai client) against a real HTTP server on 127.0.0.1, and the answer cache."""
 
 import math
+import os
 
 import pytest
 
@@ -81,10 +82,20 @@ def test_server_errors_are_retried_by_the_client(server):
   assert len(server.requests) == 9 and b.stats["failures"] == 1  # one try + two retries
 
 
-def test_malformed_reply_is_a_backend_error(server):
+def test_a_reply_that_is_not_json_is_a_malformed_answer_not_a_failed_request(server):
   server.mode = "malformed"
-  with pytest.raises(BackendError, match="malformed"):
-    _backend(server, retries=0).complete(MSG, 3)
+  b = _backend(server, retries=0)
+  out = b.complete(MSG, 3)
+  assert out.text == "" and "malformed reply" in out.malformed and b.stats["failures"] == 0
+
+
+def test_logprobs_that_are_no_log_probabilities_make_a_malformed_answer(server):
+  server.reply = lambda body: {"id": "x", "object": "chat.completion", "created": 0, "model": "tiny", "choices": [{
+      "index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "7"},
+      "logprobs": {"content": [{"token": "7", "logprob": 3.5, "bytes": None,
+                                "top_logprobs": [{"token": "7", "logprob": 3.5, "bytes": None}]}]}}]}
+  out = _backend(server, retries=0).complete(MSG, 3)
+  assert out.malformed and "is not a log-probability" in out.malformed and out.text == ""
 
 
 def test_unreachable_server_is_user_error():
@@ -119,7 +130,10 @@ def test_cache_makes_rerun_free(server, tmp_path):
 def test_failures_are_not_cached(server, tmp_path):
   server.mode = "malformed"
   cached = CachedBackend(_backend(server, retries=0), str(tmp_path))
-  with pytest.raises(BackendError):
-    cached.complete(MSG, 3)
+  assert cached.complete(MSG, 3).malformed and not os.listdir(tmp_path)  # a garbage body is asked again
   server.mode = "ok"
   assert cached.complete(MSG, 3).text == "7"
+  server.fail_all = True
+  with pytest.raises(BackendError):
+    CachedBackend(_backend(server, retries=0), str(tmp_path)).complete(MSG, 4)
+  assert len(os.listdir(tmp_path)) == 1

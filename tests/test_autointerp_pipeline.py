@@ -142,3 +142,39 @@ def test_backend_dependent_defaults():
   local = AutointerpConfig(run_dir="r", activations="a", detection_negative=7).resolve()
   assert (local.max_examples, local.concurrency) == (8, 1)
   assert local.scorer_counts() == {"strength": (5, 5), "fuzz": (5, 5), "detection": (5, 7)}
+
+
+class _Hostile:
+  """An LLM whose explanations carry markup: a script, an event handler, a javascript: link, a table pipe."""
+  name = "hostile`llm <b>"
+  EXPLANATION = ("<script>alert(1)</script> <img src=x onerror=alert(2)> [click](javascript:alert(3)) "
+                 "| a | b | **bold**\n# heading")
+
+  def complete(self, messages, max_tokens, choices=()):
+    from metasae_jax.autointerp.backends import Completion  # pylint: disable=g-import-not-at-top
+    content = messages[-1]["content"]
+    if "How strongly" in content:
+      return Completion("5", {}, None)
+    if "yes or no" in content:
+      return Completion("yes", {}, None)
+    return Completion("Explanation: " + self.EXPLANATION, {}, None)
+
+
+def test_markdown_pages_show_llm_text_as_text(world, tmp_path):
+  """explanations.md and report.md escape what the LLM wrote: rendered, no tag, handler or link survives."""
+  markdown = pytest.importorskip("markdown")
+  root, _ = world
+  run = str(tmp_path / "run")
+  util.make_run(run)
+  run_autointerp(_cfg(run, str(root / "store")), backend=_Hostile())
+  for page in ("explanations.md", "report.md"):
+    with open(os.path.join(run, "autointerp", page)) as f:
+      text = f.read()
+    html = markdown.markdown(text, extensions=["tables"])
+    for active in ("<script", '<img src="x"', "onerror=\"", 'href="javascript', "<b>", "<h1>heading"):
+      assert active not in html, (page, active)
+  with open(os.path.join(run, "autointerp", "explanations.md")) as f:
+    text = f.read()
+  # Every explanation is one line of its pair's list, its characters shown as entities or escapes.
+  assert text.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 4 and "onerror=alert(2)" in text
+  assert "\\[click\\](javascript:alert(3)) \\| a \\| b \\| \\*\\*bold" in text

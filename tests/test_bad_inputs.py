@@ -87,6 +87,13 @@ def _file(case, rel) -> str:
   return path
 
 
+def _text(case, rel, text) -> str:
+  path = os.path.join(str(case), rel)
+  with open(path, "w") as f:
+    f.write(text)
+  return path
+
+
 def _copy(path, case) -> str:
   out = os.path.join(str(case), os.path.basename(path) + "_copy")
   shutil.copytree(path, out)
@@ -101,6 +108,67 @@ def _link(path, case) -> str:
 
 def _good(case, world):
   return world["store"]
+
+
+def _foreign_tokens(case, world) -> str:
+  """A store of the run's d_model from the tiny model, but one token id is outside its vocabulary."""
+  path = str(case / "tokens_store")
+  tokens = np.arange(512, dtype=np.int32) % 20
+  tokens[300] = 1_000_000
+  store.write_store(path, synthetic.sparse_activations(512, D, num_features=32), tokens, context_len=8,
+                    shard_tokens=256, source={"model": world["model"], "layer": 1, "site": "resid_pre"})
+  return path
+
+
+def _model_store(case, world) -> str:
+  """A store from the tiny model (its ids in the vocabulary) but of the run's d_model, not the model's width."""
+  path = str(case / "model_store")
+  store.write_store(path, synthetic.sparse_activations(512, D, num_features=32), np.arange(512, dtype=np.int32) % 20,
+                    context_len=8, shard_tokens=256, source={"model": world["model"], "layer": 1, "site": "resid_pre"})
+  return path
+
+
+def _bad_sae(edit):
+  """A copy of the world's run whose joint SAE was changed by edit(joint_dir)."""
+  def make(case, world):
+    run = _copy(world["run"], case)
+    edit(os.path.join(run, "joint"))
+    return run
+  return make
+
+
+def _cfg_field(**fields):
+  def edit(sae):
+    with open(os.path.join(sae, "cfg.json")) as f:
+      cfg = json.load(f)
+    with open(os.path.join(sae, "cfg.json"), "w") as f:
+      json.dump(dict(cfg, **fields), f)
+  return edit
+
+
+def _nan_weight(sae):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  tensors = load_file(os.path.join(sae, "sae.safetensors"))
+  tensors["W_dec"][2, 3] = np.nan
+  save_file(tensors, os.path.join(sae, "sae.safetensors"))
+
+
+def _evaluate_sae(edit):
+  return lambda case, world: ("experiments.evaluate", [f"--run_dir={_bad_sae(edit)(case, world)}", "--model=none",
+                                                        f"--activations={_store(case)}"])
+
+
+def _loop(case) -> str:
+  path = os.path.join(str(case), "loop")
+  os.symlink(path, path)
+  return path
+
+
+def _raising_config(case) -> str:
+  path = os.path.join(str(case), "raising.py")
+  with open(path, "w") as f:
+    f.write("def get_config():\n  raise RuntimeError('boom in the config file')\n")
+  return path
 
 
 # id: (build(case_dir, world) -> (module, argv), keyword in the error line, extra env, new files allowed under)
@@ -203,6 +271,48 @@ ROWS = {
         lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}", "--model=none",
                                                        f"--activations={_store(case, d=D // 2)}"]),
         "d_model", {}, None),
+    "token ids outside the model's vocabulary (browse)": (
+        lambda case, world: ("experiments.browse", [f"--run_dir={world['run']}",
+                                                     f"--activations={_foreign_tokens(case, world)}"]),
+        "has id 1000000, outside the", {}, None),
+    "token ids outside the model's vocabulary (autointerp)": (
+        lambda case, world: ("experiments.autointerp", [f"--run_dir={world['run']}",
+                                                         f"--activations={_foreign_tokens(case, world)}"]),
+        "has id 1000000, outside the", {}, None),
+    "token ids outside the model's vocabulary (evaluate)": (
+        lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}", f"--model={world['model']}",
+                                                       f"--activations={_foreign_tokens(case, world)}"]),
+        "has id 1000000, outside the", {}, None),
+    "--model of another width than the store (evaluate)": (
+        lambda case, world: ("experiments.evaluate", [f"--run_dir={world['run']}", f"--model={world['model']}",
+                                                       f"--activations={_model_store(case, world)}"]),
+        "has a residual width of 32, but the activation store", {}, None),
+    "SAE cfg.json field of the wrong type (evaluate)": (_evaluate_sae(_cfg_field(d_model="abc")),
+                                                        "cfg.json d_model 'abc' is not an integer", {}, None),
+    "SAE cfg.json k above the width (evaluate)": (_evaluate_sae(_cfg_field(k=1000)),
+                                                      "cfg.json k is 1000, more than its width 64", {}, None),
+    "NaN in SAE weights (evaluate)": (_evaluate_sae(_nan_weight), "tensor W_dec holds 1 NaN/inf value(s)", {}, None),
+    "--out_dir a symlink loop (train)": (lambda case, world: _train(_good, out=_loop(case))(case, world),
+                                         "loop of symbolic links", {}, None),
+    "--layer beyond the model's blocks (exporter)": (
+        lambda case, world: ("experiments.export_activations", ["--layer=40", f"--out_dir={case / 'acts'}"]),
+        "--layer 40 is out of range: the model has 30 blocks", {}, None),
+    "one-token corpus (exporter)": (
+        lambda case, world: ("experiments.export_activations", [
+            f"--corpus={_text(case, 'one.txt', 'hello')}", f"--out_dir={case / 'acts'}"]),
+        "has fewer than --context_len 128 tokens", {}, None),
+    "--config.train override naming no field": (_train(_good, "--config.train.lamda2=0.1"),
+                                                "Did you mean --config.train.lambda2?", {}, None),
+    "--config file that raises": (lambda case, world: _train(_good, f"--config={_raising_config(case)}")(case, world),
+                                  "fails to load: RuntimeError: boom in the config file", {}, None),
+    "--config file missing": (_train(_good, "--config=no/such/config.py"), "no such config file", {}, None),
+    "unknown flag": (_train(_good, "--lamda2=0.1"), "Unknown command line flag 'lamda2'", {}, None),
+    "flag of the wrong type": (_train(_good, "--k=abc"), "flag --k=abc: invalid literal for int()", {}, None),
+    "NaN --alpha (steer)": (
+        lambda case, world: ("experiments.steer", [f"--run_dir={world['run']}", "--latent=1", "--prompt=x",
+                                                    "--alpha=nan"]),
+        "--alpha is nan, not a finite number", {}, None),
+    "inf in a --config override": (_train(_good, "--config.train.lr=inf"), "--config.train.lr is inf", {}, None),
 }
 
 
@@ -213,8 +323,12 @@ def _snapshot(*roots) -> dict:
       for name in dirs:
         out[os.path.join(d, name)] = None
       for name in files:
-        with open(os.path.join(d, name), "rb") as f:
-          out[os.path.join(d, name)] = f.read()
+        path = os.path.join(d, name)
+        if os.path.islink(path):  # a link (a loop, say) is recorded as where it points, not followed
+          out[path] = ("link", os.readlink(path))
+          continue
+        with open(path, "rb") as f:
+          out[path] = f.read()
   return out
 
 

@@ -53,6 +53,10 @@ def test_browse_latents_partner_and_splits(site, browser_page, tmp_path):
   pg.goto("file://" + os.path.abspath(path))
   vocab = data["vocab"]
 
+  # The header states the page's own position rule; the summary states the evaluation's (they can differ).
+  assert "(its examples leave out the first 1 position(s) of each context)" in pg.locator("#run-info").text_content()
+  assert "evaluation: 480 tokens, tokens at position t % 16 < 1 are skipped" in " ".join(
+      pg.locator("#summary .chip").all_text_contents())
   # Summary at the top: report.json's metrics, joint vs solo.
   assert pg.locator("#summary-table tbody tr").first.locator("td").all_text_contents()[:3] == [
       "fvu", "0.21", "0.2"]

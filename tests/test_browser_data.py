@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -113,6 +114,8 @@ def test_summary_and_splits_follow_the_run_files(built):
   assert "delta_ce_pct" not in rows  # absent metrics are left out
   assert rows["autointerp fuzz_spearman"] == [0.15, 0.15]
   assert built["summary"]["comparison"]["welch_p"] == 0.036
+  # The evaluation's position rule travels with its numbers (the page's own skip is meta.skip_first_positions).
+  assert built["summary"]["info"]["skip"] == "tokens at position t % 16 < 1 are skipped"
   assert built["splits"] == [{"solo_latent": 3, "solo_frequency": 0.1, "coverage": 0.9,
                               "matched_joint_latent": 5, "matched_cosine": 0.5,
                               "joint_partners": [{"joint_latent": 5, "cross_phi": 0.4},
@@ -186,3 +189,28 @@ def test_page_records_the_firing_rule(run, built):
     _cfg(run, firing="jumprelu")
   with pytest.raises(UserError, match="no calibrated thresholds"):
     data_lib.build(_cfg(run, firing="threshold"))
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed (the Chromium test covers the page too)")
+@pytest.mark.parametrize("page_skip,eval_rule", [(1, "no positions skipped"),
+                                                  (0, "tokens at position t % 128 < 1 are skipped")])
+def test_header_and_summary_state_their_own_position_rules(page_skip, eval_rule, tmp_path):
+  """The page header says which positions the page's examples leave out; the summary says which the evaluation
+  behind its numbers left out (app.js run by node on a stand-in DOM, tests/browser_header.js)."""
+  page = {"title": "t", "meta": {"source": {"model": "m", "layer": 3, "site": "resid_pre"}, "num_tokens": 1234,
+                                 "skip_first_positions": page_skip, "autointerp_llm": None,
+                                 "firing_rule": {"joint": "threshold", "solo": "topk"}, "widths": {"joint": 8, "solo": 8}},
+          "summary": {"rows": [["fvu", 0.1, 0.2]], "comparison": {}, "matching": {}, "notes": [],
+                      "info": {"num_tokens": 16384, "skip": eval_rule}},
+          "vocab": {}, "saes": {"joint": {"width": 8, "latents": {}}, "solo": {"width": 8, "latents": {}}}, "splits": []}
+  (tmp_path / "data.json").write_text(json.dumps(page))
+  app = os.path.join(_repo(), "metasae_jax", "browser", "app.js")
+  out = subprocess.run([NODE, os.path.join(_repo(), "tests", "browser_header.js"), app, str(tmp_path / "data.json")],
+                       capture_output=True, text=True, timeout=60, check=True)
+  shown = json.loads(out.stdout)
+  want = ("(its examples leave out the first 1 position(s) of each context)" if page_skip else "(every position)")
+  assert f"1,234 held-out tokens streamed for this page {want}" in shown["header"]
+  assert f"evaluation: 16,384 tokens, {eval_rule}" in shown["chips"]

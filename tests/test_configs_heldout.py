@@ -183,10 +183,16 @@ def test_internal_flags_are_hidden_and_sweep_help_lists_train_flags():
     assert name in sweep_help, name
 
 
-def _readme_workflow() -> list:
+def _readme_workflow(first: str, holding: str = "") -> list:
+  """The commands (argv lists, comments dropped) of the README code block whose first line starts with `first`
+  (and that holds `holding`)."""
   with open(os.path.join(REPO, "README.md")) as f:
-    text = f.read().replace("\\\n", " ")
-  return [shlex.split(line) for line in text.splitlines() if line.startswith("python -m experiments.")]
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", f.read(), re.S | re.M)
+  for block in blocks:
+    lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    if lines and lines[0].startswith(first) and holding in block:
+      return [shlex.split(line, comments=True) for line in lines]
+  raise AssertionError(f"README.md has no code block starting with {first!r} holding {holding!r}")
 
 
 def test_readme_workflow_runs_and_never_evaluates_on_training_tokens(tmp_path, model_dir, text_file):  # noqa: F811
@@ -201,7 +207,7 @@ def test_readme_workflow_runs_and_never_evaluates_on_training_tokens(tmp_path, m
                     "--eval_meta_fve_steps=0", "--noprogress"],
           "browse": ["--num_latents=4", "--num_tokens=256", "--batch_size=64"]}
   ran = []
-  for argv in _readme_workflow():
+  for argv in _readme_workflow("python -m experiments.export_activations"):
     module = argv[2]
     name = module.split(".")[1]
     if name not in tiny:
@@ -221,6 +227,54 @@ def test_readme_workflow_runs_and_never_evaluates_on_training_tokens(tmp_path, m
   assert os.path.isfile(os.path.join(run, "report.json")) and os.path.isfile(os.path.join(run, "browser", "index.html"))
   refused = _run("experiments.evaluate", f"--run_dir={run}", f"--activations={data}", "--model=none", check=False)
   assert refused.returncode == 1 and "--allow_train_tokens" in refused.stderr.strip().splitlines()[-1]
+
+
+def _tiny_demo_overrides(model_dir, text_file) -> list:
+  """--config overrides that make the demo's config a seconds-long job on the tiny model and corpus."""
+  return [f"--config.export.model={model_dir}", f"--config.export.corpus={text_file}", "--config.export.layer=1",
+          f"--config.export.context_len={C}", "--config.export.num_tokens=384", "--config.export.shard_tokens=64",
+          "--config.export.batch_size=4", "--config.train.width=64", "--config.train.k=4", "--config.train.meta_k=2",
+          "--config.train.batch_size=64", "--config.run.num_tokens=320", "--config.run.checkpoint_every_steps=5",
+          "--config.eval.batch_size=64", "--config.eval.ce_contexts=2", "--config.eval.meta_fve_steps=0",
+          "--config.eval.bootstrap_replicates=0"]
+
+
+def test_readme_after_the_demo_runs_as_written(tmp_path, model_dir, text_file):  # noqa: F811
+  """The README's newcomer loop, as written: make demo → re-evaluate it → a second run → its evaluation → its
+  browser page, with tiny-shape flags appended and runs/ under tmp_path; nothing but the README's commands."""
+  with open(os.path.join(REPO, "Makefile")) as f:
+    assert re.search(r"^demo:.*\n\t\$\(PY\) -m experiments\.demo$", f.read(), re.M)  # what `make demo` runs
+  tiny = {"demo": _tiny_demo_overrides(model_dir, text_file),
+          "train": ["--width=64", "--k=4", "--meta_k=2", "--batch_size=64", "--num_tokens=320", "--noprogress"],
+          # The tiny model stands in for the built-in one, so evaluate is told which model made the store.
+          "evaluate": [f"--model={model_dir}", "--meta_fve_steps=0", "--bootstrap_replicates=0", "--batch_size=64",
+                       "--ce_contexts=2"],
+          "browse": ["--num_latents=4", "--num_tokens=64", "--batch_size=64"]}
+  ran = []
+  for argv in _readme_workflow("make demo", holding="python -m experiments.train"):
+    if argv[:2] == ["make", "demo"]:
+      argv = ["python", "-m", "experiments.demo", "--out_dir", "runs/demo"]
+    name = argv[2].split(".")[1]
+    args = [re.sub(r"^(runs/)", f"{tmp_path}/\\1", a) for a in argv[3:]]
+    _run(argv[2], *args, *tiny[name])
+    ran.append(name)
+  assert ran == ["demo", "evaluate", "train", "evaluate", "browse"]
+  demo, second = str(tmp_path / "runs" / "demo"), str(tmp_path / "runs" / "demo_lambda1")
+  data = os.path.join(demo, "data")
+  for run in (demo, second):  # both evaluated on the held-out view, never on a token they trained on
+    with open(os.path.join(run, "report.json")) as f:
+      assert json.load(f)["activations"] == os.path.join(data, "heldout")
+  with open(os.path.join(second, "run_config.json")) as f:  # given data/store, the second run trained on data/train
+    assert json.load(f)["data"]["activations"] == os.path.join(data, "train")
+  with open(os.path.join(second, "config.json")) as f:
+    assert json.load(f)["train"]["lambda2"] == 1.0
+  assert os.path.isfile(os.path.join(second, "browser", "index.html"))
+  with open(os.path.join(REPO, "README.md")) as f:  # the layout the README describes is the one the demo left
+    readme = f.read()
+  for rel in ("data/store", "data/train", "data/heldout", "joint", "solo", "joint/meta", "report.json", "config.json",
+              "run_config.json", "metrics.jsonl", "checkpoints"):
+    assert f"runs/demo/{rel}" in readme or f"`{rel}" in readme, rel
+    assert os.path.exists(os.path.join(demo, rel)), rel
 
 
 def test_deprecated_alias_keeps_the_new_flags_type():

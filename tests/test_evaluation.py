@@ -109,7 +109,7 @@ def test_delta_ce_wired_through_evaluation(tmp_path, monkeypatch):
       return "".join(chr(97 + i % 26) for i in ids)
   loaded = models.LoadedModel(lm, Tok(), "tiny", D, 1)
   monkeypatch.setattr(evaluation, "_load_model", lambda name: loaded)
-  monkeypatch.setattr(evaluation, "_load_decode", lambda name, notes: Tok().decode)
+  monkeypatch.setattr(evaluation, "_load_decode", lambda name, store: Tok().decode)
   report = evaluation.evaluate_run(evaluation.EvalConfig(
       run_dir=run, activations=st.path, firing="batchtopk", batch_size=16, ce_contexts=4, ce_batch_contexts=3,
       meta_fve_steps=0, bootstrap_replicates=0, progress=False))
@@ -184,7 +184,7 @@ def test_ce_firing_batchtopk_splices_over_each_hooked_batch(tmp_path, monkeypatc
   st = store.write_store(str(tmp_path / "lmstore"), acts, ids.reshape(-1).astype(np.int32), context_len=L,
                          source={"model": "tiny", "layer": 0, "site": "resid_pre"})
   monkeypatch.setattr(evaluation, "_load_model", lambda name: models.LoadedModel(lm, None, "tiny", D, 1))
-  monkeypatch.setattr(evaluation, "_load_decode", lambda name, notes: None)
+  monkeypatch.setattr(evaluation, "_load_decode", lambda name, store: None)
   report = evaluation.evaluate_run(evaluation.EvalConfig(
       run_dir=run, activations=st.path, firing="threshold", ce_firing="batchtopk", ce_include_first_position=True,
       batch_size=16, ce_contexts=4, ce_batch_contexts=2, meta_fve_steps=0, bootstrap_replicates=0,

@@ -1,7 +1,7 @@
 """The config tree every config file returns (`get_config`), with every TrainConfig/RunConfig field present.
 
   name, description, d_model, model_params    what the experiment is (d_model / params: cost estimates only)
-  export          ExportConfig fields the config sets (minus out_dir); used by reproduce / demo
+  export          every ExportConfig field except out_dir / heldout_fraction / progress; used by reproduce / demo
   heldout_shards  the pipeline's held-out tail of the exported store, in shards
   train           every TrainConfig field except d_model (taken from the store)
   run             RunConfig fields except activations / out_dir (flags)
@@ -19,8 +19,9 @@ from ml_collections import config_dict
 
 from metasae_jax.autointerp.config import AutointerpConfig
 from metasae_jax.core.config import TrainConfig
-from metasae_jax.evaluation.evaluate import EvalConfig
-from metasae_jax.training.trainer import RunConfig
+from metasae_jax.evaluation.config import EvalConfig
+from metasae_jax.lm.export_config import ExportConfig
+from metasae_jax.training.run_config import RunConfig
 
 # TrainConfig.width has no default (it is a choice); the plain `--width` flag's default.
 DEFAULT_WIDTH = 4096
@@ -50,6 +51,11 @@ def eval_defaults() -> dict:
   return _defaults(EvalConfig, ("run_dir", "activations"))
 
 
+def export_defaults() -> dict:
+  # heldout_fraction: the pipeline holds out whole shards itself (heldout_shards); progress: a flag of the binary.
+  return _defaults(ExportConfig, ("out_dir", "heldout_fraction", "progress"))
+
+
 def autointerp_defaults() -> dict:
   return _defaults(AutointerpConfig, ("run_dir", "activations", "llm"))  # llm: the --llm flag
 
@@ -66,7 +72,10 @@ def config(*, name: str, description: str, export: dict, heldout_shards: int = 1
               "autointerp": (autointerp_defaults(), autointerp)}
   c = config_dict.ConfigDict()
   c.name, c.description, c.d_model, c.model_params = name, description, d_model, float(model_params)
-  c.export = dict(export)
+  unknown = sorted(set(export) - set(export_defaults()))
+  if unknown:
+    raise ValueError(f"config {name}: unknown export fields {unknown}; known: {sorted(export_defaults())}")
+  c.export = dict(export_defaults(), **export)
   c.heldout_shards = heldout_shards
   for section, (defaults, given) in sections.items():
     unknown = sorted(set(given or {}) - set(defaults))

@@ -23,13 +23,16 @@ class Completion:
   """The first generated token's most likely alternatives: token string -> logprob."""
   choice_logprobs: Optional[dict] = None
   """logprob that the answer's first token is exactly each requested choice (where the backend can tell)."""
+  malformed: Optional[str] = None
+  """Why the server's reply was no chat completion at all (not JSON, no choices, ...); the text is then empty,
+  the answer counts as malformed, and it is never cached (a rerun asks again)."""
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_json(cls, obj: dict) -> "Completion":
-    return cls(str(obj["text"]), dict(obj["top_logprobs"]), obj.get("choice_logprobs"))
+    return cls(str(obj["text"]), dict(obj["top_logprobs"]), obj.get("choice_logprobs"), obj.get("malformed"))
 
 
 class BackendError(Exception):
@@ -134,8 +137,10 @@ class OpenAIBackend:
       raise BackendError(f"{self.base_url}: HTTP {e.status_code}") from e
     except (oa.APIResponseValidationError, ValueError, KeyError, IndexError, TypeError,
             AttributeError) as e:
-      self._count(0, True)
-      raise BackendError(f"{self.base_url}: malformed reply ({type(e).__name__}: {e})") from e
+      # The server answered, but not with a chat completion: a malformed answer, not a failed request.
+      self._count(0, False)
+      return Completion("", {}, None, f"{self.base_url}: malformed reply ({type(e).__name__}: "
+                                      f"{' '.join(str(e).split())[:200]})")
     self._count(retries, False)
     return out
 
@@ -153,6 +158,8 @@ def _parse_reply(reply) -> Completion:
   if content:
     for alt in content[0].top_logprobs or []:
       key, lp = alt.token, float(alt.logprob)
+      if not isinstance(key, str) or math.isnan(lp) or lp > 1e-6:  # -inf is a probability of 0
+        raise ValueError(f"top_logprobs entry {key!r}: {lp} is not a log-probability")
       top[key] = _logaddexp(top.get(key), lp)
   return Completion(text, top, None)
 

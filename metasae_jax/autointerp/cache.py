@@ -32,7 +32,8 @@ def _write_entry(path: str, obj: dict) -> None:
 
 
 class CachedBackend:
-  """Wraps a backend; answers found in `cache_dir` are returned without calling it. Failures are not cached.
+  """Wraps a backend; answers found in `cache_dir` are returned without calling it. Failures and malformed
+  replies are not cached.
 
   Safe to call from many threads: each answer is its own file, written atomically
   (unique temp file + rename) as soon as it arrives, so an interrupted run keeps
@@ -44,6 +45,8 @@ class CachedBackend:
     self.name = inner.name
     self.hits = 0
     self.requests = 0
+    self.last_problem: Optional[str] = None
+    """The latest failed request or malformed reply, for the error when no answer was usable."""
     self._lock = threading.Lock()
 
   def key(self, messages: list, max_tokens: int, choices: Sequence[str]) -> str:
@@ -76,7 +79,10 @@ class CachedBackend:
     with self._lock:
       self.requests += 1
     out = self.inner.complete(messages, max_tokens, choices)
-    _write_entry(self._path(key), out.to_json())
+    if out.malformed:
+      self.last_problem = out.malformed
+    else:
+      _write_entry(self._path(key), out.to_json())
     return out
 
   def complete(self, messages: list, max_tokens: int, choices: Sequence[str] = ()) -> Completion:

@@ -78,6 +78,9 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
     raise UserError(f"store {cfg.activations} has no tokens left after skipping the first "
                     f"{kept.skip} positions of each context.")
 
+  # Before the long stream: the store's token ids must decode with this tokenizer.
+  detok = Detokenizer.for_store(store, cfg.tokenizer or store.source.get("model"), backend)
+
   pairs_Px2 = selection.match_pairs(encoders[0].sae.W_dec, encoders[1].sae.W_dec)
   cands_Cx2 = selection.candidate_pairs(pairs_Px2, cfg.num_latents, cfg.candidate_factor, cfg.seed)
   with tqdm(total=num_kept, desc="autointerp: encode", unit="tok", disable=not cfg.progress) as bar:
@@ -98,7 +101,6 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
   neg_ends = kept.kept_to_global(np.sort(neg_ranks))
   per_sae = _collect_pairs(store, kept, cfg, encoders, pools, chosen, neg_ends, rng)
 
-  detok = Detokenizer.for_source(cfg.tokenizer or store.source.get("model"), backend)
   inner = backend or make_backend(cfg.llm_spec, cfg.timeout_s, cfg.retries, cfg.llm_api_key_env)
   llm = CachedBackend(inner, os.path.join(out_dir, "cache"))
   jobs = [lat for pair in zip(*per_sae) for lat in pair]  # ordered by pair, joint before solo
@@ -130,6 +132,14 @@ def run_autointerp(cfg: AutointerpConfig, backend: Optional[Backend] = None) -> 
     lat["pair_cosine"] = float(cos[k // len(SAES)])
     results[SAES[k % len(SAES)]].append(lat)
   stats = _llm_stats(llm, scored)
+  asked = len(jobs) + len(flat)
+  if stats["llm_failed_requests"] + stats["llm_malformed_answers"] >= asked:
+    # Not one usable answer: scores.json would only hold failures; an earlier good one is left untouched.
+    raise UserError(f"none of the {asked} LLM requests to {llm.name} got a usable answer "
+                    f"({stats['llm_failed_requests']} failed after retries, {stats['llm_malformed_answers']} "
+                    f"malformed; last: {llm.last_problem or 'answers in no format the scorers read'}). Check that "
+                    "the server is up and serves /v1/chat/completions for --llm_model, then rerun the same "
+                    "command; nothing was written.")
   scores = {
       "llm": llm.name,
       "activations": location.normalize(cfg.activations),

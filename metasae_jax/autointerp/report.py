@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 import scipy.stats
 
-from metasae_jax.storage import atomic
+from metasae_jax.storage import atomic, markdown
 from metasae_jax.storage.artifact import SAE_NAMES
 
 METRICS = ("fuzz_spearman", "fuzz_balanced_accuracy", "detection_balanced_accuracy")
@@ -96,7 +96,7 @@ def report_markdown(scores: dict) -> str:
   """report.md: one row per scorer with joint, solo and paired difference (mean [95 % bootstrap CI]) and tests."""
   p = scores["paired"]
   lines = ["# Autointerp report", "",
-           f"LLM `{scores['llm']}`; {scores['num_tokens']} tokens; {p['num_pairs']} matched pairs. "
+           f"LLM {markdown.code(scores['llm'])}; {scores['num_tokens']} tokens; {p['num_pairs']} matched pairs. "
            "Joint and solo latents of a pair are scored on the same held-out contexts. "
            f"Means with {CONFIDENCE:.0%} percentile-bootstrap intervals over latents "
            f"({BOOTSTRAP_RESAMPLES} resamples); p-values of the paired t-test and Wilcoxon signed-rank test.",
@@ -148,7 +148,7 @@ def write_report(out_dir: str, scores: dict) -> None:
 def explanations_markdown(scores: dict) -> str:
   """A human-readable page: one section per matched pair with both explanations and scores."""
   lines = ["# Autointerp explanations", "",
-           f"LLM: `{scores['llm']}`; {scores['num_tokens']} tokens; pairs: {scores['paired']['num_pairs']}.",
+           f"LLM: {markdown.code(scores['llm'])}; {scores['num_tokens']} tokens; pairs: {scores['paired']['num_pairs']}.",
            "", "| SAE | mean fuzz ρ | mean fuzz balanced acc. | mean detection balanced acc. |",
            "|---|---|---|---|"]
   for name in SAE_NAMES:
@@ -162,7 +162,7 @@ def explanations_markdown(scores: dict) -> str:
       if not lat.get("scored", True):
         lines.append(f"- **{name} {lat['id']}** — unscored (LLM requests failed after retries)")
         continue
-      lines.append(f"- **{name} {lat['id']}** — {lat['explanation']}  ")
+      lines.append(f"- **{name} {lat['id']}** — {markdown.text(lat['explanation'])}  ")
       lines.append(f"  fuzz ρ {_fmt(lat['fuzz_spearman'])}, fuzz balanced acc. "
                    f"{_fmt(lat['fuzz_balanced_accuracy'])}, detection balanced acc. "
                    f"{_fmt(lat['detection_balanced_accuracy'])}, fired {lat['num_fired']}×, "

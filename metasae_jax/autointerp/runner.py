@@ -47,7 +47,7 @@ def run_requests(llm: CachedBackend, requests: Sequence[Request], concurrency: i
                  for key, req in todo.items()}
       try:
         for fut in concurrent.futures.as_completed(futures):
-          answers[futures[fut]] = _result(fut)
+          answers[futures[fut]] = _result(fut, llm)
           _tick(bar)
       except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -55,11 +55,12 @@ def run_requests(llm: CachedBackend, requests: Sequence[Request], concurrency: i
   return [answers[k] for k in keys]
 
 
-def _result(fut) -> Optional[Completion]:
+def _result(fut, llm: CachedBackend) -> Optional[Completion]:
   try:
     return fut.result()
   except BackendError as e:
     log.debug("LLM request failed after retries: %s", e)
+    llm.last_problem = str(e)
     return None
 
 

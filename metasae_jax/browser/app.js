@@ -45,7 +45,9 @@ function renderHeader() {
   const src = m.source || {};
   $("run-info").textContent = [
     `model ${src.model || "?"}, layer ${src.layer ?? "?"} ${src.site || ""}`,
-    `${m.num_tokens.toLocaleString()} held-out tokens (first ${m.skip_first_positions} position(s) of each context skipped)`,
+    `${m.num_tokens.toLocaleString()} held-out tokens streamed for this page ` +
+      (m.skip_first_positions > 0 ? `(its examples leave out the first ${m.skip_first_positions} position(s) of each context)`
+                                  : "(every position)"),
     `firing: joint ${m.firing_rule.joint}, solo ${m.firing_rule.solo}`,
     `width ${m.widths.joint} / ${m.widths.solo}`,
   ].join(" · ");
@@ -72,7 +74,10 @@ function renderSummary() {
                     el("th", {text: "joint vs solo"}))),
     el("tbody", {}, rows)));
   const chips = [];
-  const c = s.comparison || {}, mt = s.matching || {};
+  const c = s.comparison || {}, mt = s.matching || {}, info = s.info || {};
+  if (info.num_tokens !== undefined && info.num_tokens !== null) {
+    chips.push(`evaluation: ${info.num_tokens.toLocaleString()} tokens, ${info.skip || "positions as recorded in report.json"}`);
+  }
   if (c.welch_p !== undefined) chips.push(`mean |φ| Welch p = ${fmt(c.welch_p)}`);
   if (mt.num_pairs !== undefined) chips.push(`${mt.num_pairs} matched pairs, mean decoder cos ${fmt(mt.mean_cosine)}`);
   if (mt["fraction_cosine_above_0.9"] !== undefined) chips.push(`cos > 0.9: ${pct(mt["fraction_cosine_above_0.9"])}`);

@@ -7,7 +7,6 @@ every latent's firings to rank them, a second tracks the chosen latents' top
 tokens and a uniform sample of their firings.
 """
 
-import dataclasses
 import json
 import os
 import time
@@ -19,7 +18,8 @@ from tqdm import tqdm
 from metasae_jax.evaluation import matching
 from metasae_jax.evaluation import examples as ex
 from metasae_jax.evaluation.encoder import StreamEncoder
-from metasae_jax.storage.loaded_sae import FIRINGS, load_sae
+from metasae_jax.browser.config import BrowserConfig  # noqa: F401  (the public name stays here too)
+from metasae_jax.storage.loaded_sae import load_sae
 from metasae_jax.storage.positions import KeptTokens
 from metasae_jax.lm.tokens import Detokenizer
 from metasae_jax.browser import select
@@ -31,56 +31,6 @@ from metasae_jax.storage.store import open_store
 SAES = select.SAES
 SUMMARY_KEYS = ("fvu", "mse", "l0", "dead_fraction", "mean_abs_phi", "meta_fve", "delta_ce_pct",
                 "ce_recovered")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class BrowserConfig:
-  """What the browser page holds. Defaults keep a page of 2 x 200 latents to a few MB."""
-  run_dir: str
-  """Training run directory with `joint/` and `solo/`; optional report.json, split_candidates.json, autointerp/."""
-  activations: str
-  """Activation store with token shards (held-out text, same model/layer/site as the SAEs)."""
-  num_latents: int = 200
-  """Latents per SAE on the page (split candidates first, then scored, then most frequent + partners)."""
-  num_tokens: int = 262144
-  """Tokens streamed through the SAEs, counted after skipping (docs/method.md §3.2); 0 = the whole store."""
-  num_top: int = 10
-  """Top-activating contexts per latent."""
-  num_quantiles: int = 4
-  """Bins of a latent's firings by activation rank; a few contexts are sampled from each."""
-  per_quantile: int = 3
-  """Contexts sampled per quantile bin."""
-  reservoir: int = 256
-  """Uniform sample of firing tokens kept per latent (histogram and quantile samples)."""
-  before: int = 16
-  """Tokens shown before the example token (within its context)."""
-  after: int = 4
-  """Tokens shown after the example token (within its context)."""
-  histogram_bins: int = 24
-  batch_size: int = 4096
-  """Tokens per encoding batch (BatchTopK firing selects k*B per batch like training)."""
-  firing: str = ""
-  """Firing rule: "threshold" (calibrated θ), "topk" (per token) or "batchtopk" (per batch); "" = θ when
-  the artifact has it, else per-token top-k (the library default). The page records the rule used."""
-  skip_first_positions: int = 1
-  """Leading positions of each context never encoded (attention sink, docs/method.md §3.2)."""
-  tokenizer: str = ""
-  """Tokenizer for the store's tokens; "" = the store manifest's source model."""
-  seed: int = 0
-  progress: bool = True
-
-  def __post_init__(self):
-    if self.num_latents <= 0:
-      raise UserError(f"--num_latents must be positive, got {self.num_latents}.")
-    if self.num_tokens < 0:
-      raise UserError(f"--num_tokens must be >= 0 (0 = the whole store), got {self.num_tokens}.")
-    for name in ("num_top", "num_quantiles", "reservoir", "batch_size", "histogram_bins"):
-      if getattr(self, name) <= 0:
-        raise UserError(f"{name} must be positive, got {getattr(self, name)}.")
-    if self.firing not in ("",) + FIRINGS:
-      raise UserError(f"--firing must be one of {FIRINGS} (or empty for the default), got {self.firing!r}.")
-    if min(self.per_quantile, self.before, self.after, self.skip_first_positions) < 0:
-      raise UserError("per_quantile, before, after and skip_first_positions must be >= 0.")
 
 
 def read_json(path: str, what: str) -> Optional[object]:
@@ -113,6 +63,8 @@ def build(cfg: BrowserConfig, detokenizer: Optional[Detokenizer] = None) -> dict
   if num_kept == 0:
     raise UserError(f"store {cfg.activations} has no tokens left after skipping the first "
                     f"{kept.skip} positions of each context.")
+  # Before the long stream: the store's token ids must decode with this tokenizer.
+  detok = detokenizer or Detokenizer.for_store(store, cfg.tokenizer or store.source.get("model"))
   report = read_json(os.path.join(cfg.run_dir, "report.json"), "experiments.evaluate")
   splits = read_json(os.path.join(cfg.run_dir, "split_candidates.json"), "experiments.evaluate") or []
   scores = read_json(os.path.join(cfg.run_dir, "autointerp", "scores.json"), "experiments.autointerp")
@@ -143,7 +95,6 @@ def build(cfg: BrowserConfig, detokenizer: Optional[Detokenizer] = None) -> dict
     for lat in latents[name].values():
       for ctx in _contexts_of(lat):
         token_ids.update(ctx["tokens"])
-  detok = detokenizer or Detokenizer.for_source(cfg.tokenizer or store.source.get("model"))
   vocab = {str(t): detok.piece(t) for t in sorted(token_ids)}
   return {
       "title": os.path.basename(os.path.normpath(cfg.run_dir)),
@@ -266,6 +217,8 @@ def _summary(report: Optional[dict], scores: Optional[dict]) -> Optional[dict]:
     out["matching"] = report.get("matching") or {}
     out["notes"] = report.get("notes") or []
     out["info"] = {k: report.get(k) for k in ("num_tokens", "firing", "activations")}
+    # The evaluation's own position rule: the page's examples may skip positions the summary's numbers include.
+    out["info"]["skip"] = (report.get("skip") or {}).get("rule")
   if scores is not None:
     for key in ("fuzz_spearman", "fuzz_balanced_accuracy"):
       vals = [scores.get(name, {}).get(key) for name in SAES]

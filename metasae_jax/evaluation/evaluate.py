@@ -6,7 +6,6 @@ Stages, each a function with typed inputs and outputs: open → calibrate θ →
 meta FVE → ΔCE (the only stage that loads the language model) → bootstrap → report and plots.
 """
 
-import dataclasses
 import importlib.util
 import os
 import time
@@ -17,74 +16,12 @@ from absl import logging
 from tqdm import tqdm
 
 from metasae_jax.core.errors import UserError
+from metasae_jax.evaluation.config import EvalConfig  # noqa: F401  (the public name stays here too)
 from metasae_jax.evaluation import (bootstrap, cooccurrence, firings, matching, plots, reconstruction, report,
                                     thresholds)
 from metasae_jax.evaluation.report import PER_SAE_KEYS, SAE_NAMES, markdown  # noqa: F401  (public names)
 from metasae_jax.storage import heldout, loaded_sae
 from metasae_jax.storage.store import Store, open_store
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-  """What `evaluate_run` evaluates and how."""
-  run_dir: str
-  """Training run directory holding `joint/` and (usually) `solo/` SAE artifacts; outputs go here."""
-  activations: str
-  """Held-out activation store (same model, layer and site as training)."""
-  num_tokens: int = 0
-  """Evaluation tokens after skipping (0 = the whole store)."""
-  model: str = ""
-  """Model for ΔCE: "" = the store's source.model, "none" = skip ΔCE."""
-  firing: str = "threshold"
-  """"threshold": calibrated θ (calibrated here and written into artifacts that lack it); "batchtopk"."""
-  batch_size: int = 4096
-  """Tokens per batch (BatchTopK selects over each batch; the training default)."""
-  skip_first_positions: int = 0
-  """Positions t % context_len < this are left out of everything (0 = all positions, docs/method.md §3.2: fvu
-  and mse over all positions, fvu_excl_first without position 0 are reported either way)."""
-  ce_contexts: int = 64
-  """Whole contexts for ΔCE (each costs 4 model forwards: clean, zero, joint, solo); the reference uses 3,200."""
-  ce_batch_contexts: int = 8
-  """Contexts per model forward in ΔCE (with ce_firing batchtopk, the batch BatchTopK runs over)."""
-  ce_firing: str = ""
-  """Firing rule of the spliced SAE in ΔCE: "" = `firing`; "batchtopk" = over each hooked batch (the reference)."""
-  ce_include_first_position: bool = False
-  """Score the prediction made at position 0 too (the reference does); by default CE starts at max(skip, 1)."""
-  meta_fve_steps: int = 500
-  """Steps of the fresh meta SAE for meta FVE (SAEBench meta_structure); 0 skips it."""
-  meta_width_fraction: float = 0.25
-  """Fresh meta SAE width as a fraction of the SAE's width (SAEBench: 0.25)."""
-  meta_k: int = 4
-  """Fresh meta SAE k (SAEBench: 4)."""
-  split_phi_threshold: float = 0.2
-  """Cross-φ a joint latent needs to count as sharing a solo latent's firing."""
-  max_split_candidates: int = 50
-  """Split candidates listed in split_candidates.json."""
-  bootstrap_replicates: int = 200
-  """Block-bootstrap replicates for the joint-vs-solo intervals (0 skips them)."""
-  bootstrap_blocks: int = 64
-  """Blocks of whole contexts the held-out set is cut into for the bootstrap."""
-  seed: int = 0
-  """Seed of the meta SAE init, the |φ| sample and the bootstrap draws."""
-  progress: bool = True
-  """Show progress bars."""
-
-  def __post_init__(self):
-    if self.firing not in loaded_sae.FIRINGS:
-      raise UserError(f"--firing must be one of {loaded_sae.FIRINGS}, got {self.firing!r}.")
-    if self.ce_firing and self.ce_firing not in loaded_sae.FIRINGS:
-      raise UserError(f"--ce_firing must be empty or one of {loaded_sae.FIRINGS}, got {self.ce_firing!r}.")
-    if (self.batch_size <= 0 or self.ce_contexts < 0 or self.ce_batch_contexts <= 0 or self.meta_fve_steps < 0
-        or self.skip_first_positions < 0 or self.bootstrap_replicates < 0 or self.bootstrap_blocks < 2):
-      raise UserError("--batch_size and --ce_batch_contexts must be positive, --bootstrap_blocks >= 2; "
-                      "--ce_contexts, --meta_fve_steps, --skip_first_positions and --bootstrap_replicates "
-                      "must be >= 0.")
-    if not 0 < self.meta_width_fraction <= 4:
-      raise UserError(f"meta_width_fraction must be in (0, 4], got {self.meta_width_fraction}.")
-
-  @property
-  def ce_firing_rule(self) -> str:
-    return self.ce_firing or self.firing
 
 
 class Inputs(NamedTuple):
@@ -258,16 +195,17 @@ def _load_model(name: str):
   return models.load_model(name)
 
 
-def _load_decode(name: Optional[str], notes: list) -> Optional[Callable[[list], str]]:
+def _load_decode(name: Optional[str], store: Store) -> Optional[Callable[[list], str]]:
   """Token-id decoding for split-candidate contexts: the tokenizer only, never the weights.
 
-  Loaded before the long stages so that a model ΔCE cannot load fails the run at once (UserError).
+  Loaded before the long stages, with every token id of the store checked against its vocabulary, so that a
+  model ΔCE cannot load, or a store from another tokenizer, fails the run at once (UserError).
   """
-  del notes
   if name is None:
     return None
-  from metasae_jax.lm import models
+  from metasae_jax.lm import models, tokens
   tokenizer = models.load_tokenizer(name)
+  tokens.check_ids(store, len(tokenizer), f"the tokenizer of {name}")
   return lambda ids: tokenizer.decode(ids)
 
 
@@ -316,15 +254,17 @@ def evaluate_run(cfg: EvalConfig) -> dict:
     timings[key] = time.perf_counter() - start
     return out
 
-  inputs = timed("thresholds_s", lambda: calibrate_stage(cfg, open_inputs(cfg)))
+  inputs = open_inputs(cfg)
+  model_name = ce_model_name(cfg, inputs.store, inputs.notes)
+  decode = _load_decode(model_name, inputs.store)
+  inputs = timed("thresholds_s", calibrate_stage, cfg, inputs)
   streamed = timed("reconstruction_s", stream_stage, cfg, inputs)
   per_sae = streamed.metrics
   outliers = max(r["outlier_tokens"] for r in per_sae.values())
   if outliers:
     inputs.notes.append(f"{outliers} held-out tokens have > {reconstruction.OUTLIER_FACTOR:g}x the median norm "
                         "(attention-sink-like tokens); fvu is dominated by them, fvu_typical leaves them out")
-  model_name = ce_model_name(cfg, inputs.store, inputs.notes)
-  pair = timed("phi_s", pairwise_stage, cfg, inputs, streamed, _load_decode(model_name, inputs.notes))
+  pair = timed("phi_s", pairwise_stage, cfg, inputs, streamed, decode)
   for n in per_sae:
     per_sae[n].update(pair.phi[n].summary())
   if cfg.meta_fve_steps > 0:
@@ -351,7 +291,7 @@ def evaluate_run(cfg: EvalConfig) -> dict:
   out["delta_ce"] = ce.info if ce else {"skipped": True}
   out["meta_fve_config"] = {"steps": cfg.meta_fve_steps, "width_fraction": cfg.meta_width_fraction, "k": cfg.meta_k}
   out["notes"] = inputs.notes
-  out["plots"] = timed("plots_s", plots.write_all, cfg.run_dir, pair.phi, per_sae, pair.cosine)
+  out["plots"] = timed("plots_s", plots.write_all, cfg.run_dir, pair.phi, per_sae, pair.cosine, out.get("comparison"))
   timings["total_s"] = time.perf_counter() - t0
   out["timings"] = timings
   return report.write(cfg.run_dir, out, pair.candidates)

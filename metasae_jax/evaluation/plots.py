@@ -1,10 +1,12 @@
-"""Evaluation plots (matplotlib Agg, PNG): |φ| histograms joint vs solo, matched-pair cosines, metric bars.
+"""Evaluation plots (matplotlib Agg, PNG): |φ| histograms joint vs solo, matched-pair cosines, metric bars
+(labelled with their units, 95 % error bars where the report has the interval).
 
 Legend: N = latents; |φ| histograms are over log10 |φ| of all live pairs.
 """
 
 import io
 import os
+from typing import NamedTuple, Optional
 
 import matplotlib
 
@@ -51,26 +53,87 @@ def cosine_histogram(cosine: np.ndarray, path: str) -> str:
   return save_png(fig, path)
 
 
-def metric_bars(per_sae: dict, path: str,
-                keys=("fvu", "mse", "l0", "dead_fraction", "mean_abs_phi", "delta_ce_pct", "meta_fve")) -> str:
-  """One small bar chart per metric, bars = SAEs (name -> metrics dict)."""
-  keys = [k for k in keys if any(isinstance(m.get(k), (int, float)) and np.isfinite(m.get(k))
-                                 for m in per_sae.values())]
-  fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(2.2 * max(1, len(keys)), 3.2), squeeze=False)
-  names = list(per_sae)
-  for ax, key in zip(axes[0], keys):
-    vals = [per_sae[n].get(key) if isinstance(per_sae[n].get(key), (int, float)) else np.nan for n in names]
-    ax.bar(names, vals, color=["C0", "C1", "C2", "C3"][:len(names)])
-    ax.set_title(key, fontsize=9)
+# Per-SAE metrics on metrics.png: y-axis label with its unit, and the key of its standard error (95 % bars).
+METRIC_AXES = {
+    "fvu": ("raw-space FVU, all positions", None),
+    "fvu_excl_first": ("raw-space FVU, first position out", None),
+    "fvu_typical": ("raw-space FVU, sink-like tokens out", None),
+    "mse": ("MSE on standardised inputs", None),
+    "l0": ("active latents per token", None),
+    "dead_fraction": ("fraction of latents never firing", None),
+    "mean_abs_phi": ("mean |φ| over all latent pairs", None),
+    "delta_ce_pct": ("ΔCE, % of clean CE (±95 %)", "delta_ce_pct_se"),
+    "meta_fve": ("meta FVE, fraction of variance", None),
+}
+# Joint-vs-solo differences with bootstrap intervals (report.json comparison.bootstrap), in % of solo.
+DIFF_AXES = {"mean_abs_phi_pct": "mean |φ|", "mse_pct": "MSE", "fvu_pct": "raw FVU"}
+Z95 = 1.959964
+
+
+class Panel(NamedTuple):
+  """One bar chart of metrics.png: bars with optional asymmetric error bars (lower, upper lengths)."""
+  title: str
+  ylabel: str
+  labels: list
+  values: list
+  err_low: Optional[list]
+  err_high: Optional[list]
+
+
+def _number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def bar_panels(per_sae: dict, comparison: Optional[dict] = None) -> list:
+  """The panels of metrics.png: one per metric any SAE has (95 % bars where the report has a standard error),
+  then the joint-vs-solo % differences with their bootstrap intervals when the report has them."""
+  panels, names = [], list(per_sae)
+  for key, (ylabel, se_key) in METRIC_AXES.items():
+    values = [per_sae[n].get(key) if _number(per_sae[n].get(key)) else np.nan for n in names]
+    if not any(np.isfinite(values)):
+      continue
+    err = None
+    if se_key and any(_number(per_sae[n].get(se_key)) for n in names):
+      err = [Z95 * per_sae[n][se_key] if _number(per_sae[n].get(se_key)) else 0.0 for n in names]
+    panels.append(Panel(key, ylabel, names, values, err, err))
+  boot = (comparison or {}).get("bootstrap") or {}
+  diffs = [(k, label) for k, label in DIFF_AXES.items()
+           if isinstance(boot.get(k), dict) and _number(boot[k].get("estimate"))]
+  if diffs:
+    ivs = [boot[k] for k, _ in diffs]
+    have = all(_number(iv.get("low")) and _number(iv.get("high")) for iv in ivs)
+    panels.append(Panel(f"joint vs solo ({boot.get('level', 0.95):.0%} bootstrap interval)",
+                        "joint − solo, % of solo", [label for _, label in diffs], [iv["estimate"] for iv in ivs],
+                        [iv["estimate"] - iv["low"] for iv in ivs] if have else None,
+                        [iv["high"] - iv["estimate"] for iv in ivs] if have else None))
+  return panels
+
+
+def metric_bars(per_sae: dict, path: str, comparison: Optional[dict] = None) -> str:
+  """One labelled bar chart per metric (bars = SAEs), plus the joint-vs-solo differences (see bar_panels)."""
+  panels = bar_panels(per_sae, comparison) or [Panel("no metrics", "", [], [], None, None)]
+  cols = min(5, len(panels))
+  rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 3.0 * rows), squeeze=False)
+  for ax in axes.flat[len(panels):]:
+    ax.axis("off")
+  for ax, panel in zip(axes.flat, panels):
+    colors = ["C0", "C1", "C2", "C3"][:len(panel.labels)] if "vs" not in panel.title else "C7"
+    yerr = None if panel.err_low is None else [panel.err_low, panel.err_high]
+    ax.bar(panel.labels, panel.values, color=colors, yerr=yerr, capsize=4 if yerr is not None else 0)
+    if "vs" in panel.title:
+      ax.axhline(0, color="k", lw=0.8)
+    ax.set_title(panel.title, fontsize=9)
+    ax.set_ylabel(panel.ylabel, fontsize=8)
     ax.tick_params(labelsize=8)
   fig.tight_layout()
   return save_png(fig, path)
 
 
-def write_all(run_dir: str, phi_stats: dict, per_sae: dict, cosine=None) -> list:
+def write_all(run_dir: str, phi_stats: dict, per_sae: dict, cosine=None, comparison: Optional[dict] = None) -> list:
   """All plots of a report; returns the file names written."""
   paths = [phi_histograms(phi_stats, os.path.join(run_dir, "phi_hist.png")),
-           metric_bars(per_sae, os.path.join(run_dir, "metrics.png"))]
+           metric_bars(per_sae, os.path.join(run_dir, "metrics.png"), comparison)]
   if cosine is not None:
     paths.append(cosine_histogram(cosine, os.path.join(run_dir, "matched_cosine.png")))
   return [os.path.basename(p) for p in paths]

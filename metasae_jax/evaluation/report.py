@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from metasae_jax.storage import artifact, atomic
+from metasae_jax.storage import artifact, atomic, markdown as md
 
 SAE_NAMES = artifact.SAE_NAMES
 PER_SAE_KEYS = ("fvu", "fvu_excl_first", "fvu_typical", "outlier_tokens", "mse", "l0", "dead_fraction",
@@ -101,7 +101,7 @@ def _fmt(v) -> str:
     return "–"
   if isinstance(v, float):
     return f"{v:.4g}"
-  return str(v)
+  return md.text(v)  # names and paths from manifests and cfg.json are foreign text
 
 
 def _interval(iv: dict) -> str:
@@ -116,8 +116,8 @@ def _interval(iv: dict) -> str:
 def markdown(report: dict) -> str:
   """A human-readable summary of report.json."""
   names = [n for n in SAE_NAMES if n in report]
-  lines = [f"# Evaluation of {report['run_dir']}", "",
-           f"Held-out store `{report['activations']}`, {report['num_tokens']} tokens, firing "
+  lines = [f"# Evaluation of {md.text(report['run_dir'])}", "",
+           f"Held-out store {md.code(report['activations'])}, {report['num_tokens']} tokens, firing "
            f"`{report['firing']}`, batch {report['batch_size']}; {report['skip']['rule']}.", "",
            "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
   for key in PER_SAE_KEYS:
@@ -125,7 +125,7 @@ def markdown(report: dict) -> str:
   lines += ["", "Definitions:", ""] + [f"- {k}: {v}" for k, v in DEFINITIONS.items()]
   warnings = [n for n in report.get("notes", []) if n.startswith("WARNING")]
   if warnings:
-    lines += [""] + [f"**{w}**" for w in warnings]
+    lines += [""] + [f"**{md.text(w)}**" for w in warnings]
   if "comparison" in report:
     lines += ["", "## Joint vs solo", ""] + [f"- {k}: {_fmt(v)}" for k, v in report["comparison"].items()
                                              if not isinstance(v, dict)]
@@ -143,6 +143,6 @@ def markdown(report: dict) -> str:
   if not ce.get("skipped"):
     lines += ["", "## ΔCE", ""] + [f"- {k}: {_fmt(v)}" for k, v in ce.items()]
   if report.get("notes"):
-    lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    lines += ["", "## Notes", ""] + [f"- {md.text(n)}" for n in report["notes"]]
   lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in report.get("plots", [])), ""]
   return "\n".join(lines)

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import sysconfig
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -27,8 +27,12 @@ EXTENSIONS = (".txt", ".jsonl", ".parquet")
 # Rust); the character cap keeps the first contexts quick to get when documents are long.
 _DOCS_PER_CALL = 64
 _CHARS_PER_CALL = 1 << 16
-# Big .txt files are read and tokenised in pieces of about this many characters, cut at line ends.
+# Big .txt files are read and tokenised in pieces of about this many characters, cut at line ends (a longer
+# line after its last whitespace before the limit).
 _TXT_PIECE_CHARS = 1 << 20
+# A document (jsonl row, parquet cell, dataset row) longer than this is tokenised in pieces of _TXT_PIECE_CHARS,
+# so the first contexts never wait for one huge text to be tokenised whole.
+_MAX_PIECE_CHARS = 4 * _TXT_PIECE_CHARS
 
 # A piece of text and whether it ends its document (a separator token follows it).
 Piece = tuple[str, bool]
@@ -102,17 +106,40 @@ def _member_docstrings(stdlib: str, name: str) -> Iterator[Piece]:
       return
 
 
+def _space_cut(text: str, limit: int) -> int:
+  """Where to cut `text` at or before `limit`: just after its last whitespace there (words stay whole), else at
+  `limit`."""
+  i = max(text.rfind(c, 0, limit) for c in " \n\t")
+  return i + 1 if i > 0 else limit
+
+
 def _txt_pieces(path: str) -> Iterator[Piece]:
   with open(path, encoding="utf-8", errors="replace") as f:
     buf: list[str] = []
     size = 0
-    for line in f:
-      buf.append(line)
-      size += len(line)
+    carry = ""
+    # readline(limit): a line longer than a piece arrives in parts, so reading never waits for a whole line.
+    for part in iter(lambda: f.readline(_TXT_PIECE_CHARS), ""):
+      part, carry = carry + part, ""
+      if not part.endswith("\n") and len(part) >= _TXT_PIECE_CHARS:  # inside an over-long line
+        cut = _space_cut(part, len(part))
+        part, carry = part[:cut], part[cut:]
+      buf.append(part)
+      size += len(part)
       if size >= _TXT_PIECE_CHARS:
         yield "".join(buf), False
         buf, size = [], 0
-    yield "".join(buf), True
+    yield "".join(buf) + carry, True
+
+
+def _split_long(texts: Iterator[Piece]) -> Iterator[Piece]:
+  """The pieces, with any longer than _MAX_PIECE_CHARS cut into pieces of about _TXT_PIECE_CHARS."""
+  for text, ends in texts:
+    while len(text) > _MAX_PIECE_CHARS:
+      cut = _space_cut(text, _TXT_PIECE_CHARS)
+      yield text[:cut], False
+      text = text[cut:]
+    yield text, ends
 
 
 def _jsonl_pieces(path: str, text_field: str) -> Iterator[Piece]:
@@ -201,8 +228,13 @@ def _dataset_rows(name: str, text_field: str) -> Iterator[Piece]:
 def pieces(corpus: str, text_field: str = "text") -> Iterator[Piece]:
   """The corpus's text in a deterministic order, as (text, ends_document) pieces.
 
-  Checks the corpus now (missing file, missing package), reads it lazily.
+  Checks the corpus now (missing file, missing package), reads it lazily and in bounded pieces: the first
+  pieces arrive after reading at most a few MB, whatever the line or document length.
   """
+  return _split_long(_source_pieces(corpus, text_field))
+
+
+def _source_pieces(corpus: str, text_field: str) -> Iterator[Piece]:
   if corpus == BUILTIN:
     return _builtin_pieces()
   if os.path.isdir(corpus):
@@ -217,6 +249,21 @@ def pieces(corpus: str, text_field: str = "text") -> Iterator[Piece]:
     raise UserError(f"--corpus {corpus}: no such file or directory. Pass an existing path, "
                     f"{BUILTIN!r}, or an HF dataset id.")
   return _dataset_pieces(corpus, text_field)
+
+
+def token_bound(corpus: str) -> Optional[int]:
+  """An upper bound on the tokens a local .txt/.jsonl corpus yields, from file sizes alone (no tokenizer), or
+  None when sizes say nothing (builtin, parquet, a dataset id).
+
+  No tokenizer makes more than one token of a byte, plus a word-prefix token and a separator per document; a
+  .jsonl row spends more bytes on its JSON than those two tokens.
+  """
+  if corpus == BUILTIN:
+    return None
+  files = _dir_files(corpus) if os.path.isdir(corpus) else [corpus] if os.path.isfile(corpus) else []
+  if not files or any(not path.endswith((".txt", ".jsonl")) for path in files):
+    return None
+  return sum(os.path.getsize(path) + (2 if path.endswith(".txt") else 0) for path in files)
 
 
 def separator_id(tokenizer: Any):

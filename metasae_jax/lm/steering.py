@@ -13,37 +13,20 @@ SAE never saw) are left alone, also across cached generation steps.
 """
 
 import contextlib
-import dataclasses
 from typing import Optional
 
 import numpy as np
 import torch
 
 from metasae_jax.lm import models
+from metasae_jax.lm.edit import MODES, Edit  # noqa: F401  (public here too)
 from metasae_jax.lm.delta_ce import register_residual_edit
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage.loaded_sae import LoadedSAE
 
-MODES = ("add", "clamp", "ablate")
-
-
-@dataclasses.dataclass(frozen=True)
-class Edit:
-  """One latent intervention."""
-  latent: int
-  mode: str = "add"
-  value: float = 0.0
-  """α for "add", the clamped activation for "clamp", ignored for "ablate"."""
-
-  def __post_init__(self):
-    if self.mode not in MODES:
-      raise UserError(f"steering mode {self.mode!r} is not one of {MODES}.")
-
-
 def _check(sae: LoadedSAE, edits) -> None:
   for e in edits:
-    if not 0 <= e.latent < sae.width:
-      raise UserError(f"latent {e.latent} is out of range for an SAE of width {sae.width}.")
+    e.check_width(sae.width)
 
 
 def edit_activations(sae: LoadedSAE, x_MxD: np.ndarray, edits, firing: Optional[str] = None) -> np.ndarray:

@@ -12,14 +12,14 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from metasae_jax.storage import atomic
+from metasae_jax.storage import atomic, sae_schema
 from metasae_jax.core.errors import UserError
 
 CFG = "cfg.json"
 WEIGHTS = "sae.safetensors"
 # A training run directory holds one artifact per SAE under these names (joint/ also holds meta/).
 SAE_NAMES = ("joint", "solo")
-REQUIRED_CFG = ("d_model", "width", "k", "activation", "input_norm")
+REQUIRED_CFG = sae_schema.REQUIRED_CFG
 
 
 def sae_cfg(which: str, train_config: dict, trained_tokens: int, source: Optional[dict] = None,
@@ -55,39 +55,43 @@ def save_sae(path: str, params: dict, cfg: dict, threshold_N: Optional[np.ndarra
 
 
 def load_sae_files(path: str) -> tuple[dict, dict]:
-  """Reads and validates an artifact. Returns (tensors as float32 numpy, cfg)."""
+  """Reads and validates an artifact (`sae_schema.validated`). Returns (tensors as float32 numpy, cfg)."""
   cpath, wpath = os.path.join(path, CFG), os.path.join(path, WEIGHTS)
   for p in (cpath, wpath):
     if not os.path.isfile(p):
       raise UserError(f"SAE artifact {path}: missing {os.path.basename(p)}. "
                       "Point at a directory holding cfg.json and sae.safetensors (e.g. RUN/joint).")
+  cfg = read_cfg(path)
+  tensors = read_weights(path, WEIGHTS)
+  if "b_enc" not in tensors and "W_enc" in tensors and sae_schema.is_int(cfg.get("width")):
+    tensors["b_enc"] = np.zeros((cfg["width"],), np.float32)  # an SAE without encoder bias
+  return sae_schema.validated(path, tensors, cfg, WEIGHTS)
+
+
+def read_cfg(path: str) -> dict:
+  """An SAE folder's cfg.json as a dict (not yet validated)."""
   try:
-    with open(cpath) as f:
+    with open(os.path.join(path, CFG), encoding="utf-8") as f:
       cfg = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f"SAE artifact {path}: cfg.json is not valid JSON ({e}). Re-export the SAE.")
-  missing = [key for key in REQUIRED_CFG if key not in cfg]
-  if missing:
-    raise UserError(f"SAE artifact {path}: cfg.json lacks {missing}. Add them or re-export the SAE.")
+    raise UserError(f"SAE artifact {path}: cfg.json is not valid JSON ({e}). Re-export the SAE.") from None
+  except OSError as e:
+    raise UserError(f"SAE artifact {path}: cfg.json is unreadable ({e.strerror or e}).") from None
+  if not isinstance(cfg, dict):
+    raise UserError(f"SAE artifact {path}: cfg.json holds {type(cfg).__name__}, not a JSON object. Re-export "
+                    "the SAE.")
+  return cfg
+
+
+def read_weights(path: str, name: str) -> dict:
+  """An SAE folder's safetensors file as numpy arrays (not yet validated)."""
   try:
-    with open(wpath, "rb") as f:
-      tensors = st_load(f.read())
+    with open(os.path.join(path, name), "rb") as f:
+      return dict(st_load(f.read()))
+  except OSError as e:
+    raise UserError(f"SAE artifact {path}: {name} is unreadable ({e.strerror or e}).") from None
   except Exception as e:  # safetensors raises its own error types for damaged files
-    raise UserError(f"SAE artifact {path}: sae.safetensors is unreadable ({e}). Re-export the SAE.")
-  d, n = int(cfg["d_model"]), int(cfg["width"])
-  want = {"W_enc": (d, n), "W_dec": (n, d), "b_dec": (d,)}
-  if "b_enc" not in tensors:
-    tensors["b_enc"] = np.zeros((n,), np.float32)
-  want["b_enc"] = (n,)
-  if "threshold" in tensors:
-    want["threshold"] = (n,)
-  for name, shape in want.items():
-    if name not in tensors:
-      raise UserError(f"SAE artifact {path}: sae.safetensors has no tensor {name!r}. Re-export the SAE.")
-    if tuple(tensors[name].shape) != shape:
-      raise UserError(f"SAE artifact {path}: {name} has shape {tuple(tensors[name].shape)}, cfg.json "
-                      f"implies {shape}. The weights and cfg.json come from different SAEs.")
-  return {name: np.asarray(t, np.float32) for name, t in tensors.items()}, cfg
+    raise UserError(f"SAE artifact {path}: {name} is unreadable ({e}). Re-export the SAE.") from None
 
 
 def weights_digest(path: str) -> str:

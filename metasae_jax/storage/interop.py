@@ -33,10 +33,9 @@ import shutil
 from typing import NamedTuple, Optional
 
 import numpy as np
-from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from metasae_jax.storage import artifact, atomic, lock
+from metasae_jax.storage import artifact, atomic, lock, sae_schema
 from metasae_jax.core.errors import UserError
 
 FORMATS = ("saelens", "sparsify")
@@ -262,23 +261,23 @@ def detect_format(path: str) -> str:
   return "metasae"
 
 
-def _read(path: str, weights: str) -> tuple[dict, dict]:
-  try:
-    with open(os.path.join(path, artifact.CFG)) as f:
-      cfg = json.load(f)
-    with open(os.path.join(path, weights), "rb") as f:
-      tensors = {k: np.asarray(v, np.float32) for k, v in st_load(f.read()).items()}
-  except (OSError, ValueError) as e:
-    raise UserError(f"SAE directory {path}: cannot read cfg.json / {weights} ({e}).") from None
-  except Exception as e:  # safetensors raises its own error types for damaged files
-    raise UserError(f"SAE directory {path}: {weights} is unreadable ({e}).") from None
-  return tensors, cfg
+def read_any(path: str) -> tuple[dict, dict]:
+  """(validated float32 tensors, cfg) in our artifact form of an SAE folder of any format (`detect_format`)."""
+  fmt = detect_format(path)
+  if fmt == "saelens":
+    return read_saelens(path)
+  if fmt == "sparsify":
+    return read_sparsify(path)
+  return artifact.load_sae_files(path)
 
 
-def _need(path: str, tensors: dict, names) -> None:
-  missing = [n for n in names if n not in tensors]
-  if missing:
-    raise UserError(f"SAE directory {path}: its weights lack {missing}.")
+def _tensor(path: str, tensors: dict, name: str, shape: tuple, weights: str, implied: str, default=None):
+  """A checked float32 tensor of a foreign folder; `default` when absent (None: required)."""
+  if name not in tensors:
+    if default is None:
+      raise sae_schema.fail(path, f"{weights} has no tensor {name!r}", "Re-export the SAE.")
+    return default
+  return sae_schema.check_tensor(path, name, tensors[name], shape, weights, implied)
 
 
 def _source_of(metadata: dict) -> dict:
@@ -290,70 +289,92 @@ def _source_of(metadata: dict) -> dict:
   return source
 
 
+_SAELENS_ARCHS = ("standard", "topk", "batchtopk", "jumprelu")
+
+
 def read_saelens(path: str) -> tuple[dict, dict]:
   """(tensors, cfg) in our artifact form of a SAELens directory (standard/topk/batchtopk/jumprelu).
 
   Firing maps exactly: jumprelu → threshold θ; standard (ReLU) → threshold θ = 0; topk → per-token TopK(k);
   batchtopk → θ = its learned `topk_threshold` for every latent (SAELens' own inference conversion) when
   saved, else BatchTopK(k). `rescale_acts_by_decoder_norm` and `apply_b_dec_to_input: false` are folded into
-  the weights, which leaves encode/decode unchanged.
+  the weights, which leaves encode/decode unchanged. Every field read and every tensor is checked first.
   """
-  tensors, sl = _read(path, SAELENS_WEIGHTS)
-  arch = sl.get("architecture", "standard")
-  norm = _FROM_SAELENS_NORM.get(sl.get("normalize_activations", "none"))
-  if norm is None:
-    raise UserError(f"SAELens SAE {path}: normalize_activations {sl.get('normalize_activations')!r} has no "
-                    f"equivalent here (supported: {sorted(_FROM_SAELENS_NORM)}).")
+  sl = artifact.read_cfg(path)
+  tensors = artifact.read_weights(path, SAELENS_WEIGHTS)
+  d = sae_schema.int_field(path, sl, "d_in", 1)
+  n = sae_schema.int_field(path, sl, "d_sae", 1)
+  arch = sae_schema.choice_field(path, sl, "architecture", _SAELENS_ARCHS, default="standard")
+  norm = _FROM_SAELENS_NORM[sae_schema.choice_field(path, sl, "normalize_activations", tuple(_FROM_SAELENS_NORM),
+                                                    default="none")]
   if sl.get("reshape_activations", "none") != "none":
-    raise UserError(f"SAELens SAE {path}: reshape_activations {sl['reshape_activations']!r} (attention heads) "
-                    "is not supported; only residual-stream SAEs load here.")
-  _need(path, tensors, ("W_enc", "W_dec", "b_dec"))
-  w_enc, w_dec, b_dec = tensors["W_enc"], tensors["W_dec"], tensors["b_dec"]
-  d, n = w_enc.shape
-  b_enc = tensors.get("b_enc", np.zeros(n, np.float32))
-  threshold, k, activation = None, int(sl.get("k") or 0), "topk"
+    raise UserError(f"SAELens SAE {path}: reshape_activations {sae_schema.describe(sl['reshape_activations'])} "
+                    "(attention heads) is not supported; only residual-stream SAEs load here.")
+  k = sae_schema.k_field(path, sl, n, 1, optional=arch not in ("topk", "batchtopk"), width_name="d_sae") or 0
+  for key in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
+    sae_schema.typed_field(path, sl, key, (bool, type(None)), "true or false")
+  sae_schema.typed_field(path, sl, "metadata", (dict, type(None)), "an object")
+  meta = sl.get("metadata") or {}
+  for key in ("model_name", "hook_name"):
+    sae_schema.typed_field(path, meta, key, (str, type(None)), "a string", where="cfg.json metadata")
+  context = sae_schema.int_field(path, meta, "context_size", 1, where="cfg.json metadata", optional=True)
+  implied = "cfg.json d_in and d_sae"
+  w_enc = _tensor(path, tensors, "W_enc", (d, n), SAELENS_WEIGHTS, implied)
+  w_dec = _tensor(path, tensors, "W_dec", (n, d), SAELENS_WEIGHTS, implied)
+  b_dec = _tensor(path, tensors, "b_dec", (d,), SAELENS_WEIGHTS, implied)
+  b_enc = _tensor(path, tensors, "b_enc", (n,), SAELENS_WEIGHTS, implied, default=np.zeros(n, np.float32))
+  threshold, activation = None, "topk"
   if arch == "jumprelu":
-    _need(path, tensors, ("threshold",))
-    threshold = tensors["threshold"]
+    threshold = _tensor(path, tensors, "threshold", (n,), SAELENS_WEIGHTS, implied)
   elif arch == "standard":
     threshold = np.zeros(n, np.float32)  # ReLU(h) is h where h > 0
   elif arch == "batchtopk":
     activation = "batchtopk"
     if "topk_threshold" in tensors:
-      threshold = np.full(n, float(np.ravel(tensors["topk_threshold"])[0]), np.float32)
-  elif arch != "topk":
-    raise UserError(f"SAELens SAE {path}: architecture {arch!r} is not supported (standard, topk, batchtopk, "
-                    "jumprelu are).")
-  if arch in ("topk", "batchtopk") and k <= 0:
-    raise UserError(f"SAELens SAE {path}: architecture {arch} without k in cfg.json.")
+      raw = tensors["topk_threshold"]
+      theta = _tensor(path, tensors, "topk_threshold", np.shape(raw) if np.size(raw) == 1 else (1,),
+                      SAELENS_WEIGHTS, "a single value")
+      threshold = np.full(n, float(np.ravel(theta)[0]), np.float32)
   if sl.get("rescale_acts_by_decoder_norm"):
     # h_i·‖d_i‖ fired, then decoded with d_i/‖d_i‖: scale encoder column i up and decoder row i down.
     norm_N = np.maximum(np.linalg.norm(w_dec, axis=1), 1e-8)
     w_enc, b_enc, w_dec = w_enc * norm_N, b_enc * norm_N, w_dec / norm_N[:, None]
-  if not sl.get("apply_b_dec_to_input", True):
+  if sl.get("apply_b_dec_to_input") is False:
     # Ours always encodes x' − b_dec; SAELens without it encodes x': add b_dec·W_enc back into b_enc.
     b_enc = b_enc + b_dec @ w_enc
-  meta = sl.get("metadata") or {}
-  cfg = {"d_model": int(d), "width": int(n), "k": k, "activation": activation, "input_norm": norm,
+  cfg = {"d_model": d, "width": n, "k": k, "activation": activation, "input_norm": norm,
          "has_threshold": threshold is not None, "source": _source_of(meta), "format": "saelens",
-         "saelens_cfg": sl, "context_len": meta.get("context_size")}
+         "saelens_cfg": sl, "context_len": context}
   out = {"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec}
   if threshold is not None:
     out["threshold"] = threshold
-  return out, cfg
+  return sae_schema.validated(path, out, cfg, SAELENS_WEIGHTS, implied)
 
 
 def read_sparsify(path: str) -> tuple[dict, dict]:
   """(tensors, cfg) in our artifact form of an EleutherAI sparsify directory (per-token TopK, raw inputs)."""
-  tensors, sp = _read(path, SPARSIFY_WEIGHTS)
-  _need(path, tensors, ("encoder.weight", "W_dec", "b_dec"))
+  sp = artifact.read_cfg(path)
+  tensors = artifact.read_weights(path, SPARSIFY_WEIGHTS)
+  for key in ("skip_connection", "transcode"):
+    sae_schema.typed_field(path, sp, key, (bool, type(None)), "true or false")
   if "W_skip" in tensors or sp.get("skip_connection") or sp.get("transcode"):
     raise UserError(f"sparsify SAE {path} is a transcoder or has a skip connection; only plain SAEs load here.")
-  w_enc = np.ascontiguousarray(tensors["encoder.weight"].T)
-  d, n = w_enc.shape
-  cfg = {"d_model": int(d), "width": int(n), "k": int(sp.get("k") or 0), "activation": "topk",
-         "input_norm": "none", "has_threshold": False, "source": {}, "format": "sparsify", "sparsify_cfg": sp}
-  if cfg["k"] <= 0:
-    raise UserError(f"sparsify SAE {path}: cfg.json has no k.")
-  return {"W_enc": w_enc, "b_enc": tensors.get("encoder.bias", np.zeros(n, np.float32)),
-          "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}, cfg
+  sae_schema.choice_field(path, sp, "activation", ("topk",), default="topk")
+  d = sae_schema.int_field(path, sp, "d_in", 1)
+  n = sae_schema.int_field(path, sp, "num_latents", 0, optional=True) or 0
+  factor = sae_schema.int_field(path, sp, "expansion_factor", 1, optional=True)
+  if not n:  # sparsify's rule: num_latents 0 means expansion_factor x d_in
+    if factor is None:
+      raise sae_schema.fail(path, "cfg.json has neither num_latents nor expansion_factor")
+    n = factor * d
+  k = sae_schema.k_field(path, sp, n, 1, width_name="num_latents")
+  implied = "cfg.json d_in and num_latents (or expansion_factor)"
+  w_enc = np.ascontiguousarray(_tensor(path, tensors, "encoder.weight", (n, d), SPARSIFY_WEIGHTS, implied).T)
+  cfg = {"d_model": d, "width": n, "k": k, "activation": "topk", "input_norm": "none", "has_threshold": False,
+         "source": {}, "format": "sparsify", "sparsify_cfg": sp}
+  out = {"W_enc": w_enc,
+         "b_enc": _tensor(path, tensors, "encoder.bias", (n,), SPARSIFY_WEIGHTS, implied,
+                          default=np.zeros(n, np.float32)),
+         "W_dec": _tensor(path, tensors, "W_dec", (n, d), SPARSIFY_WEIGHTS, implied),
+         "b_dec": _tensor(path, tensors, "b_dec", (d,), SPARSIFY_WEIGHTS, implied)}
+  return sae_schema.validated(path, out, cfg, SPARSIFY_WEIGHTS, implied)

@@ -20,10 +20,10 @@ import numpy as np
 
 from metasae_jax.core import sae as sae_lib
 from metasae_jax.core.errors import UserError
-from metasae_jax.storage import artifact, interop
+from metasae_jax.storage import interop, sae_schema
 
-FIRINGS = ("threshold", "topk", "batchtopk")
-INPUT_NORMS = ("standardize_per_token", "none")
+FIRINGS = sae_schema.FIRINGS
+INPUT_NORMS = sae_schema.INPUT_NORMS
 
 
 class Code(NamedTuple):
@@ -167,13 +167,7 @@ def load_sae(path: str, d_model: Optional[int] = None) -> LoadedSAE:
   standard, topk, batchtopk, jumprelu) and EleutherAI sparsify directories (cfg.json + sae.safetensors with
   `encoder.weight`); `storage/interop.py` maps their firing and normalisation to ours, exactly.
   """
-  fmt = interop.detect_format(path)
-  if fmt == "saelens":
-    tensors, cfg = interop.read_saelens(path)
-  elif fmt == "sparsify":
-    tensors, cfg = interop.read_sparsify(path)
-  else:
-    tensors, cfg = artifact.load_sae_files(path)
+  tensors, cfg = interop.read_any(path)
   if d_model is not None and int(cfg["d_model"]) != int(d_model):
     raise UserError(f"SAE artifact {path} has d_model {cfg['d_model']} but the activation store has "
                     f"d_model {d_model}. Evaluate it on activations from the model and layer it was "

@@ -25,9 +25,9 @@ import numpy as np
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage import positions
 from metasae_jax.storage.store_types import Store
-
 # Tokens each data stream shuffles within (rounded to whole chunks); a process holds up to two windows per stream.
-DEFAULT_SHUFFLE_BUFFER = 1 << 20
+from metasae_jax.training.run_config import DEFAULT_SHUFFLE_BUFFER
+
 _CHUNK_ORDER_KEY, _WINDOW_KEY = 0x636B, 0x7769  # keep the chunk-order and window seeds apart
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 from metasae_jax.core.config import TrainConfig, default_meta_width
 from metasae_jax.core.errors import UserError
-from metasae_jax.storage import atomic, store
+from metasae_jax.storage import atomic, markdown, store
 from metasae_jax.evaluation.evaluate import EvalConfig, evaluate_run
 from metasae_jax.training.trainer import RunConfig, recorded_skip_first_positions, train_and_save
 from metasae_jax.workflows import sweep
@@ -82,10 +82,13 @@ def _log(msg: str) -> None:
 
 def export_stage(preset: Preset, data_dir: str) -> store.Store:
   from metasae_jax.lm.export import ExportConfig, export_activations
+  from metasae_jax.lm.export_config import preflight
   path = os.path.join(data_dir, "store")
   _log(f"export: {preset.export.get('model', 'default model')} → {path}")
   # The pipeline splits by whole shards itself (split_stage), as it always has: existing workdirs resume.
-  export_activations(ExportConfig(out_dir=path, **dict(dict(heldout_fraction=0.0), **preset.export)))
+  config = ExportConfig(out_dir=path, **dict(dict(heldout_fraction=0.0), **preset.export))
+  preflight(config)  # the model's layer count and the corpus, before the model loads
+  export_activations(config)
   return store.open_store(path)
 
 
@@ -169,7 +172,7 @@ def _mean(rows: list, sae: str, key: str) -> Optional[float]:
 
 def table_markdown(preset: Preset, rows: list[dict]) -> str:
   """The paper's Table 1 layout: per (λ₂, σ²), joint vs its own solo; mean ± sd over seeds where there are several."""
-  lines = [f"# {preset.name}: joint vs solo", "", preset.description, "",
+  lines = [f"# {markdown.text(preset.name)}: joint vs solo", "", markdown.text(preset.description), "",
            "| λ₂ | σ² | seeds | Δ mean abs φ % | ΔMSE % | ΔFVU % | paired p | ΔCE joint % | ΔCE solo % | L0 joint "
            "| fuzz joint | fuzz solo |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -188,7 +191,7 @@ def table_markdown(preset: Preset, rows: list[dict]) -> str:
     lines += ["", "Intervals are mean ± sd over seeds (n − 1 denominator); " + sweep.PAIRED_TEST_ASSUMES]
   if preset.paper:
     lines += ["", "## The paper's numbers for this setting", ""]
-    lines += [f"- {k}: {v}" for k, v in preset.paper.items()]
+    lines += [f"- {markdown.text(k)}: {markdown.text(v)}" for k, v in preset.paper.items()]
   return "\n".join(lines) + "\n"
 
 
