@@ -167,7 +167,7 @@ SUMMARY_TOKENS = 16384
 def closing_lines(out_dir: str, metrics: dict, activations: str, eval_activations: str = "") -> str:
   """What says whether training worked: standardised MSE (the loss) and, on held-out tokens, fvu_typical, with
   raw FVU labelled as raw and the part of it from high-norm tokens (a few sink-like tokens with ~150x the median
-  norm carry most of the raw variance, docs/method.md §3.2-3.3; the last batch's raw FVU, all positions, is
+  norm carry most of the raw variance, docs/method.md §3.2 and §4; the last batch's raw FVU, all positions, is
   mostly position 0's sink)."""
   heldout_path = validation.heldout_store_path(activations, eval_activations)
   held = {}

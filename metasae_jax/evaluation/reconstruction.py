@@ -9,7 +9,7 @@ the variance and make FVU measure only them. `fvu_typical` is the same ratio ove
 tokens with norm <= OUTLIER_FACTOR x the median norm (of the first batch), and
 `outlier_tokens` counts the rest. `fvu_outliers` is the part of `fvu` those outliers make (their squared
 error over the same all-token denominator) and `outlier_variance_share` the part of the raw variance they
-hold: on SmolLM2 layer 15 a handful of position-1 sinks hold ~80 % of it (docs/method.md §3.3).
+hold: on SmolLM2 layer 15 a handful of position-1 sinks hold ~80 % of it (docs/method.md §4).
 """
 
 from typing import Optional
