@@ -214,8 +214,10 @@ def main(argv):
   # One writer on a multi-host run; a finished run's rerun (no metrics) leaves an existing file alone.
   if jax.process_index() == 0 and (metrics or not os.path.exists(os.path.join(run.out_dir, CONFIG_JSON))):
     _write_config_json(run.out_dir, json.loads(json.dumps(record, default=str)))
-  if metrics:
+  if metrics and jax.process_index() == 0:  # the artifacts it checks are written by process 0
     print(closing_lines(F.out_dir, metrics, run.activations, run.eval_activations))
+  elif metrics:
+    print(f"done: {F.out_dir} (process {jax.process_index()}; process 0 prints the summary)")
   else:
     print(f"done: {F.out_dir} (already finished; nothing changed)")
 
