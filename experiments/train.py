@@ -21,7 +21,7 @@ from experiments import cli, cli_flags
 from experiments import configs
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
-from metasae_jax.storage import atomic
+from metasae_jax.storage import artifact, atomic
 from metasae_jax.storage.store import read_manifest
 from metasae_jax.training import run_config
 from metasae_jax.training.run_config import RunConfig
@@ -170,6 +170,53 @@ def _write_config_json(out_dir: str, record: dict) -> None:
   atomic.write_json(path, record)
 
 
+# Held-out tokens the closing lines evaluate (a few seconds); position 0 of each context is left out.
+SUMMARY_TOKENS = 16384
+
+
+def closing_lines(out_dir: str, metrics: dict, activations: str, eval_activations: str = "") -> str:
+  """What says whether training worked: standardised MSE (the loss) and, on held-out tokens, fvu_typical, with
+  raw FVU labelled as raw and the part of it from high-norm tokens (a few sink-like tokens with ~150x the median
+  norm carry most of the raw variance, docs/method.md §3.2 and §4; the last batch's raw FVU, all positions, is
+  mostly position 0's sink)."""
+  # pylint: disable=g-import-not-at-top  (JAX: imported once training has run)
+  from metasae_jax.evaluation import reconstruction
+  from metasae_jax.storage import heldout, loaded_sae
+  from metasae_jax.storage.store import open_store
+  from metasae_jax.training import validation
+  heldout_path = validation.heldout_store_path(activations, eval_activations)
+  held = {}
+  if heldout_path:
+    store = open_store(heldout_path)
+    num = min(SUMMARY_TOKENS, heldout.available_tokens(store, 1))
+    for name in artifact.SAE_NAMES:
+      if f"{name}/mse" in metrics and num:
+        sae = loaded_sae.load_sae(os.path.join(out_dir, name), store.d_model)
+        held[name] = reconstruction.evaluate(sae, store, num, skip_first_positions=1, firing="batchtopk",
+                                            progress=False)
+  lines = [f"done: {out_dir}"]
+  for name in artifact.SAE_NAMES:
+    if f"{name}/mse" not in metrics:
+      continue
+    text = f"  {name:5s} mse {metrics[f'{name}/mse']:.4f} (standardised, last batch)  l0 {metrics[f'{name}/l0']:.1f}"
+    if name in held:
+      r = held[name]
+      text += (f"  held-out: fvu_typical {r['fvu_typical']:.4f}  mse {r['mse']:.4f}  raw fvu {r['fvu']:.4f} "
+               f"({r['fvu_outliers']:.4f} of it from high-norm tokens)")
+    else:
+      text += f"  raw fvu {metrics[f'{name}/fvu']:.4f} (last batch, all positions: mostly position 0's sink)"
+    lines.append(text)
+  if held:
+    r = next(iter(held.values()))
+    lines.append(f"  held-out: the first {r['num_tokens']} tokens of {heldout_path} past position 0, BatchTopK firing "
+                 f"as in training; {r['outlier_tokens']} token(s) there have more than "
+                 f"{reconstruction.OUTLIER_FACTOR:g}x the median norm and hold {r['outlier_variance_share']:.0%} of "
+                 "the raw variance: fvu_typical leaves them out (experiments.evaluate gives the full report)")
+  else:
+    lines.append("  no held-out store to check on (--eval_activations, or export with --heldout_fraction)")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   # Flags, config, store and output directory are checked before JAX is imported.
@@ -187,9 +234,10 @@ def main(argv):
   # One writer on a multi-host run; a finished run's rerun (no metrics) leaves an existing file alone.
   if jax.process_index() == 0 and (metrics or not os.path.exists(os.path.join(run.out_dir, CONFIG_JSON))):
     _write_config_json(run.out_dir, json.loads(json.dumps(record, default=str)))
-  if metrics:
-    print(f"done: {F.out_dir}  joint fvu {metrics['joint/fvu']:.4f}  l0 {metrics['joint/l0']:.1f}"
-          + (f"  solo fvu {metrics['solo/fvu']:.4f}" if "solo/fvu" in metrics else ""))
+  if metrics and jax.process_index() == 0:  # the artifacts it checks are written by process 0
+    print(closing_lines(F.out_dir, metrics, run.activations, run.eval_activations))
+  elif metrics:
+    print(f"done: {F.out_dir} (process {jax.process_index()}; process 0 prints the summary)")
   else:
     print(f"done: {F.out_dir} (already finished; nothing changed)")
 

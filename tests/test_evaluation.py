@@ -162,6 +162,38 @@ def test_report_fvu_positions_and_phi_means(tmp_path):
   assert "bootstrap intervals" in md
 
 
+def test_report_names_the_part_of_raw_fvu_from_high_norm_tokens(tmp_path):
+  run, _ = _run_dir(tmp_path)
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(L * 40, D)).astype(np.float32)
+  x[[L * 3 + 1, L * 17 + 5]] *= 300.0  # two sink-like tokens past position 0
+  st = str(tmp_path / "store_sinks")
+  store.write_store(st, x, rng.integers(0, 30, L * 40).astype(np.int32), context_len=L,
+                    source={"model": "tiny", "layer": 0, "site": "resid_pre"})
+  cfg = evaluation.EvalConfig(run_dir=run, activations=st, model="none", firing="batchtopk", batch_size=64,
+                              meta_fve_steps=0, bootstrap_replicates=0, progress=False)
+  report = evaluation.evaluate_run(cfg)
+  from metasae_jax.storage import loaded_sae
+  x64 = x.astype(np.float64)
+  denom_T = np.square(x64 - x64.mean(0)).sum(1)
+  norms = np.linalg.norm(x64, axis=1)
+  out = norms > 10 * np.median(norms[:64])
+  assert out.sum() == 2
+  md = open(os.path.join(run, "report.md")).read()
+  assert f"hold {denom_T[out].sum() / denom_T.sum():.0%} of the raw variance" in md
+  for name in ("joint", "solo"):
+    sae = loaded_sae.load_sae(os.path.join(run, name), D)
+    recon = np.concatenate([np.asarray(sae.forward(x[a:a + 64], "batchtopk").recon_BxD)
+                            for a in range(0, len(x), 64)]).astype(np.float64)
+    err_T = np.square(x64 - recon).sum(1)
+    r = report[name]
+    np.testing.assert_allclose(r["fvu_outliers"], err_T[out].sum() / denom_T.sum(), rtol=1e-4)
+    np.testing.assert_allclose(r["outlier_variance_share"], denom_T[out].sum() / denom_T.sum(), rtol=1e-6)
+    share = f"{name} {r['fvu_outliers']:.3g} of {r['fvu']:.3g} ({r['fvu_outliers'] / r['fvu']:.0%})"
+    assert share in md
+    assert f"| fvu_outliers |" in md
+
+
 def test_dead_gap_warning():
   from metasae_jax.evaluation import report as report_lib
   per = {"joint": {"num_dead": 10}, "solo": {"num_dead": 30}}

@@ -73,3 +73,8 @@ def test_fvu_typical_leaves_out_sink_like_outliers(tmp_path):
   np.testing.assert_allclose(got["fvu"], want["fvu"], rtol=2e-4)
   xt = x[keep].astype(np.float64)
   np.testing.assert_allclose(got["fvu_typical"], typical["err"] / np.square(xt - xt.mean(0)).sum(), rtol=2e-4)
+  # The outliers' part of the raw FVU and of the raw variance, over the all-token denominator.
+  denom_T = np.square(x.astype(np.float64) - x.astype(np.float64).mean(0)).sum(1)
+  np.testing.assert_allclose(got["fvu_outliers"], want["fvu"] - typical["err"] / denom_T.sum(), rtol=2e-4)
+  np.testing.assert_allclose(got["outlier_variance_share"], denom_T[~keep].sum() / denom_T.sum(), rtol=1e-6)
+  assert 0.9 < got["outlier_variance_share"] < 1

@@ -123,3 +123,48 @@ def test_train_binary_resumes_with_recorded_skip(store_path, tmp_path):
   assert implicit.returncode == explicit.returncode == 1
   assert "train.width" in implicit.stderr and "skip_first_positions" not in implicit.stderr
   assert "data.skip_first_positions: 1 -> 0" in explicit.stderr
+
+
+def test_closing_lines_report_standardised_mse_and_heldout_fvu_typical(tmp_path):
+  """The train binary's last lines: the last batch's standardised MSE, and on held-out tokens past position 0
+  fvu_typical (sink-like outliers left out) beside the raw FVU, both recomputed here from the artifacts."""
+  import subprocess
+  import sys
+  from safetensors.numpy import load_file
+  from metasae_jax.storage import store as store_lib
+  ctx, d = 8, 16
+  acts = synthetic.sparse_activations(1024, d, num_features=48)
+  heldout_start = 768
+  sinks = heldout_start + np.array([3 * ctx + 1, 9 * ctx + 2, 20 * ctx + 5])  # past position 0
+  acts[sinks] *= 300.0  # attention-sink-like: far above 10x the median norm
+  path = str(tmp_path / "s")
+  store_lib.write_store(path, acts, None, context_len=ctx, source={"model": "synthetic"}, shard_tokens=256)
+  train_view, held_view = store_lib.write_split(store_lib.open_store(path), 0.25)
+  out = tmp_path / "run"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "experiments.train", f"--activations={path}", f"--out_dir={out}",
+                         "--width=64", "--k=4", "--meta_width=6", "--meta_k=2", "--batch_size=128",
+                         "--num_tokens=768", "--noprogress", "--log_every_steps=1"],
+                        capture_output=True, text=True, cwd=repo)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()[-4:]
+  assert lines[0] == f"done: {out}"
+  last = [json.loads(l) for l in open(out / "metrics.jsonl")][-1]
+  kept = np.array([t for t in range(heldout_start, 1024) if t % ctx != 0])
+  x = acts[kept].astype(np.float64)
+  for line, name in zip(lines[1:3], ("joint", "solo")):
+    w = load_file(str(out / name / "sae.safetensors"))
+    mean, std = x.mean(1, keepdims=True), x.std(1, ddof=1, keepdims=True)
+    pre = np.maximum(((x - mean) / (std + 1e-5) - w["b_dec"]) @ w["W_enc"], 0)
+    acts_TxN = np.where(pre >= np.sort(pre.ravel())[-4 * len(x)], pre, 0)  # BatchTopK over the one batch
+    err_T = (((acts_TxN @ w["W_dec"] + w["b_dec"]) * std + mean - x) ** 2).sum(1)
+    typical = np.linalg.norm(x, axis=1) <= 10 * np.median(np.linalg.norm(x, axis=1))
+    assert typical.sum() == len(x) - 3
+    fvu = err_T.sum() / ((x - x.mean(0)) ** 2).sum()
+    fvu_typ = err_T[typical].sum() / ((x[typical] - x[typical].mean(0)) ** 2).sum()
+    assert line.split()[0] == name and f"mse {last[f'{name}/mse']:.4f} (standardised, last batch)" in line
+    fvu_out = err_T[~typical].sum() / ((x - x.mean(0)) ** 2).sum()
+    assert f"fvu_typical {fvu_typ:.4f}" in line and f"raw fvu {fvu:.4f} ({fvu_out:.4f} of it from high-norm" in line
+  assert f"first {len(kept)} tokens of {held_view}" in lines[3] and "3 token(s) there have more than 10x" in lines[3]
+  var = ((x - x.mean(0)) ** 2).sum(1)
+  assert f"hold {var[~typical].sum() / var.sum():.0%} of the raw variance" in lines[3]

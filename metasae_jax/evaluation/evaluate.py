@@ -260,10 +260,7 @@ def evaluate_run(cfg: EvalConfig) -> dict:
   inputs = timed("thresholds_s", calibrate_stage, cfg, inputs)
   streamed = timed("reconstruction_s", stream_stage, cfg, inputs)
   per_sae = streamed.metrics
-  outliers = max(r["outlier_tokens"] for r in per_sae.values())
-  if outliers:
-    inputs.notes.append(f"{outliers} held-out tokens have > {reconstruction.OUTLIER_FACTOR:g}x the median norm "
-                        "(attention-sink-like tokens); fvu is dominated by them, fvu_typical leaves them out")
+  inputs.notes.extend(report.outlier_note(per_sae, reconstruction.OUTLIER_FACTOR))
   pair = timed("phi_s", pairwise_stage, cfg, inputs, streamed, decode)
   for n in per_sae:
     per_sae[n].update(pair.phi[n].summary())

@@ -7,7 +7,9 @@ Besides position 0, LMs park a few other tokens (first newline, first period) as
 attention sinks with ~150x the usual norm; a handful of them can carry most of
 the variance and make FVU measure only them. `fvu_typical` is the same ratio over
 tokens with norm <= OUTLIER_FACTOR x the median norm (of the first batch), and
-`outlier_tokens` counts the rest.
+`outlier_tokens` counts the rest. `fvu_outliers` is the part of `fvu` those outliers make (their squared
+error over the same all-token denominator) and `outlier_variance_share` the part of the raw variance they
+hold: on SmolLM2 layer 15 a handful of position-1 sinks hold ~80 % of it (docs/method.md §4).
 """
 
 from typing import Optional
@@ -35,11 +37,13 @@ class Accumulator:
     self.ref_norm = None
     self.typical = {"n": 0, "sq_err": 0.0, "sum_D": np.zeros(d_model, np.float64),
                     "sum_sq_D": np.zeros(d_model, np.float64)}
+    self.outliers = {"sq_err": 0.0, "sum_D": np.zeros(d_model, np.float64), "sum_sq": 0.0}
 
   def add(self, x_BxD, recon_BxD, xs_BxD, recon_std_BxD, acts_BxN) -> None:
     x = np.asarray(x_BxD, np.float64)
+    err_B = np.square(x - np.asarray(recon_BxD, np.float64)).sum(1)
     self.num_tokens += x.shape[0]
-    self.sq_err += float(np.square(x - np.asarray(recon_BxD, np.float64)).sum())
+    self.sq_err += float(err_B.sum())
     self.sum_D += x.sum(0)
     self.sum_sq_D += np.square(x).sum(0)
     self.sq_err_std += float(np.square(np.asarray(xs_BxD, np.float64) - np.asarray(recon_std_BxD, np.float64)).sum())
@@ -53,7 +57,11 @@ class Accumulator:
     xt = x[keep]
     typ = self.typical
     typ["n"] += int(keep.sum())
-    typ["sq_err"] += float(np.square(xt - np.asarray(recon_BxD, np.float64)[keep]).sum())
+    typ["sq_err"] += float(err_B[keep].sum())
+    out = self.outliers
+    out["sq_err"] += float(err_B[~keep].sum())
+    out["sum_D"] += x[~keep].sum(0)
+    out["sum_sq"] += float(np.square(x[~keep]).sum())
     typ["sum_D"] += xt.sum(0)
     typ["sum_sq_D"] += np.square(xt).sum(0)
 
@@ -62,9 +70,16 @@ class Accumulator:
     total_var = float((self.sum_sq_D - np.square(self.sum_D) / t).sum())
     typ = self.typical
     typ_var = float((typ["sum_sq_D"] - np.square(typ["sum_D"]) / max(typ["n"], 1)).sum())
-    return {"fvu": self.sq_err / total_var if total_var > 0 else float("nan"),
+    out, n_out = self.outliers, self.num_tokens - typ["n"]
+    mean_D = self.sum_D / t
+    # The outliers' squared distance to the all-token mean: their part of the FVU denominator.
+    out_var = out["sum_sq"] - 2.0 * float(mean_D @ out["sum_D"]) + n_out * float(mean_D @ mean_D)
+    share = lambda v: v / total_var if total_var > 0 else float("nan")
+    return {"fvu": share(self.sq_err),
             "fvu_typical": typ["sq_err"] / typ_var if typ_var > 0 else float("nan"),
-            "outlier_tokens": self.num_tokens - typ["n"],
+            "outlier_tokens": n_out,
+            "fvu_outliers": share(out["sq_err"]),
+            "outlier_variance_share": share(out_var),
             "mse": self.sq_err_std / (t * len(self.sum_D)),
             "l0": self.num_active / t,
             "dead_fraction": float(1.0 - self.fired_N.mean()),

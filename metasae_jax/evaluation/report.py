@@ -12,7 +12,8 @@ import numpy as np
 from metasae_jax.storage import artifact, atomic, markdown as md
 
 SAE_NAMES = artifact.SAE_NAMES
-PER_SAE_KEYS = ("fvu", "fvu_excl_first", "fvu_typical", "outlier_tokens", "mse", "l0", "dead_fraction",
+PER_SAE_KEYS = ("fvu", "fvu_excl_first", "fvu_typical", "outlier_tokens", "fvu_outliers", "outlier_variance_share",
+                "mse", "l0", "dead_fraction",
                 "num_dead", "num_live", "mean_abs_phi", "mean_abs_phi_live", "delta_ce_pct", "delta_ce_pct_se",
                 "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_recovered", "meta_fve")
 # What each metric is, for report.md (which positions, which space).
@@ -20,6 +21,9 @@ DEFINITIONS = {
     "fvu": "raw-space FVU over all evaluation positions (position 0 is mostly the attention sink)",
     "fvu_excl_first": "raw-space FVU with the first position of each context left out",
     "fvu_typical": "raw-space FVU over tokens with norm <= 10x the median (no sink-like tokens)",
+    "fvu_outliers": "the part of fvu made by the outlier tokens (norm > 10x the median): their squared error over "
+                    "fvu's denominator",
+    "outlier_variance_share": "the part of the raw variance (fvu's denominator) the outlier tokens hold",
     "mse": "MSE on standardised inputs over all evaluation positions (the paper's L2)",
     "mean_abs_phi": "mean |φ| over all n(n−1)/2 latent pairs, a pair with a dead latent counting as 0 (headline)",
     "mean_abs_phi_live": "mean |φ| over pairs of live latents only",
@@ -68,6 +72,19 @@ def comparison(per_sae: dict, welch: tuple, ce_pair: dict) -> dict:
           "welch_t": welch_t, "welch_p": welch_p,
           "welch_note": ("Welch t-test of mean |φ| over all pairs, treating the dependent pairs as "
                          "independent (the paper's test); see bootstrap for an interval that does not")}
+
+
+def outlier_note(per_sae: dict, factor: float) -> list:
+  """How much of each SAE's raw fvu the high-norm (sink-like) tokens make, when there are any."""
+  rows = {n: r for n, r in per_sae.items() if r.get("outlier_tokens")}
+  if not rows:
+    return []
+  first = next(iter(rows.values()))
+  parts = [f"{n} {r['fvu_outliers']:.3g} of {r['fvu']:.3g} ({r['fvu_outliers'] / r['fvu']:.0%})"
+           for n, r in rows.items() if r["fvu"]]
+  return [f"{first['outlier_tokens']} held-out tokens have more than {factor:g}x the median norm (attention-sink-"
+          f"like tokens) and hold {first['outlier_variance_share']:.0%} of the raw variance; of the raw fvu, "
+          + ", ".join(parts) + " comes from them. fvu_typical leaves them out"]
 
 
 def dead_gap_note(per_sae: dict, width: int) -> list:

@@ -34,9 +34,14 @@ class _SAE:
     w_enc = (torch.rand(d, n, generator=gen) * 2 - 1) * bound
     w_dec = w_enc.T.clone()
     w_dec /= w_dec.norm(dim=-1, keepdim=True)
-    params = [t.to(device).requires_grad_() for t in (w_enc, torch.zeros(n), w_dec, torch.zeros(d))]
+    return cls.from_params(w_enc, torch.zeros(n), w_dec, torch.zeros(d), config, device)
+
+  @classmethod
+  def from_params(cls, w_enc, b_enc, w_dec, b_dec, config: TrainConfig, device: str = "cpu") -> "_SAE":
+    """A fresh SAE (own copies on `device`, new Adam, counter 0) starting from the given parameters."""
+    params = [t.detach().clone().to(device).requires_grad_() for t in (w_enc, b_enc, w_dec, b_dec)]
     opt = torch.optim.Adam(params, lr=config.lr, betas=(config.b1, config.b2))
-    return cls(*params, opt, torch.zeros(n, dtype=torch.long, device=device))
+    return cls(*params, opt, torch.zeros(w_enc.shape[1], dtype=torch.long, device=device))
 
 
 def _standardize(x_BxD):
@@ -108,7 +113,9 @@ class Baseline:
     gen = torch.Generator().manual_seed(config.seed)
     self.config, self.device = config, device
     self.joint = _SAE.create(config.d_model, config.width, config, gen, device)
-    self.solo = _SAE.create(config.d_model, config.width, config, gen, device) if config.baseline else None
+    # The solo baseline starts from the joint primary's exact init (the reference's and core.train_step's rule).
+    j = self.joint
+    self.solo = _SAE.from_params(j.w_enc, j.b_enc, j.w_dec, j.b_dec, config, device) if config.baseline else None
     self.meta = _SAE.create(config.d_model, config.meta_width, config, gen, device)
     self.step_count = 0
 
@@ -128,6 +135,8 @@ class Baseline:
         m = self.meta
         acts = _batchtopk(torch.relu((ws - m.b_dec) @ m.w_enc + m.b_enc), c.meta_k)
         rec = (acts @ m.w_dec + m.b_dec) * w.std(-1, keepdim=True) + w.mean(-1, keepdim=True)
+        # The penalty's forward counts as a batch for the meta SAE's dead counter (the reference's rule).
+        m.since_fired = torch.where((acts > 0).any(0), 0, m.since_fired + 1)
       pen = torch.exp(-(self.joint.w_dec - rec).pow(2).sum(-1) / c.sigma_sq).mean()
       loss = loss + c.lambda2 * pen
     _update(self.joint, loss)
