@@ -47,9 +47,12 @@ def check_store(path: str) -> None:
   store.open_store(path).check_finite()
 
 
-def check_out_dir(path: str, flag: str = "--out_dir") -> None:
+def check_out_dir(path: str, flag: str = "--out_dir", remote_ok: bool = False) -> None:
   """An output directory that can be created or written (checked before anything heavy is imported): not a
-  file, not below a file, writable, and no symbolic link loop or dangling link on the way."""
+  file, not below a file, writable, and no symbolic link loop or dangling link on the way. `remote_ok`: an
+  s3:// or gs:// location is fine too (activation stores; its writer checks it when it connects)."""
+  if remote_ok and location.is_remote(path):
+    return
   if path:
     try:
       os.stat(path)

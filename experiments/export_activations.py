@@ -65,7 +65,7 @@ def main(argv):
       progress=_PROGRESS.value)
   # Flags, paths, the model's config and the corpus are checked before torch is imported or the model loads.
   if not _BENCHMARK.value:
-    cli.check_out_dir(config.out_dir)
+    cli.check_out_dir(config.out_dir, remote_ok=True)
   export_config.preflight(config)
   from metasae_jax.lm import export  # pylint: disable=g-import-not-at-top  (torch)
   if _BENCHMARK.value:

@@ -35,7 +35,9 @@ def _env(devices: int = 0) -> dict:
 def _args(stores, out_dir: str, lambda2: str = "0,0.3,1") -> list:
   train_store, heldout = stores
   return [f"--activations={train_store}", f"--out_dir={out_dir}", f"--lambda2={lambda2}", "--sigma_sq=1",
-          f"--eval_activations={heldout}", "--eval_meta_fve_steps=0"] + TRAIN_FLAGS
+          f"--eval_activations={heldout}", "--eval_meta_fve_steps=0",
+          # Two data streams in every launch, so one process and two processes read the same batch order.
+          "--data_streams=2"] + TRAIN_FLAGS
 
 
 def _sweep(args: list, **kw) -> subprocess.CompletedProcess:
