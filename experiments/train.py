@@ -13,12 +13,14 @@ trains on its training view (STORE/train). The resolved config is saved as OUT_D
 import dataclasses
 import json
 import os
+import sys
 
 from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli, cli_flags
 from experiments import configs
+from metasae_jax.core import architectures
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage import artifact, atomic
@@ -59,7 +61,14 @@ flags.DEFINE_integer("batch_size", None, "Tokens per global batch. Paper: 4096."
 flags.DEFINE_float("lr", None, "Adam learning rate. Paper: 3e-4.")
 flags.DEFINE_integer("seed", None, "Seed for init and data order (joint and solo share the init). Default 0.")
 flags.DEFINE_bool("baseline", None, "Train the solo SAE in lockstep on identical batches. Default true.")
-flags.DEFINE_enum("activation", None, ["batchtopk", "topk"], "Primary SAE activation. Default batchtopk.")
+flags.DEFINE_enum("architecture", None, list(architectures.names()),
+                  "Primary SAE architecture (docs/architectures.md). Default batchtopk (the paper).")
+flags.DEFINE_enum("activation", None, ["batchtopk", "topk"], "Deprecated alias of --architecture.")
+flags.DEFINE_list("matryoshka_widths", None, "matryoshka_batchtopk: nested prefix widths, e.g. 32,128,512 (the "
+                  "full width is the last prefix).")
+flags.DEFINE_float("l0_coefficient", None, "jumprelu: L0 penalty coefficient (SAELens' name). Default 1.0.")
+flags.DEFINE_float("jumprelu_bandwidth", None, "jumprelu: straight-through kernel width. Default 0.001 (paper).")
+flags.DEFINE_float("jumprelu_init_threshold", None, "jumprelu: initial threshold. Default 0.001 (paper).")
 flags.DEFINE_bool("auxk_detach", None,
                   "Detach the AuxK target residual (OpenAI's TopK recipe). Default: not detached, as the paper's "
                   "reference code, so AuxK's gradient also reaches the main reconstruction.")
@@ -108,7 +117,8 @@ flags.mark_flags_as_required(["activations", "out_dir"])
 # Which config section each shorthand flag sets.
 SHORTHANDS = {**{name: "train" for name in (
     "width", "k", "meta_width", "meta_k", "lambda2", "sigma_sq", "penalty_grad", "n_primary_steps", "n_meta_steps",
-    "batch_size", "lr", "seed", "baseline", "activation", "auxk_detach", "compute_dtype", "algorithm")},
+    "batch_size", "lr", "seed", "baseline", "architecture", "matryoshka_widths", "l0_coefficient",
+    "jumprelu_bandwidth", "jumprelu_init_threshold", "auxk_detach", "compute_dtype", "algorithm")},
               **{name: "run" for name in (
                   "num_tokens", "skip_first_positions", "checkpoint_every_steps", "log_every_steps", "progress",
                   "shuffle_buffer_tokens", "data_streams",
@@ -120,14 +130,26 @@ def resolved_config(**overrides):
   """The --config tree with the shorthand flags given on the command line and `overrides` (train fields) applied."""
   c = F.config.copy_and_resolve_references()
   given = config_flags.get_override_values(F["config"])
+  if F["activation"].present and F.activation is not None:
+    if F["architecture"].present and F.architecture != F.activation:
+      raise UserError(f"--activation={F.activation} (deprecated) and --architecture={F.architecture} disagree; "
+                      "pass --architecture only.")
+    print("warning: --activation is deprecated; use --architecture.", file=sys.stderr)
+    c.train.architecture = F.activation
   for name, section in SHORTHANDS.items():
     if name in overrides:  # the sweep's grid flags are lists; each point's value comes in `overrides`
       continue
     if name in F and F[name].present and F[name].value is not None:
-      if f"{section}.{name}" in given and given[f"{section}.{name}"] != F[name].value:
+      value = F[name].value
+      if name == "matryoshka_widths":
+        try:
+          value = tuple(int(w) for w in value)
+        except ValueError:
+          raise UserError(f"--matryoshka_widths={','.join(value)}: give whole numbers, e.g. 32,128,512.") from None
+      if f"{section}.{name}" in given and given[f"{section}.{name}"] != value:
         raise UserError(f"--{name}={F[name].value} and --config.{section}.{name}={given[f'{section}.{name}']} "
                         "disagree; pass one of them.")
-      c[section][name] = F[name].value
+      c[section][name] = value
   for name, value in overrides.items():
     c.train[name] = value
   return c

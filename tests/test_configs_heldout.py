@@ -110,8 +110,9 @@ def test_exporter_writes_the_split_and_training_uses_its_view(tmp_path, model_di
 _NON_DEFAULT = {"width": 48, "k": 5, "meta_width": 7, "meta_k": 3, "lambda2": 0.7, "sigma_sq": 2.5,
                 "penalty_grad": "through", "n_primary_steps": 4, "n_meta_steps": 2, "batch_size": 96, "lr": 0.002,
                 "b1": 0.8, "b2": 0.95, "aux_k": 17, "aux_coeff": 0.125, "dead_after_batches": 9, "auxk_detach": True,
-                "seed": 11, "baseline": False, "activation": "topk", "compute_dtype": "bfloat16",
-                "algorithm": "dense"}
+                "seed": 11, "baseline": False, "architecture": "matryoshka_batchtopk",
+                "matryoshka_widths": (16, 48), "l0_coefficient": 0.5, "jumprelu_bandwidth": 0.01,
+                "jumprelu_init_threshold": 0.02, "compute_dtype": "bfloat16", "algorithm": "dense"}
 _RUN_NON_DEFAULT = {"num_tokens": 640, "skip_first_positions": 2, "checkpoint_every_steps": 7,
                     "log_every_steps": 3, "max_checkpoints": 4, "progress": False, "log_to": "jsonl,tensorboard",
                     "wandb_project": "p", "wandb_run_name": "r", "wandb_mode": "online", "eval_every_steps": 5,
@@ -133,7 +134,7 @@ def test_every_train_and_run_field_is_reachable_through_config_overrides(tmp_pat
     return f"--config.{section}.{k}={str(v).lower() if isinstance(v, bool) else v}"
   record = _dry_run(tmp_path, *[flag("train", k, v) for k, v in _NON_DEFAULT.items()],
                     *[flag("run", k, v) for k, v in _RUN_NON_DEFAULT.items()])
-  assert {k: record["train"][k] for k in _NON_DEFAULT} == _NON_DEFAULT
+  assert {k: record["train"][k] for k in _NON_DEFAULT} == dict(_NON_DEFAULT, matryoshka_widths=[16, 48])
   assert {k: record["run"][k] for k in _RUN_NON_DEFAULT} == _RUN_NON_DEFAULT
   assert record["train"]["d_model"] == D
 
@@ -145,7 +146,7 @@ def test_config_file_then_overrides_then_shorthands(tmp_path):
   assert record["train"]["k"] == 3 and record["train"]["lambda2"] == 0.9
   assert record["run"]["num_tokens"] == tiny.run.num_tokens
   plain = _dry_run(tmp_path, "--width=40", "--k=2", "--meta_k=2")  # no --config: the defaults, shorthands on top
-  want = dict(base.train_defaults(), width=40, k=2, meta_k=2)
+  want = json.loads(json.dumps(dict(base.train_defaults(), width=40, k=2, meta_k=2)))  # tuples are lists
   assert {k: plain["train"][k] for k in want if k != "meta_width"} == {k: v for k, v in want.items()
                                                                        if k != "meta_width"}
 

@@ -166,7 +166,7 @@ def test_every_mesh_equals_one_device():
     result = {}
     for activation in ("batchtopk", "topk"):
       for algorithm in ("slots", "dense"):
-        cfg = dataclasses.replace(base, activation=activation, algorithm=algorithm)
+        cfg = dataclasses.replace(base, architecture=activation, algorithm=algorithm)
         ref, step = init_train_state(cfg), jax.jit(train_step)
         for x_BxD in x_TxBxD:
           ref, ref_m = step(ref, x_BxD)

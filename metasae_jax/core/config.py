@@ -2,6 +2,7 @@
 
 import dataclasses
 
+from metasae_jax.core import architectures
 from metasae_jax.core.errors import UserError
 
 # The paper's meta SAE: 1800 latents for a 20480-wide primary.
@@ -61,8 +62,20 @@ class TrainConfig:
   """Seed for initialisation; the solo SAE starts from the same init as the joint primary."""
   baseline: bool = True
   """Train the solo SAE (no meta SAE, no penalty) in lockstep on identical batches."""
-  activation: str = "batchtopk"
-  """Primary activation: "batchtopk" (the paper) or per-token "topk"."""
+  architecture: str = "batchtopk"
+  """The primary SAE's architecture (core/architectures/): "batchtopk" (the paper), "topk",
+  "matryoshka_batchtopk" or "jumprelu". The meta SAE is always BatchTopK with meta_k."""
+  matryoshka_widths: tuple = ()
+  """matryoshka_batchtopk only: the nested prefix widths, strictly increasing, each <= width; the full width
+  is added as the last prefix when missing (Bussmann et al. 2025 nest 5 prefixes; SAELens' matryoshka_widths)."""
+  l0_coefficient: float = 1.0
+  """jumprelu only: λ of the L0 penalty, in the paper's units (against the squared error summed over D; we
+  divide by D because our MSE is a mean over D). SAELens' name and default."""
+  jumprelu_bandwidth: float = 0.001
+  """jumprelu only: the straight-through estimator's kernel width ε (Rajamanoharan et al. 2024: 0.001, for
+  inputs normalised to E||x||² = D as our standardised inputs are). SAELens' name."""
+  jumprelu_init_threshold: float = 0.001
+  """jumprelu only: every latent's initial threshold θ (the paper's 0.001). SAELens' name."""
   compute_dtype: str = "auto"
   """Matmul input dtype of all three SAEs: "auto" (default) is float32 on CPU and bfloat16 on GPU/TPU (chosen
   when the step is lowered for its platform); "float32" or "bfloat16" force one. Products accumulate in float32;
@@ -73,6 +86,7 @@ class TrainConfig:
   elsewhere when the step is lowered for its platform."""
 
   def __post_init__(self):
+    object.__setattr__(self, "matryoshka_widths", tuple(self.matryoshka_widths))  # a list from JSON
     if self.meta_width == 0:
       object.__setattr__(self, "meta_width", default_meta_width(self.width))
     checks = [
@@ -95,16 +109,36 @@ class TrainConfig:
         (self.aux_k > 0, f"aux_k must be positive, got {self.aux_k}"),
         (self.aux_coeff >= 0, f"aux_coeff must be >= 0, got {self.aux_coeff}"),
         (self.dead_after_batches > 0, f"dead_after_batches must be positive, got {self.dead_after_batches}"),
-        (self.activation in ("batchtopk", "topk"),
-         f"activation must be 'batchtopk' or 'topk', got {self.activation!r}"),
+        (self.architecture in architectures.names(),
+         f"architecture must be one of {', '.join(architectures.names())}, got {self.architecture!r}"),
+        (all(isinstance(w, int) and 0 < w <= self.width for w in self.matryoshka_widths)
+         and list(self.matryoshka_widths) == sorted(set(self.matryoshka_widths)),
+         f"matryoshka_widths must be strictly increasing widths in [1, width = {self.width}], got "
+         f"{list(self.matryoshka_widths)}"),
+        (self.l0_coefficient >= 0, f"l0_coefficient must be >= 0, got {self.l0_coefficient}"),
+        (self.jumprelu_bandwidth > 0, f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}"),
+        (self.jumprelu_init_threshold > 0,
+         f"jumprelu_init_threshold must be > 0, got {self.jumprelu_init_threshold}"),
         (self.compute_dtype in COMPUTE_DTYPES,
          f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}"),
         (self.algorithm in ALGORITHMS,
          f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}"),
     ]
+    if self.architecture in architectures.names():
+      spec = architectures.spec(self.architecture)
+      checks += [
+          (self.architecture != "matryoshka_batchtopk" or self.matryoshka_widths,
+           "matryoshka_batchtopk needs matryoshka_widths (e.g. 32,128,512)"),
+          (self.architecture == "matryoshka_batchtopk" or not self.matryoshka_widths,
+           f"matryoshka_widths is for matryoshka_batchtopk, not {self.architecture}"),
+          (self.algorithm in ("auto",) + spec.algorithms,
+           f"{self.architecture} runs the {' or '.join(spec.algorithms)} algorithm, not {self.algorithm!r}"),
+      ]
     for ok, message in checks:
       if not ok:
         raise UserError(f"invalid training config: {message}.")
+    if self.architecture == "matryoshka_batchtopk" and self.matryoshka_widths[-1] != self.width:
+      object.__setattr__(self, "matryoshka_widths", tuple(self.matryoshka_widths) + (self.width,))
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -113,6 +147,7 @@ class TrainConfig:
     """(algorithm, compute dtype) on `platform` ("cpu", "gpu", "tpu", ...): "auto" means the slots path in
     float32 on CPU and the dense path in bfloat16 on accelerators."""
     cpu = platform == "cpu"
-    algorithm = self.algorithm if self.algorithm != "auto" else ("slots" if cpu else "dense")
+    slots_ok = "slots" in architectures.spec(self.architecture).algorithms
+    algorithm = self.algorithm if self.algorithm != "auto" else ("slots" if cpu and slots_ok else "dense")
     dtype = self.compute_dtype if self.compute_dtype != "auto" else ("float32" if cpu else "bfloat16")
     return algorithm, dtype

@@ -93,7 +93,7 @@ def _primary_update(s: SAEState, x_BxD, config, meta_params, lambda2, axes: Axes
   width = s.params["W_dec"].shape[0] * axes.latent_shards()
 
   def loss_fn(params):
-    loss, stats = losses.sae_loss(params, x_BxD, s.since_fired, config.k, config.activation, config.aux_k,
+    loss, stats = losses.sae_loss(params, x_BxD, s.since_fired, config.k, config.architecture, config.aux_k,
                                   config.aux_coeff, dead_after_batches=config.dead_after_batches,
                                   auxk_detach=config.auxk_detach, compute_dtype=plan.dtype, axis_name=axes,
                                   path=plan.path)

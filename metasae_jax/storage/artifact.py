@@ -34,7 +34,7 @@ def sae_cfg(which: str, train_config: dict, trained_tokens: int, source: Optiona
     # The meta SAE's inputs are the joint SAE's decoder rows, not tokens of a model.
     return dict(common, k=train_config["meta_k"], activation="batchtopk", role="meta",
                 source={"kind": "decoder_rows", "of": "joint"})
-  return dict(common, k=train_config["k"], activation=train_config["activation"], role=which, source=source,
+  return dict(common, k=train_config["k"], activation=train_config.get("architecture", train_config.get("activation")), role=which, source=source,
               skip_first_positions=skip_first_positions, context_len=context_len)
 
 

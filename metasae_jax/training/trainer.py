@@ -39,7 +39,7 @@ def _identity(config: TrainConfig, run: RunConfig, store, source: data.BatchSour
   are left out, so a run moves between meshes and hosts; the compute dtype is
   recorded as it resolves on this platform ("auto" is float32 on CPU).
   """
-  train = config.to_dict()
+  train = json.loads(json.dumps(config.to_dict()))  # as the file holds it (tuples are lists)
   del train["algorithm"]
   train["compute_dtype"] = config.resolved(platform)[1]
   return {"train": train,
@@ -69,6 +69,18 @@ def recorded_data_streams(out_dir: str) -> Optional[int]:
   return int(value) if isinstance(value, int) else None
 
 
+def _upgraded(old: dict) -> dict:
+  """A run config as this version writes it: `activation` became `architecture`; a training field added
+  since the run started is recorded at its default (which is what that run trained with)."""
+  train = dict(old.get("train", {}))
+  if "activation" in train and "architecture" not in train:
+    train["architecture"] = train.pop("activation")
+  for f in dataclasses.fields(TrainConfig):
+    if f.name not in train and f.default is not dataclasses.MISSING and f.name not in ("algorithm",):
+      train[f.name] = json.loads(json.dumps(f.default))
+  return dict(old, train=train)
+
+
 def _claim_out_dir(out_dir: str, identity: dict, writer: bool, legacy_order: bool = False) -> bool:
   """Refuses a run directory that holds a run with another config or data; never overwrites it.
 
@@ -83,6 +95,7 @@ def _claim_out_dir(out_dir: str, identity: dict, writer: bool, legacy_order: boo
       raise UserError(f"{path} is damaged. Use a new --out_dir (this one is left untouched).")
     if not isinstance(old, dict):
       raise UserError(f"{path} is not a run config. Use a new --out_dir (this one is left untouched).")
+    old = _upgraded(old)
     diffs = [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}"
              for section, fields in identity.items() if section != "store" for key, value in fields.items()
              if old.get(section, {}).get(key) != value
@@ -276,7 +289,7 @@ def _validator(config: TrainConfig, run: RunConfig) -> Optional[validation.Valid
     raise UserError(f"--eval_every_steps needs held-out activations: pass --eval_activations HELDOUT_STORE "
                     f"(the store {run.activations} records no held-out view). Nothing was written.")
   sample = validation.load_sample(path, run.eval_tokens, run.skip_first_positions, config.d_model)
-  return validation.Validator(sample, config.k, config.activation)
+  return validation.Validator(sample, config.k, config.architecture)
 
 
 def _train(config: TrainConfig, run: RunConfig, store, source, dp, total: int, writer: bool,
