@@ -4,10 +4,10 @@
   python -m experiments.train --activations STORE --out_dir runs/x \\
       --config experiments/configs/smollm2_demo.py --config.train.lambda2=0.1 --config.train.aux_k=256
 
-Every TrainConfig / RunConfig field is `--config.train.NAME` / `--config.run.NAME` (docs/configs.md); the
-plain flags below are shorthands for the common ones and win over the config. A store with an exporter split
-trains on its training view (STORE/train). The resolved config is saved as OUT_DIR/config.json and printed by
---dry_run. Rerunning the same command resumes from the latest checkpoint.
+Every TrainConfig / RunConfig field is `--config.train.NAME` / `--config.run.NAME` (docs/configs.md) and also a
+plain `--NAME` flag generated from the dataclass (help: the field's docstring), which wins over the config. A
+store with an exporter split trains on its training view (STORE/train). The resolved config is saved as
+OUT_DIR/config.json and printed by --dry_run. Rerunning the same command resumes from the latest checkpoint.
 """
 
 import dataclasses
@@ -18,9 +18,9 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli, cli_flags
+from experiments import cli, cli_flags, dataclass_flags
 from experiments import configs
-from metasae_jax.core import architectures
+from experiments.configs import base
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage import artifact, atomic
@@ -40,59 +40,13 @@ flags.DEFINE_string("activations", None, "Activation store: a directory, s3://bu
 flags.DEFINE_string("out_dir", None, "Run directory to create or resume.")
 flags.DEFINE_bool("dry_run", False, "Print the resolved config (JSON) and exit without training.")
 
-# Shorthands: `--NAME` sets config.SECTION.NAME (and wins over --config.SECTION.NAME). Defaults come from the
-# config (experiments/configs/base.py: the dataclasses' defaults, width 4096).
-flags.DEFINE_integer("width", None, "Primary SAE latents (config default 4096).")
-flags.DEFINE_integer("k", None, "Active latents per token (BatchTopK keeps k * batch_size). Paper: 64.")
-flags.DEFINE_integer("meta_width", None,
-                     "Meta SAE latents; 0 = round(width * 1800 / 20480), the paper's 1800 at its width 20480.")
-flags.DEFINE_integer("meta_k", None, "Active meta latents per decoder row. Default: the paper's text (8); the "
-                     "reference's run script for GPT-2 large uses 4 (preset gpt2_large_l20).")
-flags.DEFINE_float("lambda2", None, "Decomposability penalty weight; 0 = no penalty (control). Paper: 0.3.")
-flags.DEFINE_float("sigma_sq", None, "Penalty bandwidth sigma^2. Paper: 1.0.")
-flags.DEFINE_enum("penalty_grad", None, ["stop", "through"],
-                  "stop: meta reconstruction is a constant (paper); through: gradient flows through the frozen meta "
-                  "SAE. Default stop.")
-flags.DEFINE_integer("n_primary_steps", None, "Primary steps between meta phases. Default: the paper's text "
-                     "(10); the reference's run script uses 100 (preset gpt2_large_l20).")
-flags.DEFINE_integer("n_meta_steps", None, "Meta steps per meta phase. Default: the paper's text (5); the "
-                     "reference's run script uses 10 (preset gpt2_large_l20).")
-flags.DEFINE_integer("batch_size", None, "Tokens per global batch. Paper: 4096.")
-flags.DEFINE_float("lr", None, "Adam learning rate. Paper: 3e-4.")
-flags.DEFINE_integer("seed", None, "Seed for init and data order (joint and solo share the init). Default 0.")
-flags.DEFINE_bool("baseline", None, "Train the solo SAE in lockstep on identical batches. Default true.")
-flags.DEFINE_enum("architecture", None, list(architectures.names()),
-                  "Primary SAE architecture (docs/architectures.md). Default batchtopk (the paper).")
+# `--NAME` sets config.SECTION.NAME (and wins over --config.SECTION.NAME): one flag per TrainConfig / RunConfig
+# field, generated from the dataclass, whose default is the config's (experiments/configs/base.py: the dataclasses'
+# defaults, width 4096).
+SHORTHANDS = {**dataclass_flags.define_from(TrainConfig, section="train", skip=("d_model",),
+                                            defaults={"width": base.DEFAULT_WIDTH}),
+              **dataclass_flags.define_from(RunConfig, section="run", skip=("activations", "out_dir"))}
 flags.DEFINE_enum("activation", None, ["batchtopk", "topk"], "Deprecated alias of --architecture.")
-flags.DEFINE_list("matryoshka_widths", None, "matryoshka_batchtopk: nested prefix widths, e.g. 32,128,512 (the "
-                  "full width is the last prefix).")
-flags.DEFINE_float("l0_coefficient", None, "jumprelu: L0 penalty coefficient (SAELens' name). Default 1.0.")
-flags.DEFINE_float("jumprelu_bandwidth", None, "jumprelu: straight-through kernel width. Default 0.001 (paper).")
-flags.DEFINE_float("jumprelu_init_threshold", None, "jumprelu: initial threshold. Default 0.001 (paper).")
-flags.DEFINE_bool("auxk_detach", None,
-                  "Detach the AuxK target residual (OpenAI's TopK recipe). Default: not detached, as the paper's "
-                  "reference code, so AuxK's gradient also reaches the main reconstruction.")
-flags.DEFINE_enum("compute_dtype", None, ["auto", "float32", "bfloat16"],
-                  "Matmul input dtype of all three SAEs; bfloat16 accumulates in float32 and keeps float32 weights "
-                  "and Adam state. Default auto: float32 on CPU, bfloat16 on GPU/TPU.")
-flags.DEFINE_enum("algorithm", None, ["auto", "slots", "dense"],
-                  "slots: candidate slots and native kernels (the CPU's); dense: bisection thresholds and masked "
-                  "dense products, no scatter (GPU/TPU's). Same loss. Default auto: slots on CPU, dense elsewhere.")
-flags.DEFINE_integer("model_parallel", None,
-                     "Devices that split each primary SAE's latents; the mesh is (devices / model_parallel) x "
-                     "model_parallel. Not part of the run's identity: a checkpoint resumes on any mesh. Default 1.")
-flags.DEFINE_integer("num_tokens", None, "Training tokens after skipping; 0 (default) = one pass over the store.")
-flags.DEFINE_integer("skip_first_positions", None,
-                     "Skip this many positions at the start of every context; 0 (default, as the paper's "
-                     "code) trains on every position.")
-flags.DEFINE_integer("checkpoint_every_steps", None, "Orbax checkpoint interval (steps). Default 1000.")
-flags.DEFINE_integer("log_every_steps", None, "metrics.jsonl interval (steps). Default 50.")
-flags.DEFINE_bool("progress", None, "Show a progress bar on stderr. Default true.")
-flags.DEFINE_integer("shuffle_buffer_tokens", None, "Tokens each data stream shuffles within, read as whole chunks "
-                     "ahead of the step (a process holds up to two such windows per stream; recorded in the run "
-                     "config). Default 1048576; at least the store = one permutation of the whole store.")
-flags.DEFINE_integer("data_streams", None, "Data streams the global batch is drawn from, each reading its own "
-                     "chunks; 0 (default) = one per process, recorded so a resumed run keeps its order.")
 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
@@ -100,30 +54,7 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 flags.DEFINE_bool("distributed", False,
                   "Multi-host run with auto-detected peers (TPU pod slices, SLURM): run the same command on "
                   "every host. Alternative to --coordinator_address.")
-# Tracking and validation during training (docs/tracking.md); shorthands for config.run fields.
-flags.DEFINE_string("log_to", None, "Trackers, comma-separated, any of jsonl,tensorboard,wandb; metrics.jsonl is "
-                    "always written, tensorboard writes OUT_DIR/tensorboard, wandb OUT_DIR/wandb. Default jsonl.")
-flags.DEFINE_string("wandb_project", None, "W&B project (with --log_to wandb). Default metasae-jax.")
-flags.DEFINE_string("wandb_run_name", None, "W&B run name; empty (default) = the --out_dir's name.")
-flags.DEFINE_enum("wandb_mode", None, ["offline", "online"],
-                  "W&B mode: offline (default) needs no account or network (upload later with `wandb sync`).")
-flags.DEFINE_integer("eval_every_steps", None, "Validate joint and solo on a fixed held-out sample every this many "
-                     "steps (and at the end); 0 (default) = never.")
-flags.DEFINE_string("eval_activations", None, "Held-out store for --eval_every_steps; empty (default) = the "
-                    "training store's held-out view (STORE/heldout).")
-flags.DEFINE_integer("eval_tokens", None, "Held-out tokens in the validation sample. Default 4096.")
 flags.mark_flags_as_required(["activations", "out_dir"])
-
-# Which config section each shorthand flag sets.
-SHORTHANDS = {**{name: "train" for name in (
-    "width", "k", "meta_width", "meta_k", "lambda2", "sigma_sq", "penalty_grad", "n_primary_steps", "n_meta_steps",
-    "batch_size", "lr", "seed", "baseline", "architecture", "matryoshka_widths", "l0_coefficient",
-    "jumprelu_bandwidth", "jumprelu_init_threshold", "auxk_detach", "compute_dtype", "algorithm")},
-              **{name: "run" for name in (
-                  "num_tokens", "skip_first_positions", "checkpoint_every_steps", "log_every_steps", "progress",
-                  "shuffle_buffer_tokens", "data_streams",
-                  "log_to", "wandb_project", "wandb_run_name", "wandb_mode", "eval_every_steps", "eval_activations",
-                  "eval_tokens", "model_parallel")}}
 
 
 def resolved_config(**overrides):
@@ -141,11 +72,6 @@ def resolved_config(**overrides):
       continue
     if name in F and F[name].present and F[name].value is not None:
       value = F[name].value
-      if name == "matryoshka_widths":
-        try:
-          value = tuple(int(w) for w in value)
-        except ValueError:
-          raise UserError(f"--matryoshka_widths={','.join(value)}: give whole numbers, e.g. 32,128,512.") from None
       if f"{section}.{name}" in given and given[f"{section}.{name}"] != value:
         raise UserError(f"--{name}={F[name].value} and --config.{section}.{name}={given[f'{section}.{name}']} "
                         "disagree; pass one of them.")
