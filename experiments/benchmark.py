@@ -27,7 +27,8 @@ import time
 
 from absl import flags
 
-from experiments import cli
+from experiments import cli, dataclass_flags
+from metasae_jax.core.config import TrainConfig  # JAX-free
 from metasae_jax.core.errors import UserError
 
 F = flags.FLAGS
@@ -52,11 +53,11 @@ flags.DEFINE_list("scaling_batches", ["1024", "2048", "4096", "8192"], "Batch si
 flags.DEFINE_integer("scaling_steps", 10, "Timed steps per `scaling` point.")
 flags.DEFINE_string("plot", "docs/scaling.png", "Where `scaling` writes its plot.")
 flags.DEFINE_integer("d_model", 576, "Input width (SmolLM2-135M).")
-flags.DEFINE_integer("width", 9216, "Primary latents (16 x d_model).")
-flags.DEFINE_integer("k", 64, "Active latents per token.")
-flags.DEFINE_integer("meta_width", 830, "Meta latents (830: the speed issue's paper-shaped job; the training default would be 810).")
-flags.DEFINE_integer("meta_k", 8, "Active meta latents per row.")
-flags.DEFINE_integer("batch_size", 4096, "Tokens per batch.")
+# Every other TrainConfig field is a flag generated from the dataclass (its default the dataclass's), except the
+# benchmark's shape: 16 x d_model latents, and 830 meta latents (the speed issue's paper-shaped job; the training
+# default would be 810).
+BENCH_SHAPE = {"width": 9216, "meta_width": 830}
+TRAIN_FLAGS = tuple(dataclass_flags.define_from(TrainConfig, skip=("d_model",), defaults=BENCH_SHAPE))
 flags.DEFINE_integer("steps", 50, "Timed steps per configuration (a multiple of 10 covers a meta phase).")
 flags.DEFINE_integer("e2e_steps", 50, "Training steps for end_to_end.")
 flags.DEFINE_string("out_dir", "runs/bench", "Cache for the real store and scratch for end_to_end runs.")
@@ -76,10 +77,14 @@ cli.internal_flag(flags.DEFINE_bool, "_devices_child", False, "this process runs
 _DEVICES: dict = {}
 
 
-def _config(**overrides):
-  from metasae_jax.core.config import TrainConfig
-  return TrainConfig(d_model=F.d_model, width=F.width, k=F.k, meta_width=F.meta_width, meta_k=F.meta_k,
-                     batch_size=F.batch_size, **overrides)
+def _train_values() -> dict:
+  """The TrainConfig fields the command line sets, on top of the benchmark's shape."""
+  return dict(BENCH_SHAPE, **dataclass_flags.given(TRAIN_FLAGS))
+
+
+def _config(**overrides) -> TrainConfig:
+  """The benchmarked TrainConfig: the dataclass's defaults, the benchmark's shape, the flags, then `overrides`."""
+  return TrainConfig(d_model=F.d_model, **dict(_train_values(), **overrides))
 
 
 def _paper_shaped_store() -> str:
@@ -182,7 +187,8 @@ def _comparison(impls) -> dict:
 
 
 def _shape() -> dict:
-  return {"d": F.d_model, "n": F.width, "k": F.k, "m": F.meta_width, "meta_k": F.meta_k, "B": F.batch_size}
+  c = _config()
+  return {"d": c.d_model, "n": c.width, "k": c.k, "m": c.meta_width, "meta_k": c.meta_k, "B": c.batch_size}
 
 
 def _load() -> dict:
@@ -201,13 +207,14 @@ def _synthetic_store_path(num_tokens: int) -> str:
   from metasae_jax.storage import synthetic
   path = os.path.join(F.out_dir, f"synthetic-{F.d_model}-{num_tokens}")
   if not os.path.exists(os.path.join(path, "manifest.json")):
-    synthetic.write_sparse_store(path, num_tokens, F.d_model, num_features=4 * F.width, active=32,
+    synthetic.write_sparse_store(path, num_tokens, F.d_model, num_features=4 * _config().width, active=32,
                                  shard_tokens=65536)
   return path
 
 
 def _size_flags() -> list:
-  return [f"--{k}={getattr(F, k)}" for k in ("width", "k", "meta_width", "meta_k", "batch_size")]
+  """The benchmarked config's flags for a child process (experiments.train or this binary)."""
+  return dataclass_flags.as_argv(_train_values())
 
 
 def end_to_end(steps: int) -> dict:
@@ -220,7 +227,8 @@ def end_to_end(steps: int) -> dict:
   commands = {
       "fast": [sys.executable, "-m", "experiments.train", "--activations", store_path,
                "--out_dir", os.path.join(F.out_dir, f"fast-{stamp}"),
-               "--num_tokens", str(steps * F.batch_size), "--checkpoint_every_steps", "1000"] + _size_flags(),
+               "--num_tokens", str(steps * _config().batch_size), "--checkpoint_every_steps", "1000"]
+              + _size_flags(),
       "torch": [sys.executable, "-m", "experiments.benchmark", "--_torch_train", store_path,
                 "--out_dir", F.out_dir, f"--e2e_steps={steps}", f"--d_model={F.d_model}",
                 f"--_torch_device={_DEVICES.get('torch', 'cpu')}"] + _size_flags(),
@@ -255,8 +263,8 @@ def steps_lines():
   config = _config()
   count = min(F.warmup + F.steps, 64)
   for data in F.data:
-    path = _real_store_path() if data == "real" else _synthetic_store_path(count * F.batch_size + 4096)
-    batches = benchmarking.store_batches(path, F.batch_size, count)
+    path = _real_store_path() if data == "real" else _synthetic_store_path(count * _config().batch_size + 4096)
+    batches = benchmarking.store_batches(path, _config().batch_size, count)
     lines = {}
     for impl in F.impl:
       fn = {"fast": benchmarking.train_steps, "naive": benchmarking.naive_steps,
@@ -296,26 +304,25 @@ def main(argv):
     from metasae_jax.storage import store
     from metasae_jax.training import data
     path = _real_store_path()
-    batches = benchmarking.store_batches(path, F.batch_size, F.warmup + 2)
-    source = data.BatchSource(store.open_store(path), F.batch_size, 1, 1)
+    batches = benchmarking.store_batches(path, _config().batch_size, F.warmup + 2)
+    source = data.BatchSource(store.open_store(path), _config().batch_size, 1, 1)
     _emit(dict(what="stages", data="real", **benchmarking.stage_breakdown(
         _config(), batches, F.warmup, read_batch=source.batch), shape=_shape(), **_load()))
   if "scaling" in F.what:
     from metasae_jax.workflows import benchmarking
     path = _real_store_path()
-    sizes = sorted({F.batch_size, *map(int, F.scaling_batches)})
+    sizes = sorted({_config().batch_size, *map(int, F.scaling_batches)})
     count = min(F.warmup + F.scaling_steps, 24)
     batches = {b: benchmarking.store_batches(path, b, count) for b in sizes}
     rows = benchmarking.scaling(_config(), batches, list(map(int, F.scaling_widths)),
                                 list(map(int, F.scaling_batches)), F.warmup, F.scaling_steps)
     for row in rows:
       _emit(dict(what="scaling", data="real", **row, **_load()))
-    benchmarking.plot_scaling(rows, F.plot, f"joint + solo step, real activations (d {F.d_model}, k {F.k}); "
+    benchmarking.plot_scaling(rows, F.plot, f"joint + solo step, real activations (d {F.d_model}, k {_config().k}); "
                               f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs")
   if "memory" in F.what:
-    from metasae_jax.core.config import TrainConfig
     from metasae_jax.workflows import benchmarking
-    gpt2 = TrainConfig(d_model=1280, width=20480, batch_size=4096)
+    gpt2 = TrainConfig(d_model=1280, width=20480)  # the paper's batch size is TrainConfig's default
     _emit(dict(what="memory", config="gpt2_large d 1280 n 20480 B 4096 joint+solo+meta",
                **benchmarking.compiled_memory(gpt2)))
   if "devices" in F.what:
@@ -326,8 +333,8 @@ def main(argv):
   if "data" in F.what:
     from metasae_jax.workflows import benchmarking
     path = F.data_store or _paper_shaped_store()
-    _emit(dict(what="data", **benchmarking.benchmark_data(path, F.batch_size, F.steps, F.shuffle_buffer_tokens),
-               **_load()))
+    _emit(dict(what="data", **benchmarking.benchmark_data(path, _config().batch_size, F.steps,
+                                                          F.shuffle_buffer_tokens), **_load()))
   if "export" in F.what:
     from metasae_jax.lm import export
     from metasae_jax.workflows import benchmarking

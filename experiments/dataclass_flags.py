@@ -146,3 +146,16 @@ def given(names, flag_values=flags.FLAGS) -> dict:
   """name -> value of each of `names` given on the command line."""
   return {name: flag_values[name].value for name in names
           if name in flag_values and flag_values[name].present and flag_values[name].value is not None}
+
+
+def as_argv(values: dict) -> list:
+  """`--NAME=VALUE` arguments that give these generated flags these values (a child process's command line)."""
+  out = []
+  for name, value in values.items():
+    if isinstance(value, bool):
+      out.append(f"--{'' if value else 'no'}{name}")
+    elif isinstance(value, (tuple, list)):
+      out.append(f"--{name}={','.join(map(str, value))}")
+    else:
+      out.append(f"--{name}={value}")
+  return out
