@@ -253,6 +253,28 @@ def recorded_activations(run_dir: str):
   return run_config.recorded_activations(run_dir)
 
 
+# What evaluating a run takes from the run unless told otherwise: the batch BatchTopK firing and θ calibration
+# select over, and the positions it skipped.
+TRAINED_WITH = ("batch_size", "skip_first_positions")
+
+
+def trained_with(run_dir: str, cfgs: dict) -> dict:
+  """The TRAINED_WITH values the run in `run_dir` trained with: its run_config.json, else its SAEs' cfg.json
+  (`cfgs`, from run_sae_cfgs; a published artifact records both). A value neither records is left out."""
+  found = {"batch_size": run_config.recorded_batch_size(run_dir),
+           "skip_first_positions": run_config.recorded_skip_first_positions(run_dir)}
+  for cfg in cfgs.values():
+    if found["batch_size"] is None:
+      found["batch_size"] = (cfg.get("train_config") or {}).get("batch_size")
+    if found["skip_first_positions"] is None:
+      found["skip_first_positions"] = cfg.get("skip_first_positions")
+  out = {k: int(v) for k, v in found.items() if isinstance(v, int) and not isinstance(v, bool)}
+  if out:
+    logging.info("evaluating as %s trained: %s (pass --batch_size / --skip_first_positions to change)", run_dir,
+                 ", ".join(f"{k} {v}" for k, v in out.items()))
+  return out
+
+
 def split_views(path: str):
   """(train view, held-out view) of a store, given the store or either view; None if it has no split.
 

@@ -6,7 +6,8 @@
   train           every TrainConfig field except d_model (taken from the store)
   run             RunConfig fields except activations / out_dir (flags)
   grid            None, or lambda2 / sigma_sq / seeds tuples for a sweep
-  eval            every EvalConfig field except run_dir / activations
+  eval            every EvalConfig field except run_dir / activations; batch_size and skip_first_positions
+                  default to the train / run sections' (evaluate as trained)
   autointerp      AutointerpConfig fields used when an --llm is given
   paper           the paper's numbers for table.md
 
@@ -82,6 +83,10 @@ def config(*, name: str, description: str, export: dict, heldout_shards: int = 1
     if unknown:
       raise ValueError(f"config {name}: unknown {section} fields {unknown}; known: {sorted(defaults)}")
     c[section] = dict(defaults, **(given or {}))
+  # Evaluation batches and skips as the run trained unless the config says otherwise (one value, not two).
+  for field, section in (("batch_size", "train"), ("skip_first_positions", "run")):
+    if field not in (eval or {}):
+      c.eval[field] = c[section].get_ref(field) + 0  # a derived reference: follows, and is overridden alone
   c.grid = config_dict.placeholder(dict) if grid is None else {k: tuple(v) for k, v in grid.items()}
   c.paper = dict(paper or {})
   return c

@@ -19,7 +19,7 @@ def get_config(variant: str = ""):
       checkpoint_every_steps=2000,
       log_every_steps=100,
       grid={"lambda2": (0.1, 0.3, 1.0), "sigma_sq": (1.0, 3.0)},
-      eval=dict(batch_size=4096, num_tokens=1_000_000, ce_contexts=256, meta_fve_steps=2000),
+      eval=dict(num_tokens=1_000_000, ce_contexts=256, meta_fve_steps=2000),
       # The paper reports fuzzing over matched pairs but its sample sizes are not in our notes (DESIGN §2):
       # explainer / activating / non-activating counts below are delphi's defaults, an assumption.
       autointerp=dict(num_latents=100, max_examples=40, num_score=50, num_negative=50),

@@ -30,7 +30,7 @@ def get_config(variant: str = ""):
       log_every_steps=100,
       grid={"lambda2": (0.1, 0.3, 1.0), "sigma_sq": (0.3, 1.0, 3.0)},
       # ΔCE on the reference's 3,200 contexts, 16 per hooked batch (its 2,048 tokens per BatchTopK splice).
-      eval=dict(batch_size=4096, num_tokens=1_000_000, ce_contexts=3200, ce_batch_contexts=16, meta_fve_steps=2000),
+      eval=dict(num_tokens=1_000_000, ce_contexts=3200, ce_batch_contexts=16, meta_fve_steps=2000),
       # The paper reports fuzzing over matched pairs but its sample sizes are not in our notes (docs/method.md §2.7):
       # explainer / activating / non-activating counts below are delphi's defaults, an assumption.
       autointerp=dict(num_latents=100, max_examples=40, num_score=50, num_negative=50),

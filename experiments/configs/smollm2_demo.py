@@ -17,7 +17,7 @@ def get_config(variant: str = ""):
       num_tokens=300 * 1024,
       checkpoint_every_steps=100,
       log_every_steps=10,
-      eval=dict(batch_size=1024, ce_contexts=32, meta_fve_steps=300),
+      eval=dict(ce_contexts=32, meta_fve_steps=300),
       autointerp=dict(num_latents=4),
       d_model=576,
       model_params=1.35e+08,

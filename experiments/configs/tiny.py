@@ -17,7 +17,7 @@ def get_config(variant: str = ""):
       checkpoint_every_steps=30,
       log_every_steps=5,
       grid={"lambda2": (0.0, 0.3), "sigma_sq": (1.0,)},
-      eval=dict(batch_size=512, ce_contexts=8, meta_fve_steps=100),
+      eval=dict(ce_contexts=8, meta_fve_steps=100),
       autointerp=dict(num_latents=2),
       d_model=576,
       model_params=1.35e+08,

@@ -4,6 +4,7 @@ import dataclasses
 import math
 from typing import Optional
 
+from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
 from metasae_jax.autointerp.backends import DEFAULT_API_KEY_ENV
 
@@ -46,7 +47,7 @@ class AutointerpConfig:
   """Seed for the pair choice, example sampling and random highlights."""
   skip_first_positions: int = 1
   """Leading positions of each context never encoded (attention sink, docs/method.md §3.2); ignored when context_len is 1."""
-  batch_size: int = 4096
+  batch_size: int = TrainConfig.batch_size
   """Tokens per encoding batch; BatchTopK (no calibrated thresholds) selects k*B per batch like training."""
   window: int = 32
   """Tokens per example context, ending at the example's token, never crossing its context."""

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage.sae_schema import FIRINGS
 
@@ -30,7 +31,7 @@ class BrowserConfig:
   after: int = 4
   """Tokens shown after the example token (within its context)."""
   histogram_bins: int = 24
-  batch_size: int = 4096
+  batch_size: int = TrainConfig.batch_size
   """Tokens per encoding batch (BatchTopK firing selects k*B per batch like training)."""
   firing: str = ""
   """Firing rule: "threshold" (calibrated θ), "topk" (per token) or "batchtopk" (per batch); "" = θ when

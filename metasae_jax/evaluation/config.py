@@ -2,8 +2,10 @@
 
 import dataclasses
 
+from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage.sae_schema import FIRINGS
+from metasae_jax.training.run_config import RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,11 +21,13 @@ class EvalConfig:
   """Model for ΔCE: "" = the store's source.model, "none" = skip ΔCE."""
   firing: str = "threshold"
   """"threshold": calibrated θ (calibrated here and written into artifacts that lack it); "batchtopk"."""
-  batch_size: int = 4096
-  """Tokens per batch (BatchTopK selects over each batch; the training default)."""
-  skip_first_positions: int = 0
+  batch_size: int = TrainConfig.batch_size
+  """Tokens per batch: BatchTopK firing and θ calibration select over each batch, so it should be the run's
+  training batch size (experiments.evaluate reads it from the run; this default is TrainConfig's)."""
+  skip_first_positions: int = RunConfig.skip_first_positions
   """Positions t % context_len < this are left out of everything (0 = all positions, docs/method.md §3.2: fvu
-  and mse over all positions, fvu_excl_first without position 0 are reported either way)."""
+  and mse over all positions, fvu_excl_first without position 0 are reported either way); experiments.evaluate
+  takes the run's, this default is RunConfig's."""
   ce_contexts: int = 64
   """Whole contexts for ΔCE (each costs 4 model forwards: clean, zero, joint, solo); the reference uses 3,200."""
   ce_batch_contexts: int = 8

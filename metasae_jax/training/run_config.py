@@ -89,21 +89,28 @@ def validate_run(config: TrainConfig, run: RunConfig) -> None:
   atomic.check_output_dir(run.out_dir, "--out_dir")
 
 
-def recorded_skip_first_positions(out_dir: str) -> Optional[int]:
-  """The skip rule an existing run in out_dir was started with (runs from before the default became 0 keep 1)."""
+def _recorded(out_dir: str, section: str, key: str):
+  """run_config.json's `section`.`key` in out_dir; None when the file or the entry is missing."""
   try:
     with open(os.path.join(out_dir, RUN_CONFIG)) as f:
-      value = json.load(f).get("data", {}).get("skip_first_positions")
+      return json.load(f).get(section, {}).get(key)
   except (OSError, ValueError, AttributeError):
     return None
+
+
+def recorded_skip_first_positions(out_dir: str) -> Optional[int]:
+  """The skip rule an existing run in out_dir was started with (runs from before the default became 0 keep 1)."""
+  value = _recorded(out_dir, "data", "skip_first_positions")
   return int(value) if isinstance(value, int) else None
+
+
+def recorded_batch_size(out_dir: str) -> Optional[int]:
+  """The global batch size the run in out_dir trains with (what BatchTopK selects over)."""
+  value = _recorded(out_dir, "train", "batch_size")
+  return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def recorded_activations(run_dir: str) -> Optional[str]:
   """The store (or view) a training run in `run_dir` recorded; None if it records none."""
-  try:
-    with open(os.path.join(run_dir, RUN_CONFIG)) as f:
-      value = json.load(f).get("data", {}).get("activations")
-  except (OSError, ValueError, AttributeError):
-    return None
+  value = _recorded(run_dir, "data", "activations")
   return value if isinstance(value, str) else None
