@@ -221,7 +221,7 @@ def test_every_training_flag_reaches_the_points_config(stores, tmp_path):
   """The sweep builds each point's TrainConfig from the train flags: a non-default value of each must arrive."""
   train_store, _ = stores
   given = {"width": 64, "k": 4, "meta_width": 6, "meta_k": 3, "penalty_grad": "through", "n_primary_steps": 3,
-           "n_meta_steps": 1, "batch_size": 64, "lr": 0.01, "seed": 7, "baseline": False, "activation": "topk",
+           "n_meta_steps": 1, "batch_size": 64, "lr": 0.01, "seed": 7, "baseline": False, "architecture": "topk",
            "auxk_detach": True, "compute_dtype": "bfloat16"}
   argv = [f"--activations={train_store}", f"--out_dir={tmp_path}", "--lambda2=0.1,1", "--sigma_sq=2",
           "--skip_first_positions=2", "--num_tokens=128"]
