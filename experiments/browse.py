@@ -13,31 +13,20 @@ import os
 
 from absl import flags
 
-from experiments import cli
+from experiments import cli, dataclass_flags
 from metasae_jax.browser.config import BrowserConfig
 from metasae_jax.storage.sae_schema import FIRINGS
-
-_D = BrowserConfig(run_dir="", activations="")
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Training run directory with joint/ and solo/ SAEs.")
 _ACTIVATIONS = flags.DEFINE_string("activations", None,
                                   "Activation store to read; default: the held-out view of the store the run "
                                   "trained on (STORE/heldout).")
-_NUM_LATENTS = flags.DEFINE_integer("num_latents", _D.num_latents, "Latents per SAE on the page.")
-_NUM_TOKENS = flags.DEFINE_integer("num_tokens", _D.num_tokens,
-                                   "Tokens streamed through the SAEs, after skipping; 0 = all.")
-_NUM_TOP = flags.DEFINE_integer("num_top", _D.num_top, "Top-activating contexts per latent.")
-_BEFORE = flags.DEFINE_integer("before", _D.before, "Context tokens shown before the example token.")
-_AFTER = flags.DEFINE_integer("after", _D.after, "Context tokens shown after the example token.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", _D.batch_size, "Tokens per encoding batch.")
-_FIRING = flags.DEFINE_enum("firing", None, list(FIRINGS),
-                            "Firing rule; default: calibrated thresholds when the SAE has them, else per-token "
-                            "top-k.")
-_SKIP = flags.DEFINE_integer("skip_first_positions", _D.skip_first_positions,
-                             "Leading positions of each context never encoded (attention sink).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", _D.tokenizer,
-                                 "Tokenizer for the store's tokens; default: the store's source model.")
-_SEED = flags.DEFINE_integer("seed", _D.seed, "Seed for the quantile samples.")
+# Every other BrowserConfig field is a flag generated from the dataclass (help: its docstring); the encoding batch
+# defaults to the run's training batch (BatchTopK selects over it).
+CONFIG_FLAGS = tuple(dataclass_flags.define_from(
+    BrowserConfig, skip=("run_dir", "activations"),
+    defaults={"batch_size": f"the run's, else {BrowserConfig.batch_size}"},
+    choices={"firing": ("",) + FIRINGS}))
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Where index.html goes; default RUN/browser.")
 _ALLOW_TRAIN = flags.DEFINE_bool("allow_train_tokens", False,
                                  "Allow --activations that share tokens with the run's training data.")
@@ -48,14 +37,12 @@ def main(argv):
   del argv
   # The run, the store, the output directory and the tokenizer's vocabulary are checked before JAX is imported.
   cfgs = cli.run_sae_cfgs(_RUN_DIR.value, need=2)
+  values = dict(cli.trained_with(_RUN_DIR.value, cfgs, ("batch_size",)), **dataclass_flags.given(CONFIG_FLAGS))
   config = BrowserConfig(
       run_dir=_RUN_DIR.value,
       activations=cli.evaluation_store(_ACTIVATIONS.value, cli.recorded_activations(_RUN_DIR.value),
                                        _ALLOW_TRAIN.value, f"the run in {_RUN_DIR.value}"),
-      num_latents=_NUM_LATENTS.value,
-      num_tokens=_NUM_TOKENS.value, num_top=_NUM_TOP.value, before=_BEFORE.value, after=_AFTER.value,
-      batch_size=_BATCH_SIZE.value, firing=_FIRING.value or "", skip_first_positions=_SKIP.value,
-      tokenizer=_TOKENIZER.value, seed=_SEED.value)
+      **values)
   if _OUT_DIR.value:
     cli.check_out_dir(_OUT_DIR.value)
   cli.check_store(config.activations)

@@ -258,9 +258,9 @@ def recorded_activations(run_dir: str):
 TRAINED_WITH = ("batch_size", "skip_first_positions")
 
 
-def trained_with(run_dir: str, cfgs: dict) -> dict:
-  """The TRAINED_WITH values the run in `run_dir` trained with: its run_config.json, else its SAEs' cfg.json
-  (`cfgs`, from run_sae_cfgs; a published artifact records both). A value neither records is left out."""
+def trained_with(run_dir: str, cfgs: dict, names=TRAINED_WITH) -> dict:
+  """The values of `names` (of TRAINED_WITH) the run in `run_dir` trained with: its run_config.json, else its
+  SAEs' cfg.json (`cfgs`, from run_sae_cfgs; a published artifact records both). One neither records is left out."""
   found = {"batch_size": run_config.recorded_batch_size(run_dir),
            "skip_first_positions": run_config.recorded_skip_first_positions(run_dir)}
   for cfg in cfgs.values():
@@ -268,10 +268,10 @@ def trained_with(run_dir: str, cfgs: dict) -> dict:
       found["batch_size"] = (cfg.get("train_config") or {}).get("batch_size")
     if found["skip_first_positions"] is None:
       found["skip_first_positions"] = cfg.get("skip_first_positions")
-  out = {k: int(v) for k, v in found.items() if isinstance(v, int) and not isinstance(v, bool)}
+  out = {k: int(v) for k, v in found.items() if k in names and isinstance(v, int) and not isinstance(v, bool)}
   if out:
-    logging.info("evaluating as %s trained: %s (pass --batch_size / --skip_first_positions to change)", run_dir,
-                 ", ".join(f"{k} {v}" for k, v in out.items()))
+    logging.info("as %s trained: %s (pass %s to change)", run_dir, ", ".join(f"{k} {v}" for k, v in out.items()),
+                 " / ".join(f"--{k}" for k in out))
   return out
 
 

@@ -48,7 +48,8 @@ class AutointerpConfig:
   skip_first_positions: int = 1
   """Leading positions of each context never encoded (attention sink, docs/method.md §3.2); ignored when context_len is 1."""
   batch_size: int = TrainConfig.batch_size
-  """Tokens per encoding batch; BatchTopK (no calibrated thresholds) selects k*B per batch like training."""
+  """Tokens per encoding batch; BatchTopK (no calibrated thresholds) selects k*B per batch like training
+  (experiments.autointerp takes the run's training batch size; this default is TrainConfig's)."""
   window: int = 32
   """Tokens per example context, ending at the example's token, never crossing its context."""
   max_examples: int = 0

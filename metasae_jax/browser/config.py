@@ -31,8 +31,10 @@ class BrowserConfig:
   after: int = 4
   """Tokens shown after the example token (within its context)."""
   histogram_bins: int = 24
+  """Bins of each latent's activation histogram."""
   batch_size: int = TrainConfig.batch_size
-  """Tokens per encoding batch (BatchTopK firing selects k*B per batch like training)."""
+  """Tokens per encoding batch (BatchTopK firing selects k*B per batch like training; experiments.browse takes the
+  run's training batch size, this default is TrainConfig's)."""
   firing: str = ""
   """Firing rule: "threshold" (calibrated θ), "topk" (per token) or "batchtopk" (per batch); "" = θ when
   the artifact has it, else per-token top-k (the library default). The page records the rule used."""
@@ -41,7 +43,9 @@ class BrowserConfig:
   tokenizer: str = ""
   """Tokenizer for the store's tokens; "" = the store manifest's source model."""
   seed: int = 0
+  """Seed for the quantile samples."""
   progress: bool = True
+  """Show progress bars."""
 
   def __post_init__(self):
     if self.num_latents <= 0:
