@@ -122,11 +122,12 @@ def _write_config_json(out_dir: str, record: dict) -> None:
 SUMMARY_TOKENS = 16384
 
 
-def closing_lines(out_dir: str, metrics: dict, activations: str, eval_activations: str = "") -> str:
+def closing_lines(out_dir: str, metrics: dict, activations: str, eval_activations: str = "",
+                  batch_size: int = TrainConfig.batch_size) -> str:
   """What says whether training worked: standardised MSE (the loss) and, on held-out tokens, fvu_typical, with
   raw FVU labelled as raw and the part of it from high-norm tokens (a few sink-like tokens with ~150x the median
   norm carry most of the raw variance, docs/method.md §3.2 and §4; the last batch's raw FVU, all positions, is
-  mostly position 0's sink)."""
+  mostly position 0's sink). BatchTopK fires over batches of the run's `batch_size`, as in training."""
   # pylint: disable=g-import-not-at-top  (JAX: imported once training has run)
   from metasae_jax.evaluation import reconstruction
   from metasae_jax.storage import heldout, loaded_sae
@@ -140,7 +141,7 @@ def closing_lines(out_dir: str, metrics: dict, activations: str, eval_activation
     for name in artifact.SAE_NAMES:
       if f"{name}/mse" in metrics and num:
         sae = loaded_sae.load_sae(os.path.join(out_dir, name), store.d_model)
-        held[name] = reconstruction.evaluate(sae, store, num, skip_first_positions=1, firing="batchtopk",
+        held[name] = reconstruction.evaluate(sae, store, num, batch_size, skip_first_positions=1, firing="batchtopk",
                                             progress=False)
   lines = [f"done: {out_dir}"]
   for name in artifact.SAE_NAMES:
@@ -183,7 +184,7 @@ def main(argv):
   if jax.process_index() == 0 and (metrics or not os.path.exists(os.path.join(run.out_dir, CONFIG_JSON))):
     _write_config_json(run.out_dir, json.loads(json.dumps(record, default=str)))
   if metrics and jax.process_index() == 0:  # the artifacts it checks are written by process 0
-    print(closing_lines(F.out_dir, metrics, run.activations, run.eval_activations))
+    print(closing_lines(F.out_dir, metrics, run.activations, run.eval_activations, config.batch_size))
   elif metrics:
     print(f"done: {F.out_dir} (process {jax.process_index()}; process 0 prints the summary)")
   else:

@@ -156,7 +156,9 @@ def test_closing_lines_report_standardised_mse_and_heldout_fvu_typical(tmp_path)
     w = load_file(str(out / name / "sae.safetensors"))
     mean, std = x.mean(1, keepdims=True), x.std(1, ddof=1, keepdims=True)
     pre = np.maximum(((x - mean) / (std + 1e-5) - w["b_dec"]) @ w["W_enc"], 0)
-    acts_TxN = np.where(pre >= np.sort(pre.ravel())[-4 * len(x)], pre, 0)  # BatchTopK over the one batch
+    # BatchTopK over batches of the run's batch size (128), as in training.
+    acts_TxN = np.concatenate([np.where(p >= np.sort(p.ravel())[-4 * len(p)], p, 0)
+                               for p in (pre[i:i + 128] for i in range(0, len(x), 128))])
     err_T = (((acts_TxN @ w["W_dec"] + w["b_dec"]) * std + mean - x) ** 2).sum(1)
     typical = np.linalg.norm(x, axis=1) <= 10 * np.median(np.linalg.norm(x, axis=1))
     assert typical.sum() == len(x) - 3

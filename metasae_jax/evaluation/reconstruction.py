@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from metasae_jax.core.config import TrainConfig
 from metasae_jax.storage import heldout, loaded_sae
 from metasae_jax.storage.store import Store
 
@@ -86,7 +87,7 @@ class Accumulator:
             "num_tokens": self.num_tokens}
 
 
-def evaluate(sae: loaded_sae.LoadedSAE, store: Store, num_tokens: int = 0, batch_size: int = 4096,
+def evaluate(sae: loaded_sae.LoadedSAE, store: Store, num_tokens: int = 0, batch_size: int = TrainConfig.batch_size,
              skip_first_positions: int = 1, firing: Optional[str] = None, progress: bool = True) -> dict:
   """Reconstruction metrics of one SAE on a store under `firing` (None = the SAE's default), which it records.
 

@@ -422,8 +422,8 @@ def plot_scaling(rows: list, path: str, title: str) -> None:
 
 # ---- The data stage: what the chunked reader delivers (docs/storage.md) ----
 
-def benchmark_data(store_path: str, batch_size: int = 4096, steps: int = 30, shuffle_buffer_tokens: int = 32768,
-                   read_threads: int = 4) -> dict:
+def benchmark_data(store_path: str, batch_size: int = TrainConfig.batch_size, steps: int = 30,
+                   shuffle_buffer_tokens: int = 32768, read_threads: int = 4) -> dict:
   """Tokens/s the trainer's reader delivers back to back (no step to hide reads behind: its ceiling).
 
   The first batch (its window read before anything else) is timed on its own; the rest include reading every
