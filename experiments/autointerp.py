@@ -24,9 +24,9 @@ _ACTIVATIONS = flags.DEFINE_string("activations", None,
                                   "trained on (STORE/heldout).")
 # Every other AutointerpConfig field is a flag generated from the dataclass (help: its docstring); the encoding
 # batch defaults to the run's training batch (BatchTopK selects over it).
-CONFIG_FLAGS = tuple(dataclass_flags.define_from(
+CONFIG_FLAGS = dataclass_flags.define_from(
     AutointerpConfig, skip=("run_dir", "activations"),
-    defaults={"batch_size": f"the run's, else {AutointerpConfig.batch_size}"}))
+    defaults={"batch_size": f"the run's, else {AutointerpConfig.batch_size}"})
 _ALLOW_TRAIN = flags.DEFINE_bool("allow_train_tokens", False,
                                  "Allow --activations that share tokens with the run's training data.")
 flags.mark_flags_as_required(["run_dir"])

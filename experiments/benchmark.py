@@ -57,7 +57,7 @@ flags.DEFINE_integer("d_model", 576, "Input width (SmolLM2-135M).")
 # benchmark's shape: 16 x d_model latents, and 830 meta latents (the speed issue's paper-shaped job; the training
 # default would be 810).
 BENCH_SHAPE = {"width": 9216, "meta_width": 830}
-TRAIN_FLAGS = tuple(dataclass_flags.define_from(TrainConfig, skip=("d_model",), defaults=BENCH_SHAPE))
+TRAIN_FLAGS = dataclass_flags.define_from(TrainConfig, skip=("d_model",), defaults=BENCH_SHAPE)
 flags.DEFINE_integer("steps", 50, "Timed steps per configuration (a multiple of 10 covers a meta phase).")
 flags.DEFINE_integer("e2e_steps", 50, "Training steps for end_to_end.")
 flags.DEFINE_string("out_dir", "runs/bench", "Cache for the real store and scratch for end_to_end runs.")

@@ -23,10 +23,10 @@ _ACTIVATIONS = flags.DEFINE_string("activations", None,
                                   "trained on (STORE/heldout).")
 # Every other BrowserConfig field is a flag generated from the dataclass (help: its docstring); the encoding batch
 # defaults to the run's training batch (BatchTopK selects over it).
-CONFIG_FLAGS = tuple(dataclass_flags.define_from(
+CONFIG_FLAGS = dataclass_flags.define_from(
     BrowserConfig, skip=("run_dir", "activations"),
     defaults={"batch_size": f"the run's, else {BrowserConfig.batch_size}"},
-    choices={"firing": ("",) + FIRINGS}))
+    choices={"firing": ("",) + FIRINGS})
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Where index.html goes; default RUN/browser.")
 _ALLOW_TRAIN = flags.DEFINE_bool("allow_train_tokens", False,
                                  "Allow --activations that share tokens with the run's training data.")

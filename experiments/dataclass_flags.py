@@ -104,25 +104,26 @@ def help_text(cls, name: str, default=dataclasses.MISSING, docs: Optional[dict] 
   return text
 
 
-def define_from(cls, *, section: str = "", skip=(), defaults: Optional[dict] = None, choices: Optional[dict] = None,
-                flag_values=flags.FLAGS) -> dict:
+def define_from(cls, *, skip=(), defaults: Optional[dict] = None, choices: Optional[dict] = None,
+                rename: Optional[dict] = None, flag_values=flags.FLAGS) -> dict:
   """Defines `--NAME` (default None = the config's value) for every field of dataclass `cls` not in `skip`.
 
   `defaults` names defaults that live outside the dataclass (a field without one, e.g. TrainConfig.width from
-  the config file) for the help text only; `choices` adds to CHOICES. The flags belong to the calling module
-  (its --help lists them). Returns {flag name: section}.
+  the config file) for the help text only; `choices` adds to CHOICES; `rename` maps a field to a flag name of
+  another spelling (the exporter's batch_size is --contexts_per_batch). The flags belong to the calling module
+  (its --help lists them). Returns {flag name: field name}.
   """
   docs = field_docs(cls)
   defaults = defaults or {}
   out = {}
   for field in dataclasses.fields(cls):
-    name = field.name
-    if name in skip:
+    if field.name in skip:
       continue
-    default = defaults.get(name, field_default(field))
-    text = help_text(cls, name, default, docs)
+    default = defaults.get(field.name, field_default(field))
+    text = help_text(cls, field.name, default, docs)
     kind, element = _kind(cls, field)
-    options = (choices or {}).get(name) or CHOICES.get((cls.__name__, name))
+    options = (choices or {}).get(field.name) or CHOICES.get((cls.__name__, field.name))
+    name = (rename or {}).get(field.name, field.name)
     common = dict(flag_values=flag_values)
     if kind is bool:
       flags.DEFINE_bool(name, None, text, **common)
@@ -137,14 +138,14 @@ def define_from(cls, *, section: str = "", skip=(), defaults: Optional[dict] = N
     elif kind is str:
       flags.DEFINE_string(name, None, text, **common)
     else:
-      raise TypeError(f"{cls.__name__}.{name}: no flag type for {field.type!r}")
-    out[name] = section
+      raise TypeError(f"{cls.__name__}.{field.name}: no flag type for {field.type!r}")
+    out[name] = field.name
   return out
 
 
-def given(names, flag_values=flags.FLAGS) -> dict:
-  """name -> value of each of `names` given on the command line."""
-  return {name: flag_values[name].value for name in names
+def given(defined: dict, flag_values=flags.FLAGS) -> dict:
+  """field name -> value of each flag of `defined` (define_from's {flag: field}) given on the command line."""
+  return {field: flag_values[name].value for name, field in defined.items()
           if name in flag_values and flag_values[name].present and flag_values[name].value is not None}
 
 

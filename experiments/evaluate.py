@@ -24,10 +24,10 @@ _MODEL = flags.DEFINE_string("model", store.BUILTIN_MODEL,
                              "records no model skips ΔCE unless --model is given.")
 # Every other EvalConfig field is a flag generated from the dataclass; the batch size and the skip rule default to
 # the run's (BatchTopK firing and θ calibration depend on the batch they select over).
-EVAL_FLAGS = tuple(dataclass_flags.define_from(
+EVAL_FLAGS = dataclass_flags.define_from(
     EvalConfig, skip=("run_dir", "activations", "model"),
     defaults={name: f"the run's, else {getattr(EvalConfig, name)}" for name in cli.TRAINED_WITH},
-    choices={"firing": sae_schema.FIRINGS, "ce_firing": ("",) + sae_schema.FIRINGS}))
+    choices={"firing": sae_schema.FIRINGS, "ce_firing": ("",) + sae_schema.FIRINGS})
 _ALLOW_TRAIN = flags.DEFINE_bool("allow_train_tokens", False,
                                  "Allow --activations that share tokens with the run's training data.")
 flags.mark_flags_as_required(["run_dir"])

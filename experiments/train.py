@@ -43,9 +43,9 @@ flags.DEFINE_bool("dry_run", False, "Print the resolved config (JSON) and exit w
 # `--NAME` sets config.SECTION.NAME (and wins over --config.SECTION.NAME): one flag per TrainConfig / RunConfig
 # field, generated from the dataclass, whose default is the config's (experiments/configs/base.py: the dataclasses'
 # defaults, width 4096).
-SHORTHANDS = {**dataclass_flags.define_from(TrainConfig, section="train", skip=("d_model",),
-                                            defaults={"width": base.DEFAULT_WIDTH}),
-              **dataclass_flags.define_from(RunConfig, section="run", skip=("activations", "out_dir"))}
+SHORTHANDS = {**{name: "train" for name in dataclass_flags.define_from(
+                  TrainConfig, skip=("d_model",), defaults={"width": base.DEFAULT_WIDTH})},
+              **{name: "run" for name in dataclass_flags.define_from(RunConfig, skip=("activations", "out_dir"))}}
 flags.DEFINE_enum("activation", None, ["batchtopk", "topk"], "Deprecated alias of --architecture.")
 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
