@@ -21,7 +21,8 @@ flags.DEFINE_string("prompt", None, "Text to run through the model.")
 flags.DEFINE_string("model", model_files.DEFAULT_MODEL, "Model to run: the built-in model by default (an error if "
                     "the SAE was trained on another model's activations: pass that one).")
 flags.DEFINE_integer("top", 5, "Latents shown per token.")
-flags.DEFINE_integer("skip_first_positions", 1, "Positions marked as skipped (attention sinks the SAE never saw).")
+flags.DEFINE_integer("skip_first_positions", None, "Positions marked as skipped; default: the ones the SAE was "
+                     "trained without (its cfg.json's skip_first_positions).")
 flags.mark_flags_as_required(["run_dir", "prompt"])
 
 
@@ -57,10 +58,11 @@ def main(argv):
   print(f"{F.sae} SAE, firing rule {firing!r}")
   acts = np.asarray(sae.encode(resid.float().numpy(), firing))
   notes = explanations(F.run_dir, F.sae)
+  skip = F.skip_first_positions if F.skip_first_positions is not None else int(cfg.get("skip_first_positions") or 0)
   for pos, tok in enumerate(ids[0].tolist()):
     text = loaded.tokenizer.decode([tok])
-    if pos < F.skip_first_positions:
-      print(f"{pos:4d} {text!r:>16}  (skipped: attention sink)")
+    if pos < skip:
+      print(f"{pos:4d} {text!r:>16}  (skipped: the SAE never saw it)")
       continue
     top = np.argsort(-acts[pos])[:F.top]
     cells = [f"{i}:{acts[pos, i]:.2f}" + (f" [{notes[i]}]" if i in notes else "")
