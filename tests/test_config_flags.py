@@ -62,6 +62,28 @@ def test_every_train_field_is_one_generated_flag_with_the_dataclass_default(modu
     assert docs[name][:40] in help_text and "Default:" in help_text, (name, help_text)
 
 
+@pytest.mark.parametrize("module, cls_path, skip, rename", [
+    ("evaluate", "metasae_jax.evaluation.config.EvalConfig", ("run_dir", "activations", "model"), {}),
+    ("autointerp", "metasae_jax.autointerp.config.AutointerpConfig", ("run_dir", "activations"), {}),
+    ("browse", "metasae_jax.browser.config.BrowserConfig", ("run_dir", "activations"), {}),
+    ("export_activations", "metasae_jax.lm.export_config.ExportConfig", ("out_dir",),
+     {"batch_size": "contexts_per_batch"}),
+])
+def test_other_binaries_flags_are_their_configs_fields(module, cls_path, skip, rename):
+  """Each field of the binary's config is one flag defaulting to the dataclass's value, its docstring the help."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  module_path, name = cls_path.rsplit(".", 1)
+  cls = getattr(importlib.import_module(module_path), name)
+  docs = dataclass_flags.field_docs(cls)
+  found = _flags_of(module)
+  for field in dataclasses.fields(cls):
+    if field.name in skip:
+      continue
+    flag = rename.get(field.name, field.name)
+    assert flag in found and found[flag][0] == f"experiments.{module}", (module, flag)
+    assert found[flag][1] is None and docs[field.name][:40] in found[flag][2], (module, flag, found[flag])
+
+
 def test_no_binary_writes_a_second_default_for_a_train_field():
   """A hand-written DEFINE of a TrainConfig field outside the generator would be a second default."""
   # groundtruth and reproduce are being moved onto a StudyConfig nesting TrainConfig (another change); the
