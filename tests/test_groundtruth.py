@@ -86,7 +86,7 @@ def test_superposition_needs_more_features_than_latents(tmp_path):
   assert sup.num_true_features > 64
   small = scenarios.ScenarioConfig(kind="superposition", d_model=16, num_features=8)
   with pytest.raises(UserError, match="more true features"):
-    study.StudyConfig(out_dir=str(tmp_path), scenarios=(("s", small),), width=16)
+    study.StudyConfig(out_dir=str(tmp_path), scenarios=(("s", small),), train=dict(width=16, k=3, meta_width=4, meta_k=2))
 
 
 def test_standardized_directions_match_the_sae_standardisation():
@@ -210,9 +210,11 @@ def test_scenario_overrides():
 def _tiny(out_dir, **kw):
   sc = scenarios.ScenarioConfig(kind="hierarchy", d_model=12, num_features=4, num_groups=2, group_size=2,
                                 p_group=0.2, p_fire=0.1)
-  args = dict(out_dir=str(out_dir), scenarios=(("hier", sc),), lambda2s=(0.0, 1.0), seeds=2, width=16, k=2,
-              meta_width=4, meta_k=2, steps=40, batch_size=64, aux_k=4, n_primary_steps=4, n_meta_steps=2,
-              train_tokens=512, heldout_tokens=256)
+  train = dict(width=16, k=2, meta_width=4, meta_k=2, batch_size=64, aux_k=4, n_primary_steps=4, n_meta_steps=2,
+               lr=1e-3)
+  train.update(kw.pop("train", {}))
+  args = dict(out_dir=str(out_dir), scenarios=(("hier", sc),), lambda2s=(0.0, 1.0), seeds=2, steps=40,
+              train=train, train_tokens=512, heldout_tokens=256, matryoshka_fractions=())
   args.update(kw)
   return study.StudyConfig(**args)
 
@@ -257,13 +259,43 @@ def test_binary_refuses_mixed_directory_in_one_line(tmp_path):
   assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "different config" in r.stderr
 
 
-def test_penalty_grad_and_auxk_detach_pass_through(tmp_path):
-  cfg = _tiny(tmp_path / "a", penalty_grad="through")
+def test_train_overrides_reach_every_arm(tmp_path):
+  cfg = _tiny(tmp_path / "a", train=dict(penalty_grad="through", auxk_detach=True),
+              matryoshka_fractions=(0.25, 0.5))
   tc = cfg.train_config(0.3, 2, 12)
-  assert tc.penalty_grad == "through" and tc.lambda2 == 0.3 and tc.seed == 2 and tc.baseline
-  has_field = "auxk_detach" in {f.name for f in study.dataclasses.fields(study.TrainConfig)}
-  if has_field:
-    assert _tiny(tmp_path / "b", auxk_detach=True).train_config(0.3, 0, 12).auxk_detach is True
-  else:
-    with pytest.raises(UserError, match="auxk_detach"):
-      _tiny(tmp_path / "b", auxk_detach=True)
+  assert tc.penalty_grad == "through" and tc.auxk_detach and tc.lambda2 == 0.3 and tc.seed == 2 and tc.baseline
+  mc = cfg.train_config(0.3, 2, 12, arm="matryoshka")
+  assert mc.architecture == "matryoshka_batchtopk" and mc.matryoshka_widths == (4, 8, 16)
+  assert mc.lambda2 == 0 and not mc.baseline and mc.seed == 2
+  shared = {f: getattr(tc, f) for f in cfg.shared_train()}
+  assert shared == {f: getattr(mc, f) for f in cfg.shared_train()}  # same width, k, lr, batch, ... as solo
+
+
+def test_study_config_declares_no_train_field(tmp_path):
+  """Each hyperparameter has one default (TrainConfig's): StudyConfig re-declares none of its fields."""
+  train_fields = {f.name for f in study.dataclasses.fields(study.TrainConfig)}
+  study_fields = {f.name for f in study.dataclasses.fields(study.StudyConfig)}
+  assert not train_fields & study_fields, train_fields & study_fields
+  # What the study's train dict leaves out is TrainConfig's default, not another one.
+  cfg = study.StudyConfig(out_dir=str(tmp_path), train=dict(k=3, meta_k=2), scale=1)
+  tc = cfg.train_config(0.3, 0, 48)
+  for f in study.dataclasses.fields(study.TrainConfig):
+    if f.name not in ("d_model", "width", "k", "meta_width", "meta_k", "lambda2", "seed", "baseline"):
+      assert getattr(tc, f.name) == f.default, f.name
+  assert tc.width == 64 and tc.k == 3
+  for bad, msg in ((dict(nope=1), "no field"), (dict(lambda2=0.3), "sets lambda2 itself"),
+                   (dict(k=64), "k must be in")):
+    with pytest.raises(UserError, match=msg):
+      study.StudyConfig(out_dir=str(tmp_path), train=bad)
+  with pytest.raises(UserError, match="matryoshka_fractions"):
+    study.StudyConfig(out_dir=str(tmp_path), train=dict(k=3, meta_k=2), matryoshka_fractions=(0.5, 0.25))
+
+
+def test_preset_config_file_holds_the_published_choices():
+  from experiments.configs import groundtruth as preset  # pylint: disable=g-import-not-at-top
+  c = preset.get_config()
+  assert {k: c.train[k] for k in ("k", "lr", "batch_size", "aux_k", "meta_k")} == dict(
+      k=3, lr=1e-3, batch_size=256, aux_k=32, meta_k=2)
+  cfg = study.StudyConfig(out_dir="unused", **preset.study_kwargs(c))
+  tc = cfg.train_config(0.3, 0, 48)
+  assert (tc.width, tc.k, tc.meta_width, tc.batch_size, tc.lr, tc.aux_k) == (64, 3, 6, 256, 1e-3, 32)

@@ -8,8 +8,8 @@ import pkgutil
 
 from metasae_jax.core.errors import UserError
 
-# Modules here that are not experiments.
-_NOT_PRESETS = ("base", "default")
+# Modules here that are not pipeline experiments (groundtruth.py is the ground-truth study's preset).
+_NOT_PRESETS = ("base", "default", "groundtruth")
 
 
 def names() -> list[str]:
