@@ -299,3 +299,36 @@ def test_preset_config_file_holds_the_published_choices():
   cfg = study.StudyConfig(out_dir="unused", **preset.study_kwargs(c))
   tc = cfg.train_config(0.3, 0, 48)
   assert (tc.width, tc.k, tc.meta_width, tc.batch_size, tc.lr, tc.aux_k) == (64, 3, 6, 256, 1e-3, 32)
+
+
+def test_tiny_study_matryoshka_arm(tmp_path):
+  """The third arm: a solo Matryoshka BatchTopK SAE per seed, same width and k, scored like the other arms."""
+  pytest.importorskip("metasae_jax.core.architectures.matryoshka_batchtopk")  # lands with #27's architecture
+  cfg = _tiny(tmp_path / "gt", lambda2s=(0.0, 1.0), matryoshka_fractions=(0.25, 0.5))
+  rep = study.run_study(cfg, progress=False)
+  out = tmp_path / "gt"
+  mats = [p for p in rep["points"] if p.get("arm") == "matryoshka"]
+  assert [p["seed"] for p in mats] == [0, 1]
+  for p in mats:
+    # What trained is a Matryoshka SAE with nested prefixes 4, 8, 16, no penalty, at the study's width and k.
+    assert p["train"] == {"architecture": "matryoshka_batchtopk", "matryoshka_widths": [4, 8, 16], "width": 16,
+                          "k": 2, "lambda2": 0.0}
+    assert p["matryoshka"]["l0"] == pytest.approx(2, abs=0.05)  # BatchTopK firing: k per token on average
+  # Its scores are recomputed from its own saved parameters, and they are not the solo SAE's.
+  saved = np.load(out / "results" / "hier" / "matryoshka_seed0.npz")
+  params = {k[len("matryoshka_"):]: saved[k] for k in saved.files}
+  x_held = np.asarray(study.store.open_store(str(out / "data/hier/heldout")).read_acts(0, 256))
+  fired, mse, _ = study.fire(params, x_held, 2, 64, "matryoshka_batchtopk")
+  assert mse == pytest.approx(mats[0]["matryoshka"]["mse"], rel=1e-5)
+  assert fired.sum() / fired.shape[0] == pytest.approx(mats[0]["matryoshka"]["l0"])
+  solo0 = [p for p in rep["points"] if p.get("arm") is None and p["seed"] == 0][0]["solo"]
+  assert mats[0]["matryoshka"]["mse"] != solo0["mse"]
+  m = rep["scenarios"]["hier"]["matryoshka"]
+  assert m["seeds"] == [0, 1] and m["scores"]["recovery"]["n"] == 2 and m["delta"]["mse"]["n"] == 2
+  assert m["verdict"].startswith(("matryoshka", "no detectable"))
+  md = (out / "report.md").read_text()
+  assert "| hier | solo Matryoshka |" in md and "| hier | joint MetaSAE λ₂=1 |" in md
+  # Resume: the arm's files are reused.
+  res = out / "results" / "hier" / "matryoshka_seed1.json"
+  mtime = os.stat(res).st_mtime_ns
+  assert study.run_study(cfg, progress=False)["points"] == rep["points"] and os.stat(res).st_mtime_ns == mtime
