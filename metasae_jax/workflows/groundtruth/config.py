@@ -12,12 +12,11 @@ from typing import Mapping
 
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
+from metasae_jax.workflows import matryoshka_arm
 from metasae_jax.workflows.groundtruth import scenarios
 
 PER_ARM = ("d_model", "lambda2", "seed", "baseline", "architecture", "matryoshka_widths")
 """TrainConfig fields the study sets itself, per scenario, point and arm; `train` may not hold them."""
-MATRYOSHKA = "matryoshka_batchtopk"
-"""The architecture of the matryoshka arm."""
 WIDTH_PER_SCALE = 64
 """SAE latents per unit of `scale` when `train` gives no width."""
 
@@ -48,9 +47,9 @@ class StudyConfig:
   """Seeds per point (init and batch order; the data set of a scenario is fixed by `data_seed`)."""
   steps: int = 0
   """Training steps per SAE; 0 means 1500 * scale."""
-  matryoshka_fractions: tuple = (0.125, 0.25, 0.5)
-  """The matryoshka arm's nested prefix widths as fractions of the width (the full width is the last prefix;
-  Bussmann et al. 2025 nest a few prefixes of growing size); empty: no matryoshka arm."""
+  matryoshka_fractions: tuple = matryoshka_arm.DEFAULT_FRACTIONS
+  """The matryoshka arm's nested prefix widths as fractions of the width (the full width is the last prefix);
+  empty: no matryoshka arm."""
   train_tokens: int = 32768
   """Tokens in each scenario's training store (cycled, reshuffled every pass)."""
   heldout_tokens: int = 8192
@@ -85,8 +84,7 @@ class StudyConfig:
          f"lambda2 values must be >= 0, got {list(self.lambda2s)}"),
         (len(set(self.lambda2s)) == len(self.lambda2s), f"lambda2 values repeat: {list(self.lambda2s)}"),
         (self.steps > 0, "steps must be positive"),
-        (all(0 < f < 1 for f in fr) and list(fr) == sorted(set(fr)),
-         f"matryoshka_fractions must be strictly increasing in (0, 1), got {list(fr)}"),
+        (not matryoshka_arm.check_fractions(fr), matryoshka_arm.check_fractions(fr)),
         (len({n for n, _ in self.scenarios}) == len(self.scenarios), "scenario names repeat"),
     ]
     for ok, message in checks:
@@ -113,16 +111,15 @@ class StudyConfig:
 
   def matryoshka_widths(self) -> tuple:
     """The matryoshka arm's prefix widths, rounded to whole latents (TrainConfig appends the full width)."""
-    return tuple(sorted({w for w in (max(1, round(f * self.width)) for f in self.matryoshka_fractions)
-                         if w < self.width}))
+    return matryoshka_arm.prefix_widths(self.width, self.matryoshka_fractions)
 
   def train_config(self, lambda2: float, seed: int, d_model: int, arm: str = "pair") -> TrainConfig:
     """"pair": the joint SAE (+ meta SAE, penalty λ₂) and its lockstep solo twin; "matryoshka": a solo
     Matryoshka BatchTopK SAE with the same shared settings (no penalty, no twin)."""
     try:
       if arm == "matryoshka":
-        return TrainConfig(d_model=d_model, lambda2=0.0, seed=seed, baseline=False, architecture=MATRYOSHKA,
-                           matryoshka_widths=self.matryoshka_widths(), **self.train)
+        return TrainConfig(d_model=d_model, **matryoshka_arm.train_fields(self.train, self.matryoshka_fractions,
+                                                                         seed))
       return TrainConfig(d_model=d_model, lambda2=lambda2, seed=seed, baseline=True, **self.train)
     except UserError as e:
       raise UserError(f"invalid ground-truth study ({arm} arm): {e}") from None
