@@ -71,15 +71,15 @@ def estimate_cost(preset: Preset, train_tflops: float = 15.0, export_tflops: flo
   disk_gb = tokens * d * (2 if e.get("dtype", "float16") == "float16" else 4) / 1e9
   points = (len(sweep.grid(preset.grid["lambda2"], preset.grid["sigma_sq"], preset.grid.get("seeds", ())))
             if preset.grid else 1)
-  # A matryoshka run trains one SAE (no twin, no meta SAE): about half of a point.
-  points += 0.5 * len(_seeds(preset)) if preset.matryoshka_fractions else 0
+  matryoshka_runs = len(_seeds(preset)) if preset.matryoshka_fractions else 0
   steps = (preset.num_tokens or tokens) // b
   meta_fwd = 4 * n * d * m
   step_flops = 2 * 5 * 2 * b * d * n + meta_fwd * (1 + 3 * t.get("n_meta_steps", 5) / t.get("n_primary_steps", 10))
   export_flops = 2 * preset.model_params * tokens * 0.6  # blocks up to the hooked layer, roughly
-  return {"disk_gb": disk_gb, "points": points, "steps_per_point": steps,
+  # A matryoshka run trains one SAE (no twin, no meta SAE): about half of a point.
+  return {"disk_gb": disk_gb, "points": points, "matryoshka_runs": matryoshka_runs, "steps_per_point": steps,
           "train_hours_per_point": steps * step_flops / (train_tflops * 1e12) / 3600,
-          "train_hours_total": points * steps * step_flops / (train_tflops * 1e12) / 3600,
+          "train_hours_total": (points + 0.5 * matryoshka_runs) * steps * step_flops / (train_tflops * 1e12) / 3600,
           "export_hours": export_flops / (export_tflops * 1e12) / 3600,
           "assumed_tflops": {"train": train_tflops, "export": export_tflops}}
 
