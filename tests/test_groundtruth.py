@@ -303,7 +303,6 @@ def test_preset_config_file_holds_the_published_choices():
 
 def test_tiny_study_matryoshka_arm(tmp_path):
   """The third arm: a solo Matryoshka BatchTopK SAE per seed, same width and k, scored like the other arms."""
-  pytest.importorskip("metasae_jax.core.architectures.matryoshka_batchtopk")  # lands with #27's architecture
   cfg = _tiny(tmp_path / "gt", lambda2s=(0.0, 1.0), matryoshka_fractions=(0.25, 0.5))
   rep = study.run_study(cfg, progress=False)
   out = tmp_path / "gt"

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from metasae_jax.core import sae
+from metasae_jax.core import architectures, sae
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
 from metasae_jax.core.train_step import init_train_state, train_step
@@ -132,11 +132,6 @@ def train_pair(tc: TrainConfig, x_TxD: np.ndarray, steps: int, on_chunk: Callabl
   return state
 
 
-# A Matryoshka BatchTopK SAE fires like a BatchTopK one: its training makes one BatchTopK selection over all
-# latents (Bussmann et al. 2025) and its full reconstruction uses every latent; only the loss differs.
-_FIRING = {"matryoshka_batchtopk": "batchtopk"}
-
-
 @functools.partial(jax.jit, static_argnames=("k", "rule"))
 def _encode(params, x_BxD, k, rule):
   out = sae.forward(params, x_BxD, k, rule)
@@ -144,8 +139,10 @@ def _encode(params, x_BxD, k, rule):
 
 
 def fire(params: dict, x_TxD: np.ndarray, k: int, batch_size: int, architecture: str = "batchtopk") -> tuple:
-  """Firings on held-out tokens by the training rule (BatchTopK per batch of batch_size) and the MSE."""
-  rule = _FIRING.get(architecture, architecture)
+  """Firings on held-out tokens by the training rule (per batch of batch_size) and the MSE of the full
+  reconstruction. The rule is the architecture's inference rule: a Matryoshka BatchTopK SAE fires by BatchTopK
+  over all latents, as in training (one selection over all latents; only its loss looks at prefixes)."""
+  rule = architectures.get(architecture).firing(params)["activation"]
   fired, sq = [], 0.0
   usable = (x_TxD.shape[0] // batch_size) * batch_size
   for s in range(0, usable, batch_size):
