@@ -8,7 +8,8 @@
 
 Hyperparameters come from the config file (--config, default experiments/configs/groundtruth.py: the
 published study's small-scale choices); `--config.train.FIELD=...` / `--config.study.FIELD=...` override any
-field, and the short flags below override the file. Writes report.json, report.md and plots/ into --out_dir
+field, and the short flags below override the file (a short flag and a --config override of the same field
+that disagree are an error, as in `train`). Writes report.json, report.md and plots/ into --out_dir
 (definitions: docs/groundtruth.md). Rerunning the same command resumes; a directory holding a study with
 other settings is refused.
 """
@@ -16,6 +17,7 @@ other settings is refused.
 import os
 
 from absl import flags
+from ml_collections import config_flags
 
 from experiments import cli, cli_flags
 from metasae_jax.core.errors import UserError
@@ -79,15 +81,29 @@ def study_config():
   from experiments.configs import groundtruth as preset  # pylint: disable=g-import-not-at-top
   from metasae_jax.workflows.groundtruth.config import StudyConfig  # pylint: disable=g-import-not-at-top
   kw = preset.study_kwargs(F.config)
-  kw.update({name: F[name].value for name in STUDY_FLAGS if F[name].value is not None})
-  kw["train"].update({name: F[name].value for name in TRAIN_FLAGS if F[name].value is not None})
+  given = config_flags.get_override_values(F["config"])
+
+  def put(section: str, field: str, flag: str, value):
+    """A short flag's value, unless a --config override of the same field says otherwise (as `train` does)."""
+    key = f"{section}.{field}"
+    if key in given and (tuple(given[key]) if isinstance(value, tuple) else given[key]) != value:
+      raise UserError(f"--{flag}={F[flag].value} and --config.{key}={given[key]} disagree; pass one of them.")
+    (kw["train"] if section == "train" else kw)[field] = value
+
+  for name in STUDY_FLAGS:
+    if F[name].value is not None:
+      put("study", name, name, F[name].value)
+  for name in TRAIN_FLAGS:
+    if F[name].value is not None:
+      put("train", name, name, F[name].value)
   if F.auxk_detach != "default":
-    kw["train"]["auxk_detach"] = F.auxk_detach == "true"
+    put("train", "auxk_detach", "auxk_detach", F.auxk_detach == "true")
   if F.lambda2 is not None:
-    kw["lambda2s"] = _floats(F.lambda2, "lambda2")
+    put("study", "lambda2s", "lambda2", _floats(F.lambda2, "lambda2"))
   if F.matryoshka_fractions is not None:
     none = F.matryoshka_fractions.strip().lower() in ("none", "")
-    kw["matryoshka_fractions"] = () if none else _floats(F.matryoshka_fractions, "matryoshka_fractions")
+    put("study", "matryoshka_fractions", "matryoshka_fractions",
+        () if none else _floats(F.matryoshka_fractions, "matryoshka_fractions"))
   scale = kw.get("scale", 1)
   chosen = scenarios.select([s.strip() for s in F.scenarios.split(",") if s.strip()], scale, F.scenario_params)
   return StudyConfig(out_dir=F.out_dir, scenarios=chosen, **kw)

@@ -331,3 +331,27 @@ def test_tiny_study_matryoshka_arm(tmp_path):
   res = out / "results" / "hier" / "matryoshka_seed1.json"
   mtime = os.stat(res).st_mtime_ns
   assert study.run_study(cfg, progress=False)["points"] == rep["points"] and os.stat(res).st_mtime_ns == mtime
+
+
+def test_binary_flags_and_config_file_reach_the_study(tmp_path):
+  """The short flags researchers' scripts use still set their fields; --config.* reaches any field; the file's
+  values fill the rest; a short flag that disagrees with a --config override is one error line."""
+  code = ("import json, sys\nfrom absl import flags\nfrom experiments import groundtruth\n"
+          "flags.FLAGS(sys.argv)\nprint(json.dumps(groundtruth.study_config().identity()))\n")
+  env = dict(os.environ, PYTHONPATH=REPO)
+  argv = [f"--out_dir={tmp_path / 'gt'}", "--k=4", "--lr=0.002", "--seeds=4", "--lambda2=0,0.5",
+          "--penalty_grad=through", "--auxk_detach=true", "--matryoshka_fractions=0.25,0.5",
+          "--config.train.sigma_sq=3", "--config.study.data_seed=7", "--scenarios=hierarchy"]
+  r = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  ident = json.loads(r.stdout.strip().splitlines()[-1])
+  t = ident["train"]
+  assert (t["k"], t["lr"], t["penalty_grad"], t["auxk_detach"], t["sigma_sq"]) == (4, 0.002, "through", True, 3.0)
+  assert (t["batch_size"], t["aux_k"], t["meta_k"], t["width"]) == (256, 32, 2, 64)  # the config file's
+  assert ident["seeds"] == 4 and ident["lambda2s"] == [0.0, 0.5] and ident["data_seed"] == 7
+  assert ident["matryoshka_fractions"] == [0.25, 0.5] and list(ident["scenarios"]) == ["hierarchy"]
+  r = subprocess.run([sys.executable, "-m", "experiments.groundtruth", f"--out_dir={tmp_path / 'x'}", "--k=4",
+                      "--config.train.k=5"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+      "error: --k=4 and --config.train.k=5 disagree; pass one of them.")
