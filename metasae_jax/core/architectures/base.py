@@ -64,9 +64,10 @@ class Architecture:
     raise NotImplementedError
 
   def firing(self, params: dict) -> dict:
-    """The inference rule as `sae.encode` keywords: {"activation": ...} or {"threshold_N": θ}."""
-    del params
-    return {"activation": self.name}
+    """The inference rule (`spec.inference_firing`) as `sae.encode` keywords: {"activation": ...} or
+    {"threshold_N": θ}."""
+    rule = self.spec.inference_firing
+    return {"threshold_N": self.artifact_threshold(params)} if rule == "threshold" else {"activation": rule}
 
   def artifact_threshold(self, params: dict) -> Optional[jax.Array]:
     """A trained per-latent threshold the published artifact carries (None: the rule needs none)."""

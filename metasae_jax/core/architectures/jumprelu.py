@@ -106,9 +106,6 @@ class JumpReLU(base.Architecture):
     l0_penalty = options.l0_coefficient / xs_BxD.shape[1] * jnp.mean(l0)
     return z, acts, recon_std, jnp.mean((recon_std - xs_BxD) ** 2) + l0_penalty, {"l0_penalty": l0_penalty}
 
-  def firing(self, params):
-    return {"threshold_N": jnp.exp(params["log_threshold"])}
-
   def artifact_threshold(self, params):
     return jnp.exp(params["log_threshold"])
 

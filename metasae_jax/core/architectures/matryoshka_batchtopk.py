@@ -65,9 +65,5 @@ class MatryoshkaBatchTopK(base.Architecture):
     mse, extra, terms = _loss(recons, xs_BxD, widths)
     return pre, acts, recons[-1], mse + extra, terms
 
-  def firing(self, params):
-    del params
-    return {"activation": "batchtopk"}
-
 
 ARCHITECTURE = MatryoshkaBatchTopK()
