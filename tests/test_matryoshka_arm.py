@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from metasae_jax.core.config import TrainConfig
-from metasae_jax.core.errors import UserError
 from metasae_jax.storage import synthetic
 from metasae_jax.workflows import matryoshka_arm, pipeline
 
@@ -47,9 +46,6 @@ def test_side_by_side_table_pairs_each_sae_with_the_solo_sae_of_its_seed():
   assert "solo Matryoshka" not in pipeline.table_markdown(preset, rows)  # no arm, no section
 
 
-@pytest.mark.xfail(strict=True, raises=UserError, reason="evaluate cannot load a matryoshka_batchtopk artifact yet: "
-                   "storage/sae_schema.py accepts activation 'batchtopk' or 'topk' only (core/storage are #27's "
-                   "next step); remove this mark when it can")
 def test_preset_with_matryoshka_arm_trains_evaluates_and_tables_it(tmp_path, monkeypatch):
   from metasae_jax.storage import store as store_lib  # pylint: disable=g-import-not-at-top
   full = synthetic.write_sparse_store(str(tmp_path / "full"), 1024, 16, context_len=8, shard_tokens=256,
