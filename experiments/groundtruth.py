@@ -1,68 +1,123 @@
-"""Ground-truth atomicity benchmark: synthetic data with known features, joint vs solo SAEs over λ₂ × seeds.
+"""Ground-truth atomicity benchmark: synthetic data with known features; joint MetaSAE vs solo BatchTopK SAEs over
+λ₂ × seeds, and a solo Matryoshka BatchTopK SAE per seed.
 
-  python -m experiments.groundtruth --out_dir runs/gt            # five scenarios, 3 seeds, a few minutes
+  python -m experiments.groundtruth --out_dir runs/gt            # five scenarios, 3 seeds, minutes
   python -m experiments.groundtruth --out_dir runs/gt4 --scale 4 --seeds 5
   python -m experiments.groundtruth --out_dir runs/gth --scenarios hierarchy \\
-      --scenario_params hierarchy.p_group=0.2,hierarchy.group_size=4
+      --scenario_params hierarchy.p_group=0.2,hierarchy.group_size=4 --config.train.sigma_sq=3
 
-Writes report.json, report.md and plots/ into --out_dir (definitions: docs/groundtruth.md). Rerunning the
-same command resumes; a directory holding a study with other flags is refused.
+Hyperparameters come from the config file (--config, default experiments/configs/groundtruth.py: the
+published study's small-scale choices); `--config.train.FIELD=...` / `--config.study.FIELD=...` override any
+field, and the short flags below override the file (a short flag and a --config override of the same field
+that disagree are an error, as in `train`). Writes report.json, report.md and plots/ into --out_dir
+(definitions: docs/groundtruth.md). Rerunning the same command resumes; a directory holding a study with
+other settings is refused.
 """
 
-from absl import flags
+import os
 
-from experiments import cli
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import cli, cli_flags
+from metasae_jax.core.errors import UserError
 from metasae_jax.workflows.groundtruth import scenarios
 
 F = flags.FLAGS
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "groundtruth.py")
+cli_flags.define_config_file("config", CONFIG, "Study config file (train and study sections); override a field "
+                             "with --config.train.NAME=... or --config.study.NAME=....")
 flags.DEFINE_string("out_dir", None, "Study directory to create or resume.")
 flags.DEFINE_string("scenarios", ",".join(scenarios.KINDS), "Comma-separated scenarios to run.")
 flags.DEFINE_string("scenario_params", "", "Generator overrides, name.field=value,... "
                     "(fields: d_model, num_features, p_fire, mag_low, mag_high, noise, num_groups, group_size, "
                     "p_group, p_conditional, p_alone).")
-flags.DEFINE_integer("scale", 1, "Multiplies widths, feature counts and steps of the defaults.")
-flags.DEFINE_string("lambda2", "0,0.3,1", "Comma-separated penalty weights; 0 is the identical-training control.")
-flags.DEFINE_integer("seeds", 3, "Seeds per (scenario, λ₂) point.")
-flags.DEFINE_integer("width", 0, "SAE latents; 0 = 64 * scale.")
-flags.DEFINE_integer("k", 3, "Active latents per token (BatchTopK).")
-flags.DEFINE_integer("meta_width", 0, "Meta SAE latents; 0 = round(width * 1800 / 20480), the paper's ratio.")
-flags.DEFINE_integer("meta_k", 2, "Active meta latents per decoder row.")
-flags.DEFINE_float("sigma_sq", 1.0, "Penalty bandwidth σ². Paper: 1.0.")
-flags.DEFINE_enum("penalty_grad", "stop", ["stop", "through"],
-                  "stop: meta reconstruction is a constant (paper); through: gradient flows through the meta SAE.")
+# Short flags: unset means the config file's value (each has one default, there).
+_FROM = " Default: the config file's."
+# study section
+flags.DEFINE_integer("scale", None, "Multiplies widths, feature counts and steps of the defaults." + _FROM)
+flags.DEFINE_string("lambda2", None, "Comma-separated penalty weights; 0 is the identical-training control." + _FROM)
+flags.DEFINE_integer("seeds", None, "Seeds per (scenario, λ₂) point." + _FROM)
+flags.DEFINE_integer("steps", None, "Training steps per SAE; 0 = 1500 * scale." + _FROM)
+flags.DEFINE_string("matryoshka_fractions", None, "The matryoshka arm's nested prefix widths as comma-separated "
+                    "fractions of the width (the full width is added); 'none' skips the arm." + _FROM)
+flags.DEFINE_integer("train_tokens", None, "Tokens in each scenario's training store." + _FROM)
+flags.DEFINE_integer("heldout_tokens", None, "Tokens in each scenario's held-out store (scores)." + _FROM)
+flags.DEFINE_integer("data_seed", None, "Seed of the synthetic data." + _FROM)
+# train section (TrainConfig fields)
+flags.DEFINE_integer("width", None, "SAE latents; 0 = 64 * scale." + _FROM)
+flags.DEFINE_integer("k", None, "Active latents per token (BatchTopK)." + _FROM)
+flags.DEFINE_integer("meta_width", None, "Meta SAE latents; 0 = round(width * 1800 / 20480), the paper's ratio."
+                     + _FROM)
+flags.DEFINE_integer("meta_k", None, "Active meta latents per decoder row." + _FROM)
+flags.DEFINE_float("sigma_sq", None, "Penalty bandwidth σ²." + _FROM)
+flags.DEFINE_enum("penalty_grad", None, ["stop", "through"],
+                  "stop: meta reconstruction is a constant (paper); through: gradient flows through the meta SAE."
+                  + _FROM)
 flags.DEFINE_enum("auxk_detach", "default", ["default", "true", "false"],
-                  "Detach the AuxK target; 'default' keeps the library's rule (needs TrainConfig.auxk_detach "
-                  "for the others).")
-flags.DEFINE_integer("n_primary_steps", 10, "Primary steps between meta phases. Paper text: 10.")
-flags.DEFINE_integer("n_meta_steps", 5, "Meta steps per phase. Paper text: 5.")
-flags.DEFINE_integer("steps", 0, "Training steps per SAE; 0 = 1500 * scale.")
-flags.DEFINE_integer("batch_size", 256, "Tokens per batch.")
-flags.DEFINE_float("lr", 1e-3, "Adam learning rate.")
-flags.DEFINE_integer("aux_k", 32, "Dead latents per token in AuxK.")
-flags.DEFINE_integer("train_tokens", 32768, "Tokens in each scenario's training store.")
-flags.DEFINE_integer("heldout_tokens", 8192, "Tokens in each scenario's held-out store (scores).")
-flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic data.")
+                  "Detach the AuxK target; 'default' keeps the config file's.")
+flags.DEFINE_integer("n_primary_steps", None, "Primary steps between meta phases." + _FROM)
+flags.DEFINE_integer("n_meta_steps", None, "Meta steps per phase." + _FROM)
+flags.DEFINE_integer("batch_size", None, "Tokens per batch." + _FROM)
+flags.DEFINE_float("lr", None, "Adam learning rate." + _FROM)
+flags.DEFINE_integer("aux_k", None, "Dead latents per token in AuxK." + _FROM)
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.mark_flag_as_required("out_dir")
+
+STUDY_FLAGS = ("scale", "seeds", "steps", "train_tokens", "heldout_tokens", "data_seed")
+TRAIN_FLAGS = ("width", "k", "meta_width", "meta_k", "sigma_sq", "penalty_grad", "n_primary_steps",
+               "n_meta_steps", "batch_size", "lr", "aux_k")
+
+
+def _floats(text: str, name: str) -> tuple:
+  try:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    raise UserError(f"--{name} must be comma-separated numbers, got {text!r}.") from None
+
+
+def study_config():
+  """The StudyConfig from the config file, its --config.* overrides and the short flags (JAX-free)."""
+  from experiments.configs import groundtruth as preset  # pylint: disable=g-import-not-at-top
+  from metasae_jax.workflows.groundtruth.config import StudyConfig  # pylint: disable=g-import-not-at-top
+  kw = preset.study_kwargs(F.config)
+  given = config_flags.get_override_values(F["config"])
+
+  def put(section: str, field: str, flag: str, value):
+    """A short flag's value, unless a --config override of the same field says otherwise (as `train` does)."""
+    key = f"{section}.{field}"
+    if key in given and (tuple(given[key]) if isinstance(value, tuple) else given[key]) != value:
+      raise UserError(f"--{flag}={F[flag].value} and --config.{key}={given[key]} disagree; pass one of them.")
+    (kw["train"] if section == "train" else kw)[field] = value
+
+  for name in STUDY_FLAGS:
+    if F[name].value is not None:
+      put("study", name, name, F[name].value)
+  for name in TRAIN_FLAGS:
+    if F[name].value is not None:
+      put("train", name, name, F[name].value)
+  if F.auxk_detach != "default":
+    put("train", "auxk_detach", "auxk_detach", F.auxk_detach == "true")
+  if F.lambda2 is not None:
+    put("study", "lambda2s", "lambda2", _floats(F.lambda2, "lambda2"))
+  if F.matryoshka_fractions is not None:
+    none = F.matryoshka_fractions.strip().lower() in ("none", "")
+    put("study", "matryoshka_fractions", "matryoshka_fractions",
+        () if none else _floats(F.matryoshka_fractions, "matryoshka_fractions"))
+  scale = kw.get("scale", 1)
+  chosen = scenarios.select([s.strip() for s in F.scenarios.split(",") if s.strip()], scale, F.scenario_params)
+  return StudyConfig(out_dir=F.out_dir, scenarios=chosen, **kw)
 
 
 def main(argv):
   del argv
   cli.check_out_dir(F.out_dir)
+  config = study_config()  # every mistake in the settings is one line here, before JAX loads
   from metasae_jax.workflows.groundtruth import study  # pylint: disable=g-import-not-at-top  (JAX)
-  from metasae_jax.workflows.sweep import parse_floats  # pylint: disable=g-import-not-at-top
-  chosen = scenarios.select([s.strip() for s in F.scenarios.split(",") if s.strip()], F.scale,
-                            F.scenario_params)
-  config = study.StudyConfig(
-      out_dir=F.out_dir, scenarios=chosen, scale=F.scale, lambda2s=parse_floats(F.lambda2, "lambda2"),
-      seeds=F.seeds, width=F.width, k=F.k, meta_width=F.meta_width, meta_k=F.meta_k, sigma_sq=F.sigma_sq,
-      penalty_grad=F.penalty_grad, auxk_detach={"default": None, "true": True, "false": False}[F.auxk_detach],
-      n_primary_steps=F.n_primary_steps, n_meta_steps=F.n_meta_steps, steps=F.steps, batch_size=F.batch_size,
-      lr=F.lr, aux_k=F.aux_k, train_tokens=F.train_tokens, heldout_tokens=F.heldout_tokens,
-      data_seed=F.data_seed)
   report = study.run_study(config, progress=F.progress)
   for name, s in report["scenarios"].items():
-    print(f"{name}: {s['verdict']}")
+    mat = f"; {s['matryoshka']['verdict']} (vs solo)" if s.get("matryoshka") else ""
+    print(f"{name}: {s['verdict']}{mat}")
   print(f"wrote {F.out_dir}/report.md, report.json, plots/")
 
 

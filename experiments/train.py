@@ -21,6 +21,7 @@ from ml_collections import config_flags
 from experiments import cli, cli_flags, dataclass_flags
 from experiments import configs
 from experiments.configs import base
+from metasae_jax.core import architectures
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage import artifact, atomic
@@ -122,6 +123,10 @@ def _write_config_json(out_dir: str, record: dict) -> None:
 SUMMARY_TOKENS = 16384
 
 
+_FIRING_WORDS = {"batchtopk": "BatchTopK firing as in training", "topk": "TopK firing as in training",
+                 "threshold": "firing by the trained thresholds"}
+
+
 def closing_lines(out_dir: str, metrics: dict, activations: str, eval_activations: str = "",
                   batch_size: int = TrainConfig.batch_size) -> str:
   """What says whether training worked: standardised MSE (the loss) and, on held-out tokens, fvu_typical, with
@@ -134,14 +139,16 @@ def closing_lines(out_dir: str, metrics: dict, activations: str, eval_activation
   from metasae_jax.storage.store import open_store
   from metasae_jax.training import validation
   heldout_path = validation.heldout_store_path(activations, eval_activations)
-  held = {}
+  held, firing = {}, "batchtopk"
   if heldout_path:
     store = open_store(heldout_path)
     num = min(SUMMARY_TOKENS, heldout.available_tokens(store, 1))
     for name in artifact.SAE_NAMES:
       if f"{name}/mse" in metrics and num:
         sae = loaded_sae.load_sae(os.path.join(out_dir, name), store.d_model)
-        held[name] = reconstruction.evaluate(sae, store, num, batch_size, skip_first_positions=1, firing="batchtopk",
+        # The architecture's own rule: BatchTopK over the batch (TopK per token; JumpReLU's trained θ).
+        firing = architectures.spec(sae.cfg["activation"]).inference_firing
+        held[name] = reconstruction.evaluate(sae, store, num, batch_size, skip_first_positions=1, firing=firing,
                                             progress=False)
   lines = [f"done: {out_dir}"]
   for name in artifact.SAE_NAMES:
@@ -157,8 +164,8 @@ def closing_lines(out_dir: str, metrics: dict, activations: str, eval_activation
     lines.append(text)
   if held:
     r = next(iter(held.values()))
-    lines.append(f"  held-out: the first {r['num_tokens']} tokens of {heldout_path} past position 0, BatchTopK firing "
-                 f"as in training; {r['outlier_tokens']} token(s) there have more than "
+    lines.append(f"  held-out: the first {r['num_tokens']} tokens of {heldout_path} past position 0, "
+                 f"{_FIRING_WORDS[firing]}; {r['outlier_tokens']} token(s) there have more than "
                  f"{reconstruction.OUTLIER_FACTOR:g}x the median norm and hold {r['outlier_variance_share']:.0%} of "
                  "the raw variance: fvu_typical leaves them out (experiments.evaluate gives the full report)")
   else:

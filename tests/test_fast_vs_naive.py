@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import metasae_jax
-from metasae_jax.core import losses, naive, topk
+from metasae_jax.core import losses, naive, slots, topk
 from metasae_jax.storage import synthetic
 
 # width 1280: wide enough for the sparse slot path (num_candidates * SPARSE_MIN_RATIO <= width).
@@ -27,7 +27,7 @@ def _batches(n):
 def test_fast_step_matches_naive_over_meta_phases_and_dead_latents(auxk_detach, meta_width):
   cfg = dataclasses.replace(CFG, auxk_detach=auxk_detach, meta_width=meta_width)
   c = topk.num_candidates(meta_width, cfg.meta_k)
-  assert (c * losses.SPARSE_MIN_RATIO <= meta_width) == (meta_width == 320)
+  assert (c * slots.SPARSE_MIN_RATIO <= meta_width) == (meta_width == 320)
   batches = _batches(7)
   fast = metasae_jax.init_train_state(cfg)
   step = jax.jit(metasae_jax.train_step)

@@ -86,7 +86,7 @@ def test_superposition_needs_more_features_than_latents(tmp_path):
   assert sup.num_true_features > 64
   small = scenarios.ScenarioConfig(kind="superposition", d_model=16, num_features=8)
   with pytest.raises(UserError, match="more true features"):
-    study.StudyConfig(out_dir=str(tmp_path), scenarios=(("s", small),), width=16)
+    study.StudyConfig(out_dir=str(tmp_path), scenarios=(("s", small),), train=dict(width=16, k=3, meta_width=4, meta_k=2))
 
 
 def test_standardized_directions_match_the_sae_standardisation():
@@ -210,9 +210,11 @@ def test_scenario_overrides():
 def _tiny(out_dir, **kw):
   sc = scenarios.ScenarioConfig(kind="hierarchy", d_model=12, num_features=4, num_groups=2, group_size=2,
                                 p_group=0.2, p_fire=0.1)
-  args = dict(out_dir=str(out_dir), scenarios=(("hier", sc),), lambda2s=(0.0, 1.0), seeds=2, width=16, k=2,
-              meta_width=4, meta_k=2, steps=40, batch_size=64, aux_k=4, n_primary_steps=4, n_meta_steps=2,
-              train_tokens=512, heldout_tokens=256)
+  train = dict(width=16, k=2, meta_width=4, meta_k=2, batch_size=64, aux_k=4, n_primary_steps=4, n_meta_steps=2,
+               lr=1e-3)
+  train.update(kw.pop("train", {}))
+  args = dict(out_dir=str(out_dir), scenarios=(("hier", sc),), lambda2s=(0.0, 1.0), seeds=2, steps=40,
+              train=train, train_tokens=512, heldout_tokens=256, matryoshka_fractions=())
   args.update(kw)
   return study.StudyConfig(**args)
 
@@ -257,13 +259,99 @@ def test_binary_refuses_mixed_directory_in_one_line(tmp_path):
   assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "different config" in r.stderr
 
 
-def test_penalty_grad_and_auxk_detach_pass_through(tmp_path):
-  cfg = _tiny(tmp_path / "a", penalty_grad="through")
+def test_train_overrides_reach_every_arm(tmp_path):
+  cfg = _tiny(tmp_path / "a", train=dict(penalty_grad="through", auxk_detach=True),
+              matryoshka_fractions=(0.25, 0.5))
   tc = cfg.train_config(0.3, 2, 12)
-  assert tc.penalty_grad == "through" and tc.lambda2 == 0.3 and tc.seed == 2 and tc.baseline
-  has_field = "auxk_detach" in {f.name for f in study.dataclasses.fields(study.TrainConfig)}
-  if has_field:
-    assert _tiny(tmp_path / "b", auxk_detach=True).train_config(0.3, 0, 12).auxk_detach is True
-  else:
-    with pytest.raises(UserError, match="auxk_detach"):
-      _tiny(tmp_path / "b", auxk_detach=True)
+  assert tc.penalty_grad == "through" and tc.auxk_detach and tc.lambda2 == 0.3 and tc.seed == 2 and tc.baseline
+  mc = cfg.train_config(0.3, 2, 12, arm="matryoshka")
+  assert mc.architecture == "matryoshka_batchtopk" and mc.matryoshka_widths == (4, 8, 16)
+  assert mc.lambda2 == 0 and not mc.baseline and mc.seed == 2
+  shared = {f: getattr(tc, f) for f in cfg.shared_train()}
+  assert shared == {f: getattr(mc, f) for f in cfg.shared_train()}  # same width, k, lr, batch, ... as solo
+
+
+def test_study_config_declares_no_train_field(tmp_path):
+  """Each hyperparameter has one default (TrainConfig's): StudyConfig re-declares none of its fields."""
+  train_fields = {f.name for f in study.dataclasses.fields(study.TrainConfig)}
+  study_fields = {f.name for f in study.dataclasses.fields(study.StudyConfig)}
+  assert not train_fields & study_fields, train_fields & study_fields
+  # What the study's train dict leaves out is TrainConfig's default, not another one.
+  cfg = study.StudyConfig(out_dir=str(tmp_path), train=dict(k=3, meta_k=2), scale=1)
+  tc = cfg.train_config(0.3, 0, 48)
+  for f in study.dataclasses.fields(study.TrainConfig):
+    if f.name not in ("d_model", "width", "k", "meta_width", "meta_k", "lambda2", "seed", "baseline"):
+      assert getattr(tc, f.name) == f.default, f.name
+  assert tc.width == 64 and tc.k == 3
+  for bad, msg in ((dict(nope=1), "no field"), (dict(lambda2=0.3), "sets lambda2 itself"),
+                   (dict(k=64), "k must be in")):
+    with pytest.raises(UserError, match=msg):
+      study.StudyConfig(out_dir=str(tmp_path), train=bad)
+  with pytest.raises(UserError, match="matryoshka_fractions"):
+    study.StudyConfig(out_dir=str(tmp_path), train=dict(k=3, meta_k=2), matryoshka_fractions=(0.5, 0.25))
+
+
+def test_preset_config_file_holds_the_published_choices():
+  from experiments.configs import groundtruth as preset  # pylint: disable=g-import-not-at-top
+  c = preset.get_config()
+  assert {k: c.train[k] for k in ("k", "lr", "batch_size", "aux_k", "meta_k")} == dict(
+      k=3, lr=1e-3, batch_size=256, aux_k=32, meta_k=2)
+  cfg = study.StudyConfig(out_dir="unused", **preset.study_kwargs(c))
+  tc = cfg.train_config(0.3, 0, 48)
+  assert (tc.width, tc.k, tc.meta_width, tc.batch_size, tc.lr, tc.aux_k) == (64, 3, 6, 256, 1e-3, 32)
+
+
+def test_tiny_study_matryoshka_arm(tmp_path):
+  """The third arm: a solo Matryoshka BatchTopK SAE per seed, same width and k, scored like the other arms."""
+  cfg = _tiny(tmp_path / "gt", lambda2s=(0.0, 1.0), matryoshka_fractions=(0.25, 0.5))
+  rep = study.run_study(cfg, progress=False)
+  out = tmp_path / "gt"
+  mats = [p for p in rep["points"] if p.get("arm") == "matryoshka"]
+  assert [p["seed"] for p in mats] == [0, 1]
+  for p in mats:
+    # What trained is a Matryoshka SAE with nested prefixes 4, 8, 16, no penalty, at the study's width and k.
+    assert p["train"] == {"architecture": "matryoshka_batchtopk", "matryoshka_widths": [4, 8, 16], "width": 16,
+                          "k": 2, "lambda2": 0.0}
+    assert p["matryoshka"]["l0"] == pytest.approx(2, abs=0.05)  # BatchTopK firing: k per token on average
+  # Its scores are recomputed from its own saved parameters, and they are not the solo SAE's.
+  saved = np.load(out / "results" / "hier" / "matryoshka_seed0.npz")
+  params = {k[len("matryoshka_"):]: saved[k] for k in saved.files}
+  x_held = np.asarray(study.store.open_store(str(out / "data/hier/heldout")).read_acts(0, 256))
+  fired, mse, _ = study.fire(params, x_held, 2, 64, "matryoshka_batchtopk")
+  assert mse == pytest.approx(mats[0]["matryoshka"]["mse"], rel=1e-5)
+  assert fired.sum() / fired.shape[0] == pytest.approx(mats[0]["matryoshka"]["l0"])
+  solo0 = [p for p in rep["points"] if p.get("arm") is None and p["seed"] == 0][0]["solo"]
+  assert mats[0]["matryoshka"]["mse"] != solo0["mse"]
+  m = rep["scenarios"]["hier"]["matryoshka"]
+  assert m["seeds"] == [0, 1] and m["scores"]["recovery"]["n"] == 2 and m["delta"]["mse"]["n"] == 2
+  assert m["verdict"].startswith(("matryoshka", "no detectable"))
+  md = (out / "report.md").read_text()
+  assert "| hier | solo Matryoshka |" in md and "| hier | joint MetaSAE λ₂=1 |" in md
+  # Resume: the arm's files are reused.
+  res = out / "results" / "hier" / "matryoshka_seed1.json"
+  mtime = os.stat(res).st_mtime_ns
+  assert study.run_study(cfg, progress=False)["points"] == rep["points"] and os.stat(res).st_mtime_ns == mtime
+
+
+def test_binary_flags_and_config_file_reach_the_study(tmp_path):
+  """The short flags researchers' scripts use still set their fields; --config.* reaches any field; the file's
+  values fill the rest; a short flag that disagrees with a --config override is one error line."""
+  code = ("import json, sys\nfrom absl import flags\nfrom experiments import groundtruth\n"
+          "flags.FLAGS(sys.argv)\nprint(json.dumps(groundtruth.study_config().identity()))\n")
+  env = dict(os.environ, PYTHONPATH=REPO)
+  argv = [f"--out_dir={tmp_path / 'gt'}", "--k=4", "--lr=0.002", "--seeds=4", "--lambda2=0,0.5",
+          "--penalty_grad=through", "--auxk_detach=true", "--matryoshka_fractions=0.25,0.5",
+          "--config.train.sigma_sq=3", "--config.study.data_seed=7", "--scenarios=hierarchy"]
+  r = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  ident = json.loads(r.stdout.strip().splitlines()[-1])
+  t = ident["train"]
+  assert (t["k"], t["lr"], t["penalty_grad"], t["auxk_detach"], t["sigma_sq"]) == (4, 0.002, "through", True, 3.0)
+  assert (t["batch_size"], t["aux_k"], t["meta_k"], t["width"]) == (256, 32, 2, 64)  # the config file's
+  assert ident["seeds"] == 4 and ident["lambda2s"] == [0.0, 0.5] and ident["data_seed"] == 7
+  assert ident["matryoshka_fractions"] == [0.25, 0.5] and list(ident["scenarios"]) == ["hierarchy"]
+  r = subprocess.run([sys.executable, "-m", "experiments.groundtruth", f"--out_dir={tmp_path / 'x'}", "--k=4",
+                      "--config.train.k=5"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+      "error: --k=4 and --config.train.k=5 disagree; pass one of them.")

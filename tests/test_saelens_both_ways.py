@@ -154,3 +154,47 @@ def test_unsupported_saelens_settings_are_refused(tmp_path):
   jump = load_sae(str(tmp_path / "sl"))
   with pytest.raises(UserError, match="has no k"):
     jump.encode(_x(), firing="topk")
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+  """One short joint run (penalty on) per architecture, trained by the real trainer on a synthetic store."""
+  from metasae_jax.core import architectures  # pylint: disable=g-import-not-at-top
+  from metasae_jax.core.config import TrainConfig  # pylint: disable=g-import-not-at-top
+  from metasae_jax.storage import synthetic  # pylint: disable=g-import-not-at-top
+  from metasae_jax.training.trainer import RunConfig, train_and_save  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("arch_runs")
+  store = synthetic.write_sparse_store(str(root / "store"), 64 * 8, D, num_features=40)
+  extra = {"matryoshka_batchtopk": {"matryoshka_widths": (12, 24)},
+           "jumprelu": {"jumprelu_init_threshold": 0.3, "jumprelu_bandwidth": 0.2}}
+  runs = {}
+  for name in architectures.names():
+    config = TrainConfig(d_model=D, width=N, k=K, meta_width=6, meta_k=2, batch_size=64, lambda2=0.3, lr=1e-3,
+                         n_primary_steps=2, architecture=name, **extra.get(name, {}))
+    out = str(root / name)
+    metrics = train_and_save(config, RunConfig(activations=store.path, out_dir=out, progress=False))
+    assert metrics["penalty"] > 0
+    runs[name] = out
+  return runs
+
+
+@pytest.mark.parametrize("name", ["batchtopk", "topk", "matryoshka_batchtopk", "jumprelu"])
+def test_every_trained_architecture_exports_to_saelens_and_fires_alike(trained_runs, name, tmp_path):
+  run = trained_runs[name]
+  ours = load_sae(os.path.join(run, "joint"))
+  assert ours.cfg["activation"] == name
+  written = interop.export_run(run, str(tmp_path / "out"), "saelens")
+  theirs = _saelens_load(written["joint"].path)
+  # JumpReLU keeps its trained θ (SAELens' jumprelu); the k-sparse ones become per-token TopK(k) without θ.
+  assert theirs.cfg.architecture() == ("jumprelu" if name == "jumprelu" else "topk")
+  assert ours.default_firing == ("threshold" if name == "jumprelu" else "topk")
+  x = _x(3)
+  want_acts, want_recon = _saelens_out(theirs, x)
+  code = ours.encode_with_stats(x)
+  assert (want_acts > 0).sum() >= B
+  np.testing.assert_allclose(np.asarray(code.acts_BxN), want_acts, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ours.decode(code.acts_BxN, code.mean_Bx1, code.std_Bx1)), want_recon,
+                             rtol=1e-5, atol=1e-4)
+  back = load_sae(written["joint"].path)  # and SAELens' folder back into ours
+  assert back.cfg["activation"] == ("jumprelu" if name == "jumprelu" else "topk")
+  np.testing.assert_allclose(np.asarray(back.encode_with_stats(x).acts_BxN), want_acts, rtol=1e-5, atol=1e-5)

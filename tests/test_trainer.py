@@ -44,7 +44,16 @@ def test_writes_artifacts_metrics_and_checkpoints(store_path, tmp_path):
   assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == ["4", "6"]
 
 
-def test_resume_after_interruption_is_bit_identical(store_path, tmp_path, monkeypatch):
+ARCH_CONFIGS = {"batchtopk": CFG,
+                "matryoshka_batchtopk": dataclasses.replace(CFG, architecture="matryoshka_batchtopk",
+                                                            matryoshka_widths=(16, 32)),
+                "jumprelu": dataclasses.replace(CFG, architecture="jumprelu", jumprelu_init_threshold=0.3,
+                                                jumprelu_bandwidth=0.2)}
+
+
+@pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
+def test_resume_after_interruption_is_bit_identical(store_path, tmp_path, monkeypatch, arch):
+  CFG = ARCH_CONFIGS[arch]  # pylint: disable=redefined-outer-name,invalid-name
   train_and_save(CFG, _run(store_path, tmp_path / "whole"))
   real = data.BatchSource.batch
 
@@ -80,6 +89,22 @@ def test_different_config_in_existing_run_dir_is_refused_untouched(store_path, t
     train_and_save(dataclasses.replace(CFG, lambda2=1.0), _run(store_path, out))
   after = {p: open(os.path.join(d, p), "rb").read() for d, _, fs in os.walk(out) for p in fs}
   assert before == after
+
+
+def test_a_run_started_before_architectures_resumes(store_path, tmp_path):
+  """run_config.json of an older version: `activation` instead of `architecture`, no architecture options."""
+  out = tmp_path / "r"
+  train_and_save(CFG, _run(store_path, out))
+  path = out / "run_config.json"
+  old = json.load(open(path))
+  train = old["train"]
+  train["activation"] = train.pop("architecture")
+  for name in ("matryoshka_widths", "l0_coefficient", "jumprelu_bandwidth", "jumprelu_init_threshold"):
+    del train[name]
+  json.dump(old, open(path, "w"))
+  train_and_save(CFG, _run(store_path, out))  # the same run: accepted (nothing left to train)
+  with pytest.raises(UserError, match="different config.*architecture"):
+    train_and_save(dataclasses.replace(CFG, architecture="topk"), _run(store_path, out))
 
 
 def test_d_model_mismatch_is_refused(store_path, tmp_path):

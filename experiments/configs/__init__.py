@@ -8,8 +8,8 @@ import pkgutil
 
 from metasae_jax.core.errors import UserError
 
-# Modules here that are not experiments.
-_NOT_PRESETS = ("base", "default")
+# Modules here that are not pipeline experiments (groundtruth.py is the ground-truth study's preset).
+_NOT_PRESETS = ("base", "default", "groundtruth")
 
 
 def names() -> list[str]:
@@ -37,7 +37,7 @@ def to_preset(c):
                 checkpoint_every_steps=c.run.checkpoint_every_steps, log_every_steps=c.run.log_every_steps,
                 grid=None if grid is None else {k: tuple(v) for k, v in grid.items()}, eval=c.eval.to_dict(),
                 autointerp=c.autointerp.to_dict(), paper=c.paper.to_dict(), d_model=c.d_model,
-                model_params=c.model_params)
+                model_params=c.model_params, matryoshka_fractions=tuple(c.get("matryoshka_fractions", ())))
 
 
 def get(name: str, variant: str = ""):

@@ -10,6 +10,8 @@
                   default to the train / run sections' (evaluate as trained)
   autointerp      AutointerpConfig fields used when an --llm is given
   paper           the paper's numbers for table.md
+  matryoshka_fractions   the matryoshka arm's prefixes as fractions of train.width (() = no arm; the Preset's
+                  default)
 
 Overrides reach any of these from the command line: `--config.train.width=4608 --config.run.num_tokens=0`.
 """
@@ -63,7 +65,8 @@ def autointerp_defaults() -> dict:
 
 def config(*, name: str, description: str, export: dict, heldout_shards: int = 1, train: dict = None,
            run: dict = None, grid: dict = None, eval: dict = None, autointerp: dict = None, paper: dict = None,
-           d_model: int = 0, model_params: float = 0.0, **run_fields) -> config_dict.ConfigDict:
+           d_model: int = 0, model_params: float = 0.0, matryoshka_fractions: tuple = (),
+           **run_fields) -> config_dict.ConfigDict:
   """A complete config: the given sections on top of every field's default. Unknown field names fail here.
 
   `run_fields` (num_tokens=..., log_every_steps=...) are a shorthand for entries of `run`.
@@ -89,6 +92,7 @@ def config(*, name: str, description: str, export: dict, heldout_shards: int = 1
       c.eval[field] = c[section].get_ref(field) + 0  # a derived reference: follows, and is overridden alone
   c.grid = config_dict.placeholder(dict) if grid is None else {k: tuple(v) for k, v in grid.items()}
   c.paper = dict(paper or {})
+  c.matryoshka_fractions = tuple(float(f) for f in matryoshka_fractions)
   return c
 
 

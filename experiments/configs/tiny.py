@@ -21,4 +21,5 @@ def get_config(variant: str = ""):
       autointerp=dict(num_latents=2),
       d_model=576,
       model_params=1.35e+08,
+      matryoshka_fractions=(0.125, 0.25, 0.5),  # the third arm: solo Matryoshka at width 1152, k 16
   )

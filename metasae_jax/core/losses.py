@@ -1,10 +1,12 @@
 """SAE training losses: reconstruction MSE, AuxK over dead latents, batch metrics.
 
 Legend: B = batch (rows on this device), D = input dim, N = latents (on this device).
-Two algorithms compute the same loss. "slots" (the CPU's): the selection comes
-from each row's C candidate slots and the decoder, AuxK and their gradients run
-over slots (native kernels). "dense" (GPU/TPU, `dense.py`): thresholds by
-bisection and masked dense products. `axis_name` is anything `Axes.of` takes;
+The architecture (core/architectures/) gives the reconstruction and its own
+terms; this module adds AuxK and the statistics. Two algorithms compute the
+same loss. "slots" (the CPU's, `slots.py`): the selection comes from each row's
+C candidate slots and the decoder, AuxK and their gradients run over slots
+(native kernels). "dense" (GPU/TPU, `dense.py`): thresholds by bisection and
+masked dense products. `axis_name` is anything `Axes.of` takes;
 with a latent axis, partial decodes are summed over it.
 """
 
@@ -13,7 +15,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from metasae_jax.core import dense, native, sae, sparse, topk
+from metasae_jax.core import architectures, dense, native, sae, sparse, topk
+from metasae_jax.core.architectures import base
 from metasae_jax.core.axes import Axes
 
 PATHS = ("slots", "dense")
@@ -31,6 +34,7 @@ class SAELoss(NamedTuple):
   # (more spilling rows than the largest allowance). Always 0 on the dense path.
   spill_rows: jax.Array = 0.0
   dense_fallback: jax.Array = 0.0
+  terms: dict = {}  # the architecture's named loss terms (scalars, this device's rows)
 
 
 def auxk_loss(pre_BxN: jax.Array, dead_N: jax.Array, w_dec_NxD: jax.Array, residual_BxD: jax.Array,
@@ -83,91 +87,11 @@ def sae_auxk(params: dict, xs_BxD: jax.Array, pre_BxN: jax.Array, dead_N: jax.Ar
                Axes.of(axis_name))
 
 
-# The slot path pays off when slots per token are a small fraction of the latents.
-# Measured on 2 CPU cores with the native slot kernels: the meta SAE (C 40 of N 830,
-# 9216 rows) runs its 5-step phase in 1.05-1.2 s over slots vs 2.36 s dense; the
-# primary (C 128 of N 9216) decoder + gradients 0.12 s vs ~1.5 s dense.
-SPARSE_MIN_RATIO = 8
-
-
-class _Events(NamedTuple):
-  spill_rows: jax.Array  # rows past their slots (this device)
-  dense: jax.Array  # bool: the dense fallback ran
-
-
-def reconstruct(params: dict, xs_BxD: jax.Array, k: int, activation: str, axis_name=None,
-                compute_dtype: str = "float32"):
-  """The SAE's reconstruction with gradient: over the C candidate slots per token (`sparse.slot_decode`;
-  spilling rows exactly on the side), dense when more rows spill than the largest allowance or the slots
-  are not a small fraction of the width. Returns (Recon, gradient-free pre-activations, events)."""
-  axes = Axes.of(axis_name)
-  pre_BxN = jax.lax.stop_gradient(sae.pre_activations(params, xs_BxD, compute_dtype))
-  b, n = pre_BxN.shape
-  if activation == "batchtopk":
-    cand_BxC, idx_BxC = topk.candidates(pre_BxN, k)
-    sel = topk.threshold_from_candidates(cand_BxC, pre_BxN, k, axes)
-    spill_rows = jnp.sum(sel.spill_B, dtype=jnp.int32)
-  else:  # per-token top-k: k slots, the row's k-th value as its threshold; nothing spills
-    cand_BxC, idx_BxC = native.row_top_k(pre_BxN, min(k, n), sorted=False)
-    if axes.latent:  # each device's top k of a row hold the row's top k over all devices
-      thresh_Bx1 = topk.row_kth_largest(cand_BxC, k, axes.latent)[:, None]
-    else:
-      thresh_Bx1 = jnp.min(cand_BxC, axis=1, keepdims=True)
-    r = topk.spill_buckets(b)[-1]
-    sel = topk.Selection(thresh_Bx1, jnp.zeros((b,), bool),
-                         jnp.arange(r, dtype=jnp.int32), jnp.zeros((r,), bool), jnp.zeros((), bool),
-                         jnp.zeros((), jnp.int32))
-    spill_rows = jnp.zeros((), jnp.int32)
-  thresh = sel.thresh
-  c = cand_BxC.shape[1]
-  if c * SPARSE_MIN_RATIO > n:
-    return _dense_recon(params, xs_BxD, pre_BxN, thresh, compute_dtype, axes), pre_BxN, _Events(
-        spill_rows, jnp.zeros((), bool))
-  on_BxC = (cand_BxC >= thresh) & (cand_BxC > 0) & ~sel.spill_B[:, None]
-  dense_flag = sel.dense  # the same on every device: it comes from the pmax'd spill count
-
-  def sparse_path():
-    # The C slots per token, inactive ones zeroed (the kernels skip them): ~k of them per token.
-    vals_BxC = jnp.where(on_BxC, sparse.slot_pre(cand_BxC, idx_BxC, xs_BxD, params["W_enc"], params["b_dec"],
-                                                 params["b_enc"], compute_dtype), 0.0)
-    recon = sparse.slot_decode(vals_BxC, idx_BxC, params["W_dec"], compute_dtype)
-    active_N = jnp.zeros((n,), jnp.int32).at[idx_BxC].add(on_BxC.astype(jnp.int32))
-    count = jnp.sum(on_BxC, dtype=jnp.int32)
-    # Spilling rows (more selected entries than slots) are decoded densely, exactly, at the
-    # smallest spill-bucket width that holds them (the same bucket the threshold used).
-    def spill_rows_at(w):
-      def run():
-        idx_W, keep_W = sel.spill_idx_R[:w], sel.spill_mask_R[:w, None]
-        vals_WxN = pre_BxN[idx_W]  # the encoder pass's values; column_pre adds their gradient
-        pre_WxN = sparse.column_pre(vals_WxN, xs_BxD[idx_W], params["W_enc"], params["b_dec"], params["b_enc"],
-                                    compute_dtype)
-        pre_thresh = thresh if jnp.ndim(thresh) == 0 else thresh[idx_W]
-        acts_WxN = jnp.where((vals_WxN >= pre_thresh) & (vals_WxN > 0) & keep_W, pre_WxN, 0.0)
-        on_WxN = (acts_WxN > 0).astype(jnp.int32)
-        return (recon.at[idx_W].add(sae.matmul(acts_WxN, params["W_dec"], compute_dtype)),
-                active_N + jnp.sum(on_WxN, axis=0), count + jnp.sum(on_WxN))
-      return run
-
-    # (lax.switch calls a lone branch directly: no conditional when there is one bucket)
-    out, active, l0 = jax.lax.switch(sel.bucket, [spill_rows_at(w) for w in topk.spill_buckets(b)])
-    return dense.Recon(axes.psum_latent(out) + params["b_dec"], active, l0)
-
-  return (jax.lax.cond(dense_flag, lambda: _dense_recon(params, xs_BxD, pre_BxN, thresh, compute_dtype, axes),
-                       sparse_path),
-          pre_BxN, _Events(spill_rows, dense_flag))
-
-
-def _dense_recon(params, xs_BxD, pre_BxN, thresh, compute_dtype, axes: Axes) -> dense.Recon:
-  """The reconstruction as dense matmuls; the encoder's values come from its gradient-free pass."""
-  pre = sparse.column_pre(pre_BxN, xs_BxD, params["W_enc"], params["b_dec"], params["b_enc"], compute_dtype)
-  on_BxN = (pre_BxN >= thresh) & (pre_BxN > 0)
-  return dense.decode(params, pre, on_BxN, compute_dtype, axes)
-
-
-def sae_loss(params: dict, x_BxD: jax.Array, since_fired_N: jax.Array, k: int, activation: str, aux_k: int,
-             aux_coeff: float, *, dead_after_batches: int = 5, auxk_detach: bool = False,
+def sae_loss(params: dict, x_BxD: jax.Array, since_fired_N: jax.Array, k: int, architecture: str, aux_k: int,
+             aux_coeff: float, *, options=None, dead_after_batches: int = 5, auxk_detach: bool = False,
              compute_dtype: str = "float32", axis_name=None, path: str = "slots") -> tuple[jax.Array, SAELoss]:
-  """MSE on standardised inputs + aux_coeff * AuxK over the latents dead after this batch.
+  """The architecture's loss on standardised inputs (its reconstruction MSE and own terms) + aux_coeff * AuxK
+  over the latents dead after this batch, where the architecture has AuxK.
 
   `since_fired_N` counts batches since each latent last fired, before this one.
   As in the reference, this batch is counted first (a latent that fires now is
@@ -175,19 +99,20 @@ def sae_loss(params: dict, x_BxD: jax.Array, since_fired_N: jax.Array, k: int, a
   counter comes back in the stats. `path` is the algorithm ("slots" or
   "dense"); the loss is the same. MSE and AuxK are this device's rows' means
   (the caller averages over the batch axes); statistics cover the global batch.
+  `options`: the architecture's hyperparameters (`architectures.base.Options`).
   """
   if path not in PATHS:
     raise ValueError(f"unknown path {path!r}; use one of {PATHS}")
+  arch = architectures.get(architecture)
+  if path not in arch.spec.algorithms:
+    raise ValueError(f"{architecture} has no {path!r} algorithm; it runs {arch.spec.algorithms}")
+  options = options if options is not None else base.Options()
   axes = Axes.of(axis_name)
   xs, mean, std = sae.standardize(x_BxD)
-  if path == "dense":
-    rec, pre_BxN = dense.reconstruct(params, xs, k, activation, axes, compute_dtype)
-    events = _Events(jnp.zeros((), jnp.int32), jnp.zeros((), bool))
-  else:
-    rec, pre_BxN, events = reconstruct(params, xs, k, activation, axes, compute_dtype)
+  fwd = arch.train_forward(params, xs, k, options, axes, path, compute_dtype)
+  rec, pre_BxN, events = fwd.recon, fwd.pre_BxN, fwd.events
   since_N = update_since_fired(since_fired_N, axes.psum_batch(rec.active_N) > 0)
   dead_N = since_N >= dead_after_batches
-  mse = jnp.mean((rec.recon_std_BxD - xs) ** 2)
   residual = xs - rec.recon_std_BxD
 
   def aux_fn():
@@ -195,11 +120,14 @@ def sae_loss(params: dict, x_BxD: jax.Array, since_fired_N: jax.Array, k: int, a
       return dense.auxk(params, pre_BxN, dead_N, residual, aux_k, auxk_detach, compute_dtype, axes)
     return sae_auxk(params, xs, pre_BxN, dead_N, residual, aux_k, auxk_detach, compute_dtype, axes)
 
-  # The predicate is the same on every device (dead latents live on all latent shards' counts), so
-  # every device takes the branch and its collectives together.
-  any_dead = axes.psum_latent(jnp.sum(dead_N, dtype=jnp.int32)) > 0
-  # zeros_like, not zeros: under shard_map both branches must vary over the axes alike.
-  aux = jax.lax.cond(any_dead, aux_fn, lambda: jnp.zeros_like(mse))
+  if arch.spec.auxk:
+    # The predicate is the same on every device (dead latents live on all latent shards' counts), so
+    # every device takes the branch and its collectives together.
+    any_dead = axes.psum_latent(jnp.sum(dead_N, dtype=jnp.int32)) > 0
+    # zeros_like, not zeros: under shard_map both branches must vary over the axes alike.
+    aux = jax.lax.cond(any_dead, aux_fn, lambda: jnp.zeros_like(fwd.mse))
+  else:
+    aux = jnp.zeros_like(fwd.mse)
   x = jax.lax.stop_gradient(x_BxD)
   recon = sae.unstandardize(jax.lax.stop_gradient(rec.recon_std_BxD), mean, std)
   # FVU over the (global) batch, in the input's own space.
@@ -208,10 +136,10 @@ def sae_loss(params: dict, x_BxD: jax.Array, since_fired_N: jax.Array, k: int, a
   err = axes.psum_batch(jnp.sum((x - recon) ** 2))
   var = axes.psum_batch(jnp.sum((x - mean_D) ** 2))
   l0 = axes.psum_all(rec.l0_sum.astype(jnp.float32)) / count
-  stats = SAELoss(mse=mse, aux=aux, fvu=err / var, l0=l0, since_fired_N=since_N,
+  stats = SAELoss(mse=fwd.mse, aux=aux, fvu=err / var, l0=l0, since_fired_N=since_N,
                   spill_rows=axes.psum_all(events.spill_rows).astype(jnp.float32),
-                  dense_fallback=events.dense.astype(jnp.float32))
-  return mse + aux_coeff * aux, stats
+                  dense_fallback=events.dense.astype(jnp.float32), terms=fwd.terms)
+  return fwd.mse + fwd.extra + aux_coeff * aux, stats
 
 
 def update_since_fired(since_fired_N: jax.Array, fired_N: jax.Array) -> jax.Array:

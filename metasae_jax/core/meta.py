@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metasae_jax.core import dense, losses, optimizer, sae
+from metasae_jax.core import dense, losses, optimizer, sae, slots
 from metasae_jax.core.axes import Axes
 
 
@@ -71,7 +71,7 @@ def reconstruct(meta_params: dict, w_NxD: jax.Array, meta_k: int, axis_name=None
   if path == "dense":
     rec, _ = dense.reconstruct(meta_params, xs, meta_k, "batchtopk", axes, compute_dtype)
   else:
-    rec, _, _ = losses.reconstruct(meta_params, xs, meta_k, "batchtopk", axes, compute_dtype)
+    rec, _, _ = slots.reconstruct(meta_params, xs, meta_k, "batchtopk", axes, compute_dtype)
   return _recon(rec.recon_std_BxD, xs, mean, std, rec.active_N, axes)
 
 

@@ -1,8 +1,8 @@
 """The straightforward implementation the fast paths are measured and tested against.
 
 Legend: B = batch, D = d_model, N = latents, M = meta latents.
-Dense decoder matmul, BatchTopK by a flattened top-(k*B) over the whole B x N
-matrix, (x' - b_dec) W_enc as written, AuxK at full width, the meta SAE run on all
+Each architecture's `naive_forward` (dense decoder matmul, BatchTopK by a
+flattened top-(k*B) over the whole B x N matrix), (x' - b_dec) W_enc as written, AuxK at full width, the meta SAE run on all
 N decoder rows every step for the penalty, joint and solo as separate jitted steps.
 Same math as `train_step`; only the cost differs.
 """
@@ -13,7 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from metasae_jax.core import meta, optimizer, sae, topk
+from metasae_jax.core import architectures, meta, optimizer, sae, topk
+from metasae_jax.core.architectures import base
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.train_step import SAEState, TrainState
 
@@ -41,8 +42,9 @@ def _penalty(w_dec_NxD, meta_params, config: TrainConfig, compute_dtype):
 def loss(params, x_BxD, since_fired_N, config: TrainConfig, meta_params, lambda2):
   """Primary loss (MSE + AuxK + λ₂ · penalty); aux = (updated dead counter, meta latents fired or None)."""
   dtype = config.resolved("cpu")[1]
-  xs, pre, acts, recon_std, _, _ = _forward(params, x_BxD, config.k, dtype)
-  mse = jnp.mean((recon_std - xs) ** 2)
+  arch = architectures.get(config.architecture)
+  xs, _, _ = sae.standardize(x_BxD)
+  pre, acts, recon_std, own_loss, _ = arch.naive_forward(params, xs, config.k, base.Options.of(config), dtype)
   # The reference: count this batch, then test; the AuxK target keeps its gradient unless detached.
   since = jnp.where(jnp.sum(acts > 0, axis=0) > 0, 0, since_fired_N + 1)
   dead_N = since >= config.dead_after_batches
@@ -53,7 +55,7 @@ def loss(params, x_BxD, since_fired_N, config: TrainConfig, meta_params, lambda2
   aux_acts = topk.topk_per_token(masked, min(config.aux_k, pre.shape[-1]))
   aux_recon = sae.matmul(aux_acts, params["W_dec"], dtype)
   aux = jnp.where(jnp.any(dead_N), jnp.mean((aux_recon - residual) ** 2), 0.0)
-  total = mse + config.aux_coeff * aux
+  total = own_loss + (config.aux_coeff * aux if arch.spec.auxk else 0.0)
   fired_M = None
   if lambda2:
     pen, fired_M = _penalty(params["W_dec"], meta_params, config, dtype)
@@ -64,7 +66,8 @@ def loss(params, x_BxD, since_fired_N, config: TrainConfig, meta_params, lambda2
 def _update(s: SAEState, x_BxD, config, meta_params, lambda2):
   grads, (since, fired_M) = jax.grad(loss, has_aux=True)(s.params, x_BxD, s.since_fired, config, meta_params,
                                                          lambda2)
-  params, opt = optimizer.apply(optimizer.adam(config.lr, config.b1, config.b2), s.params, grads, s.opt_state)
+  params, opt = optimizer.apply(optimizer.adam(config.lr, config.b1, config.b2), s.params, grads, s.opt_state,
+                                train_b_enc=architectures.get(config.architecture).trains_b_enc)
   return SAEState(params, opt, since), fired_M
 
 
@@ -97,7 +100,7 @@ def meta_step(state: TrainState):
 
 def _meta_loss(params, w_NxD, since_fired_M, c: TrainConfig):
   """The meta SAE's MSE + AuxK, written out like `loss` (dense, full-width AuxK)."""
-  meta_c = dataclasses.replace(c, k=c.meta_k)
+  meta_c = dataclasses.replace(c, k=c.meta_k, architecture="batchtopk", matryoshka_widths=(), algorithm="auto")
   return loss(params, w_NxD, since_fired_M, meta_c, None, 0.0)
 
 

@@ -21,15 +21,17 @@ def remove_radial(grad_NxD: jax.Array, w_NxD: jax.Array) -> jax.Array:
   return grad_NxD - jnp.sum(grad_NxD * w_unit, axis=-1, keepdims=True) * w_unit
 
 
-def apply(tx: optax.GradientTransformation, params: dict, grads: dict, opt_state):
+def apply(tx: optax.GradientTransformation, params: dict, grads: dict, opt_state, train_b_enc: bool = False):
   """One update: project W_dec's gradient, Adam, then renormalise W_dec rows.
 
   The reference only renormalises before the step, so its rows drift off unit
   norm by O(lr); renormalising after as well makes artifacts exactly unit norm.
-  b_enc is not a BatchTopK parameter: its gradient is zeroed so it stays 0.
+  b_enc is not a BatchTopK parameter: its gradient is zeroed so it stays 0
+  unless `train_b_enc` (JumpReLU trains it).
   """
-  grads = dict(grads, W_dec=remove_radial(grads["W_dec"], params["W_dec"]),
-               b_enc=jnp.zeros_like(grads["b_enc"]))
+  grads = dict(grads, W_dec=remove_radial(grads["W_dec"], params["W_dec"]))
+  if not train_b_enc:
+    grads["b_enc"] = jnp.zeros_like(grads["b_enc"])
   # optax mixes Python floats with its int32 step count; our own code stays strict.
   with jax.numpy_dtype_promotion("standard"):
     updates, opt_state = tx.update(grads, opt_state, params)

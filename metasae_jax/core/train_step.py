@@ -10,7 +10,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from metasae_jax.core import losses, meta, optimizer, sae
+from metasae_jax.core import architectures, losses, meta, optimizer
+from metasae_jax.core.architectures import base
 from metasae_jax.core.axes import Axes
 from metasae_jax.core.config import TrainConfig
 
@@ -38,8 +39,8 @@ def _tx(config: TrainConfig):
   return optimizer.adam(config.lr, config.b1, config.b2)
 
 
-def _new_sae_state(rng, d_model, width, tx) -> SAEState:
-  params = sae.init_params(rng, d_model, width)
+def _new_sae_state(rng, d_model, width, tx, architecture: str = "batchtopk", options=None) -> SAEState:
+  params = architectures.get(architecture).init_params(rng, d_model, width, options or base.Options())
   return SAEState(params, tx.init(params), jnp.zeros((width,), jnp.int32))
 
 
@@ -49,8 +50,10 @@ def init_train_state(config: TrainConfig, rng: Optional[jax.Array] = None) -> Tr
     rng = jax.random.PRNGKey(config.seed)
   tx = _tx(config)
   rng, primary_rng, meta_rng = jax.random.split(rng, 3)
-  joint = _new_sae_state(primary_rng, config.d_model, config.width, tx)
-  solo = _new_sae_state(primary_rng, config.d_model, config.width, tx) if config.baseline else None
+  primary = functools.partial(_new_sae_state, primary_rng, config.d_model, config.width, tx, config.architecture,
+                              base.Options.of(config))
+  joint = primary()
+  solo = primary() if config.baseline else None
   meta_state = _new_sae_state(meta_rng, config.d_model, config.meta_width, tx)
   return TrainState(step=jnp.zeros((), jnp.int32), rng=rng, joint=joint, meta=meta_state, solo=solo,
                     config=config)
@@ -68,7 +71,8 @@ class Plan(NamedTuple):
 
 def _sae_metrics(prefix: str, loss, stats: losses.SAELoss, since_fired, config, axes: Axes) -> dict:
   dead = axes.psum_latent(jnp.sum(since_fired >= config.dead_after_batches, dtype=jnp.int32))
-  return {f"{prefix}/loss": loss, f"{prefix}/mse": stats.mse, f"{prefix}/aux": stats.aux,
+  return {**{f"{prefix}/{name}": v for name, v in stats.terms.items()},
+          f"{prefix}/loss": loss, f"{prefix}/mse": stats.mse, f"{prefix}/aux": stats.aux,
           f"{prefix}/fvu": stats.fvu, f"{prefix}/l0": stats.l0, f"{prefix}/spill_rows": stats.spill_rows,
           f"{prefix}/dense_fallback": stats.dense_fallback,
           f"{prefix}/dead_fraction": dead.astype(jnp.float32) / (since_fired.shape[0] * axes.latent_shards())}
@@ -94,7 +98,8 @@ def _primary_update(s: SAEState, x_BxD, config, meta_params, lambda2, axes: Axes
 
   def loss_fn(params):
     loss, stats = losses.sae_loss(params, x_BxD, s.since_fired, config.k, config.architecture, config.aux_k,
-                                  config.aux_coeff, dead_after_batches=config.dead_after_batches,
+                                  config.aux_coeff, options=base.Options.of(config),
+                                  dead_after_batches=config.dead_after_batches,
                                   auxk_detach=config.auxk_detach, compute_dtype=plan.dtype, axis_name=axes,
                                   path=plan.path)
     share = loss / axes.batch_shards()
@@ -108,7 +113,8 @@ def _primary_update(s: SAEState, x_BxD, config, meta_params, lambda2, axes: Axes
       axes.vary(s.params, axes.batch))
   if axes.batch:
     grads = jax.lax.psum(grads, axes.batch)
-  params, opt_state = optimizer.apply(_tx(config), s.params, grads, s.opt_state)
+  params, opt_state = optimizer.apply(_tx(config), s.params, grads, s.opt_state,
+                                      train_b_enc=architectures.get(config.architecture).trains_b_enc)
   # The counter comes from the globally summed firing, so it is the same on every device of a latent shard.
   since = stats.since_fired_N
   sae_part, stats = _pmean_batch((sae_part, stats._replace(since_fired_N=jnp.zeros(()))), axes)

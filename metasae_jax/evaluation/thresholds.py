@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from metasae_jax.core import architectures
+from metasae_jax.core.errors import UserError
 from metasae_jax.storage import heldout, loaded_sae
 from metasae_jax.storage.loaded_sae import LoadedSAE
 from metasae_jax.storage.store import Store
@@ -162,6 +164,9 @@ def eer_thresholds(h: Histograms, min_selections: int) -> tuple[np.ndarray, dict
 
 def calibrate(sae: LoadedSAE, store: Store, cfg: CalibrationConfig, progress: bool = True) -> tuple[np.ndarray, dict]:
   """θ for every latent of `sae` from held-out store tokens, plus the cfg.json record of how."""
+  if architectures.spec(sae.cfg["activation"]).learned_threshold:
+    raise UserError(f"SAE {sae.path} is a {sae.cfg['activation']} SAE: its thresholds were trained with it and "
+                    "are its firing rule; calibrating would replace them. Evaluate it with the default firing.")
   num = heldout.resolve_num_tokens(store, cfg.num_tokens, cfg.skip_first_positions)
   batches = (_select(sae.device_params, jnp.asarray(b.acts_BxD), sae.k, sae.input_norm)
              for b in heldout.iter_batches(store, cfg.batch_size, num, cfg.skip_first_positions))

@@ -326,6 +326,7 @@ def read_saelens(path: str) -> tuple[dict, dict]:
   threshold, activation = None, "topk"
   if arch == "jumprelu":
     threshold = _tensor(path, tensors, "threshold", (n,), SAELENS_WEIGHTS, implied)
+    activation = "jumprelu"
   elif arch == "standard":
     threshold = np.zeros(n, np.float32)  # ReLU(h) is h where h > 0
   elif arch == "batchtopk":

@@ -10,9 +10,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+from metasae_jax.core import architectures
 from metasae_jax.core.errors import UserError
 
-ACTIVATIONS = ("batchtopk", "topk")
+# cfg.json `activation`: the architecture the SAE was trained as (core/architectures, JAX-free names).
+ACTIVATIONS = architectures.names()
 # How a loaded SAE decides which latents fire (storage/loaded_sae.py).
 FIRINGS = ("threshold", "topk", "batchtopk")
 INPUT_NORMS = ("standardize_per_token", "none")
@@ -137,6 +139,9 @@ def validated(path: str, tensors: dict, cfg: dict, weights: str, implied: str = 
         continue
       raise fail(path, f"{weights} has no tensor {name!r}", "Re-export the SAE.")
     out[name] = check_tensor(path, name, tensors[name], shape, weights, implied)
+  if architectures.spec(cfg["activation"]).learned_threshold and "threshold" not in out:
+    raise fail(path, f"cfg.json says {cfg['activation']}, whose latents fire by a trained threshold, but the "
+               "weights hold no threshold", "Re-export the SAE from its run (RUN/joint or RUN/solo).")
   if cfg["k"] == 0 and "threshold" not in out:
     raise fail(path, "cfg.json has k 0 and the weights hold no threshold, so no latent could ever fire",
                "Set k (1 <= k < width) in cfg.json or re-export the SAE.")

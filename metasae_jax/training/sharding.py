@@ -26,7 +26,7 @@ DATA_AXIS = "data"
 MODEL_AXIS = "model"
 # How each primary SAE tensor (and its Adam moments) is laid out over the model axis.
 _PRIMARY_SPECS = {"W_enc": P(None, MODEL_AXIS), "b_enc": P(MODEL_AXIS), "W_dec": P(MODEL_AXIS, None),
-                  "b_dec": P(), "since_fired": P(MODEL_AXIS)}
+                  "b_dec": P(), "since_fired": P(MODEL_AXIS), "log_threshold": P(MODEL_AXIS)}
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,

@@ -20,6 +20,7 @@ from metasae_jax.training.checkpoint import Checkpointer
 # Defined without a JAX import (binaries check flags before importing this module); public here too.
 from metasae_jax.training.run_config import (RUN_CONFIG, RunConfig, recorded_skip_first_positions,  # noqa: F401
                                              validate_run)
+from metasae_jax.core import architectures
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import Interrupted, UserError
 from metasae_jax.storage import lock as lock_lib
@@ -152,10 +153,13 @@ def write_artifacts(state: TrainState, store, run: RunConfig, trained_tokens: in
                                  skip_first_positions=run.skip_first_positions, context_len=store.context_len),
                 **data)
 
-  artifact.save_sae(os.path.join(out, "joint"), host.joint.params, cfg("joint"))
+  arch = architectures.get(config.architecture)  # a trained threshold (JumpReLU's θ) goes into the artifact
+  artifact.save_sae(os.path.join(out, "joint"), host.joint.params, cfg("joint"),
+                    threshold_N=arch.artifact_threshold(host.joint.params))
   artifact.save_sae(os.path.join(out, "joint", "meta"), host.meta.params, cfg("meta"))
   if host.solo is not None:
-    artifact.save_sae(os.path.join(out, "solo"), host.solo.params, cfg("solo"))
+    artifact.save_sae(os.path.join(out, "solo"), host.solo.params, cfg("solo"),
+                      threshold_N=arch.artifact_threshold(host.solo.params))
 
 
 def _artifacts_complete(config: TrainConfig, out_dir: str) -> bool:

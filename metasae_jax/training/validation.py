@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metasae_jax.core import architectures
 from metasae_jax.core import sae as sae_lib
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage import heldout, location
@@ -87,9 +88,10 @@ def mean_abs_phi(fired_SxN: jax.Array, block: int = PHI_BLOCK) -> jax.Array:
   return total / (n * (n - 1) / 2)
 
 
-def sae_metrics(params: dict, x_SxD: jax.Array, k: int, activation: str) -> dict:
-  """Validation metrics of one SAE on the sample (see the module docstring)."""
-  fwd = sae_lib.forward(params, x_SxD, k, activation)
+def sae_metrics(params: dict, x_SxD: jax.Array, k: int, architecture: str) -> dict:
+  """Validation metrics of one SAE on the sample (see the module docstring), firing by the architecture's
+  inference rule (BatchTopK over the sample; JumpReLU by its trained θ)."""
+  fwd = sae_lib.forward(params, x_SxD, k, **architectures.get(architecture).firing(params))
   fired_SxN = fwd.acts_BxN > 0
   err = jnp.sum((x_SxD - fwd.recon_BxD) ** 2)
   var = jnp.sum((x_SxD - jnp.mean(x_SxD, axis=0)) ** 2)
@@ -99,22 +101,22 @@ def sae_metrics(params: dict, x_SxD: jax.Array, k: int, activation: str) -> dict
           "mean_abs_phi": mean_abs_phi(fired_SxN)}
 
 
-@functools.partial(jax.jit, static_argnames=("k", "activation"))
-def _evaluate(joint_params, solo_params, x_SxD, *, k, activation) -> dict:
-  out = {f"val/joint/{name}": v for name, v in sae_metrics(joint_params, x_SxD, k, activation).items()}
+@functools.partial(jax.jit, static_argnames=("k", "architecture"))
+def _evaluate(joint_params, solo_params, x_SxD, *, k, architecture) -> dict:
+  out = {f"val/joint/{name}": v for name, v in sae_metrics(joint_params, x_SxD, k, architecture).items()}
   if solo_params is not None:
-    out.update({f"val/solo/{name}": v for name, v in sae_metrics(solo_params, x_SxD, k, activation).items()})
+    out.update({f"val/solo/{name}": v for name, v in sae_metrics(solo_params, x_SxD, k, architecture).items()})
   return out
 
 
 class Validator:
   """Holds the sample on the device; `__call__(state)` returns host floats (the only device→host read)."""
 
-  def __init__(self, sample_SxD: np.ndarray, k: int, activation: str):
+  def __init__(self, sample_SxD: np.ndarray, k: int, architecture: str):
     self.x_SxD = jnp.asarray(sample_SxD, jnp.float32)
-    self.k, self.activation = k, activation
+    self.k, self.architecture = k, architecture
 
   def __call__(self, state) -> dict:
     solo = None if state.solo is None else state.solo.params
-    out = _evaluate(state.joint.params, solo, self.x_SxD, k=self.k, activation=self.activation)
+    out = _evaluate(state.joint.params, solo, self.x_SxD, k=self.k, architecture=self.architecture)
     return {name: float(v) for name, v in jax.device_get(out).items()}

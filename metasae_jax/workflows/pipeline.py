@@ -1,8 +1,11 @@
-"""End-to-end job from a preset: export → split → train (or the sweep) → evaluate → (autointerp) → table.
+"""End-to-end job from a preset: export → split → train (or the sweep) → matryoshka arm → evaluate →
+(autointerp) → table.
 
 Every stage resumes or is skipped when its outputs are complete, so rerunning
 the same command continues where it stopped. A preset with a grid runs
-`workflows.sweep` (the only sweep loop), one process per point and seed.
+`workflows.sweep` (the only sweep loop), one process per point and seed. A preset
+with `matryoshka_fractions` also trains a solo Matryoshka BatchTopK SAE per seed
+(OUT_DIR/matryoshka/seed<s>/, its SAE in that run's joint/) for the table.
 """
 
 import dataclasses
@@ -16,7 +19,7 @@ from metasae_jax.core.errors import UserError
 from metasae_jax.storage import atomic, markdown, store
 from metasae_jax.evaluation.evaluate import EvalConfig, evaluate_run
 from metasae_jax.training.trainer import RunConfig, recorded_skip_first_positions, train_and_save
-from metasae_jax.workflows import sweep
+from metasae_jax.workflows import matryoshka_arm, sweep
 
 CONFIG_JSON = "config.json"
 
@@ -49,6 +52,9 @@ class Preset:
   """The model's residual width, for cost estimates before anything is exported (0 = unknown)."""
   model_params: float = 0.0
   """Model parameters, for the export cost estimate (0 = unknown)."""
+  matryoshka_fractions: tuple = ()
+  """The matryoshka arm: per seed, a solo Matryoshka BatchTopK SAE (λ₂ 0, no twin) at `train`'s width and k,
+  nested prefixes at these fractions of the width (the full width last); () = no arm."""
 
 
 def estimate_cost(preset: Preset, train_tflops: float = 15.0, export_tflops: float = 30.0) -> dict:
@@ -65,13 +71,15 @@ def estimate_cost(preset: Preset, train_tflops: float = 15.0, export_tflops: flo
   disk_gb = tokens * d * (2 if e.get("dtype", "float16") == "float16" else 4) / 1e9
   points = (len(sweep.grid(preset.grid["lambda2"], preset.grid["sigma_sq"], preset.grid.get("seeds", ())))
             if preset.grid else 1)
+  matryoshka_runs = len(_seeds(preset)) if preset.matryoshka_fractions else 0
   steps = (preset.num_tokens or tokens) // b
   meta_fwd = 4 * n * d * m
   step_flops = 2 * 5 * 2 * b * d * n + meta_fwd * (1 + 3 * t.get("n_meta_steps", 5) / t.get("n_primary_steps", 10))
   export_flops = 2 * preset.model_params * tokens * 0.6  # blocks up to the hooked layer, roughly
-  return {"disk_gb": disk_gb, "points": points, "steps_per_point": steps,
+  # A matryoshka run trains one SAE (no twin, no meta SAE): about half of a point.
+  return {"disk_gb": disk_gb, "points": points, "matryoshka_runs": matryoshka_runs, "steps_per_point": steps,
           "train_hours_per_point": steps * step_flops / (train_tflops * 1e12) / 3600,
-          "train_hours_total": points * steps * step_flops / (train_tflops * 1e12) / 3600,
+          "train_hours_total": (points + 0.5 * matryoshka_runs) * steps * step_flops / (train_tflops * 1e12) / 3600,
           "export_hours": export_flops / (export_tflops * 1e12) / 3600,
           "assumed_tflops": {"train": train_tflops, "export": export_tflops}}
 
@@ -156,6 +164,32 @@ def sweep_stage(preset: Preset, train_dir: str, held_dir: str, workdir: str) -> 
   return summary
 
 
+def _seeds(preset: Preset) -> tuple:
+  """The seeds the preset trains: its grid's, else its train seed."""
+  return tuple((preset.grid or {}).get("seeds", ())) or (int(preset.train.get("seed", 0)),)
+
+
+def matryoshka_dir(workdir: str, seed: int) -> str:
+  return os.path.join(workdir, "matryoshka", f"seed{seed}")
+
+
+def matryoshka_stage(preset: Preset, train_dir: str, held_dir: str, workdir: str) -> list:
+  """Trains and evaluates the matryoshka arm once per seed (it has no λ₂ or σ²); returns its rows."""
+  d_model = store.read_manifest(train_dir)["d_model"]
+  rows = []
+  for seed in _seeds(preset):
+    run_dir = matryoshka_dir(workdir, seed)
+    config = TrainConfig(d_model=d_model, **matryoshka_arm.train_fields(preset.train, preset.matryoshka_fractions,
+                                                                        seed))
+    _log(f"matryoshka arm: width {config.width}, k {config.k}, prefixes {list(config.matryoshka_widths)}, "
+         f"seed {seed} → {run_dir}")
+    train_and_save(config, _run_config(preset, train_dir, run_dir))
+    evaluate_stage(preset, run_dir, held_dir)
+    rows.append(sweep.point_summary({"name": f"matryoshka_seed{seed}", "run_dir": run_dir, "lambda2": 0.0,
+                                     "sigma_sq": None, "seed": seed, "eval": "evaluated"}))
+  return rows
+
+
 def autointerp_stage(preset: Preset, run_dir: str, held_dir: str, llm: str) -> dict:
   from metasae_jax.autointerp.pipeline import AutointerpConfig, run_autointerp  # pylint: disable=g-import-not-at-top
   _log(f"autointerp: {llm} on {run_dir}")
@@ -170,7 +204,7 @@ def _mean(rows: list, sae: str, key: str) -> Optional[float]:
   return sweep.mean_sd_of([r.get(sae, {}).get(key) for r in rows])["mean"]
 
 
-def table_markdown(preset: Preset, rows: list[dict]) -> str:
+def table_markdown(preset: Preset, rows: list[dict], matryoshka_rows: Optional[list] = None) -> str:
   """The paper's Table 1 layout: per (λ₂, σ²), joint vs its own solo; mean ± sd over seeds where there are several."""
   lines = [f"# {markdown.text(preset.name)}: joint vs solo", "", markdown.text(preset.description), "",
            "| λ₂ | σ² | seeds | Δ mean abs φ % | ΔMSE % | ΔFVU % | paired p | ΔCE joint % | ΔCE solo % | L0 joint "
@@ -189,10 +223,62 @@ def table_markdown(preset: Preset, rows: list[dict]) -> str:
         f"{_fmt(fuzz['joint'], '.3f')} | {_fmt(fuzz['solo'], '.3f')} |")
   if any(len(a["runs"]) > 1 for a in aggregates):
     lines += ["", "Intervals are mean ± sd over seeds (n − 1 denominator); " + sweep.PAIRED_TEST_ASSUMES]
+  if matryoshka_rows:
+    lines += [""] + arms_markdown(rows, matryoshka_rows, int(preset.train.get("seed", 0)))
   if preset.paper:
     lines += ["", "## The paper's numbers for this setting", ""]
     lines += [f"- {markdown.text(k)}: {markdown.text(v)}" for k, v in preset.paper.items()]
   return "\n".join(lines) + "\n"
+
+
+def _pct(a, b) -> Optional[float]:
+  return None if a is None or b is None or not b else (a - b) / abs(b) * 100.0
+
+
+def arms_markdown(rows: list[dict], matryoshka_rows: list[dict], default_seed: int = 0) -> list:
+  """The three methods on the same data: solo BatchTopK, joint MetaSAE at each (λ₂, σ²), solo Matryoshka
+  BatchTopK; each SAE's own numbers (mean ± sd over seeds) and its difference from the solo SAE of the same
+  seed (same init seed, same batches)."""
+  def seed_of(r):  # a sweep without seeds trains every point with the train config's seed
+    return default_seed if r.get("seed") is None else r["seed"]
+
+  solo_by_seed, solo_fuzz = {}, {}
+  for r in rows:  # the solo SAE does not depend on λ₂ or σ²: one per seed
+    if r.get("solo"):
+      solo_by_seed.setdefault(seed_of(r), r["solo"])
+      solo_fuzz.setdefault(seed_of(r), r.get("fuzz_solo"))
+  arms = [("solo BatchTopK", [{"seed": seed, "stats": v, "fuzz": solo_fuzz[seed]} for seed, v in solo_by_seed.items()])]
+  by_name = {r["name"]: r for r in rows}
+  for a in sweep.aggregate(rows):
+    arms.append((f"joint MetaSAE λ₂={a['lambda2']:g} σ²={a['sigma_sq']:g}",
+                 [{"seed": seed_of(by_name[n]), "stats": by_name[n].get("joint") or {},
+                   "fuzz": by_name[n].get("fuzz_joint")} for n in a["runs"]]))
+  arms.append(("solo Matryoshka BatchTopK (λ₂ 0)",
+               [{"seed": seed_of(r), "stats": r.get("joint") or {}, "fuzz": r.get("fuzz_joint")}
+                for r in matryoshka_rows]))
+  lines = ["## The methods side by side", "",
+           "| SAE | seeds | mean abs φ | MSE | FVU | L0 | ΔCE % | fuzz | Δ mean abs φ % vs solo | ΔMSE % vs solo "
+           "| ΔFVU % vs solo |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for label, members in arms:
+    def stat(key, members=members):
+      return sweep.mean_sd_of([m["stats"].get(key) for m in members])
+
+    def vs_solo(key, members=members):
+      return sweep.mean_sd_of([_pct(m["stats"].get(key), solo_by_seed.get(m["seed"], {}).get(key))
+                               for m in members])
+    fuzz = sweep.mean_sd_of([m.get("fuzz") for m in members])
+    solo_row = label.startswith("solo BatchTopK")
+    lines.append(
+        f"| {label} | {len(members)} | {sweep.mean_sd(stat('mean_abs_phi'), '.4g')} | "
+        f"{sweep.mean_sd(stat('mse'), '.4g')} | {sweep.mean_sd(stat('fvu'), '.4g')} | "
+        f"{sweep.mean_sd(stat('l0'), '.1f')} | {sweep.mean_sd(stat('delta_ce_pct'), '.3f')} | "
+        f"{sweep.mean_sd(fuzz, '.3f')} | "
+        + " | ".join("—" if solo_row else sweep.mean_sd(vs_solo(k)) for k in ("mean_abs_phi", "mse", "fvu"))
+        + " |")
+  lines += ["", "Each SAE's numbers on the held-out tokens (mean ± sd over seeds); Δ % vs solo = (SAE − solo BatchTopK "
+            "of the same seed) / solo. The Matryoshka SAE trains without the meta SAE penalty and without a twin, "
+            "on the same batches and from the same init seed as the solo SAE."]
+  return lines
 
 
 def _with_scores(row: dict, scores: Optional[dict]) -> dict:
@@ -223,9 +309,11 @@ def run_pipeline(preset: Preset, workdir: str, llm: str = "", config: Optional[d
                                  "lambda2": float(preset.train.get("lambda2", 0.3)),
                                  "sigma_sq": float(preset.train.get("sigma_sq", 1.0)),
                                  "seed": preset.train.get("seed", 0), "eval": "evaluated"})]
+  mat_rows = matryoshka_stage(preset, train_dir, held_dir, workdir) if preset.matryoshka_fractions else []
   if llm:
     rows = [_with_scores(r, autointerp_stage(preset, r["run_dir"], held_dir, llm)) for r in rows]
+    mat_rows = [_with_scores(r, autointerp_stage(preset, r["run_dir"], held_dir, llm)) for r in mat_rows]
   table = os.path.join(workdir, "table.md")
-  atomic.write_text(table, table_markdown(preset, rows))
+  atomic.write_text(table, table_markdown(preset, rows, mat_rows))
   _log(f"done: {table}")
   return os.path.join(workdir, "report.md") if not preset.grid else table

@@ -20,6 +20,7 @@ class Spec:
   auxk: bool = True  # trains with the AuxK loss over dead latents
   algorithms: tuple = ("slots", "dense")  # the step's algorithms it implements
   learned_threshold: bool = False  # its artifact carries a trained per-latent threshold
+  inference_firing: str = ""  # how its published SAE fires (storage/loaded_sae.py FIRINGS); "" = its name
 
 
 _SPECS = {
@@ -27,9 +28,10 @@ _SPECS = {
     "topk": Spec("TopK: each token's top k pre-activations fire"),
     "matryoshka_batchtopk": Spec("Matryoshka BatchTopK (Bussmann et al. 2025): nested prefixes of the latents "
                                  "each reconstruct on their own; the loss sums the prefixes' MSEs",
-                                 algorithms=("dense",)),
+                                 algorithms=("dense",), inference_firing="batchtopk"),
     "jumprelu": Spec("JumpReLU (Rajamanoharan et al. 2024): learned per-latent thresholds, a straight-through "
-                     "L0 penalty", uses_k=False, auxk=False, algorithms=("dense",), learned_threshold=True),
+                     "L0 penalty", uses_k=False, auxk=False, algorithms=("dense",), learned_threshold=True,
+                     inference_firing="threshold"),
 }
 
 
@@ -41,7 +43,8 @@ def names() -> tuple:
 def spec(name: str) -> Spec:
   if name not in _SPECS:
     raise KeyError(name)
-  return _SPECS[name]
+  s = _SPECS[name]
+  return s if s.inference_firing else dataclasses.replace(s, inference_firing=name)
 
 
 def get(name: str):

@@ -1,10 +1,12 @@
-"""Aggregates ground-truth study points: seed intervals, paired joint-vs-solo tests, verdicts, report files, plots.
+"""Aggregates ground-truth study points: seed intervals, paired tests against solo, verdicts, report files, plots.
 
-Legend: n = seeds at one (scenario, λ₂) point; Δ = joint − solo on the same seed (same init, same batches).
+Legend: n = seeds at one (scenario, λ₂) point; Δ = joint − solo (or matryoshka − solo) on the same seed (same
+init, same batches).
 """
 
 import math
 import os
+from typing import Optional
 
 import matplotlib
 
@@ -57,21 +59,53 @@ def paired(joint, solo) -> dict:
   return out
 
 
-def _verdict_word(effects: list) -> str:
+def _verdict_word(effects: list, subject: str = "penalty") -> str:
   if any(e > 0 for e in effects) and not any(e < 0 for e in effects):
-    return "penalty helps"
+    return f"{subject} helps"
   if any(e < 0 for e in effects) and not any(e > 0 for e in effects):
-    return "penalty hurts"
+    return f"{subject} hurts"
   if effects and any(effects):
     return "mixed (helps at some λ₂ or metric, hurts at another)"
   return "no detectable effect at 95 %"
 
 
+def _findings(label: str, delta: dict, effects: list, findings: list, subject: str = "joint") -> None:
+  for m in VERDICT_METRICS:
+    d = delta[m]
+    effects.append(d["effect"])
+    word = {1: "higher", -1: "lower", 0: "no detectable difference"}[d["effect"]]
+    findings.append(f"{label}{m}: {subject} {word} (Δ {d['mean']:+.3f}, 95 % CI "
+                    f"[{d['lo']:+.3f}, {d['hi']:+.3f}], p={d['p']:.3g}, n={d['n']})")
+
+
+def _matryoshka(rows: list, points: list) -> Optional[dict]:
+  """The matryoshka arm's seed intervals and its paired Δ against the solo SAE of the same seed (same init,
+  same batches; the solo SAE does not depend on λ₂, so the first point's is taken)."""
+  mat = {r["seed"]: r for r in rows if r.get("arm") == "matryoshka"}
+  if not mat or not points:
+    return None
+  solo_by_seed = {r["seed"]: r["solo"] for r in rows if r.get("arm") is None and r["lambda2"] == points[0]["lambda2"]}
+  seeds = sorted(s for s in mat if s in solo_by_seed)
+  out = {"seeds": seeds, "train": mat[seeds[0]].get("train", {}) if seeds else {}, "scores": {}, "delta": {}}
+  for m in METRICS:
+    if not seeds or mat[seeds[0]]["matryoshka"].get(m) is None:
+      continue
+    v = [mat[s]["matryoshka"][m] for s in seeds]
+    out["scores"][m], out["delta"][m] = interval(v), paired(v, [solo_by_seed[s][m] for s in seeds])
+  effects, findings = [], []
+  if seeds:
+    _findings("matryoshka vs solo ", out["delta"], effects, findings, subject="matryoshka")
+  out["verdict"], out["findings"] = _verdict_word(effects, "matryoshka"), findings
+  return out
+
+
 def aggregate(results: list) -> dict:
-  """Per scenario and λ₂: seed intervals of every metric for joint and solo, paired Δ, and a verdict."""
+  """Per scenario and λ₂: seed intervals of every metric for joint and solo, paired Δ, and a verdict; the
+  matryoshka arm (when trained) with its seed intervals and its paired Δ against solo."""
   out = {}
   for name in dict.fromkeys(r["scenario"] for r in results):
-    rows = [r for r in results if r["scenario"] == name]
+    everything = [r for r in results if r["scenario"] == name]
+    rows = [r for r in everything if r.get("arm") is None]
     lams = sorted({r["lambda2"] for r in rows})
     points = []
     for lam in lams:
@@ -87,15 +121,10 @@ def aggregate(results: list) -> dict:
     control = [p for p in points if p["lambda2"] == 0]
     findings, effects = [], []
     for p in points:
-      if p["lambda2"] == 0:
-        continue
-      for m in VERDICT_METRICS:
-        d = p["delta"][m]
-        effects.append(d["effect"])
-        word = {1: "higher", -1: "lower", 0: "no detectable difference"}[d["effect"]]
-        findings.append(f"λ₂={p['lambda2']:g} {m}: joint {word} (Δ {d['mean']:+.3f}, 95 % CI "
-                        f"[{d['lo']:+.3f}, {d['hi']:+.3f}], p={d['p']:.3g}, n={d['n']})")
+      if p["lambda2"] != 0:
+        _findings(f"λ₂={p['lambda2']:g} ", p["delta"], effects, findings)
     out[name] = {
+        "matryoshka": _matryoshka(everything, points),
         "points": points,
         "verdict": _verdict_word(effects),
         "findings": findings,
@@ -117,6 +146,11 @@ def plot_scenario(name: str, agg: dict, path: str) -> str:
       mean = np.array([v["mean"] for v in iv])
       err = np.array([[v["mean"] - v["lo"] for v in iv], [v["hi"] - v["mean"] for v in iv]])
       ax.errorbar(xs + offset, mean, yerr=err, marker="o", capsize=3, label=which, color=color)
+    mat = agg.get("matryoshka")
+    if mat and metric in mat["scores"]:
+      iv = mat["scores"][metric]
+      ax.axhline(iv["mean"], color="tab:green", label="matryoshka (no λ₂)")
+      ax.axhspan(iv["lo"], iv["hi"], color="tab:green", alpha=0.15)
     ax.set_xticks(xs, [f"{v:g}" for v in lams])
     ax.set_xlabel("λ₂")
     ax.set_ylabel(label)
@@ -152,16 +186,49 @@ def summary_table(agg: dict) -> list:
   return lines
 
 
+def _pm(d: dict, spec: str = "+.3f") -> str:
+  return f"{d['mean']:{spec}} [{d['lo']:{spec}}, {d['hi']:{spec}}]"
+
+
+def arms_table(agg: dict) -> list:
+  """Which method recovers the true features, at what reconstruction cost: per scenario the solo SAE, the
+  joint SAE at each λ₂ > 0 and the solo Matryoshka SAE, each with seed intervals and its paired Δ vs solo."""
+  lines = ["| scenario | SAE | recovery [95 % CI] | Δ recovery vs solo [95 % CI] | weighted purity | "
+           "absorbing latents | MSE [95 % CI] | Δ MSE vs solo [95 % CI] | dead |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for name, a in agg.items():
+    if not a["points"]:
+      continue
+    solo = a["points"][0]["solo"]
+    rows = [("solo BatchTopK", solo, None)]
+    rows += [(f"joint MetaSAE λ₂={p['lambda2']:g}", p["joint"], p["delta"]) for p in a["points"] if p["lambda2"] > 0]
+    if a.get("matryoshka"):
+      rows.append(("solo Matryoshka", a["matryoshka"]["scores"], a["matryoshka"]["delta"]))
+    for label, sc, d in rows:
+      absorbing = f"{sc['absorbing_latents']['mean']:.1f}" if "absorbing_latents" in sc else "–"
+      lines.append(f"| {name} | {label} | {_fmt(sc['recovery'])} | {_pm(d['recovery']) if d else '–'} | "
+                   f"{sc['purity_weighted']['mean']:.3f} | {absorbing} | {sc['mse']['mean']:.4f} "
+                   f"[{sc['mse']['lo']:.4f}, {sc['mse']['hi']:.4f}] | "
+                   f"{_pm(d['mse'], '+.4f') if d else '–'} | "
+                   f"{sc['dead_fraction']['mean']:.3f} |")
+  return lines
+
+
 def markdown(config, agg: dict) -> str:
   """report.md: the setup, per scenario its generator, a table over λ₂ and the verdict."""
+  t = config.shared_train()
+  arms = ("; per seed a solo Matryoshka BatchTopK SAE (same width, k, init and batches, prefixes "
+          f"{', '.join(map(str, config.matryoshka_widths()))}, {t['width']})" if "matryoshka" in config.arms() else "")
   lines = ["# Ground-truth atomicity study", "",
-           f"SAE width {config.width}, k {config.k}, meta width {config.meta_width or 'round(width·1800/20480)'}, "
-           f"meta k {config.meta_k}, σ² {config.sigma_sq}, penalty gradient `{config.penalty_grad}`, "
-           f"{config.steps} steps × {config.batch_size} tokens, lr {config.lr}, {config.seeds} seeds, "
-           f"scores on {config.heldout_tokens} held-out tokens. Definitions: docs/groundtruth.md.", "",
+           f"SAE width {t['width']}, k {t['k']}, meta width {t['meta_width']}, "
+           f"meta k {t['meta_k']}, σ² {t['sigma_sq']}, penalty gradient `{t['penalty_grad']}`, "
+           f"{config.steps} steps × {t['batch_size']} tokens, lr {t['lr']}, AuxK k {t['aux_k']}, "
+           f"{config.seeds} seeds{arms}; scores on {config.heldout_tokens} held-out tokens. "
+           "Definitions: docs/groundtruth.md.", "",
            f"Test: {ASSUMPTIONS}", "",
-           "Cells: mean [95 % t-interval over seeds]; Δ = joint − solo paired by seed.", ""]
+           "Cells: mean [95 % t-interval over seeds]; Δ = joint − solo (or matryoshka − solo) paired by seed.", ""]
   lines += summary_table(agg) + [""]
+  lines += ["## Methods side by side", ""] + arms_table(agg) + [""]
   scen = dict(config.scenarios)
   for name, a in agg.items():
     lines += [f"## {name}: {a['verdict']}", "", f"Generator `{scen[name].kind}`: "
@@ -181,6 +248,8 @@ def markdown(config, agg: dict) -> str:
                    f"{js('composite_latents', '{:.1f}')} | {js('absorbing_latents', '{:.1f}')} | "
                    f"{js('mean_abs_phi', '{:.4f}')} | {js('mse', '{:.4f}')} | {js('dead_fraction', '{:.2f}')} |")
     lines += [""] + [f"- {f}" for f in a["findings"]]
+    if a.get("matryoshka"):
+      lines += [f"- {f}" for f in a["matryoshka"]["findings"]]
     if a["control_max_abs_delta"] is not None:
       lines.append(f"- control λ₂=0: largest |Δ| over all metrics {a['control_max_abs_delta']:.3g} "
                    "(0 expected: joint and solo train identically)")

@@ -1,4 +1,5 @@
-"""The ground-truth study: synthetic stores per scenario, lockstep joint/solo training over λ₂ × seeds, scores.
+"""The ground-truth study: synthetic stores per scenario, lockstep joint/solo training over λ₂ × seeds, a solo
+Matryoshka SAE per seed, scores.
 
 Legend: T = tokens, D = d_model, F = true features, N = SAE latents, S = steps in one compiled chunk,
 B = batch.
@@ -9,6 +10,7 @@ Layout of `out_dir`:
   data/<scenario>/heldout/            held-out store + true_codes.npy (which true features are on per token)
   results/<scenario>/lam<λ₂>_seed<s>.json   scores of the joint SAE and its lockstep solo SAE
   results/<scenario>/lam<λ₂>_seed<s>.npz    their parameters (joint_W_dec, solo_W_dec, ...) for rescoring
+  results/<scenario>/matryoshka_seed<s>.json/.npz   the matryoshka arm (independent of λ₂: trained once per seed)
   report.json, report.md, plots/<scenario>.png
 Finished points are kept, so an interrupted study resumes where it stopped.
 """
@@ -17,7 +19,6 @@ import dataclasses
 import functools
 import io
 import json
-import math
 import os
 from typing import Callable, Optional
 
@@ -26,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from metasae_jax.core import sae
+from metasae_jax.core import architectures, sae
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
 from metasae_jax.core.train_step import init_train_state, train_step
 from metasae_jax.storage import atomic, store
 from metasae_jax.workflows.groundtruth import scenarios, scores
+from metasae_jax.workflows.groundtruth.config import StudyConfig  # noqa: F401  (the study's config lives there)
 
 STUDY = "study.json"
 TRUE_FEATURES = "true_features.npy"
@@ -40,105 +42,12 @@ GENERATOR = "generator.json"
 CHUNK_STEPS = 100
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class StudyConfig:
-  """A ground-truth study: scenarios x λ₂ x seeds, each point a joint SAE and its lockstep solo SAE."""
-
-  out_dir: str
-  """Study directory (see the module docstring for its layout)."""
-  scenarios: tuple = ()
-  """(name, ScenarioConfig) pairs; empty means the five defaults at `scale`."""
-  scale: int = 1
-  """Multiplies d_model, feature counts, SAE width and steps of the defaults (1 = a few minutes on 2 cores)."""
-  lambda2s: tuple = (0.0, 0.3, 1.0)
-  """Penalty weights; 0 is the control (joint and solo then train identically: their difference must be 0)."""
-  seeds: int = 3
-  """Seeds per point (init and batch order; the data set of a scenario is fixed by `data_seed`)."""
-  width: int = 0
-  """SAE latents N; 0 means 64 * scale."""
-  k: int = 3
-  """Mean active latents per token (BatchTopK); the default scenarios fire 2.9-3.6 true features per token."""
-  meta_width: int = 0
-  """Meta SAE latents; 0 means the paper's ratio, round(width · 1800 / 20480)."""
-  meta_k: int = 2
-  """Active meta latents per decoder row (the paper's 8 needs a wider meta SAE than round(64 · 1800 / 20480) = 6)."""
-  sigma_sq: float = 1.0
-  """Penalty bandwidth σ² (paper's selected value)."""
-  penalty_grad: str = "stop"
-  """"stop" (the paper) or "through" (gradients flow through the frozen meta SAE)."""
-  auxk_detach: Optional[bool] = None
-  """AuxK target detached or not; None keeps TrainConfig's default. PASS-THROUGH: forwarded to
-  TrainConfig.auxk_detach only if this TrainConfig has that field (another branch adds it)."""
-  n_primary_steps: int = 10
-  """Primary steps between meta phases (paper text)."""
-  n_meta_steps: int = 5
-  """Meta steps per phase (paper text)."""
-  steps: int = 0
-  """Training steps per SAE; 0 means 1500 * scale."""
-  batch_size: int = 256
-  """Tokens per batch."""
-  lr: float = 1e-3
-  """Adam learning rate (higher than the paper's 3e-4 so that the small default study converges in minutes)."""
-  aux_k: int = 32
-  """Dead latents per token in AuxK (the paper's 512 exceeds these widths)."""
-  train_tokens: int = 32768
-  """Tokens in each scenario's training store (cycled, reshuffled every pass)."""
-  heldout_tokens: int = 8192
-  """Tokens in each scenario's held-out store, on which every score is computed."""
-  data_seed: int = 0
-  """Seed of every scenario's feature directions and tokens."""
-
-  def __post_init__(self):
-    if not self.scenarios:
-      object.__setattr__(self, "scenarios", tuple(scenarios.defaults(self.scale).items()))
-    if self.width == 0:
-      object.__setattr__(self, "width", 64 * self.scale)
-    if self.steps == 0:
-      object.__setattr__(self, "steps", 1500 * self.scale)
-    checks = [
-        (self.scale >= 1, f"scale must be >= 1, got {self.scale}"),
-        (self.seeds >= 2, f"seeds must be >= 2 for a paired interval, got {self.seeds}"),
-        (len(self.lambda2s) > 0 and all(math.isfinite(v) and v >= 0 for v in self.lambda2s),
-         f"lambda2 values must be >= 0, got {list(self.lambda2s)}"),
-        (len(set(self.lambda2s)) == len(self.lambda2s), f"lambda2 values repeat: {list(self.lambda2s)}"),
-        (self.steps > 0 and self.batch_size > 0, "steps and batch_size must be positive"),
-        (self.heldout_tokens >= self.batch_size, "heldout_tokens must be at least one batch"),
-        (self.train_tokens >= self.batch_size, "train_tokens must be at least one batch"),
-        (len({n for n, _ in self.scenarios}) == len(self.scenarios), "scenario names repeat"),
-    ]
-    for ok, message in checks:
-      if not ok:
-        raise UserError(f"invalid ground-truth study: {message}.")
-    for name, sc in self.scenarios:
-      if sc.kind == "superposition" and sc.num_true_features <= self.width:
-        raise UserError(f"scenario {name}: superposition needs more true features ({sc.num_true_features}) "
-                        f"than SAE latents ({self.width}); raise num_features or lower --width.")
-    self.train_config(0.0, 0, self.scenarios[0][1].d_model)  # validates the SAE settings once
-
-  def train_config(self, lambda2: float, seed: int, d_model: int) -> TrainConfig:
-    kwargs = dict(d_model=d_model, width=self.width, k=self.k, meta_width=self.meta_width, meta_k=self.meta_k,
-                  lambda2=lambda2, sigma_sq=self.sigma_sq, penalty_grad=self.penalty_grad,
-                  n_primary_steps=self.n_primary_steps, n_meta_steps=self.n_meta_steps,
-                  batch_size=self.batch_size, lr=self.lr, aux_k=self.aux_k, seed=seed, baseline=True)
-    # PASS-THROUGH for the detached/undetached AuxK variant: TrainConfig gains `auxk_detach` on another
-    # branch; until then only the default (None) is accepted.
-    if self.auxk_detach is not None:
-      if "auxk_detach" not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        raise UserError("--auxk_detach needs a TrainConfig with an auxk_detach field (not in this version); "
-                        "leave it unset.")
-      kwargs["auxk_detach"] = self.auxk_detach
-    return TrainConfig(**kwargs)
-
-  def identity(self) -> dict:
-    """Everything that decides the results (not where they go)."""
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "out_dir"}
-    d["scenarios"] = {name: sc.to_dict() for name, sc in self.scenarios}
-    d["lambda2s"] = [float(v) for v in self.lambda2s]
-    return json.loads(json.dumps(d))
-
-
 def point_name(lambda2: float, seed: int) -> str:
   return f"lam{lambda2:g}_seed{seed}"
+
+
+def matryoshka_name(seed: int) -> str:
+  return f"matryoshka_seed{seed}"
 
 
 def claim(config: StudyConfig) -> None:
@@ -192,12 +101,15 @@ def _read_store(s: store.Store) -> np.ndarray:
 def _train_chunk(state, batches_SxBxD):
   def body(s, batch_BxD):
     s, m = train_step(s, batch_BxD)
-    return s, jnp.stack([m["joint/loss"], m["solo/loss"]])
+    return s, jnp.stack([m[key] for key in sorted(m) if key.endswith("/loss")])
   return jax.lax.scan(body, state, batches_SxBxD)
 
 
 def train_pair(tc: TrainConfig, x_TxD: np.ndarray, steps: int, on_chunk: Callable[[int], None] = lambda n: None):
-  """Trains a joint SAE (+ meta SAE) and its lockstep solo SAE on shuffled passes over x; returns the state."""
+  """Trains a joint SAE (+ meta SAE) and, with tc.baseline, its lockstep solo SAE on shuffled passes over x.
+
+  The batch order depends on the seed only, so every arm of a seed sees the same batches. Returns the state.
+  """
   rng = np.random.default_rng(tc.seed + 1_000_003)
   # The seed only matters for the init; the config is static in the jitted step, so every seed shares one
   # compiled program once the state carries the seed-0 config.
@@ -210,31 +122,54 @@ def train_pair(tc: TrainConfig, x_TxD: np.ndarray, steps: int, on_chunk: Callabl
     while order.size < need:
       order = np.concatenate([order, rng.permutation(x_TxD.shape[0])])
     idx, order = order[:need], order[need:]
-    state, losses_Sx2 = _train_chunk(state, jnp.asarray(x_TxD[idx].reshape(s, tc.batch_size, -1)))
+    state, losses_SxA = _train_chunk(state, jnp.asarray(x_TxD[idx].reshape(s, tc.batch_size, -1)))
     done += s
     on_chunk(s)
-  last = np.asarray(losses_Sx2[-1])
+  last = np.asarray(losses_SxA[-1])
   if not np.all(np.isfinite(last)):
-    raise UserError(f"training diverged (loss {last.tolist()} at step {steps}) for λ₂ = {tc.lambda2}, "
-                    f"seed {tc.seed}; lower --lr.")
+    raise UserError(f"training diverged (loss {last.tolist()} at step {steps}) for {tc.architecture}, "
+                    f"λ₂ = {tc.lambda2}, seed {tc.seed}; lower the learning rate (--lr).")
   return state
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _encode(params, x_BxD, k):
-  out = sae.forward(params, x_BxD, k, "batchtopk")
+@functools.partial(jax.jit, static_argnames=("k", "rule"))
+def _encode(params, x_BxD, k, rule):
+  out = sae.forward(params, x_BxD, k, rule)
   return out.acts_BxN > 0, jnp.sum((out.recon_std_BxD - out.xs_BxD) ** 2)
 
 
-def fire(params: dict, x_TxD: np.ndarray, k: int, batch_size: int) -> tuple:
-  """Firings on held-out tokens by the training rule (BatchTopK per batch of batch_size) and the MSE."""
+def fire(params: dict, x_TxD: np.ndarray, k: int, batch_size: int, architecture: str = "batchtopk") -> tuple:
+  """Firings on held-out tokens by the training rule (per batch of batch_size) and the MSE of the full
+  reconstruction. The rule is the architecture's inference rule: a Matryoshka BatchTopK SAE fires by BatchTopK
+  over all latents, as in training (one selection over all latents; only its loss looks at prefixes)."""
+  rule = architectures.get(architecture).firing(params)["activation"]
   fired, sq = [], 0.0
   usable = (x_TxD.shape[0] // batch_size) * batch_size
   for s in range(0, usable, batch_size):
-    f, e = _encode(params, jnp.asarray(x_TxD[s:s + batch_size]), k)
+    f, e = _encode(params, jnp.asarray(x_TxD[s:s + batch_size]), k, rule)
     fired.append(np.asarray(f))
     sq += float(e)
   return np.concatenate(fired), sq / (usable * x_TxD.shape[1]), usable
+
+
+def _save_params(path: Optional[str], saved: dict) -> None:
+  if path:
+    buf = io.BytesIO()
+    np.savez(buf, **saved)
+    atomic.write_bytes(path, buf.getvalue())
+
+
+def _score_arms(tc: TrainConfig, arms, x_held, on_held, truth_std, generator, result: dict) -> dict:
+  """Scores each (name, SAEState) against the truth into `result`; returns their parameters by name."""
+  pairs = [tuple(p) for p in generator["pairs"]]
+  parent_of = {int(c): p for c, p in generator["parent_of"].items()}
+  saved = {}
+  for which, s in arms:
+    params = jax.device_get(s.params)
+    saved.update({f"{which}_{key}": np.asarray(v) for key, v in params.items()})
+    fired, mse, usable = fire(params, x_held, tc.k, tc.batch_size, tc.architecture)
+    result[which] = scores.score(params["W_dec"], fired, truth_std, on_held[:usable], pairs, parent_of, mse)
+  return saved
 
 
 def run_point(config: StudyConfig, name: str, x_train, x_held, on_held, truth_std, generator, lambda2, seed,
@@ -243,18 +178,35 @@ def run_point(config: StudyConfig, name: str, x_train, x_held, on_held, truth_st
   tc = config.train_config(lambda2, seed, x_train.shape[1])
   state = train_pair(tc, x_train, config.steps, on_chunk)
   result = {"scenario": name, "lambda2": float(lambda2), "seed": int(seed)}
-  pairs = [tuple(p) for p in generator["pairs"]]
-  parent_of = {int(c): p for c, p in generator["parent_of"].items()}
-  saved = {}
-  for which, s in (("joint", state.joint), ("solo", state.solo)):
-    params = jax.device_get(s.params)
-    saved.update({f"{which}_{key}": np.asarray(v) for key, v in params.items()})
-    fired, mse, usable = fire(params, x_held, tc.k, tc.batch_size)
-    result[which] = scores.score(params["W_dec"], fired, truth_std, on_held[:usable], pairs, parent_of, mse)
-  if params_path:
-    buf = io.BytesIO()
-    np.savez(buf, **saved)
-    atomic.write_bytes(params_path, buf.getvalue())
+  saved = _score_arms(tc, (("joint", state.joint), ("solo", state.solo)), x_held, on_held, truth_std, generator,
+                      result)
+  _save_params(params_path, saved)
+  return result
+
+
+def run_matryoshka(config: StudyConfig, name: str, x_train, x_held, on_held, truth_std, generator, seed,
+                   on_chunk=lambda n: None, params_path: Optional[str] = None) -> dict:
+  """Trains the seed's solo Matryoshka BatchTopK SAE (same width, k, init seed and batches as the solo SAE of
+  every point of that seed; no meta SAE penalty) and scores it like the other arms."""
+  tc = config.train_config(0.0, seed, x_train.shape[1], arm="matryoshka")
+  state = train_pair(tc, x_train, config.steps, on_chunk)
+  trained = state.config
+  result = {"scenario": name, "arm": "matryoshka", "seed": int(seed),
+            "train": {"architecture": trained.architecture, "matryoshka_widths": list(trained.matryoshka_widths),
+                      "width": trained.width, "k": trained.k, "lambda2": trained.lambda2}}
+  saved = _score_arms(tc, (("matryoshka", state.joint),), x_held, on_held, truth_std, generator, result)
+  _save_params(params_path, saved)
+  return result
+
+
+def _load_or_run(path: str, bar, steps: int, run) -> dict:
+  if os.path.exists(path):
+    with open(path) as f:
+      bar.update(steps)
+      return json.load(f)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  result = run(path[:-len(".json")] + ".npz")
+  atomic.write_json(path, result)
   return result
 
 
@@ -262,8 +214,9 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
   """Runs (or resumes) every point, then writes report.json, report.md and the plots. Returns the report."""
   from metasae_jax.workflows.groundtruth import report  # the report module imports matplotlib; load it late
   claim(config)
-  total_runs = len(config.scenarios) * len(config.lambda2s) * config.seeds
-  bar = tqdm(total=total_runs * config.steps, desc="ground truth", unit="step", disable=not progress)
+  runs_per_scenario = (len(config.lambda2s) + ("matryoshka" in config.arms())) * config.seeds
+  bar = tqdm(total=len(config.scenarios) * runs_per_scenario * config.steps, desc="ground truth", unit="step",
+             disable=not progress)
   results = []
   for name, sc in config.scenarios:
     train_store, held_store = prepare_data(config, name, sc)
@@ -272,19 +225,19 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict:
     truth_std = scenarios.standardized_directions(np.load(os.path.join(train_store.path, TRUE_FEATURES)))
     with open(os.path.join(train_store.path, GENERATOR)) as f:
       generator = json.load(f)
+    data = (x_train, x_held, on_held, truth_std, generator)
+    results_dir = os.path.join(config.out_dir, "results", name)
     for lam in config.lambda2s:
       for seed in range(config.seeds):
-        path = os.path.join(config.out_dir, "results", name, point_name(lam, seed) + ".json")
         bar.set_postfix_str(f"{name} λ₂={lam:g} seed={seed}")
-        if os.path.exists(path):
-          with open(path) as f:
-            results.append(json.load(f))
-          bar.update(config.steps)
-          continue
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        result = run_point(config, name, x_train, x_held, on_held, truth_std, generator, lam, seed, bar.update,
-                           params_path=path[:-len(".json")] + ".npz")
-        atomic.write_json(path, result)
-        results.append(result)
+        results.append(_load_or_run(
+            os.path.join(results_dir, point_name(lam, seed) + ".json"), bar, config.steps,
+            lambda p, lam=lam, seed=seed: run_point(config, name, *data, lam, seed, bar.update, params_path=p)))
+    if "matryoshka" in config.arms():
+      for seed in range(config.seeds):
+        bar.set_postfix_str(f"{name} matryoshka seed={seed}")
+        results.append(_load_or_run(
+            os.path.join(results_dir, matryoshka_name(seed) + ".json"), bar, config.steps,
+            lambda p, seed=seed: run_matryoshka(config, name, *data, seed, bar.update, params_path=p)))
   bar.close()
   return report.write_report(config, results)
