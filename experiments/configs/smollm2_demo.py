@@ -12,8 +12,8 @@ def get_config(variant: str = ""):
       export=dict(layer=15, site="resid_pre", corpus="builtin", context_len=128, num_tokens=147456,
                   shard_tokens=16384, batch_size=8, dtype="float16"),
       heldout_shards=1,
-      train=dict(width=2304, k=32, meta_width=0, meta_k=8, lambda2=0.3, sigma_sq=1.0, batch_size=1024,
-                 n_primary_steps=10, n_meta_steps=5, seed=0),
+      # Every other TrainConfig field at its default (core/config.py: the paper's).
+      train=dict(width=2304, k=32, batch_size=1024),
       num_tokens=300 * 1024,
       checkpoint_every_steps=100,
       log_every_steps=10,

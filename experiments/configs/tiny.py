@@ -11,8 +11,8 @@ def get_config(variant: str = ""):
       export=dict(layer=3, site="resid_pre", corpus="builtin", context_len=64, num_tokens=20480,
                   shard_tokens=4096, batch_size=8, dtype="float16"),
       heldout_shards=1,
-      train=dict(width=1152, k=16, meta_width=0, meta_k=4, lambda2=0.3, sigma_sq=1.0, batch_size=512,
-                 n_primary_steps=10, n_meta_steps=5, seed=0),
+      # Every other TrainConfig field at its default (core/config.py: the paper's).
+      train=dict(width=1152, k=16, meta_k=4, batch_size=512),
       num_tokens=60 * 512,
       checkpoint_every_steps=30,
       log_every_steps=5,
