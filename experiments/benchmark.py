@@ -27,14 +27,17 @@ import time
 
 from absl import flags
 
-from experiments import cli, dataclass_flags
+from experiments import cli, configs, dataclass_flags
 from metasae_jax.core.config import TrainConfig  # JAX-free
 from metasae_jax.core.errors import UserError
 
 F = flags.FLAGS
 flags.DEFINE_list("what", ["steps"], "Any of: steps, end_to_end, stages, scaling, memory, phi, export, data, devices.")
-flags.DEFINE_enum("devices_shape", "gpt2_large", ["gpt2_large", "gemma2_9b"],
-                  "SAE shape for `devices` (the presets': GPT-2 large n 20480, Gemma 2 9B n 65536).")
+# `devices` compiles the step of these presets' TrainConfigs (their config files).
+DEVICE_PRESETS = {"gpt2_large": "gpt2_large_l20", "gemma2_9b": "gemma2_9b_l23"}
+flags.DEFINE_enum("devices_shape", "gpt2_large", list(DEVICE_PRESETS),
+                  "SAE shape for `devices`: the train section of experiments/configs/gpt2_large_l20.py (n 20480) or "
+                  "gemma2_9b_l23.py (n 65536).")
 flags.DEFINE_list("devices_counts", ["1", "2", "4", "8"], "Device counts for `devices` (fake CPU devices when the "
                   "host has fewer; every (data, model) mesh over each count).")
 flags.DEFINE_enum("devices_algorithm", "dense", ["dense", "slots"], "Step algorithm compiled for `devices` (dense: "
@@ -124,7 +127,7 @@ def devices_lines() -> None:
       subprocess.run(cmd, env=env, check=True)
       return
   from metasae_jax.workflows import devices
-  config = devices.preset_config(F.devices_shape, F.devices_algorithm)
+  config = configs.train_config(DEVICE_PRESETS[F.devices_shape], algorithm=F.devices_algorithm)
   rows = []
   for data, model in devices.mesh_shapes(counts):
     if config.width % (data * model) or config.batch_size % data:

@@ -21,10 +21,12 @@ def _analyze_on_8_devices(cases: list) -> list:
   """devices.analyze for each (preset, algorithm, data, model) in a child process with 8 fake devices."""
   code = textwrap.dedent(f"""
     import json
+    from experiments import configs
     from metasae_jax.workflows import devices
+    files = {{"gpt2_large": "gpt2_large_l20", "gemma2_9b": "gemma2_9b_l23"}}
     out = []
     for preset, algorithm, data, model in {cases!r}:
-      row = devices.analyze(devices.preset_config(preset, algorithm), data, model)
+      row = devices.analyze(configs.train_config(files[preset], algorithm=algorithm), data, model)
       out.append({{k: v for k, v in row.items() if k != "collectives"}} | {{"collectives": row["collectives"]}})
     print(json.dumps(out))
   """)

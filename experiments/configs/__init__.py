@@ -28,6 +28,13 @@ def get_config(name: str, variant: str = ""):
   return importlib.import_module(f"{__name__}.{name}").get_config(variant)
 
 
+def train_config(name: str, variant: str = "", **overrides):
+  """The preset's TrainConfig: its train section at its d_model, with `overrides` (TrainConfig fields)."""
+  from metasae_jax.core.config import TrainConfig  # pylint: disable=g-import-not-at-top
+  c = get_config(name, variant)
+  return TrainConfig(d_model=c.d_model, **dict(c.train.to_dict(), **overrides))
+
+
 def to_preset(c):
   """The pipeline's Preset from a config tree."""
   from metasae_jax.workflows.pipeline import Preset  # pylint: disable=g-import-not-at-top

@@ -91,17 +91,6 @@ def analyze(config: TrainConfig, data: int, model: int = 1) -> dict:
   }
 
 
-# The shapes `experiments.benchmark --what devices` reads (the presets' SAE shapes; dense: the GPU/TPU path).
-PRESETS = {
-    "gpt2_large": dict(d_model=1280, width=20480, k=64, meta_width=1800, meta_k=4, batch_size=4096,
-                       n_primary_steps=100, n_meta_steps=10),
-    "gemma2_9b": dict(d_model=3584, width=65536, k=100, meta_k=8, batch_size=4096),
-}
-
-
-def preset_config(name: str, algorithm: str = "dense", compute_dtype: str = "auto") -> TrainConfig:
-  return TrainConfig(**PRESETS[name], algorithm=algorithm, compute_dtype=compute_dtype)
-
 
 def mesh_shapes(counts) -> list:
   """Every (data, model) mesh over each device count, data-parallel first."""
