@@ -58,10 +58,13 @@ flags.DEFINE_bool("evaluate", True, "Evaluate every point (summary.json gets the
 flags.DEFINE_string("eval_activations", None, "Held-out store to evaluate on; default: the held-out view of "
                     "--activations (STORE/heldout, written by the exporter).")
 flags.DEFINE_bool("allow_train_tokens", False, "Allow --eval_activations that share tokens with the training data.")
-flags.DEFINE_integer("eval_num_tokens", 0, "Evaluation tokens per point after skipping; 0 = the whole store.")
+# The evaluation's own fields default to EvalConfig's (its batch size and skip rule are each point's training ones).
+flags.DEFINE_integer("eval_num_tokens", EvalConfig.num_tokens, "Evaluation tokens per point after skipping; 0 = the "
+                     "whole store.")
 flags.DEFINE_string("eval_model", "none", "Model for ΔCE in each point's evaluation; 'none' skips ΔCE, "
                     "'' uses the store's source model.")
-flags.DEFINE_integer("eval_meta_fve_steps", 500, "Fresh meta SAE steps for meta FVE per SAE; 0 skips it.")
+flags.DEFINE_integer("eval_meta_fve_steps", EvalConfig.meta_fve_steps, "Fresh meta SAE steps for meta FVE per "
+                     "SAE; 0 skips it.")
 flags.adopt_module_key_flags(train)  # `sweep --help` lists the train flags it accepts
 
 
