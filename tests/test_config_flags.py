@@ -237,3 +237,39 @@ def test_evaluate_takes_the_runs_batch_size_and_skip_rule_unless_given(store_pat
   published = _run_dir(tmp_path / "published", batch_size=128, skip=2)
   config = _evaluated(published, store_path)
   assert (config["batch_size"], config["skip_first_positions"]) == (128, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Toy:
+  """A config with one field of each kind the generator handles."""
+  path: str
+  """Required: skipped."""
+  on: bool = True
+  """A switch."""
+  count: int = 3
+  """How many."""
+  rate: float = 0.5
+  """How fast."""
+  mode: str = "a"
+  """Which mode."""
+  widths: tuple = ()
+  """Nested widths."""
+
+
+def test_generator_types_defaults_and_help():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  defined = dataclass_flags.define_from(_Toy, skip=("path",), choices={"mode": ("a", "b")},
+                                        rename={"count": "num"}, flag_values=fv)
+  assert defined == {"on": "on", "num": "count", "rate": "rate", "mode": "mode", "widths": "widths"}
+  fv(["prog"])
+  assert all(fv[name].value is None for name in defined) and dataclass_flags.given(defined, fv) == {}
+  assert fv["num"].help == "How many. Default: 3." and fv["widths"].help == "Nested widths. Default: empty."
+  fv(["prog", "--noon", "--num=7", "--rate=2", "--mode=b", "--widths=32,128,512"])
+  assert dataclass_flags.given(defined, fv) == {"on": False, "count": 7, "rate": 2.0, "mode": "b",
+                                                "widths": (32, 128, 512)}
+  for bad in ("--mode=c", "--widths=1,x", "--num=1.5"):
+    with pytest.raises(flags.IllegalFlagValueError):
+      flags.FlagValues.__call__(fv, ["prog", bad])
+  assert dataclass_flags.as_argv({"on": False, "widths": (1, 2), "count": 3}) == ["--noon", "--widths=1,2",
+                                                                                 "--count=3"]
