@@ -89,3 +89,16 @@ def test_cpu_lowering_keeps_the_slot_kernels():
     pytest.skip("native kernels not built here")
   text = jax.jit(train_step).lower(init_train_state(CFG), jnp.zeros((B, D), jnp.float16)).as_text()
   assert "metasae_row_top_k" in text and "metasae_slot_gather_sum" in text
+
+
+@pytest.mark.parametrize("architecture,extra", [("matryoshka_batchtopk", {"matryoshka_widths": (128, 512)}),
+                                                ("jumprelu", {})])
+def test_dense_only_architectures_export_without_sorts_and_at_one_decoders_cost(architecture, extra):
+  """Matryoshka's prefixes are slices of one decoder (their products add up to B x N x D, not P times it);
+  JumpReLU has no AuxK (5 products per SAE instead of 8). No sort, top_k, custom call or B x N scatter."""
+  module = _export(dataclasses.replace(CFG, architecture=architecture, **extra), "tpu")
+  assert "stablehlo.custom_call" not in module and "top_k" not in module and "stablehlo.sort" not in module
+  assert not [t for t in _SCATTER.findall(module) if math.prod(_dims(t)) >= B * N // 4]
+  batch_flops = sum(d[3] for d in _dots(module) if B in _dims(d[0]) or B in _dims(d[1]))
+  per_sae = {"matryoshka_batchtopk": 8, "jumprelu": 5}[architecture]
+  assert batch_flops == pytest.approx(2 * per_sae * 2 * B * N * D, rel=0.02), batch_flops / (2 * B * N * D)

@@ -31,7 +31,7 @@ def test_the_registry_names_every_module():
   assert set(OPTIONS) == set(architectures.names())  # a new architecture needs a row here
   for name in architectures.names():
     arch = architectures.get(name)
-    assert arch.name == name and arch.saelens_architecture in ("batchtopk", "topk", "jumprelu")
+    assert arch.name == name and arch.spec.saelens in ("batchtopk", "topk", "jumprelu")
 
 
 @pytest.mark.parametrize("name,path", CASES)

@@ -35,6 +35,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 from safetensors.numpy import save as st_save
 
+from metasae_jax.core import architectures
 from metasae_jax.storage import artifact, atomic, lock, sae_schema
 from metasae_jax.core.errors import UserError
 
@@ -102,7 +103,9 @@ def saelens(tensors: dict, cfg: dict, allow_approximate: bool = False) -> tuple[
     raise UserError(f"input_norm {cfg['input_norm']!r} has no SAELens equivalent; only "
                     f"{sorted(_NORMS)} can be exported.")
   out = {name: tensors[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-  if cfg["activation"] == "topk":
+  # The registry names each architecture's SAELens kind: topk stays TopK(k); a trained θ (JumpReLU) or one
+  # calibrated by `evaluate` (BatchTopK, Matryoshka) is SAELens' jumprelu.
+  if architectures.spec(cfg["activation"]).saelens == "topk":
     arch = {"architecture": "topk", "k": int(cfg["k"]), "rescale_acts_by_decoder_norm": False}
   elif "threshold" in tensors:
     arch = {"architecture": "jumprelu"}

@@ -21,17 +21,18 @@ class Spec:
   algorithms: tuple = ("slots", "dense")  # the step's algorithms it implements
   learned_threshold: bool = False  # its artifact carries a trained per-latent threshold
   inference_firing: str = ""  # how its published SAE fires (storage/loaded_sae.py FIRINGS); "" = its name
+  saelens: str = "batchtopk"  # the SAELens inference architecture of its kind (storage/interop.py)
 
 
 _SPECS = {
     "batchtopk": Spec("BatchTopK (the paper): the top k·B pre-activations of the batch fire"),
-    "topk": Spec("TopK: each token's top k pre-activations fire"),
+    "topk": Spec("TopK: each token's top k pre-activations fire", saelens="topk"),
     "matryoshka_batchtopk": Spec("Matryoshka BatchTopK (Bussmann et al. 2025): nested prefixes of the latents "
                                  "each reconstruct on their own; the loss sums the prefixes' MSEs",
                                  algorithms=("dense",), inference_firing="batchtopk"),
     "jumprelu": Spec("JumpReLU (Rajamanoharan et al. 2024): learned per-latent thresholds, a straight-through "
                      "L0 penalty", uses_k=False, auxk=False, algorithms=("dense",), learned_threshold=True,
-                     inference_firing="threshold"),
+                     inference_firing="threshold", saelens="jumprelu"),
 }
 
 

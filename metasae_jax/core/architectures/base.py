@@ -43,7 +43,6 @@ def no_events() -> slots.Events:
 class Architecture:
   """Base: the reference initialisation, b_enc frozen at 0, no threshold in the artifact."""
   name: str = ""
-  saelens_architecture: str = ""  # how a SAELens inference SAE of this kind is named
   trains_b_enc: bool = False  # BatchTopK/TopK keep b_enc at 0 (the paper); JumpReLU trains it
 
   @property

@@ -38,7 +38,6 @@ class TopKFamily(base.Architecture):
 
 class BatchTopK(TopKFamily):
   name = "batchtopk"
-  saelens_architecture = "batchtopk"
 
   def naive_fire(self, pre_BxN, k):
     return topk.batchtopk_reference(pre_BxN, k)

@@ -69,7 +69,6 @@ step.defvjp(_step_fwd, _step_bwd)
 
 class JumpReLU(base.Architecture):
   name = "jumprelu"
-  saelens_architecture = "jumprelu"
   trains_b_enc = True
 
   def init_params(self, rng, d_model, width, options):

@@ -43,7 +43,6 @@ def _loss(recons, xs_BxD, widths):
 
 class MatryoshkaBatchTopK(base.Architecture):
   name = "matryoshka_batchtopk"
-  saelens_architecture = "batchtopk"  # its inference form: BatchTopK over all latents
 
   def train_forward(self, params, xs_BxD, k, options, axes: Axes, path, compute_dtype) -> base.TrainForward:
     del path  # dense only (the registry's spec)

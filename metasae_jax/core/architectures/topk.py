@@ -10,7 +10,6 @@ from metasae_jax.core.architectures import batchtopk
 
 class TopK(batchtopk.TopKFamily):
   name = "topk"
-  saelens_architecture = "topk"
 
   def naive_fire(self, pre_BxN, k):
     vals_BxK, _ = jax.lax.top_k(pre_BxN, k)
