@@ -1,7 +1,7 @@
 """Flags generated from config dataclasses: one flag per field, so each hyperparameter has one default.
 
-`define_from(TrainConfig, section="train")` defines `--NAME` for every field with the field's docstring as help
-and its default shown there; the flag's own default is None ("the config's value"), so the dataclass stays the
+`define_from(TrainConfig, skip=("d_model",))` defines `--NAME` for every other field, with the field's docstring
+and its default as the help text; the flag's own default is None ("the config's value"), so the dataclass stays the
 only place a default is written. Types follow the annotation: bool, int, float, str (an enum when choices are
 given), tuples as comma lists (`--matryoshka_widths 32,128,512`). JAX-free: flags are checked before JAX loads.
 """
@@ -53,9 +53,8 @@ def field_default(field: dataclasses.Field):
   return dataclasses.MISSING
 
 
-def _kind(cls, field: dataclasses.Field):
+def _kind(field: dataclasses.Field, hints: dict):
   """The field's base type (bool, int, float, str or tuple) and, for tuples, the type of the elements."""
-  hints = typing.get_type_hints(cls)
   hint = hints.get(field.name, field.type)
   if typing.get_origin(hint) is typing.Union:  # Optional[X]
     hint = next(a for a in typing.get_args(hint) if a is not type(None))
@@ -113,7 +112,7 @@ def define_from(cls, *, skip=(), defaults: Optional[dict] = None, choices: Optio
   another spelling (the exporter's batch_size is --contexts_per_batch). The flags belong to the calling module
   (its --help lists them). Returns {flag name: field name}.
   """
-  docs = field_docs(cls)
+  docs, hints = field_docs(cls), typing.get_type_hints(cls)
   defaults = defaults or {}
   out = {}
   for field in dataclasses.fields(cls):
@@ -121,7 +120,7 @@ def define_from(cls, *, skip=(), defaults: Optional[dict] = None, choices: Optio
       continue
     default = defaults.get(field.name, field_default(field))
     text = help_text(cls, field.name, default, docs)
-    kind, element = _kind(cls, field)
+    kind, element = _kind(field, hints)
     options = (choices or {}).get(field.name) or CHOICES.get((cls.__name__, field.name))
     name = (rename or {}).get(field.name, field.name)
     common = dict(flag_values=flag_values)
