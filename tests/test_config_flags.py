@@ -175,8 +175,9 @@ def _error_line(proc) -> str:
 
 
 def test_new_architecture_fields_come_from_the_generator(store_path, tmp_path):
-  proc = _dry_run(store_path, tmp_path / "r", "--width=64", "--k=4", "--meta_k=2", "--architecture=matryoshka_batchtopk",
-                  "--matryoshka_widths=8,32", "--l0_coefficient=2", "--jumprelu_bandwidth=0.01", "--aux_k=7")
+  proc = _dry_run(store_path, tmp_path / "r", "--width=64", "--k=4", "--meta_k=2",
+                  "--architecture=matryoshka_batchtopk", "--matryoshka_widths=8,32", "--l0_coefficient=2",
+                  "--jumprelu_bandwidth=0.01", "--aux_k=7")
   train = json.loads(proc.stdout[proc.stdout.index("{"):])["train"]
   assert train["architecture"] == "matryoshka_batchtopk" and train["matryoshka_widths"] == [8, 32, 64]
   assert (train["l0_coefficient"], train["jumprelu_bandwidth"], train["aux_k"]) == (2.0, 0.01, 7)
