@@ -22,7 +22,7 @@ from metasae_jax.training import tracking
 # Fields whose values are a closed set: their flags are enums listing it (the dataclass still validates).
 CHOICES = {
     ("TrainConfig", "architecture"): architectures.names(),
-    ("TrainConfig", "penalty_grad"): ("stop", "through"),
+    ("TrainConfig", "penalty_grad"): train_config.PENALTY_GRADS,
     ("TrainConfig", "compute_dtype"): train_config.COMPUTE_DTYPES,
     ("TrainConfig", "algorithm"): train_config.ALGORITHMS,
     ("RunConfig", "wandb_mode"): tracking.WANDB_MODES,

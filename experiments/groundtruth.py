@@ -20,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli, cli_flags
+from metasae_jax.core.config import PENALTY_GRADS
 from metasae_jax.core.errors import UserError
 from metasae_jax.workflows.groundtruth import scenarios
 
@@ -51,7 +52,7 @@ flags.DEFINE_integer("meta_width", None, "Meta SAE latents; 0 = round(width * 18
                      + _FROM)
 flags.DEFINE_integer("meta_k", None, "Active meta latents per decoder row." + _FROM)
 flags.DEFINE_float("sigma_sq", None, "Penalty bandwidth σ²." + _FROM)
-flags.DEFINE_enum("penalty_grad", None, ["stop", "through"],
+flags.DEFINE_enum("penalty_grad", None, list(PENALTY_GRADS),
                   "stop: meta reconstruction is a constant (paper); through: gradient flows through the meta SAE."
                   + _FROM)
 flags.DEFINE_enum("auxk_detach", "default", ["default", "true", "false"],

@@ -9,6 +9,7 @@ from metasae_jax.core.errors import UserError
 PAPER_META_WIDTH, PAPER_WIDTH = 1800, 20480
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 ALGORITHMS = ("auto", "slots", "dense")
+PENALTY_GRADS = ("stop", "through")
 
 
 def default_meta_width(width: int) -> int:
@@ -99,7 +100,7 @@ class TrainConfig:
          f"meta_k must be in [1, meta_width) = [1, {self.meta_width}), got {self.meta_k}"),
         (self.lambda2 >= 0, f"lambda2 must be >= 0, got {self.lambda2}"),
         (self.sigma_sq > 0, f"sigma_sq must be > 0, got {self.sigma_sq}"),
-        (self.penalty_grad in ("stop", "through"),
+        (self.penalty_grad in PENALTY_GRADS,
          f"penalty_grad must be 'stop' or 'through', got {self.penalty_grad!r}"),
         (self.n_primary_steps > 0, f"n_primary_steps must be positive, got {self.n_primary_steps}"),
         (self.n_meta_steps >= 0, f"n_meta_steps must be >= 0, got {self.n_meta_steps}"),

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from metasae_jax.core import architectures
+from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage import heldout, loaded_sae
 from metasae_jax.storage.loaded_sae import LoadedSAE
@@ -36,8 +37,9 @@ class CalibrationConfig:
   """How θ is calibrated."""
   num_tokens: int = 0
   """Held-out tokens used, after skipping (0 = the whole store)."""
-  batch_size: int = 4096
-  """Tokens per BatchTopK batch: the training batch size, so selection matches training."""
+  batch_size: int = TrainConfig.batch_size
+  """Tokens per BatchTopK batch: the training batch size, so selection matches training (default: TrainConfig's;
+  `evaluate` passes the run's)."""
   skip_first_positions: int = 0
   """Positions t % context_len < this are skipped (attention sinks; docs/method.md §3.2)."""
   bins: int = 256
