@@ -5,7 +5,7 @@ import dataclasses
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
 from metasae_jax.storage.sae_schema import FIRINGS
-from metasae_jax.training.run_config import RunConfig
+from metasae_jax.storage.positions import DEFAULT_SKIP_FIRST_POSITIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +24,10 @@ class EvalConfig:
   batch_size: int = TrainConfig.batch_size
   """Tokens per batch: BatchTopK firing and θ calibration select over each batch, so it should be the run's
   training batch size (experiments.evaluate reads it from the run; this default is TrainConfig's)."""
-  skip_first_positions: int = RunConfig.skip_first_positions
+  skip_first_positions: int = DEFAULT_SKIP_FIRST_POSITIONS
   """Positions t % context_len < this are left out of everything (0 = all positions, docs/method.md §3.2: fvu
   and mse over all positions, fvu_excl_first without position 0 are reported either way); experiments.evaluate
-  takes the run's, this default is RunConfig's."""
+  takes the run's, this default is training's (storage/positions.py)."""
   ce_contexts: int = 64
   """Whole contexts for ΔCE (each costs 4 model forwards: clean, zero, joint, solo); the reference uses 3,200."""
   ce_batch_contexts: int = 8

@@ -12,6 +12,10 @@ import numpy as np
 
 from metasae_jax.storage.store_types import Store
 
+# Positions training leaves out of every context unless told otherwise: none, as the paper's code (the run
+# records its rule; evaluation takes the run's). RunConfig's and EvalConfig's default.
+DEFAULT_SKIP_FIRST_POSITIONS = 0
+
 
 def effective_skip(context_len: int, skip_first_positions: int) -> int:
   """Positions skipped per context: none for single-token "contexts", never more than the context."""

@@ -7,7 +7,7 @@ from typing import Optional
 
 from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
-from metasae_jax.storage import atomic
+from metasae_jax.storage import atomic, positions
 from metasae_jax.training import tracking
 
 # Tokens each data stream shuffles within by default (a million: the whole of a small store).
@@ -25,7 +25,7 @@ class RunConfig:
   """Run directory: joint/, solo/, joint/meta/, metrics.jsonl, checkpoints/."""
   num_tokens: int = 0
   """Training tokens (after skipping); 0 means one pass over the store's usable tokens."""
-  skip_first_positions: int = 0
+  skip_first_positions: int = positions.DEFAULT_SKIP_FIRST_POSITIONS
   """Positions skipped at the start of every context; 0 trains on every position as the paper's code does
   (docs/method.md §3.2: skipping the sink leaves sink-like tokens later in a context unreconstructed). A resumed
   run keeps the value recorded in its run_config.json."""
