@@ -19,10 +19,12 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli, cli_flags
-from metasae_jax.core.config import PENALTY_GRADS
+from experiments import cli, cli_flags, dataclass_flags
+from experiments.configs import groundtruth as gt_preset
+from metasae_jax.core.config import TrainConfig
 from metasae_jax.core.errors import UserError
 from metasae_jax.workflows.groundtruth import scenarios
+from metasae_jax.workflows.groundtruth.config import PER_ARM
 
 F = flags.FLAGS
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "groundtruth.py")
@@ -45,29 +47,16 @@ flags.DEFINE_string("matryoshka_fractions", None, "The matryoshka arm's nested p
 flags.DEFINE_integer("train_tokens", None, "Tokens in each scenario's training store." + _FROM)
 flags.DEFINE_integer("heldout_tokens", None, "Tokens in each scenario's held-out store (scores)." + _FROM)
 flags.DEFINE_integer("data_seed", None, "Seed of the synthetic data." + _FROM)
-# train section (TrainConfig fields)
-flags.DEFINE_integer("width", None, "SAE latents; 0 = 64 * scale." + _FROM)
-flags.DEFINE_integer("k", None, "Active latents per token (BatchTopK)." + _FROM)
-flags.DEFINE_integer("meta_width", None, "Meta SAE latents; 0 = round(width * 1800 / 20480), the paper's ratio."
-                     + _FROM)
-flags.DEFINE_integer("meta_k", None, "Active meta latents per decoder row." + _FROM)
-flags.DEFINE_float("sigma_sq", None, "Penalty bandwidth σ²." + _FROM)
-flags.DEFINE_enum("penalty_grad", None, list(PENALTY_GRADS),
-                  "stop: meta reconstruction is a constant (paper); through: gradient flows through the meta SAE."
-                  + _FROM)
-flags.DEFINE_enum("auxk_detach", "default", ["default", "true", "false"],
-                  "Detach the AuxK target; 'default' keeps the config file's.")
-flags.DEFINE_integer("n_primary_steps", None, "Primary steps between meta phases." + _FROM)
-flags.DEFINE_integer("n_meta_steps", None, "Meta steps per phase." + _FROM)
-flags.DEFINE_integer("batch_size", None, "Tokens per batch." + _FROM)
-flags.DEFINE_float("lr", None, "Adam learning rate." + _FROM)
-flags.DEFINE_integer("aux_k", None, "Dead latents per token in AuxK." + _FROM)
+# train section: one flag per TrainConfig field the study does not set per arm (PER_ARM: d_model, lambda2, seed,
+# ...), generated from the dataclass; unset = the config file's value. --lambda2 above is the study's list.
+TRAIN_FLAGS = dataclass_flags.define_from(
+    TrainConfig, skip=PER_ARM, defaults=dict(
+        {name: f"{value} (the default config file's)" for name, value in gt_preset.CHOICES.items()},
+        width="0 = 64 * scale (the default config file's)"))
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.mark_flag_as_required("out_dir")
 
 STUDY_FLAGS = ("scale", "seeds", "steps", "train_tokens", "heldout_tokens", "data_seed")
-TRAIN_FLAGS = ("width", "k", "meta_width", "meta_k", "sigma_sq", "penalty_grad", "n_primary_steps",
-               "n_meta_steps", "batch_size", "lr", "aux_k")
 
 
 def _floats(text: str, name: str) -> tuple:
@@ -79,9 +68,8 @@ def _floats(text: str, name: str) -> tuple:
 
 def study_config():
   """The StudyConfig from the config file, its --config.* overrides and the short flags (JAX-free)."""
-  from experiments.configs import groundtruth as preset  # pylint: disable=g-import-not-at-top
   from metasae_jax.workflows.groundtruth.config import StudyConfig  # pylint: disable=g-import-not-at-top
-  kw = preset.study_kwargs(F.config)
+  kw = gt_preset.study_kwargs(F.config)
   given = config_flags.get_override_values(F["config"])
 
   def put(section: str, field: str, flag: str, value):
@@ -94,11 +82,8 @@ def study_config():
   for name in STUDY_FLAGS:
     if F[name].value is not None:
       put("study", name, name, F[name].value)
-  for name in TRAIN_FLAGS:
-    if F[name].value is not None:
-      put("train", name, name, F[name].value)
-  if F.auxk_detach != "default":
-    put("train", "auxk_detach", "auxk_detach", F.auxk_detach == "true")
+  for field, value in dataclass_flags.given(TRAIN_FLAGS).items():
+    put("train", field, field, value)
   if F.lambda2 is not None:
     put("study", "lambda2s", "lambda2", _floats(F.lambda2, "lambda2"))
   if F.matryoshka_fractions is not None:

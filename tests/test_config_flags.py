@@ -86,10 +86,9 @@ def test_other_binaries_flags_are_their_configs_fields(module, cls_path, skip, r
 
 def test_no_binary_writes_a_second_default_for_a_train_field():
   """A hand-written DEFINE of a TrainConfig field outside the generator would be a second default."""
-  # groundtruth and reproduce are being moved onto a StudyConfig nesting TrainConfig (another change); the
-  # sweep's grid flags are lists of values, not defaults of one run.
-  allowed = {("sweep.py", "lambda2"), ("sweep.py", "sigma_sq")}
-  skipped = {"groundtruth.py", "reproduce.py"}
+  # The sweep's grid flags and the ground-truth study's --lambda2 are lists of values, not defaults of one run.
+  allowed = {("sweep.py", "lambda2"), ("sweep.py", "sigma_sq"), ("groundtruth.py", "lambda2")}
+  skipped = set()
   pattern = re.compile(r"DEFINE_\w+\(\s*\"(\w+)\"")
   offenders = []
   for path in glob.glob(os.path.join(REPO, "experiments", "*.py")):
