@@ -97,6 +97,10 @@ def configs_from_flags(**overrides) -> tuple[TrainConfig, RunConfig]:
     recorded = run_config.recorded_skip_first_positions(F.out_dir)
     if recorded is not None:
       run_values["skip_first_positions"] = recorded
+  if not run_values.get("eval_activations") and activations != F.activations:
+    # Trained on a split's training view: its held-out view is where validation and the closing lines look
+    # (the pipeline's layout keeps it beside the store, where the training view alone does not say).
+    run_values["eval_activations"] = cli.split_views(F.activations)[1]
   run = RunConfig(activations=activations, out_dir=F.out_dir, **run_values)
   return config, run
 

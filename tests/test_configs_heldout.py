@@ -104,6 +104,7 @@ def test_exporter_writes_the_split_and_training_uses_its_view(tmp_path, model_di
   proc = _run("experiments.train", f"--activations={out}", f"--out_dir={tmp_path / 'run'}", "--dry_run")
   record = json.loads(proc.stdout[proc.stdout.index("{"):])
   assert record["run"]["activations"] == train_dir
+  assert record["run"]["eval_activations"] == held_dir  # validation and the closing lines check on it
 
 
 # A non-default value for every TrainConfig / RunConfig field reachable from --config.
