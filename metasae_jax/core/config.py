@@ -68,7 +68,7 @@ class TrainConfig:
   "matryoshka_batchtopk" or "jumprelu". The meta SAE is always BatchTopK with meta_k."""
   matryoshka_widths: tuple = ()
   """matryoshka_batchtopk only: the nested prefix widths, strictly increasing, each <= width; the full width
-  is added as the last prefix when missing (Bussmann et al. 2025 nest 5 prefixes; SAELens' matryoshka_widths)."""
+  is added as the last prefix when missing (SAELens' name, matryoshka_widths)."""
   l0_coefficient: float = 1.0
   """jumprelu only: λ of the L0 penalty, in the paper's units (against the squared error summed over D; we
   divide by D because our MSE is a mean over D). SAELens' name and default."""
