@@ -104,6 +104,12 @@ def recorded_skip_first_positions(out_dir: str) -> Optional[int]:
   return int(value) if isinstance(value, int) else None
 
 
+def recorded_data_streams(out_dir: str) -> Optional[int]:
+  """The data streams an existing run in out_dir was started with (None for a new run or an older one)."""
+  value = _recorded(out_dir, "data", "data_streams")
+  return int(value) if isinstance(value, int) else None
+
+
 def recorded_batch_size(out_dir: str) -> Optional[int]:
   """The global batch size the run in out_dir trains with (what BatchTopK selects over)."""
   value = _recorded(out_dir, "train", "batch_size")

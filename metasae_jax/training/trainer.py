@@ -18,7 +18,8 @@ from metasae_jax.storage import artifact, atomic, location
 from metasae_jax.training import curves, data, sharding, tracking, validation
 from metasae_jax.training.checkpoint import Checkpointer
 # Defined without a JAX import (binaries check flags before importing this module); public here too.
-from metasae_jax.training.run_config import (RUN_CONFIG, RunConfig, recorded_skip_first_positions,  # noqa: F401
+from metasae_jax.training.run_config import (RUN_CONFIG, RunConfig, recorded_data_streams,  # noqa: F401
+                                             recorded_skip_first_positions,
                                              validate_run)
 from metasae_jax.core import architectures
 from metasae_jax.core.config import TrainConfig
@@ -58,16 +59,6 @@ _READER_FIELDS = ("shuffle_buffer_tokens", "data_streams")
 
 def _legacy_order(source: data.BatchSource) -> bool:
   return source.num_streams == 1 and source.window_chunks >= source.store.num_chunks
-
-
-def recorded_data_streams(out_dir: str) -> Optional[int]:
-  """The data streams an existing run in out_dir was started with (None for a new run or an older one)."""
-  try:
-    with open(os.path.join(out_dir, RUN_CONFIG)) as f:
-      value = json.load(f).get("data", {}).get("data_streams")
-  except (OSError, ValueError, AttributeError):
-    return None
-  return int(value) if isinstance(value, int) else None
 
 
 def _upgraded(old: dict) -> dict:
