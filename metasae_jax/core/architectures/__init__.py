@@ -12,27 +12,23 @@ import dataclasses
 import importlib
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Spec:
-  """What a configuration needs to know about an architecture before JAX is imported."""
-  summary: str
-  uses_k: bool = True  # fires the top k (per batch or per token); False: learned thresholds
+  """What a configuration needs to know about an architecture before JAX is imported (what each architecture
+  is: its module's docstring)."""
+  inference_firing: str  # how its published SAE fires (storage/loaded_sae.py FIRINGS)
   auxk: bool = True  # trains with the AuxK loss over dead latents
   algorithms: tuple = ("slots", "dense")  # the step's algorithms it implements
   learned_threshold: bool = False  # its artifact carries a trained per-latent threshold
-  inference_firing: str = ""  # how its published SAE fires (storage/loaded_sae.py FIRINGS); "" = its name
   saelens: str = "batchtopk"  # the SAELens inference architecture of its kind (storage/interop.py)
 
 
 _SPECS = {
-    "batchtopk": Spec("BatchTopK (the paper): the top k·B pre-activations of the batch fire"),
-    "topk": Spec("TopK: each token's top k pre-activations fire", saelens="topk"),
-    "matryoshka_batchtopk": Spec("Matryoshka BatchTopK (Bussmann et al. 2025): nested prefixes of the latents "
-                                 "each reconstruct on their own; the loss sums the prefixes' MSEs",
-                                 algorithms=("dense",), inference_firing="batchtopk"),
-    "jumprelu": Spec("JumpReLU (Rajamanoharan et al. 2024): learned per-latent thresholds, a straight-through "
-                     "L0 penalty", uses_k=False, auxk=False, algorithms=("dense",), learned_threshold=True,
-                     inference_firing="threshold", saelens="jumprelu"),
+    "batchtopk": Spec(inference_firing="batchtopk"),  # the paper's
+    "topk": Spec(inference_firing="topk", saelens="topk"),
+    "matryoshka_batchtopk": Spec(algorithms=("dense",), inference_firing="batchtopk"),
+    "jumprelu": Spec(auxk=False, algorithms=("dense",), learned_threshold=True, inference_firing="threshold",
+                     saelens="jumprelu"),
 }
 
 
@@ -44,8 +40,7 @@ def names() -> tuple:
 def spec(name: str) -> Spec:
   if name not in _SPECS:
     raise KeyError(name)
-  s = _SPECS[name]
-  return s if s.inference_firing else dataclasses.replace(s, inference_firing=name)
+  return _SPECS[name]
 
 
 def get(name: str):
