@@ -170,6 +170,9 @@ def _apply_aliases() -> None:
   for old, new in _ALIASES:
     if flags.FLAGS[old].present:
       if flags.FLAGS[new].present:
+        values = flags.FLAGS[old].value, flags.FLAGS[new].value
+        if values[0] != values[1]:
+          raise UserError(f"--{old}={values[0]} (deprecated) and --{new}={values[1]} disagree; pass only --{new}.")
         raise UserError(f"--{old} is the deprecated name of --{new}; pass only --{new}.")
       logging.warning("--%s is deprecated and will be removed; use --%s.", old, new)
       flags.FLAGS[new].value = flags.FLAGS[old].value

@@ -13,7 +13,6 @@ OUT_DIR/config.json and printed by --dry_run. Rerunning the same command resumes
 import dataclasses
 import json
 import os
-import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -47,7 +46,7 @@ flags.DEFINE_bool("dry_run", False, "Print the resolved config (JSON) and exit w
 SHORTHANDS = {**{name: "train" for name in dataclass_flags.define_from(
                   TrainConfig, skip=("d_model",), defaults={"width": base.DEFAULT_WIDTH})},
               **{name: "run" for name in dataclass_flags.define_from(RunConfig, skip=("activations", "out_dir"))}}
-flags.DEFINE_enum("activation", None, ["batchtopk", "topk"], "Deprecated alias of --architecture.")
+cli.deprecated_alias("activation", "architecture")
 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
@@ -62,12 +61,6 @@ def resolved_config(**overrides):
   """The --config tree with the shorthand flags given on the command line and `overrides` (train fields) applied."""
   c = F.config.copy_and_resolve_references()
   given = config_flags.get_override_values(F["config"])
-  if F["activation"].present and F.activation is not None:
-    if F["architecture"].present and F.architecture != F.activation:
-      raise UserError(f"--activation={F.activation} (deprecated) and --architecture={F.architecture} disagree; "
-                      "pass --architecture only.")
-    print("warning: --activation is deprecated; use --architecture.", file=sys.stderr)
-    c.train.architecture = F.activation
   for name, section in SHORTHANDS.items():
     if name in overrides:  # the sweep's grid flags are lists; each point's value comes in `overrides`
       continue
